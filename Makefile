@@ -1,0 +1,36 @@
+# K-Net for Detectron2: common entry points. Every target installs what it needs first.
+#   make test                 run the test suite (creates .venv on first use)
+#   make demo                 the main job: train + evaluate K-Net on the built-in toy data (CPU)
+#   make lint / make format   ruff checks / formatting
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+TASK ?= panoptic
+
+.PHONY: venv test demo lint format toy-data benchmark clean-venv
+
+venv:
+	@bash tools/setup_env.sh
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+demo: venv
+	$(PY) tools/run_demo.py --task $(TASK)
+
+toy-data: venv
+	$(PY) tools/make_toy_dataset.py
+
+benchmark: venv
+	$(PY) tools/benchmark.py
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: venv
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,83 @@
+"""Config keys of K-Net (``MODEL.KNET.*`` and a few shared ``INPUT``/``SOLVER`` keys).
+
+Defaults reproduce the official COCO panoptic/instance recipe; see ``configs/`` for the task
+specific values. Key names follow Mask2Former where they mean the same thing.
+"""
+from detectron2.config import CfgNode as CN
+
+
+def add_knet_config(cfg: CN) -> None:
+    """Add the K-Net keys to a Detectron2 config (call before ``merge_from_file``)."""
+    # ---------------------------------------------------------------- data
+    # "knet_panoptic", "knet_instance" or "knet_semantic" (see knet.data.dataset_mappers)
+    cfg.INPUT.DATASET_MAPPER_NAME = "knet_panoptic"
+    # Semantic crops: maximum share of one category in a crop (official ADE20K recipe: 0.75).
+    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
+    cfg.INPUT.COLOR_AUG_SSD = False  # photometric distortion (semantic recipe)
+    cfg.INPUT.SIZE_DIVISIBILITY = -1  # pad in the mapper (semantic crops); -1: no padding
+
+    # ---------------------------------------------------------------- solver
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    # lr multiplier for the backbone body (the ResNet, not the FPN: the official code gives the
+    # FPN neck the full learning rate).
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.25
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    # In addition to Detectron2's "value"/"norm": "full_model" clips the global gradient norm
+    # over all parameters (the official recipe, max norm 1.0).
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 1.0
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+
+    # ---------------------------------------------------------------- pixel decoder
+    cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "KNetLocalizationFPN"
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 256
+    cfg.MODEL.SEM_SEG_HEAD.NORM = "GN"
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 133
+    cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 255
+
+    # ---------------------------------------------------------------- K-Net
+    cfg.MODEL.KNET = CN()
+    cfg.MODEL.KNET.KERNEL_HEAD_NAME = "KNetIterativeKernelHead"
+    cfg.MODEL.KNET.NUM_THING_CLASSES = 80  # classes 0..K-1 are things, the rest stuff
+    cfg.MODEL.KNET.NUM_PROPOSALS = 100  # thing kernels (stuff kernels are added for panoptic)
+    cfg.MODEL.KNET.NUM_STAGES = 3
+    cfg.MODEL.KNET.HIDDEN_DIM = 256
+    cfg.MODEL.KNET.NHEADS = 8
+    cfg.MODEL.KNET.DIM_FEEDFORWARD = 2048
+    cfg.MODEL.KNET.DROPOUT = 0.0
+    cfg.MODEL.KNET.UPDATOR_DIM = 256  # feat_channels of the KernelUpdator
+    cfg.MODEL.KNET.NUM_CLS_FCS = 1
+    cfg.MODEL.KNET.NUM_MASK_FCS = 1
+    cfg.MODEL.KNET.HARD_MASK_THRESHOLD = 0.5  # group features use sigmoid(mask) > thr
+    cfg.MODEL.KNET.MASK_UPSAMPLE_STRIDE = 2  # stride-8 masks -> stride-4 for losses/output
+    cfg.MODEL.KNET.SIZE_DIVISIBILITY = 32
+    cfg.MODEL.KNET.POSITIONAL_ENCODING = True  # sine PE added to P5 in the localization FPN
+    cfg.MODEL.KNET.KERNEL_INIT_STD = 1.0  # std of the learned initial thing kernels
+    # losses (weights as in the official configs)
+    cfg.MODEL.KNET.CLASS_WEIGHT = 2.0
+    cfg.MODEL.KNET.MASK_WEIGHT = 1.0
+    cfg.MODEL.KNET.DICE_WEIGHT = 4.0
+    cfg.MODEL.KNET.RANK_WEIGHT = 0.1  # panoptic only; 0 disables
+    cfg.MODEL.KNET.SEG_WEIGHT = 1.0  # semantic focal loss of the initial head
+    cfg.MODEL.KNET.FOCAL_ALPHA = 0.25
+    cfg.MODEL.KNET.FOCAL_GAMMA = 2.0
+    cfg.MODEL.KNET.STAGE_LOSS_WEIGHTS = [1.0, 1.0, 1.0]
+    # Hungarian matching costs
+    cfg.MODEL.KNET.COST_CLASS = 2.0
+    cfg.MODEL.KNET.COST_MASK = 1.0
+    cfg.MODEL.KNET.COST_DICE = 4.0
+
+    cfg.MODEL.KNET.TEST = CN()
+    cfg.MODEL.KNET.TEST.PANOPTIC_ON = True
+    cfg.MODEL.KNET.TEST.INSTANCE_ON = False
+    cfg.MODEL.KNET.TEST.SEMANTIC_ON = False
+    cfg.MODEL.KNET.TEST.MASK_THRESHOLD = 0.5
+    # panoptic merge: things below this score are dropped (stuff is never thresholded)
+    cfg.MODEL.KNET.TEST.INSTANCE_SCORE_THRESH = 0.3
+    cfg.MODEL.KNET.TEST.OVERLAP_THRESHOLD = 0.6
+    # instance output: keep top TEST.DETECTIONS_PER_IMAGE (kernel, class) pairs with score >=
+    # this (0.0 = official behaviour; the demo's --confidence-threshold sets it)
+    cfg.MODEL.KNET.TEST.SCORE_THRESH = 0.0
+    # kernels processed at once by the full-resolution panoptic merge (memory vs speed)
+    cfg.MODEL.KNET.TEST.MERGE_CHUNK_SIZE = 16

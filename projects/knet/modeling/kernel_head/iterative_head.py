@@ -1,0 +1,111 @@
+"""The K-Net kernel head: initial kernels followed by S kernel update stages."""
+from typing import Dict, List
+
+import torch
+from detectron2.config import configurable
+from detectron2.utils.registry import Registry
+from torch import nn
+
+from .initial_kernel_head import ConvKernelHead, upsample_logits
+from .kernel_update_head import KernelUpdateHead
+
+KERNEL_HEAD_REGISTRY = Registry("KNET_KERNEL_HEAD")
+KERNEL_HEAD_REGISTRY.__doc__ = """
+Kernel heads of K-Net: map the pixel decoder outputs to per-stage class and mask predictions.
+Selected by ``MODEL.KNET.KERNEL_HEAD_NAME`` and built as ``cls(cfg)``.
+"""
+
+
+def build_kernel_head(cfg) -> nn.Module:
+    return KERNEL_HEAD_REGISTRY.get(cfg.MODEL.KNET.KERNEL_HEAD_NAME)(cfg)
+
+
+@KERNEL_HEAD_REGISTRY.register()
+class KNetIterativeKernelHead(nn.Module):
+    """Initial head (``ConvKernelHead``) + ``num_stages`` unshared ``KernelUpdateHead`` stages.
+
+    Masks travel between stages at the pixel-decoder stride (8); the outputs used by losses,
+    matching and inference are upsampled by ``mask_upsample_stride`` (to stride 4). In eval mode
+    only the last stage is upsampled and returned.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        initial_head: ConvKernelHead,
+        stages: List[KernelUpdateHead],
+        mask_upsample_stride: int = 2,
+    ):
+        super().__init__()
+        self.initial_head = initial_head
+        self.stages = nn.ModuleList(stages)
+        self.mask_upsample_stride = mask_upsample_stride
+
+    @classmethod
+    def from_config(cls, cfg):
+        k = cfg.MODEL.KNET
+        num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        channels = k.HIDDEN_DIM
+        if cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM != channels:
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.CONVS_DIM ({cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM}) must equal "
+                f"MODEL.KNET.HIDDEN_DIM ({channels}): the kernels act on the decoder features"
+            )
+        initial_head = ConvKernelHead(
+            channels=channels,
+            num_proposals=k.NUM_PROPOSALS,
+            num_classes=num_classes,
+            num_thing_classes=k.NUM_THING_CLASSES,
+            norm=cfg.MODEL.SEM_SEG_HEAD.NORM,
+            kernel_init_std=k.KERNEL_INIT_STD,
+            hard_mask_threshold=k.HARD_MASK_THRESHOLD,
+        )
+        stages = [
+            KernelUpdateHead(
+                num_classes=num_classes,
+                channels=channels,
+                num_heads=k.NHEADS,
+                dim_feedforward=k.DIM_FEEDFORWARD,
+                dropout=k.DROPOUT,
+                updator_channels=k.UPDATOR_DIM,
+                num_cls_fcs=k.NUM_CLS_FCS,
+                num_mask_fcs=k.NUM_MASK_FCS,
+                hard_mask_threshold=k.HARD_MASK_THRESHOLD,
+            )
+            for _ in range(k.NUM_STAGES)
+        ]
+        return {
+            "initial_head": initial_head,
+            "stages": stages,
+            "mask_upsample_stride": k.MASK_UPSAMPLE_STRIDE,
+        }
+
+    def forward(self, loc_feature: torch.Tensor, sem_feature: torch.Tensor) -> Dict:
+        """
+        Args:
+            loc_feature, sem_feature: (B, C, h, w) pixel decoder outputs (stride 8).
+
+        Returns:
+            dict with
+              "init": {"mask_logits": (B, P, 2h, 2w), "seg_logits": (B, K, 2h, 2w)}
+                  (training only: the initial head's own losses),
+              "stages": list of {"cls_logits": (B, N, K), "mask_logits": (B, N, 2h, 2w)}, one
+                  per stage in training, only the last one in eval. N = P (+ stuff kernels).
+        """
+        up = self.mask_upsample_stride
+        init = self.initial_head(loc_feature, sem_feature)
+        features = init["features"]
+        kernels, masks = self.initial_head.with_stuff(init)
+        stages = []
+        for i, stage in enumerate(self.stages):
+            kernels, masks, cls_logits = stage(features, kernels, masks)
+            if self.training or i == len(self.stages) - 1:
+                stages.append({"cls_logits": cls_logits, "mask_logits": upsample_logits(masks, up)})
+        out = {"stages": stages if self.training else stages[-1:]}
+        if self.training:
+            out["init"] = {
+                "mask_logits": upsample_logits(init["thing_masks"], up),
+                "seg_logits": upsample_logits(init["seg_logits"], up),
+            }
+        return out
