@@ -1,4 +1,5 @@
 """Initial kernels and masks of K-Net (``ConvKernelHead`` in the official code)."""
+
 from typing import Dict
 
 import torch
@@ -49,7 +50,9 @@ class ConvKernelHead(nn.Module):
     def num_stuff_classes(self) -> int:
         return self.num_classes - self.num_thing_classes
 
-    def forward(self, loc_feature: torch.Tensor, sem_feature: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(
+        self, loc_feature: torch.Tensor, sem_feature: torch.Tensor
+    ) -> Dict[str, torch.Tensor]:
         """
         Args:
             loc_feature, sem_feature: (B, C, h, w) outputs of the pixel decoder.

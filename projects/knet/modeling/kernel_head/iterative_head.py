@@ -1,4 +1,5 @@
 """The K-Net kernel head: initial kernels followed by S kernel update stages."""
+
 from typing import Dict, List
 
 import torch

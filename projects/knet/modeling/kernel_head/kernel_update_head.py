@@ -1,4 +1,5 @@
 """One kernel update stage of K-Net (``KernelUpdateHead`` in the official code)."""
+
 import math
 from typing import Optional, Tuple
 
@@ -71,8 +72,12 @@ class KernelUpdateHead(nn.Module):
         self.hard_mask_threshold = hard_mask_threshold
 
         self.feat_transform = nn.Conv2d(channels, channels, 1)
-        self.kernel_update_conv = KernelUpdator(updator_channels, updator_channels, updator_channels)
-        self.attention = nn.MultiheadAttention(channels, num_heads, dropout=dropout, batch_first=True)
+        self.kernel_update_conv = KernelUpdator(
+            updator_channels, updator_channels, updator_channels
+        )
+        self.attention = nn.MultiheadAttention(
+            channels, num_heads, dropout=dropout, batch_first=True
+        )
         self.attention_norm = nn.LayerNorm(channels)
         self.ffn = nn.Sequential(
             nn.Linear(channels, dim_feedforward),

@@ -1,4 +1,5 @@
 """The adaptive kernel update of K-Net (``KernelUpdator`` in the official code)."""
+
 import torch
 from torch import nn
 

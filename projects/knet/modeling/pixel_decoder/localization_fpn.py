@@ -1,4 +1,5 @@
 """K-Net's "localization FPN" (``SemanticFPNWrapper`` in the official code)."""
+
 from typing import Dict, List, Tuple
 
 import torch
@@ -87,7 +88,9 @@ class KNetLocalizationFPN(nn.Module):
         self.conv_pred = conv_norm_relu(conv_dim, conv_dim, 1, norm)
         self.aux_conv = conv_norm_relu(conv_dim, conv_dim, 1, norm)
         self.pe = (
-            PositionEmbeddingSine(in_channels[3] // 2, normalize=True) if positional_encoding else None
+            PositionEmbeddingSine(in_channels[3] // 2, normalize=True)
+            if positional_encoding
+            else None
         )
         self.output_stride = 8
 

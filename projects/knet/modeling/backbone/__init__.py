@@ -1,0 +1,1 @@
+from .resnet_fpn import build_knet_resnet_fpn_backbone

@@ -1,0 +1,229 @@
+"""Losses of K-Net: the initial head's and every update stage's, with Hungarian matching."""
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from detectron2.utils import comm
+from torch import nn
+
+from .losses import dice_loss, mask_bce_loss, rank_loss, weighted_focal_loss
+from .matcher import HungarianMatcher
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of a scalar over all workers (the official cls-loss normaliser)."""
+    world_size = comm.get_world_size()
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+        value = value / world_size
+    return value
+
+
+class KNetCriterion(nn.Module):
+    """Computes the K-Net training losses (already multiplied by their weights).
+
+    Targets are one dict per image, all masks at the prediction resolution (stride 4 of the
+    padded batch) and soft (bilinearly downsampled binary masks):
+        "labels": (G,) int64 thing classes, "masks": (G, H, W) float thing masks,
+        "stuff_labels": (S,) int64 stuff classes (>= num_thing_classes), "stuff_masks": (S, H, W).
+
+    Matching: the initial head is matched on its own masks; stage s is matched on the detached
+    predictions of stage s-1 (stage 0 on the initial masks, without a class cost). Only the
+    ``num_proposals`` thing kernels and the thing classes take part; the stuff kernel
+    ``num_proposals + i`` is always paired with stuff class ``num_thing_classes + i``.
+    """
+
+    def __init__(
+        self,
+        *,
+        matcher: HungarianMatcher,
+        num_classes: int,
+        num_thing_classes: int,
+        num_proposals: int,
+        class_weight: float = 2.0,
+        mask_weight: float = 1.0,
+        dice_weight: float = 4.0,
+        rank_weight: float = 0.1,
+        seg_weight: float = 1.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        stage_loss_weights: Sequence[float] = (1.0, 1.0, 1.0),
+        ignore_value: int = 255,
+    ):
+        super().__init__()
+        self.matcher = matcher
+        self.num_classes = num_classes
+        self.num_thing_classes = num_thing_classes
+        self.num_proposals = num_proposals
+        self.class_weight = class_weight
+        self.mask_weight = mask_weight
+        self.dice_weight = dice_weight
+        self.rank_weight = rank_weight
+        self.seg_weight = seg_weight
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.stage_loss_weights = list(stage_loss_weights)
+        self.ignore_value = ignore_value
+
+    @property
+    def has_stuff_kernels(self) -> bool:
+        return self.num_classes > self.num_thing_classes
+
+    def match(
+        self,
+        mask_logits: torch.Tensor,
+        cls_logits: Optional[torch.Tensor],
+        targets: List[Dict[str, torch.Tensor]],
+    ) -> List[torch.Tensor]:
+        """Per image, (P,) int64: the GT index matched to each thing kernel, or -1."""
+        p, t = self.num_proposals, self.num_thing_classes
+        assignments = []
+        for b, target in enumerate(targets):
+            rows, cols = self.matcher(
+                mask_logits[b, :p].detach(),
+                target["masks"],
+                None if cls_logits is None else cls_logits[b, :p, :t].detach(),
+                target["labels"],
+            )
+            assigned = torch.full((p,), -1, dtype=torch.int64, device=mask_logits.device)
+            assigned[rows] = cols
+            assignments.append(assigned)
+        return assignments
+
+    def kernel_targets(self, assignments: List[torch.Tensor], targets, num_kernels: int):
+        """Labels (B, N) (num_classes = background), positive mask (B, N) and the positives'
+        target masks (num_pos, H, W) in row-major (image, kernel) order."""
+        p, k = self.num_proposals, self.num_classes
+        device = assignments[0].device if assignments else None
+        labels = torch.full((len(targets), num_kernels), k, dtype=torch.int64, device=device)
+        positive = torch.zeros((len(targets), num_kernels), dtype=torch.bool, device=device)
+        pos_masks = []
+        for b, (assigned, target) in enumerate(zip(assignments, targets)):
+            rows = (assigned >= 0).nonzero().squeeze(1)
+            labels[b, rows] = target["labels"][assigned[rows]]
+            positive[b, rows] = True
+            kernel_masks = [(int(r), target["masks"][assigned[r]]) for r in rows]
+            if num_kernels > p:
+                stuff_rows = p + target["stuff_labels"] - self.num_thing_classes
+                labels[b, stuff_rows] = target["stuff_labels"]
+                positive[b, stuff_rows] = True
+                kernel_masks += [(int(r), m) for r, m in zip(stuff_rows, target["stuff_masks"])]
+            pos_masks += [m for _, m in sorted(kernel_masks, key=lambda x: x[0])]
+        return labels, positive, pos_masks
+
+    def rank_targets(self, positive: torch.Tensor, pos_masks: List[torch.Tensor], shape):
+        """(B, H, W) index of the last positive kernel whose target covers each pixel."""
+        target = torch.full(shape, self.ignore_value, dtype=torch.int64, device=positive.device)
+        i = 0
+        for b, n in positive.nonzero().tolist():  # ascending kernel index within each image
+            target[b][pos_masks[i] > 0] = n
+            i += 1
+        return target
+
+    def mask_losses(self, mask_logits, positive, pos_masks, prefix: str) -> Dict[str, torch.Tensor]:
+        pred = mask_logits[positive]
+        tgt = torch.stack(pos_masks) if pos_masks else torch.zeros_like(pred)
+        losses = {
+            f"{prefix}loss_mask": self.mask_weight * mask_bce_loss(pred, tgt),
+            f"{prefix}loss_dice": self.dice_weight * dice_loss(pred, tgt),
+        }
+        if self.has_stuff_kernels and self.rank_weight > 0:
+            b, _, h, w = mask_logits.shape
+            rank_tgt = self.rank_targets(positive, pos_masks, (b, h, w))
+            losses[f"{prefix}loss_rank"] = self.rank_weight * rank_loss(
+                mask_logits, rank_tgt, self.ignore_value
+            )
+        return losses
+
+    def initial_losses(self, init: Dict[str, torch.Tensor], targets) -> Dict[str, torch.Tensor]:
+        mask_logits = init["mask_logits"]
+        assignments = self.match(mask_logits, None, targets)
+        labels, positive, pos_masks = self.kernel_targets(assignments, targets, self.num_proposals)
+        losses = self.mask_losses(mask_logits, positive, pos_masks, "rpn_")
+        losses["rpn_loss_seg"] = self.seg_weight * self.semantic_loss(
+            init["seg_logits"], labels, positive, pos_masks, targets
+        )
+        return {k.replace("rpn_loss_", "loss_rpn_"): v for k, v in losses.items()}
+
+    def semantic_loss(self, seg_logits, labels, positive, pos_masks, targets) -> torch.Tensor:
+        """Focal loss of the initial semantic logits (B, K, H, W): stuff pixels get their class,
+        then pixels of matched things theirs; normalised by the number of foreground pixels."""
+        b, k, h, w = seg_logits.shape
+        seg_target = torch.full((b, h, w), k, dtype=torch.int64, device=seg_logits.device)
+        for i, target in enumerate(targets):
+            for label, mask in zip(target["stuff_labels"], target["stuff_masks"]):
+                seg_target[i][mask > 0] = label
+        i = 0
+        for bi, n in positive.nonzero().tolist():
+            seg_target[bi][pos_masks[i] > 0] = labels[bi, n]
+            i += 1
+        num_fg = (seg_target < k).sum().clamp(min=1).float()
+        logits = seg_logits.permute(0, 2, 3, 1).reshape(-1, k)
+        return weighted_focal_loss(
+            logits,
+            seg_target.flatten(),
+            torch.ones_like(logits),
+            num_fg,
+            self.focal_alpha,
+            self.focal_gamma,
+        )
+
+    def label_weights(self, num_kernels: int, device) -> torch.Tensor:
+        """(N, K): thing kernels never learn stuff logits; stuff kernel i only its own class."""
+        p, t, k = self.num_proposals, self.num_thing_classes, self.num_classes
+        if num_kernels == p and not self.has_stuff_kernels:
+            return torch.ones((num_kernels, k), device=device)
+        weights = torch.zeros((num_kernels, k), device=device)
+        weights[:p, :t] = 1
+        stuff = torch.arange(k - t, device=device)
+        weights[p + stuff, t + stuff] = 1
+        return weights
+
+    def stage_losses(self, stage, prev_masks, prev_cls, targets, prefix: str):
+        mask_logits, cls_logits = stage["mask_logits"], stage["cls_logits"]
+        b, n, k = cls_logits.shape
+        assignments = self.match(prev_masks, prev_cls, targets)
+        labels, positive, pos_masks = self.kernel_targets(assignments, targets, n)
+        num_pos = all_reduce_mean(positive.sum().float()).clamp(min=1.0)
+        weights = self.label_weights(n, cls_logits.device).repeat(b, 1)
+        losses = {
+            f"{prefix}loss_cls": self.class_weight
+            * weighted_focal_loss(
+                cls_logits.reshape(b * n, k),
+                labels.flatten(),
+                weights,
+                num_pos,
+                self.focal_alpha,
+                self.focal_gamma,
+            )
+        }
+        losses.update(self.mask_losses(mask_logits, positive, pos_masks, prefix))
+        return losses
+
+    def forward(
+        self, outputs: Dict, targets: List[Dict[str, torch.Tensor]]
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            outputs: the kernel head's training output ("init" and one entry per stage).
+            targets: one dict per image, see the class docstring.
+        """
+        losses = self.initial_losses(outputs["init"], targets)
+        prev_masks, prev_cls = outputs["init"]["mask_logits"], None
+        for s, stage in enumerate(outputs["stages"]):
+            stage_losses = self.stage_losses(stage, prev_masks, prev_cls, targets, f"s{s}_")
+            weight = self.stage_loss_weights[s]
+            losses.update({k: v * weight for k, v in stage_losses.items()})
+            prev_masks, prev_cls = stage["mask_logits"], stage["cls_logits"]
+        return losses
+
+    def __repr__(self) -> str:
+        return (
+            f"KNetCriterion(matcher={self.matcher!r}, num_classes={self.num_classes}, "
+            f"num_thing_classes={self.num_thing_classes}, num_proposals={self.num_proposals}, "
+            f"weights(cls={self.class_weight}, mask={self.mask_weight}, dice="
+            f"{self.dice_weight}, rank={self.rank_weight}, seg={self.seg_weight}), "
+            f"stage_loss_weights={self.stage_loss_weights})"
+        )
