@@ -16,6 +16,7 @@ Detectron2's authors do not publish it on PyPI. Two routes are supported:
 
 An already-installed Detectron2 is kept unless ``--force`` is given.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,7 +75,12 @@ _C_IMPORT_FIXED = (
 # often, so a different sdist fails loudly instead of being half-patched.
 FIXES: list[tuple[str, str, str, int]] = [
     # Pillow 10 removed Image.LINEAR (an alias of BILINEAR).
-    ("detectron2/data/transforms/transform.py", r"interp=Image\.LINEAR\b", "interp=Image.BILINEAR", 1),
+    (
+        "detectron2/data/transforms/transform.py",
+        r"interp=Image\.LINEAR\b",
+        "interp=Image.BILINEAR",
+        1,
+    ),
     # numpy 1.24 removed the np.int / np.float aliases of the builtins.
     ("detectron2/evaluation/sem_seg_evaluation.py", r"\bnp\.int\b(?![\d_])", "int", 2),
     ("detectron2/evaluation/sem_seg_evaluation.py", r"\bnp\.float\b(?![\d_])", "float", 5),

@@ -1,0 +1,81 @@
+"""Optimizer of the official K-Net recipe: AdamW, backbone lr multiplier, global grad clip."""
+import logging
+from typing import Any, Dict, List
+
+import torch
+from detectron2.solver import build_optimizer as build_d2_optimizer
+from detectron2.solver.build import get_default_optimizer_params
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Parameters of the backbone body; the FPN neck (backbone.fpn_*) keeps the full lr, as in MMDet.
+BACKBONE_BODY_PREFIX = "backbone.bottom_up."
+
+
+def split_backbone_body(
+    groups: List[Dict[str, Any]], model: nn.Module, multiplier: float
+) -> List[Dict[str, Any]]:
+    """Split param groups so the backbone body's parameters get ``lr * multiplier``."""
+    body = {id(p) for n, p in model.named_parameters() if n.startswith(BACKBONE_BODY_PREFIX)}
+    result = []
+    for group in groups:
+        for in_body in (False, True):
+            params = [p for p in group["params"] if (id(p) in body) == in_body]
+            if params:
+                new = dict(group, params=params)
+                if in_body:
+                    new["lr"] = group["lr"] * multiplier
+                result.append(new)
+    return result
+
+
+def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW (or SGD) with ``SOLVER.BACKBONE_MULTIPLIER`` on the backbone body.
+
+    ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "full_model"`` clips the global gradient norm over all
+    parameters before each step (Detectron2 only has per-parameter "value"/"norm" clipping,
+    which is used for the other clip types).
+    """
+    solver = cfg.SOLVER
+    clip = solver.CLIP_GRADIENTS
+    if solver.OPTIMIZER == "SGD" and not (clip.ENABLED and clip.CLIP_TYPE == "full_model"):
+        return build_d2_optimizer(cfg, model)
+    params: List[Dict[str, Any]] = get_default_optimizer_params(
+        model,
+        base_lr=solver.BASE_LR,
+        weight_decay=solver.WEIGHT_DECAY,
+        weight_decay_norm=solver.WEIGHT_DECAY_NORM,
+        weight_decay_bias=solver.WEIGHT_DECAY_BIAS,
+    )
+    params = split_backbone_body(params, model, solver.BACKBONE_MULTIPLIER)
+    if solver.OPTIMIZER == "ADAMW":
+        optimizer = torch.optim.AdamW(params, lr=solver.BASE_LR)
+    elif solver.OPTIMIZER == "SGD":
+        optimizer = torch.optim.SGD(params, lr=solver.BASE_LR, momentum=solver.MOMENTUM)
+    else:
+        raise ValueError(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got {solver.OPTIMIZER!r}")
+    if clip.ENABLED:
+        if clip.CLIP_TYPE == "full_model":
+            add_global_grad_clipping(optimizer, clip.CLIP_VALUE, clip.NORM_TYPE)
+        else:
+            raise ValueError(
+                f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE {clip.CLIP_TYPE!r} with ADAMW: use "
+                "'full_model', or disable clipping"
+            )
+    return optimizer
+
+
+def add_global_grad_clipping(optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float):
+    """Clip the norm of all gradients together before every ``optimizer.step()``.
+
+    A step pre-hook runs after ``GradScaler.step`` has unscaled the gradients, so it also works
+    with AMP.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def clip_hook(opt, args, kwargs):
+        torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+
+    optimizer.register_step_pre_hook(clip_hook)
+    return optimizer
