@@ -1,4 +1,5 @@
 """ResNet + FPN backbone with the FPN initialised like the official K-Net neck."""
+
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone

@@ -68,10 +68,13 @@ class ConvKernelHead(nn.Module):
         thing_masks = self.init_kernels(loc)
         seg_logits = self.conv_seg(seg)
         features = seg + loc
+        acc = torch.promote_types(features.dtype, torch.float32)
         with torch.autocast(device_type=features.device.type, enabled=False):
-            binary = (thing_masks.float().sigmoid() > self.hard_mask_threshold).float()
-            obj_feats = torch.einsum("bnhw,bchw->bnc", binary, features.float())
-        kernels = self.init_kernels.weight.flatten(1)[None] + obj_feats
+            binary = (thing_masks.to(acc).sigmoid() > self.hard_mask_threshold).to(acc)
+            obj_feats = torch.einsum("bnhw,bchw->bnc", binary, features.to(acc))
+        kernels = self.init_kernels.weight.flatten(1)[None] + obj_feats.to(
+            self.init_kernels.weight.dtype
+        )
         return {
             "features": features,
             "thing_kernels": kernels,

@@ -121,11 +121,12 @@ class KernelUpdateHead(nn.Module):
         """
         b, n, c = kernels.shape
         feats = self.feat_transform(features)
-        # Group features can reach ~1e4 (sums over many pixels): keep them in fp32.
+        # Group features can reach ~1e4 (sums over many pixels): accumulate in >= fp32.
+        acc = torch.promote_types(feats.dtype, torch.float32)
         with torch.autocast(device_type=feats.device.type, enabled=False):
             group_feats = torch.einsum(
-                "bnhw,bchw->bnc", self.group_weights(mask_logits.float()), feats.float()
-            )
+                "bnhw,bchw->bnc", self.group_weights(mask_logits.to(acc)), feats.to(acc)
+            ).to(kernels.dtype)
         chunks = c // self.updator_channels
         kernels = self.kernel_update_conv(
             group_feats.reshape(b * n * chunks, self.updator_channels),
