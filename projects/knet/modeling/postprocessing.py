@@ -18,6 +18,8 @@ def mask_probs_at_image_size(
     (N, h, w) logits -> sigmoid -> bilinear to the padded input size -> crop to the image size
     -> bilinear to the output (original image) size. Returns (N, H_out, W_out) float32.
     """
+    if mask_logits.shape[0] == 0:
+        return mask_logits.new_zeros((0, *output_size), dtype=torch.float32)
     probs = mask_logits.float().sigmoid()[None]
     probs = F.interpolate(probs, size=padded_size, mode="bilinear", align_corners=False)
     probs = probs[:, :, : image_size[0], : image_size[1]]

@@ -1,0 +1,47 @@
+"""K-Net training dataset mappers (Detectron2 style, ``@configurable``).
+
+Pick one with ``INPUT.DATASET_MAPPER_NAME`` through :func:`build_train_mapper`; evaluation uses
+Detectron2's default ``DatasetMapper(cfg, is_train=False)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+from detectron2.config import CfgNode
+
+from .common import build_augmentations, read_image_checked
+from .instance_dataset_mapper import KNetInstanceDatasetMapper
+from .panoptic_dataset_mapper import KNetPanopticDatasetMapper
+from .semantic_dataset_mapper import KNetSemanticDatasetMapper
+
+MAPPERS: Dict[str, type] = {
+    "knet_panoptic": KNetPanopticDatasetMapper,
+    "knet_instance": KNetInstanceDatasetMapper,
+    "knet_semantic": KNetSemanticDatasetMapper,
+}
+
+
+def build_train_mapper(cfg: CfgNode) -> Callable[[dict], dict]:
+    """The training mapper named by ``cfg.INPUT.DATASET_MAPPER_NAME``, built from ``cfg``.
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones).
+    """
+    name = cfg.INPUT.DATASET_MAPPER_NAME
+    if name not in MAPPERS:
+        raise ValueError(
+            f"Unknown INPUT.DATASET_MAPPER_NAME {name!r}; valid names: {', '.join(sorted(MAPPERS))}"
+        )
+    return MAPPERS[name](cfg, is_train=True)
+
+
+__all__ = [
+    "MAPPERS",
+    "build_train_mapper",
+    "build_augmentations",
+    "read_image_checked",
+    "KNetPanopticDatasetMapper",
+    "KNetInstanceDatasetMapper",
+    "KNetSemanticDatasetMapper",
+]

@@ -1,0 +1,91 @@
+"""Training mapper for COCO-style instance records (``annotations`` with polygons or RLE)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Dict, List
+
+import torch
+from detectron2.config import CfgNode, configurable
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.structures import Instances
+
+from .common import build_augmentations, image_to_tensor, read_image_checked
+
+__all__ = ["KNetInstanceDatasetMapper"]
+
+logger = logging.getLogger(__name__)
+
+
+class KNetInstanceDatasetMapper:
+    """Map an instance record to K-Net's training input::
+
+    {"image": uint8 (3, H, W) tensor in ``image_format`` order,
+     "instances": Instances(image_size) with gt_classes int64 (N,) and gt_masks bool
+         (N, H, W), one per non-crowd annotation whose mask is non-empty after augmentation,
+     "height", "width", "file_name", "image_id": copied from the record}
+    """
+
+    @configurable
+    def __init__(
+        self,
+        is_train: bool = True,
+        *,
+        augmentations: List[T.Augmentation | T.Transform],
+        image_format: str,
+    ):
+        """
+        Args:
+            is_train: whether the mapper is used for training (only affects logging here).
+            augmentations: geometric augmentations applied to the image and the masks.
+            image_format: channel order for ``read_image`` ("BGR" or "RGB").
+        """
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList(augmentations)
+        self.image_format = image_format
+        mode = "training" if is_train else "inference"
+        logger.info(f"[{self.__class__.__name__}] Augmentations used in {mode}: {augmentations}")
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, is_train: bool = True) -> Dict[str, Any]:
+        return {
+            "is_train": is_train,
+            "augmentations": build_augmentations(cfg, is_train),
+            "image_format": cfg.INPUT.FORMAT,
+        }
+
+    def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
+        dataset_dict = copy.deepcopy(dataset_dict)  # it will be modified below
+        image = read_image_checked(dataset_dict["file_name"], self.image_format, "image")
+        utils.check_image_size(dataset_dict, image)
+
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        h, w = image.shape[:2]
+
+        annos = [
+            utils.transform_instance_annotations(obj, transforms, (h, w))
+            for obj in dataset_dict.pop("annotations", [])
+            if obj.get("iscrowd", 0) == 0
+        ]
+        instances = Instances((h, w))
+        masks = torch.zeros((0, h, w), dtype=torch.bool)
+        classes = torch.zeros((0,), dtype=torch.int64)
+        if annos:
+            if any("segmentation" not in obj for obj in annos):
+                raise ValueError(
+                    f"An annotation of {dataset_dict['file_name']} has no segmentation"
+                )
+            gt = utils.annotations_to_instances(annos, (h, w), mask_format="bitmask")
+            masks = gt.gt_masks.tensor.to(torch.bool)  # BitMasks -> plain bool tensor
+            keep = masks.flatten(1).any(dim=1)  # drop masks cropped away / empty polygons
+            masks, classes = masks[keep], gt.gt_classes.to(torch.int64)[keep]
+        instances.gt_classes = classes
+        instances.gt_masks = masks
+
+        dataset_dict["image"] = image_to_tensor(image)
+        dataset_dict["instances"] = instances
+        return dataset_dict

@@ -1,0 +1,47 @@
+"""K-Net datasets: registration (on import), the toy generator and preparation helpers.
+
+Importing this package registers every dataset listed in :mod:`.builtin`; no file is read or
+generated until a dataset is loaded or a path field of its metadata is read.
+"""
+
+from . import builtin as _builtin
+from .builtin import (
+    ade20k_sample_paths,
+    coco_sample_paths,
+    get_toy_metadata,
+    register_all,
+    toy_paths,
+)
+from .catalog import LazyMetadata, register_dataset
+from .panoptic import (
+    coco_panoptic_metadata,
+    coco_panoptic_with_sem_seg_paths,
+    get_panoptic_metadata,
+    load_panoptic_json_with_sem_seg,
+)
+from .paths import (
+    get_cache_root,
+    get_datasets_root,
+    get_prepared_root,
+    get_shared_data_root,
+    require_shared_path,
+)
+from .prepare import (
+    instances_json_from_panoptic,
+    prepare_ade20k_sem_seg,
+    prepare_instances_from_panoptic,
+    prepare_semantic_from_panoptic,
+    semantic_from_panoptic,
+)
+from .toy import (
+    TOY_CATEGORIES,
+    TOY_NUM_CLASSES,
+    TOY_NUM_THING_CLASSES,
+    TOY_STUFF_CATEGORIES,
+    TOY_THING_CATEGORIES,
+    ensure_toy_dataset,
+    generate_toy_dataset,
+    toy_dataset_dir,
+)
+
+_builtin.register_all()

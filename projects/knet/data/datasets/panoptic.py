@@ -1,0 +1,151 @@
+"""COCO-format panoptic datasets with semantic labels (the ``*_panoptic_with_sem_seg`` kind).
+
+Records follow Mask2Former's ``coco_2017_*_panoptic_with_sem_seg``::
+
+    {"file_name", "image_id", "height", "width", "pan_seg_file_name", "sem_seg_file_name",
+     "segments_info": [{"id", "category_id" (contiguous), "isthing", "iscrowd", "area", ...}]}
+
+Contiguous ids run over all classes, things first (so thing ids are 0..T-1).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any, Dict, List, Mapping, Sequence
+
+from .paths import get_datasets_root
+from .prepare import contiguous_id_map, default_coco_categories, load_json
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "get_panoptic_metadata",
+    "load_panoptic_json_with_sem_seg",
+    "coco_panoptic_with_sem_seg_paths",
+]
+
+
+def get_panoptic_metadata(categories: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
+    """Mask2Former-style class metadata of a panoptic dataset.
+
+    Args:
+        categories: ordered categories (``id``, ``name``, ``isthing``, ``color``), things first.
+    Returns:
+        ``thing_classes``/``thing_colors`` (things only, indexable by contiguous thing id),
+        ``stuff_classes``/``stuff_colors`` (ALL classes, so that ``SemSegEvaluator`` and
+        ``Visualizer.draw_sem_seg`` work), ``thing_dataset_id_to_contiguous_id`` (things) and
+        ``stuff_dataset_id_to_contiguous_id`` (all classes).
+    """
+    flags = [bool(c["isthing"]) for c in categories]
+    if flags != sorted(flags, reverse=True):
+        raise ValueError("Panoptic categories must list all thing classes before the stuff ones.")
+    id_map = contiguous_id_map(categories)
+    return {
+        "thing_classes": [c["name"] for c in categories if c["isthing"]],
+        "thing_colors": [list(c["color"]) for c in categories if c["isthing"]],
+        "stuff_classes": [c["name"] for c in categories],
+        "stuff_colors": [list(c["color"]) for c in categories],
+        "thing_dataset_id_to_contiguous_id": {
+            int(c["id"]): id_map[int(c["id"])] for c in categories if c["isthing"]
+        },
+        "stuff_dataset_id_to_contiguous_id": dict(id_map),
+    }
+
+
+def load_panoptic_json_with_sem_seg(
+    json_file: str,
+    image_root: str,
+    panoptic_root: str,
+    sem_seg_root: str,
+    metadata: Mapping[str, Any],
+) -> List[Dict[str, Any]]:
+    """Load a COCO panoptic json into Detectron2 records (see the module docstring).
+
+    Args:
+        json_file: COCO panoptic json (``images``, ``annotations`` with ``segments_info``).
+        image_root: folder of the images (file names from the json's ``images``).
+        panoptic_root: folder of the RGB panoptic PNGs.
+        sem_seg_root: folder of the semantic PNGs (same file names as the panoptic PNGs).
+        metadata: dict with ``thing_dataset_id_to_contiguous_id`` and
+            ``stuff_dataset_id_to_contiguous_id`` (the latter covering all classes).
+    Raises:
+        FileNotFoundError: the json, or the first record's image / PNGs, do not exist.
+        ValueError: invalid json, an annotation without ``segments_info``, or a ``category_id``
+            unknown to the metadata (the message names the json file, image and id).
+    """
+    data = load_json(json_file)
+    thing_map = metadata["thing_dataset_id_to_contiguous_id"]
+    stuff_map = metadata["stuff_dataset_id_to_contiguous_id"]
+    images = {int(img["id"]): img for img in data.get("images", [])}
+    if "annotations" not in data:
+        raise ValueError(f"{json_file} has no 'annotations' list")
+
+    records = []
+    for ann in data["annotations"]:
+        image_id = int(ann["image_id"])
+        png_name = ann.get("file_name")
+        if "segments_info" not in ann:
+            raise ValueError(
+                f"{json_file}: the annotation of image_id {image_id} ({png_name}) has no "
+                "'segments_info' key"
+            )
+        img = images.get(image_id)
+        # Fall back to COCO's convention (same stem, .jpg) when the json has no images entry.
+        img_name = img["file_name"] if img else os.path.splitext(png_name)[0] + ".jpg"
+        segments = []
+        for seg in ann["segments_info"]:
+            seg = copy.deepcopy(seg)
+            cat = int(seg["category_id"])
+            if cat in thing_map:
+                seg["category_id"], seg["isthing"] = thing_map[cat], True
+            elif cat in stuff_map:
+                seg["category_id"], seg["isthing"] = stuff_map[cat], False
+            else:
+                raise ValueError(
+                    f"{json_file}: segment {seg.get('id')} of image_id {image_id} ({png_name}) has "
+                    f"category_id {cat}, which is not in the dataset metadata"
+                )
+            seg.setdefault("iscrowd", 0)
+            segments.append(seg)
+        record = {
+            "file_name": os.path.join(image_root, img_name),
+            "image_id": image_id,
+            "pan_seg_file_name": os.path.join(panoptic_root, png_name),
+            "sem_seg_file_name": os.path.join(sem_seg_root, png_name),
+            "segments_info": segments,
+        }
+        if img and "height" in img and "width" in img:
+            record["height"], record["width"] = int(img["height"]), int(img["width"])
+        records.append(record)
+
+    if not records:
+        raise ValueError(f"{json_file} has no annotations")
+    # Checking every file would cost a stat per image on the full datasets; the mapper reports
+    # any later missing or unreadable file by name.
+    first = records[0]
+    for key in ("file_name", "pan_seg_file_name", "sem_seg_file_name"):
+        if not os.path.isfile(first[key]):
+            raise FileNotFoundError(
+                f"{key} of the first record of {json_file} does not exist: {first[key]}"
+            )
+    logger.info("Loaded %d panoptic records from %s", len(records), json_file)
+    return records
+
+
+def coco_panoptic_with_sem_seg_paths(split: str) -> Dict[str, str]:
+    """Paths of COCO 2017 ``split`` ("train" or "val") under ``$DETECTRON2_DATASETS/coco``."""
+    coco = os.path.join(get_datasets_root(), "coco")
+    return {
+        "image_root": os.path.join(coco, f"{split}2017"),
+        "panoptic_root": os.path.join(coco, f"panoptic_{split}2017"),
+        "panoptic_json": os.path.join(coco, "annotations", f"panoptic_{split}2017.json"),
+        "sem_seg_root": os.path.join(coco, f"panoptic_semseg_{split}2017"),
+        "json_file": os.path.join(coco, "annotations", f"instances_{split}2017.json"),
+    }
+
+
+def coco_panoptic_metadata() -> Dict[str, Any]:
+    """Class metadata of COCO panoptic (133 classes, 80 things first), Mask2Former style."""
+    return get_panoptic_metadata(default_coco_categories())

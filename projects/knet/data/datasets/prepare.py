@@ -1,0 +1,292 @@
+"""Derive semantic / instance ground truth from COCO-format panoptic annotations, and prepare
+ADE20K semantic labels the Detectron2 way.
+
+These functions back the CLIs ``tools/prepare_coco_semantic_from_panoptic.py`` and
+``tools/prepare_ade20k_sem_seg.py``; the dataset registration also calls them to prepare the
+shared samples lazily into the cache.
+
+Formats:
+
+* panoptic PNG: RGB, segment id = R + 256 * G + 256**2 * B (``panopticapi.utils.rgb2id``), 0 = void.
+* semantic PNG: single channel uint8, contiguous class id (index in the ordered category list:
+  things first, then stuff), 255 = void / ignore. Crowd segments get their class id.
+* instance json: COCO instance format, things only, one annotation per thing segment (crowd ones
+  with ``iscrowd=1``), RLE masks, annotation ids from 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
+
+import numpy as np
+import pycocotools.mask as mask_util
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+IGNORE_LABEL = 255
+
+
+def default_coco_categories() -> List[Dict[str, Any]]:
+    """Detectron2's ``COCO_CATEGORIES`` (133 panoptic categories, things first)."""
+    from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+    return [dict(c) for c in COCO_CATEGORIES]
+
+
+def contiguous_id_map(categories: Sequence[Mapping[str, Any]]) -> Dict[int, int]:
+    """Map dataset category id -> contiguous id (the index in ``categories``)."""
+    return {int(c["id"]): i for i, c in enumerate(categories)}
+
+
+def load_json(path: str) -> Dict[str, Any]:
+    """Read a json file, raising errors that name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"JSON file not found: {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"Invalid JSON in {path}: {e}") from e
+
+
+def read_panoptic_png(path: str) -> np.ndarray:
+    """Read an RGB panoptic PNG into an (H, W) int32 array of segment ids (0 = void).
+
+    Raises:
+        FileNotFoundError / ValueError naming ``path`` if it is missing or cannot be decoded.
+    """
+    from panopticapi.utils import rgb2id
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Panoptic PNG not found: {path}")
+    try:
+        with Image.open(path) as img:
+            rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"Cannot read panoptic PNG {path}: {e}") from e
+    return rgb2id(rgb).astype(np.int32)
+
+
+def semantic_from_panoptic(
+    pan_ids: np.ndarray,
+    segments_info: Iterable[Mapping[str, Any]],
+    id_map: Mapping[int, int],
+    ignore_label: int = IGNORE_LABEL,
+) -> np.ndarray:
+    """Semantic label map of one image.
+
+    Args:
+        pan_ids: (H, W) int array of segment ids.
+        segments_info: segments with ``id`` and dataset ``category_id``.
+        id_map: dataset category id -> contiguous id.
+    Returns:
+        (H, W) uint8 array: the contiguous id of each segment's category (crowd included),
+        ``ignore_label`` elsewhere.
+    """
+    out = np.full(pan_ids.shape, ignore_label, dtype=np.uint8)
+    for seg in segments_info:
+        out[pan_ids == seg["id"]] = id_map[int(seg["category_id"])]
+    return out
+
+
+def mask_to_rle(mask: np.ndarray) -> Dict[str, Any]:
+    """Encode an (H, W) bool mask as a COCO RLE with a ``str`` counts field (json-ready)."""
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def thing_annotations_from_panoptic(
+    pan_ids: np.ndarray,
+    segments_info: Iterable[Mapping[str, Any]],
+    image_id: int,
+    thing_ids: Iterable[int],
+    first_ann_id: int,
+) -> List[Dict[str, Any]]:
+    """COCO instance annotations (RLE) for the thing segments of one image.
+
+    Segments with an empty mask in ``pan_ids`` are skipped. ``iscrowd`` is copied.
+    Annotation ids are ``first_ann_id, first_ann_id + 1, ...``.
+    """
+    thing_ids = set(int(t) for t in thing_ids)
+    anns = []
+    for seg in segments_info:
+        if int(seg["category_id"]) not in thing_ids:
+            continue
+        mask = pan_ids == seg["id"]
+        if not mask.any():
+            continue
+        rle = mask_to_rle(mask)
+        anns.append(
+            {
+                "id": first_ann_id + len(anns),
+                "image_id": image_id,
+                "category_id": int(seg["category_id"]),
+                "segmentation": rle,
+                "area": int(mask_util.area(rle)),
+                "bbox": [float(x) for x in mask_util.toBbox(rle)],
+                "iscrowd": int(seg.get("iscrowd", 0)),
+            }
+        )
+    return anns
+
+
+def _panoptic_png_path(panoptic_root: str, ann: Mapping[str, Any]) -> str:
+    return os.path.join(panoptic_root, ann["file_name"])
+
+
+def _semantic_worker(args: Tuple[str, str, List[dict], Dict[int, int]]) -> str:
+    pan_path, out_path, segments_info, id_map = args
+    sem = semantic_from_panoptic(read_panoptic_png(pan_path), segments_info, id_map)
+    Image.fromarray(sem).save(out_path)
+    return out_path
+
+
+def prepare_semantic_from_panoptic(
+    panoptic_json: str,
+    panoptic_root: str,
+    output_dir: str,
+    categories: Sequence[Mapping[str, Any]] | None = None,
+    num_workers: int = 0,
+) -> int:
+    """Write one semantic PNG per panoptic annotation into ``output_dir``.
+
+    Args:
+        panoptic_json: COCO panoptic json.
+        panoptic_root: folder of its RGB panoptic PNGs.
+        output_dir: output folder; each PNG keeps the panoptic PNG's file name.
+        categories: ordered categories defining the contiguous ids (default: Detectron2's
+            ``COCO_CATEGORIES``, giving ids 0..132).
+        num_workers: processes to use (0: in this process).
+    Returns:
+        Number of PNGs written.
+    """
+    categories = default_coco_categories() if categories is None else categories
+    id_map = contiguous_id_map(categories)
+    data = load_json(panoptic_json)
+    os.makedirs(output_dir, exist_ok=True)
+    jobs = []
+    for ann in data["annotations"]:
+        if "segments_info" not in ann:
+            raise ValueError(
+                f"{panoptic_json}: annotation {ann.get('file_name')} has no segments_info"
+            )
+        for seg in ann["segments_info"]:
+            if int(seg["category_id"]) not in id_map:
+                raise ValueError(
+                    f"{panoptic_json}: category_id {seg['category_id']} of {ann['file_name']} is "
+                    "not among the given categories"
+                )
+        jobs.append(
+            (
+                _panoptic_png_path(panoptic_root, ann),
+                os.path.join(output_dir, ann["file_name"]),
+                ann["segments_info"],
+                id_map,
+            )
+        )
+    if num_workers > 0:
+        with mp.Pool(processes=num_workers) as pool:
+            for _ in pool.imap_unordered(_semantic_worker, jobs, chunksize=16):
+                pass
+    else:
+        for job in jobs:
+            _semantic_worker(job)
+    logger.info("Wrote %d semantic PNGs to %s", len(jobs), output_dir)
+    return len(jobs)
+
+
+def instances_json_from_panoptic(
+    panoptic_json: str,
+    panoptic_root: str,
+    categories: Sequence[Mapping[str, Any]] | None = None,
+) -> Dict[str, Any]:
+    """Build a COCO instance json dict (things only) from panoptic annotations.
+
+    Args:
+        categories: all categories with ``isthing`` (default: ``COCO_CATEGORIES``); the thing ones
+            are written as the instance categories, with their dataset ids.
+    Returns:
+        dict with ``images`` (copied from the panoptic json), ``annotations`` (ids from 1) and
+        ``categories``.
+    """
+    categories = default_coco_categories() if categories is None else categories
+    data = load_json(panoptic_json)
+    things = [c for c in categories if c.get("isthing", 0)]
+    thing_ids = [int(c["id"]) for c in things]
+    anns: List[Dict[str, Any]] = []
+    for ann in data["annotations"]:
+        if "segments_info" not in ann:
+            raise ValueError(
+                f"{panoptic_json}: annotation {ann.get('file_name')} has no segments_info"
+            )
+        pan_ids = read_panoptic_png(_panoptic_png_path(panoptic_root, ann))
+        anns += thing_annotations_from_panoptic(
+            pan_ids, ann["segments_info"], int(ann["image_id"]), thing_ids, len(anns) + 1
+        )
+    cat_keys = ("id", "name", "supercategory", "isthing", "color")
+    return {
+        "info": data.get("info", {}),
+        "licenses": data.get("licenses", []),
+        "images": data["images"],
+        "annotations": anns,
+        "categories": [{k: c[k] for k in cat_keys if k in c} for c in things],
+    }
+
+
+def prepare_instances_from_panoptic(
+    panoptic_json: str,
+    panoptic_root: str,
+    output_json: str,
+    categories: Sequence[Mapping[str, Any]] | None = None,
+) -> int:
+    """Write :func:`instances_json_from_panoptic` to ``output_json``; returns #annotations."""
+    out = instances_json_from_panoptic(panoptic_json, panoptic_root, categories)
+    os.makedirs(os.path.dirname(os.path.abspath(output_json)), exist_ok=True)
+    with open(output_json, "w") as f:
+        json.dump(out, f)
+    logger.info("Wrote %d instance annotations to %s", len(out["annotations"]), output_json)
+    return len(out["annotations"])
+
+
+def prepare_ade20k_sem_seg(
+    ade_root: str,
+    output_root: str | None = None,
+    splits: Sequence[str] = ("training", "validation"),
+) -> int:
+    """Convert ADEChallengeData2016 labels to Detectron2's convention.
+
+    Reads ``<ade_root>/annotations/<split>/*.png`` (uint8, 0 = other, 1..150 = classes) and writes
+    ``<output_root>/annotations_detectron2/<split>/*.png`` with ``label - 1`` in uint8, so classes
+    become 0..149 and 0 becomes 255 (ignore). ``output_root`` defaults to ``ade_root``.
+
+    Returns:
+        Number of PNGs written.
+    """
+    output_root = ade_root if output_root is None else output_root
+    count = 0
+    for split in splits:
+        in_dir = os.path.join(ade_root, "annotations", split)
+        if not os.path.isdir(in_dir):
+            raise FileNotFoundError(f"ADE20K annotation folder not found: {in_dir}")
+        out_dir = os.path.join(output_root, "annotations_detectron2", split)
+        os.makedirs(out_dir, exist_ok=True)
+        for name in sorted(os.listdir(in_dir)):
+            if not name.endswith(".png"):
+                continue
+            path = os.path.join(in_dir, name)
+            try:
+                with Image.open(path) as img:
+                    label = np.asarray(img, dtype=np.uint8)
+            except (OSError, SyntaxError, ValueError) as e:
+                raise ValueError(f"Cannot read ADE20K label {path}: {e}") from e
+            # uint8 arithmetic wraps 0 - 1 to 255, exactly like Detectron2's script
+            Image.fromarray(label - np.uint8(1)).save(os.path.join(out_dir, name))
+            count += 1
+    logger.info("Wrote %d ADE20K label maps under %s", count, output_root)
+    return count
