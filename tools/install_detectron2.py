@@ -239,6 +239,11 @@ def install_from_git(commit: str | None) -> None:
     pip("install", "--no-build-isolation", url)
 
 
+def default_cache_dir() -> Path:
+    """``$KNET_CACHE/downloads`` (default ``~/.cache/knet/downloads``)."""
+    return Path(os.environ.get("KNET_CACHE", Path.home() / ".cache" / "knet")) / "downloads"
+
+
 def parse_source(value: str) -> tuple[str, str | None]:
     if value == "pypi-sdist":
         return "pypi-sdist", None
@@ -260,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cache-dir",
         type=Path,
-        default=Path(os.environ.get("KNET_CACHE", Path.home() / ".cache" / "knet")) / "downloads",
+        default=default_cache_dir(),
         help="where the downloaded sdist is kept (default: $KNET_CACHE/downloads)",
     )
     parser.add_argument(
