@@ -99,7 +99,7 @@ def write_fixable_tree(root: Path) -> None:
             + "".join(f"c{i} = z.astype(np.float)\n" for i in range(5))
             + "d = np.float32(1)\n"
         ),
-        "detectron2/data/build.py": "h = np.zeros(3, dtype=np.int)\ni = np.asarray(j, dtype=np.int)\n",
+        "detectron2/data/build.py": "h = np.zeros(3, dtype=np.int)\ni = np.ones(3, dtype=np.int)\n",
     }
     for rel in [
         "detectron2/layers/deform_conv.py",

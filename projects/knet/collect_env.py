@@ -1,7 +1,8 @@
 """Environment report: Detectron2's, plus what this project depends on.
 
-    python -m knet.collect_env
+python -m knet.collect_env
 """
+
 import importlib.metadata
 import importlib.util
 import json
@@ -43,7 +44,10 @@ def collect_knet_env() -> str:
         ("knet", importlib.metadata.version("knet-detectron2")),
         ("detectron2", f"{detectron2.__version__} @ {detectron2.__file__}"),
         ("detectron2 source", detectron2_source()),
-        ("detectron2._C (compiled ops)", "yes" if has_compiled_ops() else "no (not needed by K-Net)"),
+        (
+            "detectron2._C (compiled ops)",
+            "yes" if has_compiled_ops() else "no (not needed by K-Net)",
+        ),
         ("panopticapi", "yes" if importlib.util.find_spec("panopticapi") else "no (needed for PQ)"),
         ("pycocotools", importlib.metadata.version("pycocotools")),
         ("torch", f"{torch.__version__}, CUDA available: {torch.cuda.is_available()}"),

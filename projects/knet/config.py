@@ -3,6 +3,7 @@
 Defaults reproduce the official COCO panoptic/instance recipe; see ``configs/`` for the task
 specific values. Key names follow Mask2Former where they mean the same thing.
 """
+
 from detectron2.config import CfgNode as CN
 
 

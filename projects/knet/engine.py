@@ -1,4 +1,5 @@
 """Training entry points shared by ``train_net.py`` and the tools."""
+
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer

@@ -1,4 +1,5 @@
 """Evaluators for K-Net outputs, chosen by the dataset's ``evaluator_type``."""
+
 import os
 from typing import Optional
 
@@ -12,7 +13,9 @@ from detectron2.evaluation import (
 )
 
 
-def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:
+def build_evaluator(
+    cfg, dataset_name: str, output_folder: Optional[str] = None
+) -> DatasetEvaluator:
     """Panoptic (PQ), instance (mask AP) and semantic (mIoU) evaluators.
 
     "coco_panoptic_seg" datasets get one evaluator per enabled ``MODEL.KNET.TEST.*_ON`` output;

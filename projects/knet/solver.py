@@ -1,4 +1,5 @@
 """Optimizer of the official K-Net recipe: AdamW, backbone lr multiplier, global grad clip."""
+
 import logging
 from typing import Any, Dict, List
 
