@@ -4,8 +4,7 @@ import logging
 from typing import Any, Dict, List
 
 import torch
-from detectron2.solver import build_optimizer as build_d2_optimizer
-from detectron2.solver.build import get_default_optimizer_params
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -32,7 +31,7 @@ def split_backbone_body(
 
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW (or SGD) with ``SOLVER.BACKBONE_MULTIPLIER`` on the backbone body.
+    """AdamW or SGD with ``SOLVER.BACKBONE_MULTIPLIER`` on the backbone body.
 
     ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "full_model"`` clips the global gradient norm over all
     parameters before each step (Detectron2 only has per-parameter "value"/"norm" clipping,
@@ -40,8 +39,6 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """
     solver = cfg.SOLVER
     clip = solver.CLIP_GRADIENTS
-    if solver.OPTIMIZER == "SGD" and not (clip.ENABLED and clip.CLIP_TYPE == "full_model"):
-        return build_d2_optimizer(cfg, model)
     params: List[Dict[str, Any]] = get_default_optimizer_params(
         model,
         base_lr=solver.BASE_LR,
@@ -51,19 +48,19 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     )
     params = split_backbone_body(params, model, solver.BACKBONE_MULTIPLIER)
     if solver.OPTIMIZER == "ADAMW":
-        optimizer = torch.optim.AdamW(params, lr=solver.BASE_LR)
+        optimizer_cls, kwargs = torch.optim.AdamW, {}
     elif solver.OPTIMIZER == "SGD":
-        optimizer = torch.optim.SGD(params, lr=solver.BASE_LR, momentum=solver.MOMENTUM)
+        optimizer_cls = torch.optim.SGD
+        kwargs = {"momentum": solver.MOMENTUM, "nesterov": solver.NESTEROV}
     else:
         raise ValueError(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got {solver.OPTIMIZER!r}")
-    if clip.ENABLED:
-        if clip.CLIP_TYPE == "full_model":
-            add_global_grad_clipping(optimizer, clip.CLIP_VALUE, clip.NORM_TYPE)
-        else:
-            raise ValueError(
-                f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE {clip.CLIP_TYPE!r} with ADAMW: use "
-                "'full_model', or disable clipping"
-            )
+    full_model_clip = clip.ENABLED and clip.CLIP_TYPE == "full_model"
+    if clip.ENABLED and not full_model_clip:
+        # Detectron2's per-parameter "value" / "norm" clipping
+        optimizer_cls = maybe_add_gradient_clipping(cfg, optimizer_cls)
+    optimizer = optimizer_cls(params, lr=solver.BASE_LR, **kwargs)
+    if full_model_clip:
+        add_global_grad_clipping(optimizer, clip.CLIP_VALUE, clip.NORM_TYPE)
     return optimizer
 
 
