@@ -1,0 +1,225 @@
+#!/usr/bin/env python
+"""K-Net demo: segment images, a video or a webcam stream and draw the results.
+
+    python demo/demo.py --config-file CONFIG --input img1.jpg 'photos/*.jpg' --output vis/ \
+        [--confidence-threshold 0.5] [--opts MODEL.WEIGHTS model.pth MODEL.DEVICE cpu]
+    python demo/demo.py --config-file CONFIG --video-input clip.mp4 --output clip_vis.mp4
+    python demo/demo.py --config-file CONFIG --webcam
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import time
+from typing import List, Sequence
+
+import cv2
+import numpy as np
+import tqdm
+from detectron2.config import CfgNode
+from detectron2.data.detection_utils import read_image
+from detectron2.utils.logger import setup_logger
+
+# ``python demo/demo.py`` puts demo/ on sys.path, so the sibling module imports directly.
+from predictor import VisualizationDemo, build_demo_cfg, count_predictions
+
+WINDOW_NAME = "K-Net"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+VIDEO_FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
+
+logger = logging.getLogger("knet.demo")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="K-Net demo (Detectron2)", formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="path to a config")
+    parser.add_argument("--webcam", action="store_true", help="take frames from webcam 0")
+    parser.add_argument("--video-input", help="path to a video file")
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        help="image paths, glob patterns (quote them) or folders, e.g. a.jpg 'dir/*.png' dir/",
+    )
+    parser.add_argument(
+        "--output",
+        help="file or folder to save the drawings to (a folder when there are several inputs); "
+        "if not given, show them in a window",
+    )
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=0.5,
+        help="minimum score of instances and of panoptic things "
+        "(sets MODEL.KNET.TEST.SCORE_THRESH and MODEL.KNET.TEST.INSTANCE_SCORE_THRESH)",
+    )
+    parser.add_argument(
+        "--opts",
+        default=[],
+        nargs=argparse.REMAINDER,
+        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth MODEL.DEVICE cpu",
+    )
+    return parser
+
+
+def setup_cfg(args: argparse.Namespace) -> CfgNode:
+    return build_demo_cfg(args.config_file, args.opts, args.confidence_threshold)
+
+
+def expand_inputs(patterns: Sequence[str]) -> List[str]:
+    """Paths, glob patterns and folders (their images, sorted) -> list of image paths."""
+    paths: List[str] = []
+    for pattern in patterns:
+        pattern = os.path.expanduser(pattern)
+        if os.path.isdir(pattern):
+            found = sorted(
+                os.path.join(pattern, name)
+                for name in os.listdir(pattern)
+                if name.lower().endswith(IMAGE_EXTENSIONS)
+            )
+        elif glob.has_magic(pattern):
+            found = sorted(glob.glob(pattern))
+        else:
+            found = [pattern]
+        if not found:
+            raise FileNotFoundError(f"--input {pattern!r} matches no image")
+        paths.extend(p for p in found if p not in paths)
+    return paths
+
+
+def _is_folder_output(output: str, num_inputs: int) -> bool:
+    return (
+        num_inputs > 1
+        or os.path.isdir(output)
+        or output.endswith(os.sep)
+        or not os.path.splitext(output)[1]
+    )
+
+
+def image_output_paths(inputs: Sequence[str], output: str) -> List[str]:
+    """Where to save the drawing of each input: ``output`` itself, or one file per input in the
+    folder ``output`` named after the input (de-duplicated when two inputs share a name)."""
+    if not _is_folder_output(output, len(inputs)):
+        return [output]
+    if len(inputs) > 1 and os.path.splitext(output)[1].lower() in IMAGE_EXTENSIONS:
+        raise ValueError(f"--output {output!r} must be a folder when there are several inputs")
+    os.makedirs(output, exist_ok=True)
+    used = set()
+    result = []
+    for path in inputs:
+        stem, ext = os.path.splitext(os.path.basename(path))
+        name, k = stem + ext, 1
+        while name in used:
+            name, k = f"{stem}_{k}{ext}", k + 1
+        used.add(name)
+        result.append(os.path.join(output, name))
+    return result
+
+
+def run_images(demo: VisualizationDemo, paths: Sequence[str], output: str | None) -> None:
+    out_paths = image_output_paths(paths, output) if output else [None] * len(paths)
+    for path, out_path in zip(tqdm.tqdm(paths, disable=not output), out_paths):
+        img = read_image(path, format="BGR")
+        start = time.perf_counter()
+        predictions, vis_output = demo.run_on_image(img)
+        logger.info(
+            "%s: %s in %.2fs",
+            path,
+            count_predictions(predictions),
+            time.perf_counter() - start,
+        )
+        drawing = vis_output.get_image() if vis_output is not None else img[:, :, ::-1]
+        if out_path is not None:
+            if not cv2.imwrite(out_path, np.ascontiguousarray(drawing[:, :, ::-1])):
+                raise OSError(f"could not write {out_path}")
+        else:
+            cv2.namedWindow(WINDOW_NAME, cv2.WINDOW_NORMAL)
+            cv2.imshow(WINDOW_NAME, drawing[:, :, ::-1])
+            if cv2.waitKey(0) == 27:
+                break  # esc to quit
+
+
+def run_webcam(demo: VisualizationDemo) -> None:
+    cam = cv2.VideoCapture(0)
+    try:
+        for vis in tqdm.tqdm(demo.run_on_video(cam)):
+            cv2.namedWindow(WINDOW_NAME, cv2.WINDOW_NORMAL)
+            cv2.imshow(WINDOW_NAME, vis)
+            if cv2.waitKey(1) == 27:
+                break  # esc to quit
+    finally:
+        cam.release()
+        cv2.destroyAllWindows()
+
+
+def run_video(demo: VisualizationDemo, video_path: str, output: str | None) -> None:
+    video = cv2.VideoCapture(video_path)
+    if not video.isOpened():
+        raise OSError(f"OpenCV cannot open the video {video_path}")
+    width = int(video.get(cv2.CAP_PROP_FRAME_WIDTH))
+    height = int(video.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    fps = video.get(cv2.CAP_PROP_FPS) or 25.0
+    num_frames = int(video.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+    basename = os.path.basename(video_path)
+    writer = None
+    if output:
+        if os.path.isdir(output) or output.endswith(os.sep):
+            os.makedirs(output, exist_ok=True)
+            out_path = os.path.join(output, os.path.splitext(basename)[0] + ".mp4")
+        else:
+            out_path = output
+        fourcc = VIDEO_FOURCC.get(os.path.splitext(out_path)[1].lower(), "mp4v")
+        writer = cv2.VideoWriter(
+            out_path, cv2.VideoWriter_fourcc(*fourcc), float(fps), (width, height), True
+        )
+        if not writer.isOpened():
+            raise OSError(f"OpenCV cannot write {out_path} with codec {fourcc}")
+    start, count = time.perf_counter(), 0
+    try:
+        for vis_frame in tqdm.tqdm(demo.run_on_video(video), total=num_frames):
+            count += 1
+            if writer is not None:
+                writer.write(vis_frame)
+            else:
+                cv2.namedWindow(basename, cv2.WINDOW_NORMAL)
+                cv2.imshow(basename, vis_frame)
+                if cv2.waitKey(1) == 27:
+                    break  # esc to quit
+    finally:
+        video.release()
+        if writer is not None:
+            writer.release()
+        else:
+            cv2.destroyAllWindows()
+    elapsed = time.perf_counter() - start
+    logger.info("%s: %d frames in %.2fs (%.2f fps)", video_path, count, elapsed, count / elapsed)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = get_parser().parse_args(argv)
+    setup_logger(name="fvcore")
+    setup_logger()
+    setup_logger(name="knet")
+    logger.info("Arguments: %s", args)
+    sources = sum([bool(args.input), bool(args.webcam), bool(args.video_input)])
+    if sources != 1:
+        raise SystemExit("give exactly one of --input, --video-input and --webcam")
+    if args.webcam and args.output:
+        raise SystemExit("--output is not supported with --webcam")
+
+    cfg = setup_cfg(args)
+    demo = VisualizationDemo(cfg)
+    if args.input:
+        run_images(demo, expand_inputs(args.input), args.output)
+    elif args.webcam:
+        run_webcam(demo)
+    else:
+        run_video(demo, args.video_input, args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""Run K-Net on images and videos and draw the results with Detectron2's visualizers.
+
+``VisualizationDemo`` follows Detectron2's demo: a ``DefaultPredictor`` (or, with
+``parallel=True``, an :class:`AsyncPredictor` with one worker process per GPU) plus
+``Visualizer`` / ``VideoVisualizer`` using the metadata of ``cfg.DATASETS.TEST[0]``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import bisect
+import logging
+import multiprocessing as mp
+from collections import deque
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog
+from detectron2.engine.defaults import DefaultPredictor
+from detectron2.structures import Instances
+from detectron2.utils.video_visualizer import VideoVisualizer
+from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
+
+import knet  # noqa: F401  (registers K-Net's meta-architecture and datasets)
+from knet.engine import get_knet_cfg
+
+__all__ = ["AsyncPredictor", "VisualizationDemo", "build_demo_cfg", "count_predictions"]
+
+logger = logging.getLogger("knet.demo")
+
+
+def build_demo_cfg(
+    config_file: str,
+    opts: Sequence[str] = (),
+    confidence_threshold: float | None = None,
+) -> CfgNode:
+    """A frozen K-Net config for inference.
+
+    ``confidence_threshold`` (if given) sets both ``MODEL.KNET.TEST.SCORE_THRESH`` (instance
+    output) and ``MODEL.KNET.TEST.INSTANCE_SCORE_THRESH`` (things in the panoptic merge). It is
+    applied before ``opts``, so an explicit ``--opts`` value for either key still wins.
+    ``MODEL.DEVICE`` falls back to ``cpu`` when the config asks for CUDA and none is available.
+    """
+    threshold_opts: List[str] = []
+    if confidence_threshold is not None:
+        value = str(float(confidence_threshold))
+        threshold_opts = [
+            "MODEL.KNET.TEST.SCORE_THRESH",
+            value,
+            "MODEL.KNET.TEST.INSTANCE_SCORE_THRESH",
+            value,
+        ]
+    cfg = get_knet_cfg(config_file, threshold_opts + list(opts))
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.info("CUDA is not available: running on CPU (MODEL.DEVICE cpu).")
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    return cfg
+
+
+def count_predictions(predictions: Dict[str, Any]) -> str:
+    """A short human-readable summary of one image's outputs, e.g. ``"12 segments (5 things)"``."""
+    parts = []
+    if "panoptic_seg" in predictions:
+        segments_info = predictions["panoptic_seg"][1] or []
+        things = sum(1 for s in segments_info if s.get("isthing", False))
+        parts.append(f"{len(segments_info)} segments ({things} things)")
+    if "instances" in predictions:
+        parts.append(f"{len(predictions['instances'])} instances")
+    if "sem_seg" in predictions:
+        num_classes = int(predictions["sem_seg"].argmax(dim=0).unique().numel())
+        parts.append(f"{num_classes} semantic classes")
+    return ", ".join(parts) if parts else "no outputs"
+
+
+def _to_cpu(predictions: Dict[str, Any]) -> Dict[str, Any]:
+    """Move one image's outputs to the CPU (panoptic tuple, Instances, tensors)."""
+    out: Dict[str, Any] = {}
+    for key, value in predictions.items():
+        if key == "panoptic_seg":
+            out[key] = (value[0].cpu(), value[1])
+        elif isinstance(value, (torch.Tensor, Instances)):
+            out[key] = value.to("cpu")
+        else:
+            out[key] = value
+    return out
+
+
+class VisualizationDemo:
+    """Predict and visualise K-Net outputs for single images or video streams."""
+
+    def __init__(
+        self,
+        cfg: CfgNode,
+        instance_mode: ColorMode = ColorMode.IMAGE,
+        parallel: bool = False,
+    ):
+        """
+        Args:
+            cfg: a K-Net config (see :func:`build_demo_cfg`).
+            instance_mode: Detectron2 colour mode (``IMAGE`` or ``IMAGE_BW`` for video).
+            parallel: run the model in worker processes (one per GPU, or one on CPU) so that
+                video frames are predicted while earlier ones are drawn.
+        """
+        self.metadata = MetadataCatalog.get(
+            cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
+        )
+        self.cpu_device = torch.device("cpu")
+        self.instance_mode = instance_mode
+        self.parallel = parallel
+        if parallel:
+            self.predictor: Any = AsyncPredictor(cfg)
+        else:
+            self.predictor = DefaultPredictor(cfg)
+
+    def run_on_image(self, image: np.ndarray) -> Tuple[Dict[str, Any], VisImage | None]:
+        """
+        Args:
+            image: (H, W, 3) uint8 image in BGR order (as read by OpenCV).
+
+        Returns:
+            predictions: the model's outputs for the image (Detectron2's format).
+            vis_output: the drawing, a :class:`VisImage` of the image's size (RGB). Panoptic
+                output is drawn if present; otherwise the semantic argmax and/or the instances.
+        """
+        predictions = self.predictor(image)
+        visualizer = Visualizer(image[:, :, ::-1], self.metadata, instance_mode=self.instance_mode)
+        vis_output = None
+        if "panoptic_seg" in predictions:
+            panoptic_seg, segments_info = predictions["panoptic_seg"]
+            vis_output = visualizer.draw_panoptic_seg(
+                panoptic_seg.to(self.cpu_device), segments_info
+            )
+        else:
+            if "sem_seg" in predictions:
+                labels = predictions["sem_seg"].argmax(dim=0).to(self.cpu_device)
+                vis_output = visualizer.draw_sem_seg(labels)
+            if "instances" in predictions:
+                instances = predictions["instances"].to(self.cpu_device)
+                vis_output = visualizer.draw_instance_predictions(predictions=instances)
+        return predictions, vis_output
+
+    @staticmethod
+    def _frames(video: cv2.VideoCapture) -> Iterator[np.ndarray]:
+        while video.isOpened():
+            ok, frame = video.read()
+            if not ok:
+                break
+            yield frame
+
+    def run_on_video(self, video: cv2.VideoCapture) -> Iterator[np.ndarray]:
+        """Predict and draw every frame of an opened ``cv2.VideoCapture``.
+
+        Yields:
+            (H, W, 3) uint8 BGR frames with the predictions drawn on them, in input order.
+        """
+        video_visualizer = VideoVisualizer(self.metadata, self.instance_mode)
+
+        def draw(frame: np.ndarray, predictions: Dict[str, Any]) -> np.ndarray:
+            rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            if "panoptic_seg" in predictions:
+                panoptic_seg, segments_info = predictions["panoptic_seg"]
+                vis = video_visualizer.draw_panoptic_seg_predictions(
+                    rgb, panoptic_seg.to(self.cpu_device), segments_info
+                )
+            elif "instances" in predictions:
+                vis = video_visualizer.draw_instance_predictions(
+                    rgb, predictions["instances"].to(self.cpu_device)
+                )
+            elif "sem_seg" in predictions:
+                vis = video_visualizer.draw_sem_seg(
+                    rgb, predictions["sem_seg"].argmax(dim=0).to(self.cpu_device)
+                )
+            else:
+                return frame
+            return cv2.cvtColor(vis.get_image(), cv2.COLOR_RGB2BGR)
+
+        frames = self._frames(video)
+        if not self.parallel:
+            for frame in frames:
+                yield draw(frame, self.predictor(frame))
+            return
+
+        # Keep up to ``buffer_size`` frames in flight, yield them in order as results arrive.
+        buffer_size = self.predictor.default_buffer_size
+        pending: deque = deque()
+        for frame in frames:
+            pending.append(frame)
+            self.predictor.put(frame)
+            if len(pending) >= buffer_size:
+                yield draw(pending.popleft(), self.predictor.get())
+        while pending:
+            yield draw(pending.popleft(), self.predictor.get())
+
+
+class _PredictorWorker(mp.Process):
+    """A process holding one ``DefaultPredictor``: (index, image) in, (index, outputs) out."""
+
+    def __init__(self, cfg: CfgNode, task_queue: Any, result_queue: Any):
+        super().__init__(daemon=True)
+        self.cfg = cfg
+        self.task_queue = task_queue
+        self.result_queue = result_queue
+
+    def run(self) -> None:
+        predictor = DefaultPredictor(self.cfg)
+        while True:
+            task = self.task_queue.get()
+            if task is None:
+                break
+            index, image = task
+            self.result_queue.put((index, _to_cpu(predictor(image))))
+
+
+class AsyncPredictor:
+    """``DefaultPredictor`` run in worker processes (one per GPU, or a single CPU worker).
+
+    ``put(image)`` queues an image, ``get()`` returns the outputs of the images in the order they
+    were put; ``predictor(image)`` does both. Outputs come back on the CPU.
+    """
+
+    def __init__(self, cfg: CfgNode, num_workers: int | None = None):
+        num_gpus = torch.cuda.device_count() if cfg.MODEL.DEVICE.startswith("cuda") else 0
+        if num_workers is None:
+            num_workers = max(num_gpus, 1)
+        ctx = mp.get_context("spawn")
+        self.task_queue = ctx.Queue()
+        self.result_queue = ctx.Queue()
+        self.workers: List[_PredictorWorker] = []
+        for i in range(num_workers):
+            worker_cfg = cfg.clone()
+            worker_cfg.defrost()
+            worker_cfg.MODEL.DEVICE = f"cuda:{i % num_gpus}" if num_gpus else "cpu"
+            self.workers.append(_PredictorWorker(worker_cfg, self.task_queue, self.result_queue))
+        for worker in self.workers:
+            worker.start()
+        self._next_put = 0
+        self._next_get = 0
+        self._ready_ids: List[int] = []
+        self._ready: List[Dict[str, Any]] = []
+        self._closed = False
+        atexit.register(self.shutdown)
+
+    @property
+    def default_buffer_size(self) -> int:
+        """How many frames a video loop should keep in flight."""
+        return len(self.workers) * 5
+
+    def __len__(self) -> int:
+        return self._next_put - self._next_get
+
+    def put(self, image: np.ndarray) -> None:
+        self.task_queue.put((self._next_put, image))
+        self._next_put += 1
+
+    def get(self) -> Dict[str, Any]:
+        if len(self) == 0:
+            raise RuntimeError("AsyncPredictor.get() called with no image queued")
+        wanted = self._next_get
+        self._next_get += 1
+        if self._ready_ids and self._ready_ids[0] == wanted:
+            self._ready_ids.pop(0)
+            return self._ready.pop(0)
+        while True:
+            index, result = self.result_queue.get()
+            if index == wanted:
+                return result
+            # an out-of-order result: keep it, sorted by index
+            pos = bisect.bisect(self._ready_ids, index)
+            self._ready_ids.insert(pos, index)
+            self._ready.insert(pos, result)
+
+    def __call__(self, image: np.ndarray) -> Dict[str, Any]:
+        self.put(image)
+        return self.get()
+
+    def shutdown(self) -> None:
+        """Stop the workers (also called at interpreter exit)."""
+        if self._closed:
+            return
+        self._closed = True
+        for _ in self.workers:
+            self.task_queue.put(None)
+        for worker in self.workers:
+            worker.join(timeout=10)
+            if worker.is_alive():
+                worker.terminate()
