@@ -4,8 +4,9 @@
     python train_net.py --config-file configs/coco/panoptic-segmentation/knet_R50_bs16_1x.yaml \
         --num-gpus 8
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS /path/to/model.pth
-    python train_net.py --config-file ... --resume          # continue from OUTPUT_DIR/last_checkpoint
+    python train_net.py --config-file ... --resume  # continue from OUTPUT_DIR/last_checkpoint
 """
+
 import logging
 
 import detectron2.utils.comm as comm

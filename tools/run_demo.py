@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The main job: train K-Net on the built-in toy dataset on CPU, evaluate, visualise, plot.
 
-    python tools/run_demo.py                      # panoptic K-Net on knet_toy (what `make demo` runs)
-    python tools/run_demo.py --max-iter 200       # quicker, lower scores
+    python tools/run_demo.py                 # panoptic K-Net on knet_toy (`make demo`)
+    python tools/run_demo.py --max-iter 200  # quicker, lower scores
     python tools/run_demo.py --opts SOLVER.IMS_PER_BATCH 8
 
 It generates the toy data if absent, trains with ``train_net.py``'s trainer, evaluates PQ, mask AP
@@ -200,9 +200,8 @@ def main(argv=None) -> int:
     print(f"model:           {weights}")
     print(f"metrics:         {os.path.join(cfg.OUTPUT_DIR, 'metrics.json')} (+ TensorBoard events)")
     print(f"curves:          {curves}")
-    print(
-        f"visualisations:  {os.path.dirname(vis_paths[0]) if vis_paths else '-'} ({len(vis_paths)} files)"
-    )
+    vis_dir = os.path.dirname(vis_paths[0]) if vis_paths else "-"
+    print(f"visualisations:  {vis_dir} ({len(vis_paths)} files)")
     print(f"summary:         {os.path.join(cfg.OUTPUT_DIR, 'summary.json')}")
     return 0
 

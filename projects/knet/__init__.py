@@ -4,8 +4,8 @@ Importing the package registers its datasets (``knet.data``) and its model parts
 registries (``knet.modeling``).
 """
 
-from . import data  # noqa: F401  (registers datasets)
-from . import modeling  # noqa: F401  (registers meta-arch, pixel decoders, kernel heads)
+# Importing these registers the datasets and the model parts.
+from . import data, modeling  # noqa: F401
 from .config import add_knet_config
 
 __all__ = ["add_knet_config"]

@@ -5,7 +5,7 @@ from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer
 
 from .config import add_knet_config
-
+from .data.dataset_mappers import build_train_mapper
 from .evaluation import build_evaluator
 from .solver import build_optimizer
 
@@ -15,8 +15,6 @@ class KNetTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        from .data.dataset_mappers import build_train_mapper
-
         return build_detection_train_loader(cfg, mapper=build_train_mapper(cfg))
 
     @classmethod

@@ -1,6 +1,6 @@
 """Inference-time post-processing of K-Net: instance, panoptic and semantic outputs."""
 
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,45 @@ def mask_probs_at_image_size(
     probs = mask_logits.float().sigmoid()[None]
     probs = F.interpolate(probs, size=padded_size, mode="bilinear", align_corners=False)
     probs = probs[:, :, : image_size[0], : image_size[1]]
-    probs = F.interpolate(probs, size=output_size, mode="bilinear", align_corners=False)
+    if tuple(output_size) != tuple(image_size):
+        # (a bilinear resize to the same size is the identity: skip it)
+        probs = F.interpolate(probs, size=output_size, mode="bilinear", align_corners=False)
     return probs[0]
+
+
+def select_instances(
+    cls_logits: torch.Tensor,
+    *,
+    num_thing_classes: int,
+    num_proposals: int,
+    topk: int,
+    score_thresh: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k (kernel, thing class) pairs over the thing kernels; score = class probability.
+
+    Returns:
+        scores (M,) sorted descending, labels (M,), kernels (M,): the kernel of each pair (a
+        kernel may appear with several classes).
+    """
+    scores = cls_logits[:num_proposals, :num_thing_classes].float().sigmoid().flatten()
+    scores, flat_idx = scores.topk(min(topk, scores.numel()))
+    keep = scores >= score_thresh
+    scores, flat_idx = scores[keep], flat_idx[keep]
+    labels = flat_idx % num_thing_classes
+    kernels = torch.div(flat_idx, num_thing_classes, rounding_mode="floor")
+    return scores, labels, kernels
+
+
+def build_instances(
+    output_size: Tuple[int, int], scores: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor
+) -> Instances:
+    """Instances with pred_masks (bool), pred_boxes (the masks' extents), scores, pred_classes."""
+    result = Instances(output_size)
+    result.pred_masks = masks
+    result.pred_boxes = BitMasks(masks).get_bounding_boxes()
+    result.scores = scores
+    result.pred_classes = labels
+    return result
 
 
 def instance_inference(
@@ -40,34 +77,48 @@ def instance_inference(
     image_size: Tuple[int, int],
     output_size: Tuple[int, int],
 ) -> Instances:
-    """Top-k (kernel, thing class) pairs over the thing kernels; score = class probability.
+    """The official instance output: top-k (kernel, thing class) pairs, binary masks at
+    ``prob > mask_threshold``, no mask rescoring.
 
     Args:
         cls_logits: (N, K); mask_logits: (N, h, w) of one image (N >= num_proposals).
 
     Returns:
-        Instances of ``output_size`` with pred_masks (bool), pred_boxes (from the masks),
-        scores and pred_classes, sorted by score.
+        Instances of ``output_size``, sorted by score.
     """
-    scores = cls_logits[:num_proposals, :num_thing_classes].float().sigmoid().flatten()
-    scores, flat_idx = scores.topk(min(topk, scores.numel()))
-    keep = scores >= score_thresh
-    scores, flat_idx = scores[keep], flat_idx[keep]
-    labels = flat_idx % num_thing_classes
-    kernels = torch.div(flat_idx, num_thing_classes, rounding_mode="floor")
+    scores, labels, kernels = select_instances(
+        cls_logits,
+        num_thing_classes=num_thing_classes,
+        num_proposals=num_proposals,
+        topk=topk,
+        score_thresh=score_thresh,
+    )
     # A kernel may be kept with several classes: resize each distinct mask once.
     unique_kernels, inverse = kernels.unique(return_inverse=True)
     probs = mask_probs_at_image_size(
         mask_logits[unique_kernels], padded_size, image_size, output_size
     )
-    masks = probs[inverse] > mask_threshold
+    return build_instances(output_size, scores, labels, probs[inverse] > mask_threshold)
 
-    result = Instances(output_size)
-    result.pred_masks = masks
-    result.pred_boxes = BitMasks(masks).get_bounding_boxes()
-    result.scores = scores
-    result.pred_classes = labels
-    return result
+
+class SelectedMasks:
+    """Collects the binary masks of chosen kernels from the merge's probability chunks.
+
+    ``masks`` is (M, H, W) bool, one per entry of ``kernels`` (repeats allowed), thresholded at
+    ``prob > mask_threshold`` like ``instance_inference``.
+    """
+
+    def __init__(self, kernels: torch.Tensor, mask_threshold: float, output_size):
+        self.kernels = kernels
+        self.mask_threshold = mask_threshold
+        self.masks = torch.zeros(
+            (kernels.numel(), *output_size), dtype=torch.bool, device=kernels.device
+        )
+
+    def __call__(self, start: int, probs: torch.Tensor) -> None:
+        rows = ((self.kernels >= start) & (self.kernels < start + probs.shape[0])).nonzero()[:, 0]
+        if rows.numel():
+            self.masks[rows] = probs[self.kernels[rows] - start] > self.mask_threshold
 
 
 def kernel_scores_and_labels(
@@ -95,6 +146,7 @@ def panoptic_inference(
     image_size: Tuple[int, int],
     output_size: Tuple[int, int],
     chunk_size: int = 16,
+    on_chunk: Optional[Callable[[int, torch.Tensor], None]] = None,
 ) -> Tuple[torch.Tensor, List[Dict]]:
     """The official thing/stuff merge, computed exactly at the output resolution.
 
@@ -105,7 +157,9 @@ def panoptic_inference(
 
     The full-resolution probability maps are produced ``chunk_size`` kernels at a time and
     reduced on the fly (running max / argmax and per-kernel areas), so memory stays at a few
-    maps regardless of the number of kernels.
+    maps regardless of the number of kernels. ``on_chunk(start, probs)`` is called with each
+    chunk's (c, H_out, W_out) probabilities of kernels ``start..start+c-1`` before they are
+    consumed, so other outputs can share the resizing work.
 
     Returns:
         panoptic_seg: (H_out, W_out) int32 segment ids (0 = void),
@@ -120,7 +174,11 @@ def panoptic_inference(
         probs = mask_probs_at_image_size(
             mask_logits[start : start + chunk_size], padded_size, image_size, output_size
         )
-        own_area[start : start + probs.shape[0]] = (probs >= mask_threshold).sum(dim=(1, 2))
+        if on_chunk is not None:
+            on_chunk(start, probs)
+        own_area[start : start + probs.shape[0]] = torch.count_nonzero(
+            probs >= mask_threshold, dim=(1, 2)
+        )
         probs.mul_(scores[start : start + probs.shape[0], None, None])
         chunk_best, chunk_owner = probs.max(dim=0)
         # strict ">" keeps the earlier kernel on ties, as a global argmax does

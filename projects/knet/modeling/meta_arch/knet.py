@@ -13,7 +13,14 @@ from ..criterion import KNetCriterion
 from ..kernel_head import build_kernel_head
 from ..matcher import HungarianMatcher
 from ..pixel_decoder import build_pixel_decoder
-from ..postprocessing import instance_inference, panoptic_inference, semantic_inference
+from ..postprocessing import (
+    SelectedMasks,
+    build_instances,
+    instance_inference,
+    panoptic_inference,
+    select_instances,
+    semantic_inference,
+)
 
 
 @META_ARCH_REGISTRY.register()
@@ -228,6 +235,16 @@ class KNet(nn.Module):
             }
             result = {}
             if self.panoptic_on:
+                shared_masks = None
+                if self.instance_on:
+                    # The instance masks come from the same full-resolution maps as the merge.
+                    selected = select_instances(
+                        cls_logits,
+                        topk=self.test_topk_per_image,
+                        score_thresh=self.score_thresh,
+                        **common,
+                    )
+                    shared_masks = SelectedMasks(selected[2], self.mask_threshold, output_size)
                 result["panoptic_seg"] = panoptic_inference(
                     cls_logits,
                     mask_logits,
@@ -235,10 +252,15 @@ class KNet(nn.Module):
                     overlap_threshold=self.overlap_threshold,
                     mask_threshold=self.mask_threshold,
                     chunk_size=self.merge_chunk_size,
+                    on_chunk=shared_masks,
                     **common,
                     **sizes,
                 )
-            if self.instance_on:
+                if shared_masks is not None:
+                    result["instances"] = build_instances(
+                        output_size, selected[0], selected[1], shared_masks.masks
+                    )
+            elif self.instance_on:
                 result["instances"] = instance_inference(
                     cls_logits,
                     mask_logits,
