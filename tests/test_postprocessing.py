@@ -374,3 +374,25 @@ def test_semantic_inference_instance_model():
     ref = torch.einsum("nk,nhw->khw", torch.sigmoid(cls_logits), probs)
     assert got.shape == (T, *OUTPUT)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 16])
+def test_instance_masks_shared_with_the_merge_equal_the_standalone_output(chunk_size):
+    """The meta-arch collects instance masks from the merge's chunks: same result as alone."""
+    from knet.modeling.postprocessing import SelectedMasks, build_instances, select_instances
+
+    g = torch.Generator().manual_seed(7)
+    cls_logits = torch.randn(N, K, generator=g) * 2
+    mask_logits = torch.randn(N, 10, 12, generator=g) * 3
+    alone = run_instance(cls_logits, mask_logits, topk=7, score_thresh=0.2)
+    scores, labels, kernels = select_instances(
+        cls_logits, num_thing_classes=T, num_proposals=P, topk=7, score_thresh=0.2
+    )
+    collected = SelectedMasks(kernels, 0.5, OUTPUT)
+    run_panoptic(cls_logits, mask_logits, chunk_size=chunk_size, on_chunk=collected)
+    shared = build_instances(OUTPUT, scores, labels, collected.masks)
+    assert len(shared) == len(alone) > 0
+    assert torch.equal(shared.pred_masks, alone.pred_masks)
+    assert torch.equal(shared.scores, alone.scores)
+    assert torch.equal(shared.pred_classes, alone.pred_classes)
+    assert torch.equal(shared.pred_boxes.tensor, alone.pred_boxes.tensor)

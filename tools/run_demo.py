@@ -34,7 +34,11 @@ from tabulate import tabulate
 from knet.data.datasets.toy import ensure_toy_dataset
 from knet.engine import KNetTrainer, get_knet_cfg
 
-TASK_CONFIGS = {"panoptic": "configs/toy/knet_R18_toy_panoptic.yaml"}
+TASK_CONFIGS = {
+    "panoptic": "configs/toy/knet_R18_toy_panoptic.yaml",
+    # train and evaluate on the 2 real COCO images of the shared sample
+    "coco_sample_overfit": "configs/toy/knet_R18_coco_sample_overfit.yaml",
+}
 REPORTED_METRICS = [
     ("panoptic_seg", ["PQ", "SQ", "RQ", "PQ_th", "PQ_st"]),
     ("segm", ["AP", "AP50", "AP75"]),
@@ -63,6 +67,7 @@ def build_cfg(args):
         cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, args.max_iter // 5)
         cfg.SOLVER.MAX_ITER = args.max_iter
         cfg.TEST.EVAL_PERIOD = max(args.max_iter // 3, 1)
+        cfg.SOLVER.CHECKPOINT_PERIOD = cfg.TEST.EVAL_PERIOD
     if args.output_dir:
         cfg.OUTPUT_DIR = args.output_dir
     cfg.freeze()
@@ -156,13 +161,14 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.time()
-    setup_logger(name="knet")
-    setup_logger(name="detectron2")
-    data_root = ensure_toy_dataset()
-    logger.info("toy dataset ready at %s (%.1f s)", data_root, time.time() - start)
-
     cfg = build_cfg(args)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    # console + OUTPUT_DIR/log.txt
+    setup_logger(output=cfg.OUTPUT_DIR, name="detectron2", abbrev_name="d2")
+    setup_logger(output=cfg.OUTPUT_DIR, name="knet")
+    if any(name.startswith("knet_toy") for name in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST):
+        data_root = ensure_toy_dataset()  # also generated lazily on first use; here to time it
+        logger.info("toy dataset ready at %s (%.1f s)", data_root, time.time() - start)
     with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
         f.write(cfg.dump())
     trainer = KNetTrainer(cfg)
@@ -170,9 +176,9 @@ def main(argv=None) -> int:
     train_start = time.time()
     trainer.train()
     train_time = time.time() - train_start
-    # The final evaluation hook ran after the last iteration; evaluate explicitly so the numbers
-    # printed here come from the saved final weights.
-    results = OrderedDict(KNetTrainer.test(cfg, trainer.model))
+    # DefaultTrainer's evaluation hook evaluates after the last iteration and keeps the result.
+    results = getattr(trainer, "_last_eval_results", None) or KNetTrainer.test(cfg, trainer.model)
+    results = OrderedDict(results)
     if len(cfg.DATASETS.TEST) == 1:
         results = results[cfg.DATASETS.TEST[0]] if cfg.DATASETS.TEST[0] in results else results
 
