@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, List
 
 import numpy as np
@@ -10,7 +11,14 @@ from detectron2.config import CfgNode
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-__all__ = ["read_image_checked", "build_augmentations", "image_to_tensor"]
+__all__ = [
+    "KNetDatasetMapperBase",
+    "read_image_checked",
+    "build_augmentations",
+    "image_to_tensor",
+]
+
+logger = logging.getLogger(__name__)
 
 
 def read_image_checked(file_name: str, image_format: str | None, what: str) -> np.ndarray:
@@ -58,3 +66,22 @@ def check_same_size(
             f"Size mismatch: {label_file} is {label.shape[1]}x{label.shape[0]} but image "
             f"{dataset_dict.get('file_name')} is {image.shape[1]}x{image.shape[0]} (WxH)"
         )
+
+
+class KNetDatasetMapperBase:
+    """What every K-Net training mapper shares: augmentations, image format, the image read."""
+
+    def __init__(
+        self, is_train: bool, augmentations: List[T.Augmentation | T.Transform], image_format: str
+    ):
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList(augmentations)
+        self.image_format = image_format
+        mode = "training" if is_train else "inference"
+        logger.info(f"[{self.__class__.__name__}] Augmentations used in {mode}: {augmentations}")
+
+    def read_image(self, dataset_dict: Dict[str, Any]) -> np.ndarray:
+        """The record's image in ``image_format``, checked against its height/width."""
+        image = read_image_checked(dataset_dict["file_name"], self.image_format, "image")
+        utils.check_image_size(dataset_dict, image)
+        return image

@@ -12,14 +12,14 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Instances
 
-from .common import build_augmentations, image_to_tensor, read_image_checked
+from .common import KNetDatasetMapperBase, build_augmentations, image_to_tensor
 
 __all__ = ["KNetInstanceDatasetMapper"]
 
 logger = logging.getLogger(__name__)
 
 
-class KNetInstanceDatasetMapper:
+class KNetInstanceDatasetMapper(KNetDatasetMapperBase):
     """Map an instance record to K-Net's training input::
 
     {"image": uint8 (3, H, W) tensor in ``image_format`` order,
@@ -42,11 +42,7 @@ class KNetInstanceDatasetMapper:
             augmentations: geometric augmentations applied to the image and the masks.
             image_format: channel order for ``read_image`` ("BGR" or "RGB").
         """
-        self.is_train = is_train
-        self.augmentations = T.AugmentationList(augmentations)
-        self.image_format = image_format
-        mode = "training" if is_train else "inference"
-        logger.info(f"[{self.__class__.__name__}] Augmentations used in {mode}: {augmentations}")
+        super().__init__(is_train, augmentations, image_format)
 
     @classmethod
     def from_config(cls, cfg: CfgNode, is_train: bool = True) -> Dict[str, Any]:
@@ -58,8 +54,7 @@ class KNetInstanceDatasetMapper:
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         dataset_dict = copy.deepcopy(dataset_dict)  # it will be modified below
-        image = read_image_checked(dataset_dict["file_name"], self.image_format, "image")
-        utils.check_image_size(dataset_dict, image)
+        image = self.read_image(dataset_dict)
 
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)

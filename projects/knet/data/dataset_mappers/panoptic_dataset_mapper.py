@@ -9,19 +9,24 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 from detectron2.config import CfgNode, configurable
-from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Instances
 from panopticapi.utils import rgb2id
 
-from .common import build_augmentations, check_same_size, image_to_tensor, read_image_checked
+from .common import (
+    KNetDatasetMapperBase,
+    build_augmentations,
+    check_same_size,
+    image_to_tensor,
+    read_image_checked,
+)
 
 __all__ = ["KNetPanopticDatasetMapper"]
 
 logger = logging.getLogger(__name__)
 
 
-class KNetPanopticDatasetMapper:
+class KNetPanopticDatasetMapper(KNetDatasetMapperBase):
     """Map a panoptic record to K-Net's training input.
 
     Reads ``file_name`` and the RGB panoptic PNG ``pan_seg_file_name`` (ids via
@@ -52,12 +57,8 @@ class KNetPanopticDatasetMapper:
             image_format: channel order for ``read_image`` ("BGR" or "RGB").
             ignore_label: value of void pixels in ``sem_seg``.
         """
-        self.is_train = is_train
-        self.augmentations = T.AugmentationList(augmentations)
-        self.image_format = image_format
+        super().__init__(is_train, augmentations, image_format)
         self.ignore_label = ignore_label
-        mode = "training" if is_train else "inference"
-        logger.info(f"[{self.__class__.__name__}] Augmentations used in {mode}: {augmentations}")
 
     @classmethod
     def from_config(cls, cfg: CfgNode, is_train: bool = True) -> Dict[str, Any]:
@@ -70,8 +71,7 @@ class KNetPanopticDatasetMapper:
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         dataset_dict = copy.deepcopy(dataset_dict)  # it will be modified below
-        image = read_image_checked(dataset_dict["file_name"], self.image_format, "image")
-        utils.check_image_size(dataset_dict, image)
+        image = self.read_image(dataset_dict)
 
         pan_file = dataset_dict.pop("pan_seg_file_name")
         pan_rgb = read_image_checked(pan_file, "RGB", "panoptic PNG")

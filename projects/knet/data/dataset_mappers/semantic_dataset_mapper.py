@@ -13,14 +13,14 @@ from detectron2.config import CfgNode, configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-from .common import check_same_size, image_to_tensor, read_image_checked
+from .common import KNetDatasetMapperBase, check_same_size, image_to_tensor, read_image_checked
 
 __all__ = ["KNetSemanticDatasetMapper"]
 
 logger = logging.getLogger(__name__)
 
 
-class KNetSemanticDatasetMapper:
+class KNetSemanticDatasetMapper(KNetDatasetMapperBase):
     """Map a semantic record to K-Net's training input::
 
         {"image": uint8 (3, H, W) tensor in ``image_format`` order,
@@ -49,13 +49,9 @@ class KNetSemanticDatasetMapper:
             ignore_label: void label value in the label PNGs and in the padding.
             size_divisibility: pad to a multiple of this (<= 0: no padding).
         """
-        self.is_train = is_train
-        self.augmentations = T.AugmentationList(augmentations)
-        self.image_format = image_format
+        super().__init__(is_train, augmentations, image_format)
         self.ignore_label = ignore_label
         self.size_divisibility = size_divisibility
-        mode = "training" if is_train else "inference"
-        logger.info(f"[{self.__class__.__name__}] Augmentations used in {mode}: {augmentations}")
 
     @classmethod
     def from_config(cls, cfg: CfgNode, is_train: bool = True) -> Dict[str, Any]:
@@ -88,8 +84,7 @@ class KNetSemanticDatasetMapper:
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         dataset_dict = copy.deepcopy(dataset_dict)  # it will be modified below
-        image = read_image_checked(dataset_dict["file_name"], self.image_format, "image")
-        utils.check_image_size(dataset_dict, image)
+        image = self.read_image(dataset_dict)
         if "sem_seg_file_name" not in dataset_dict:
             raise ValueError(f"Record of {dataset_dict['file_name']} has no 'sem_seg_file_name'")
         sem_file = dataset_dict.pop("sem_seg_file_name")
