@@ -27,6 +27,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from tabulate import tabulate
@@ -171,6 +172,7 @@ def main(argv=None) -> int:
         logger.info("toy dataset ready at %s (%.1f s)", data_root, time.time() - start)
     with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
         f.write(cfg.dump())
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)  # what Detectron2's default_setup does
     trainer = KNetTrainer(cfg)
     trainer.resume_or_load(resume=False)
     train_start = time.time()
