@@ -13,7 +13,7 @@ TINY = [
     "MODEL.KNET.NUM_PROPOSALS", "4",
     "MODEL.KNET.NUM_STAGES", "1",
     "MODEL.KNET.STAGE_LOSS_WEIGHTS", "[1.0]",
-    "INPUT.MIN_SIZE_TRAIN", "(96,)",
+    "INPUT.MIN_SIZE_TRAIN", "(96, 112)",
     "INPUT.MAX_SIZE_TRAIN", "128",
     "INPUT.MIN_SIZE_TEST", "96",
     "INPUT.MAX_SIZE_TEST", "128",
@@ -34,27 +34,29 @@ def run_train_net(*args: str) -> subprocess.CompletedProcess:
 def test_train_checkpoint_resume_and_eval_only(tmp_path, toy_root):
     config = str(REPO / "configs/toy/knet_R18_toy_panoptic.yaml")
     out = str(tmp_path / "run")
-    common = ["--config-file", config, *TINY, "OUTPUT_DIR", out, "SOLVER.CHECKPOINT_PERIOD", "2"]
+    opts = [*TINY, "OUTPUT_DIR", out, "SOLVER.CHECKPOINT_PERIOD", "2"]  # KEY VALUE pairs last
 
-    first = run_train_net(*common, "SOLVER.MAX_ITER", "3")
+    first = run_train_net("--config-file", config, *opts, "SOLVER.MAX_ITER", "3")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert (Path(out) / "model_0001.pth").is_file()
+    assert (Path(out) / "model_0000001.pth").is_file()
     assert (Path(out) / "model_final.pth").is_file()
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
-    assert metrics and all(
-        key in metrics[-1] for key in ["total_loss", "s0_loss_cls", "loss_rpn_seg"]
-    )
+    losses = [m for m in metrics if "total_loss" in m]
+    assert losses and all(k in losses[-1] for k in ["s0_loss_cls", "loss_rpn_seg", "lr"])
+    # the final evaluation (after the last iteration) is logged too
+    assert any("panoptic_seg/PQ" in m for m in metrics)
     assert list(Path(out).glob("events.out.tfevents.*"))
 
     # --resume continues from the last checkpoint (iteration 3) instead of starting over
-    resumed = run_train_net(*common, "SOLVER.MAX_ITER", "5", "--resume")
+    resumed = run_train_net("--config-file", config, "--resume", *opts, "SOLVER.MAX_ITER", "5")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = resumed.stdout + resumed.stderr
     assert "Starting training from iteration 3" in log
 
     # --eval-only with MODEL.WEIGHTS loads what training wrote (torch.load weights_only safe)
+    weights = os.path.join(out, "model_final.pth")
     evaluated = run_train_net(
-        *common, "--eval-only", "MODEL.WEIGHTS", os.path.join(out, "model_final.pth")
+        "--config-file", config, "--eval-only", *opts, "MODEL.WEIGHTS", weights
     )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "copypaste: PQ,SQ,RQ" in evaluated.stdout + evaluated.stderr
