@@ -5,10 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import knet.modeling.panoptic_merge as pp
 from knet.modeling.postprocessing import (
+    SelectedMasks,
     instance_inference,
+    kernel_scores_and_labels,
     mask_probs_at_image_size,
     panoptic_inference,
+    select_instances,
     semantic_inference,
 )
 
@@ -396,3 +400,486 @@ def test_instance_masks_shared_with_the_merge_equal_the_standalone_output(chunk_
     assert torch.equal(shared.scores, alone.scores)
     assert torch.equal(shared.pred_classes, alone.pred_classes)
     assert torch.equal(shared.pred_boxes.tensor, alone.pred_boxes.tensor)
+
+
+# ----------------------------------------------------------------------------- tiled merge
+# On the CPU the merge evaluates the probability maps only on the tiles its bounds leave
+# undecided. It must reproduce the full computation bit for bit: it is compared below with the
+# official merge on float32 maps of all kernels at once, and with the chunked merge.
+# low-res (h, w) and sizes, all with H + W > 128: F.interpolate then uses the generic CPU kernel
+# that the tiled merge emulates
+TILED_SIZES = {
+    "upsample": (
+        (17, 23),
+        {"padded_size": (68, 92), "image_size": (65, 89), "output_size": (97, 131)},
+    ),
+    "same": ((16, 25), {"padded_size": (64, 100), "image_size": (61, 99), "output_size": (61, 99)}),
+    "downsample": (
+        (30, 34),
+        {"padded_size": (120, 136), "image_size": (117, 133), "output_size": (58, 77)},
+    ),
+    "mixed": (
+        (12, 40),
+        {"padded_size": (48, 160), "image_size": (48, 157), "output_size": (103, 41)},
+    ),
+}
+needs_emulation = pytest.mark.skipif(
+    pp._cpu_bilinear_arithmetic() is None,
+    reason="F.interpolate's CPU arithmetic is not reproduced on this build: the merge is chunked",
+)
+
+
+@pytest.fixture
+def merge_paths(monkeypatch):
+    """Counts the runs of the tiled and of the chunked merge computations; the tiled one runs
+    even where it costs more than the full maps (the small maps of these tests)."""
+    monkeypatch.setattr(pp, "_TILE_COST", 0.0)
+    calls = {"tiled": 0, "chunked": 0}
+    for name, key in (("_tiled_owner_and_areas", "tiled"), ("_chunked_owner_and_areas", "chunked")):
+        original = getattr(pp, name)
+
+        def counted(*args, _original=original, _key=key, **kwargs):
+            calls[_key] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(pp, name, counted)
+    return calls
+
+
+def official_panoptic(
+    cls_logits, mask_logits, num_thing, num_prop, sizes, score_thr=0.3, overlap_thr=0.6
+):
+    """merge_stuff_thing as the official code runs it: float32 maps of all kernels at once."""
+    probs = torch.sigmoid(mask_logits.float())[None]
+    probs = F.interpolate(probs, size=sizes["padded_size"], mode="bilinear", align_corners=False)
+    probs = probs[:, :, : sizes["image_size"][0], : sizes["image_size"][1]]
+    if sizes["output_size"] != sizes["image_size"]:
+        probs = F.interpolate(
+            probs, size=sizes["output_size"], mode="bilinear", align_corners=False
+        )
+    probs = probs[0]
+    cls = torch.sigmoid(cls_logits.float())
+    thing_scores, thing_labels = cls[:num_prop, :num_thing].max(1)
+    stuff = torch.arange(cls.shape[0] - num_prop)
+    scores = torch.cat([thing_scores, cls[num_prop + stuff, num_thing + stuff]])
+    labels = torch.cat([thing_labels, num_thing + stuff])
+    id_map = (scores[:, None, None] * probs).argmax(0)  # the first maximum
+    panoptic = torch.zeros(sizes["output_size"], dtype=torch.int32)
+    info = []
+    for k in np.argsort(-scores.numpy(), kind="stable").tolist():
+        isthing = int(labels[k]) < num_thing
+        if isthing and scores[k] < score_thr:
+            continue
+        mask = id_map == k
+        area, original_area = int(mask.sum()), int((probs[k] >= 0.5).sum())
+        if area > 0 and original_area > 0:
+            if area / original_area < overlap_thr:
+                continue
+            info.append(
+                {
+                    "id": len(info) + 1,
+                    "category_id": int(labels[k]),
+                    "isthing": isthing,
+                    "score": float(scores[k]),
+                    "area": area,
+                }
+            )
+            panoptic[mask] = len(info)
+    return panoptic, info
+
+
+def merge(cls_logits, mask_logits, num_thing, num_prop, sizes, chunk_size=16, **overrides):
+    kwargs = {"instance_score_thresh": 0.3, "overlap_threshold": 0.6, "mask_threshold": 0.5}
+    kwargs.update(overrides)
+    return panoptic_inference(
+        cls_logits,
+        mask_logits,
+        num_thing_classes=num_thing,
+        num_proposals=num_prop,
+        chunk_size=chunk_size,
+        **kwargs,
+        **sizes,
+    )
+
+
+def assert_same_panoptic(got, ref):
+    assert got[0].dtype == torch.int32 and got[0].shape == ref[0].shape
+    assert torch.equal(got[0], ref[0])
+    assert got[1] == ref[1]  # ids, categories, scores (exact floats), areas and their order
+
+
+def smooth_logits(n, hw, seed, amplitude=6.0):
+    """Smooth random fields: several kernels compete almost everywhere."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(n, 1, max(2, hw[0] // 4), max(2, hw[1] // 4), generator=gen)
+    return amplitude * F.interpolate(coarse, size=hw, mode="bilinear", align_corners=False)[:, 0]
+
+
+def random_case(n_prop, n_thing, n_cls, hw, seed):
+    gen = torch.Generator().manual_seed(seed)
+    n = n_prop + n_cls - n_thing
+    return torch.randn(n, n_cls, generator=gen) * 2, blob_logits(n, hw, seed=seed)
+
+
+def assert_same_reductions(
+    cls_logits, mask_logits, num_thing, num_prop, sizes, threshold=0.5, area_threshold=0.5
+):
+    """The tiled reductions (owner, won areas, the own areas the merge uses, instance masks of
+    every thing kernel) equal the chunked ones; returns the latter."""
+    scores, labels = kernel_scores_and_labels(cls_logits, num_thing, num_prop)
+    keepable = (labels >= num_thing) | (scores >= 0.3)
+    kernels = torch.arange(num_prop).repeat(2)
+    tiled_masks = SelectedMasks(kernels, threshold, sizes["output_size"])
+    args = (area_threshold, sizes["padded_size"], sizes["image_size"], sizes["output_size"])
+    fused = pp._cpu_bilinear_arithmetic()
+    probs = pp._chunked_sigmoid(mask_logits, 16)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pp, "_TILE_COST", 0.0)  # no hand-over to the full maps
+        got = pp._tiled_owner_and_areas(scores, probs, keepable, *args, tiled_masks, fused)
+    chunked_masks = SelectedMasks(kernels, threshold, sizes["output_size"])
+    ref = pp._chunked_owner_and_areas(scores, mask_logits, *args, 16, chunked_masks)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    need = (ref[1] > 0) & keepable
+    assert torch.equal(got[2][need], ref[2][need])
+    assert torch.equal(tiled_masks.masks, chunked_masks.masks)
+    return ref, chunked_masks.masks
+
+
+def test_resize_emulation_is_bit_identical():
+    fused = pp._cpu_bilinear_arithmetic()
+    if fused is None:
+        pytest.skip("no emulation for this build")
+    for hw, sizes in TILED_SIZES.values():
+        logits = smooth_logits(5, hw, seed=1) + torch.randn(5, *hw)
+        got = pp._resize_exact(logits.sigmoid(), **sizes, fused=fused)
+        assert torch.equal(got, mask_probs_at_image_size(logits, **sizes))
+
+
+@needs_emulation
+@pytest.mark.parametrize("name", sorted(TILED_SIZES))
+def test_tile_bounds_hold_and_tile_values_are_exact(name):
+    fused = pp._cpu_bilinear_arithmetic()
+    hw, sizes = TILED_SIZES[name]
+    logits = smooth_logits(6, hw, seed=2, amplitude=20.0)
+    logits[0] = -100.0 + torch.randn(hw)  # subnormal probabilities
+    logits[1, :, ::3] = 40.0  # exactly 1
+    probs = logits.sigmoid()
+    full = mask_probs_at_image_size(logits, **sizes)
+    second = sizes["output_size"] != sizes["image_size"]
+    rows, cols = (
+        pp._axis_tiles(
+            hw[i],
+            sizes["padded_size"][i],
+            sizes["image_size"][i],
+            sizes["output_size"][i],
+            second,
+            pp._TILE,
+            fused,
+        )
+        for i in range(2)
+    )
+    lower, upper = pp._widen(*pp._tile_bounds(probs, rows, cols))
+    kernels = torch.arange(6)
+    for ty in range(rows.n):
+        for tx in range(cols.n):
+            tile = full[:, rows.pos[ty]][:, :, cols.pos[tx]]
+            assert bool((tile.double().amin((1, 2)) >= lower[:, ty, tx]).all())
+            assert bool((tile.double().amax((1, 2)) <= upper[:, ty, tx]).all())
+            ty_, tx_ = torch.full((6,), ty), torch.full((6,), tx)
+            assert torch.equal(pp._tile_probs(probs, kernels, ty_, tx_, rows, cols, fused), tile)
+
+
+@needs_emulation
+@pytest.mark.parametrize("name", sorted(TILED_SIZES))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tiled_merge_matches_official_merge(name, seed, merge_paths):
+    hw, sizes = TILED_SIZES[name]
+    cls_logits, mask_logits = random_case(12, 5, 9, hw, seed)
+    got = merge(cls_logits, mask_logits, 5, 12, sizes, chunk_size=5)
+    ref = official_panoptic(cls_logits, mask_logits, 5, 12, sizes)
+    assert merge_paths == {"tiled": 1, "chunked": 0}
+    assert_same_panoptic(got, ref)
+    assert len(ref[1]) > 0 and bool((ref[0] == 0).any())
+
+
+@needs_emulation
+@pytest.mark.parametrize("name", sorted(TILED_SIZES))
+@pytest.mark.parametrize("amplitude", [0.5, 8.0])
+def test_tiled_merge_with_many_competing_kernels(name, amplitude, merge_paths):
+    """Smooth overlapping maps: most tiles keep several candidates."""
+    hw, sizes = TILED_SIZES[name]
+    n_prop, n_thing, n_cls = 30, 4, 10
+    n = n_prop + n_cls - n_thing
+    mask_logits = smooth_logits(n, hw, seed=3, amplitude=amplitude)
+    cls_logits = torch.randn(n, n_cls, generator=torch.Generator().manual_seed(4))
+    thresholds = {"score_thr": 0.0, "overlap_thr": 0.1}  # keep many kernels
+    ref = official_panoptic(cls_logits, mask_logits, n_thing, n_prop, sizes, **thresholds)
+    assert len(ref[1]) > 1
+    for chunk_size in (1, 7, 16, 100):
+        got = merge(
+            cls_logits,
+            mask_logits,
+            n_thing,
+            n_prop,
+            sizes,
+            chunk_size=chunk_size,
+            instance_score_thresh=0.0,
+            overlap_threshold=0.1,
+        )
+        assert_same_panoptic(got, ref)
+    assert merge_paths == {"tiled": 4, "chunked": 0}
+    assert_same_reductions(cls_logits, mask_logits, n_thing, n_prop, sizes)
+
+
+@needs_emulation
+@pytest.mark.parametrize("name", sorted(TILED_SIZES))
+@pytest.mark.parametrize("kind", ["duplicates", "saturated"])
+def test_tiled_merge_ties_go_to_the_first_kernel(name, kind, merge_paths):
+    """Equal values of score x prob: the first kernel wins, also across chunks."""
+    hw, sizes = TILED_SIZES[name]
+    n_prop, n_thing, n_cls = 20, 3, 6
+    n = n_prop + n_cls - n_thing
+    mask_logits = blob_logits(n, hw, seed=5)
+    cls_logits = torch.full((n, n_cls), -3.0)
+    cls_logits[:, 0] = torch.linspace(-2, 3, n)
+    if kind == "duplicates":  # kernel 2 repeated in the same and in the next chunk of 16
+        cls_logits[2, 0] = 6.0
+        for k in (7, 17):
+            mask_logits[k], cls_logits[k] = mask_logits[2], cls_logits[2]
+        winner = 2
+    else:  # probability exactly 1 (everywhere or on a half), same score, thing and stuff
+        mask_logits[9] = mask_logits[10] = mask_logits[n - 1] = 40.0
+        mask_logits[8, :, : hw[1] // 2] = 40.0
+        cls_logits[8:11, 1] = 5.0
+        cls_logits[n - 1, n_cls - 1] = 5.0
+        winner = 8
+    got = merge(cls_logits, mask_logits, n_thing, n_prop, sizes)
+    assert_same_panoptic(got, official_panoptic(cls_logits, mask_logits, n_thing, n_prop, sizes))
+    assert merge_paths == {"tiled": 1, "chunked": 0}
+    chunked = merge(cls_logits, mask_logits, n_thing, n_prop, sizes, on_chunk=lambda *a: None)
+    assert merge_paths["chunked"] == 1  # an arbitrary callback needs the full maps
+    assert_same_panoptic(got, chunked)
+    scores = kernel_scores_and_labels(cls_logits, n_thing, n_prop)[0]
+    assert got[1][0]["score"] == float(scores[winner])
+
+
+@needs_emulation
+@pytest.mark.parametrize("name", sorted(TILED_SIZES))
+def test_tiled_merge_near_the_mask_threshold(name, merge_paths):
+    """Probabilities within a few ulps of 0.5: own areas (>=) and instance masks (>)."""
+    hw, sizes = TILED_SIZES[name]
+    n_prop, n_thing, n_cls = 8, 3, 5
+    n = n_prop + n_cls - n_thing
+    gen = torch.Generator().manual_seed(6)
+    mask_logits = torch.randn(n, *hw, generator=gen) * 1e-6
+    mask_logits[0] = 0.0  # exactly 0.5 before resizing
+    mask_logits[1, ::2] = 0.0
+    mask_logits[2] = 3e-7 * torch.sign(torch.randn(hw, generator=gen))
+    cls_logits = torch.randn(n, n_cls, generator=gen) * 2
+    for overlap in (0.0, 0.6, 1.0):
+        got = merge(cls_logits, mask_logits, n_thing, n_prop, sizes, overlap_threshold=overlap)
+        ref = official_panoptic(
+            cls_logits, mask_logits, n_thing, n_prop, sizes, overlap_thr=overlap
+        )
+        assert_same_panoptic(got, ref)
+    selected = select_instances(
+        cls_logits, num_thing_classes=n_thing, num_proposals=n_prop, topk=20, score_thresh=0.0
+    )
+    collected = SelectedMasks(selected[2], 0.5, sizes["output_size"])
+    merge(cls_logits, mask_logits, n_thing, n_prop, sizes, on_chunk=collected)
+    assert merge_paths == {"tiled": 4, "chunked": 0}
+    alone = instance_inference(
+        cls_logits,
+        mask_logits,
+        num_thing_classes=n_thing,
+        num_proposals=n_prop,
+        topk=20,
+        score_thresh=0.0,
+        mask_threshold=0.5,
+        **sizes,
+    )
+    assert torch.equal(collected.masks, alone.pred_masks)
+    assert bool(collected.masks.any()) and not bool(collected.masks.all())
+    assert_same_reductions(cls_logits, mask_logits, n_thing, n_prop, sizes)
+
+
+@needs_emulation
+@pytest.mark.parametrize(
+    "case", ["things only", "stuff only", "one kernel", "nothing kept", "tiny values"]
+)
+def test_tiled_merge_edge_cases(case, merge_paths):
+    hw, sizes = TILED_SIZES["upsample"]
+    n_prop, n_thing, n_cls = {
+        "things only": (6, 3, 3),
+        "stuff only": (0, 3, 7),
+        "one kernel": (1, 3, 3),
+    }.get(case, (6, 3, 7))
+    cls_logits, mask_logits = random_case(n_prop, n_thing, n_cls, hw, seed=7)
+    if case == "nothing kept":
+        mask_logits = torch.full_like(mask_logits, -8.0)
+    if case == "tiny values":  # subnormal probabilities and scores: products underflow to 0
+        gen = torch.Generator().manual_seed(8)
+        mask_logits = -100.0 + torch.randn(mask_logits.shape, generator=gen)
+        mask_logits[:, :3] = -200.0
+        mask_logits[1, 2:6, 3:9] = 10.0
+        cls_logits = -80.0 + torch.randn(cls_logits.shape, generator=gen)
+    got = merge(cls_logits, mask_logits, n_thing, n_prop, sizes, instance_score_thresh=0.0)
+    ref = official_panoptic(cls_logits, mask_logits, n_thing, n_prop, sizes, score_thr=0.0)
+    assert merge_paths == {"tiled": 1, "chunked": 0}
+    assert_same_panoptic(got, ref)
+    if case == "nothing kept":
+        assert got[1] == [] and bool((got[0] == 0).all())
+    else:
+        assert len(got[1]) > 0
+        assert all(s["isthing"] == (case != "stuff only") for s in got[1])
+
+
+@needs_emulation
+@pytest.mark.parametrize("name", sorted(TILED_SIZES))
+@pytest.mark.parametrize("chunk_size", [1, 16])
+def test_tiled_merge_equals_the_chunked_merge_with_instance_masks(name, chunk_size, merge_paths):
+    """Panoptic output and shared instance masks (a kernel selected with several classes, an
+    empty mask) equal those of the chunked merge, whose maps come from full-size resizes."""
+    hw, sizes = TILED_SIZES[name]
+    n_prop, n_thing, n_cls = 15, 4, 8
+    cls_logits, mask_logits = random_case(n_prop, n_thing, n_cls, hw, seed=8)
+    cls_logits[3, :n_thing] = torch.tensor([4.0, 3.9, 3.8, -5.0])  # kernel 3: three classes
+    mask_logits[5] = -30.0  # an empty mask
+    selected = select_instances(
+        cls_logits, num_thing_classes=n_thing, num_proposals=n_prop, topk=25, score_thresh=0.1
+    )
+    assert int((selected[2] == 3).sum()) == 3 and bool((selected[2] == 5).any())
+    tiled_masks = SelectedMasks(selected[2], 0.5, sizes["output_size"])
+    got = merge(cls_logits, mask_logits, n_thing, n_prop, sizes, chunk_size, on_chunk=tiled_masks)
+    assert merge_paths == {"tiled": 1, "chunked": 0}
+    chunked_masks = SelectedMasks(selected[2], 0.5, sizes["output_size"])
+    ref = merge(
+        cls_logits, mask_logits, n_thing, n_prop, sizes, chunk_size, on_chunk=chunked_masks.__call__
+    )
+    assert merge_paths == {"tiled": 1, "chunked": 1}
+    assert_same_panoptic(got, ref)
+    assert torch.equal(tiled_masks.masks, chunked_masks.masks)
+    alone = instance_inference(
+        cls_logits,
+        mask_logits,
+        num_thing_classes=n_thing,
+        num_proposals=n_prop,
+        topk=25,
+        score_thresh=0.1,
+        mask_threshold=0.5,
+        **sizes,
+    )
+    assert torch.equal(tiled_masks.masks, alone.pred_masks)
+    assert not bool(tiled_masks.masks[selected[2] == 5].any())
+
+
+@needs_emulation
+def test_merge_falls_back_where_f_interpolate_uses_another_kernel(merge_paths):
+    """Small outputs, and 3-kernel chunks on one thread, are resized by a channels-last kernel
+    with other roundings: the chunked merge runs there."""
+    hw, sizes = TILED_SIZES["upsample"]
+    cls_logits, mask_logits = random_case(6, 3, 7, hw, seed=9)
+    small = dict(sizes, output_size=(50, 61))
+    got = merge(cls_logits, mask_logits, 3, 6, small)
+    assert merge_paths == {"tiled": 0, "chunked": 1}
+    assert_same_panoptic(got, official_panoptic(cls_logits, mask_logits, 3, 6, small))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        got = merge(cls_logits, mask_logits, 3, 6, sizes, chunk_size=3)
+        assert merge_paths == {"tiled": 0, "chunked": 2}
+        got_tiled = merge(cls_logits, mask_logits, 3, 6, sizes, chunk_size=4)
+        assert merge_paths == {"tiled": 1, "chunked": 2}
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_panoptic(got, got_tiled)
+
+
+@needs_emulation
+def test_tiled_merge_leaves_undecided_maps_to_the_chunked_merge(merge_paths, monkeypatch):
+    """Where the bounds decide little (smooth overlapping maps), the full maps are cheaper:
+    the cost guard hands the merge to the chunked computation, with the same result."""
+    hw, sizes = TILED_SIZES["upsample"]
+    n_prop, n_thing, n_cls = 30, 4, 10
+    n = n_prop + n_cls - n_thing
+    mask_logits = smooth_logits(n, hw, seed=3, amplitude=0.5)
+    cls_logits = torch.randn(n, n_cls, generator=torch.Generator().manual_seed(4))
+    tiled = merge(cls_logits, mask_logits, n_thing, n_prop, sizes, overlap_threshold=0.1)
+    assert merge_paths == {"tiled": 1, "chunked": 0}
+    monkeypatch.setattr(pp, "_TILE_COST", 4.0)
+    guarded = merge(cls_logits, mask_logits, n_thing, n_prop, sizes, overlap_threshold=0.1)
+    assert merge_paths == {"tiled": 2, "chunked": 1}
+    assert_same_panoptic(tiled, guarded)
+    assert len(tiled[1]) > 0
+
+
+@needs_emulation
+def test_tiled_merge_with_no_selected_instances(merge_paths):
+    hw, sizes = TILED_SIZES["same"]
+    cls_logits, mask_logits = random_case(6, 3, 7, hw, seed=10)
+    selected = select_instances(
+        cls_logits, num_thing_classes=3, num_proposals=6, topk=10, score_thresh=1.0
+    )
+    collected = SelectedMasks(selected[2], 0.5, sizes["output_size"])
+    got = merge(cls_logits, mask_logits, 3, 6, sizes, on_chunk=collected)
+    assert merge_paths == {"tiled": 1, "chunked": 0}
+    assert collected.masks.shape == (0, *sizes["output_size"])
+    assert_same_panoptic(got, official_panoptic(cls_logits, mask_logits, 3, 6, sizes))
+
+
+@needs_emulation
+@pytest.mark.parametrize("instance_threshold", [0.3, 0.5, 0.7])
+def test_tiled_merge_with_another_instance_mask_threshold(instance_threshold, merge_paths):
+    """Own areas (prob >= 0.5) and instance masks (prob > their threshold) decided apart."""
+    hw, sizes = TILED_SIZES["upsample"]
+    cls_logits, mask_logits = random_case(10, 4, 8, hw, seed=11)
+    mask_logits = mask_logits.clamp(-2.0, 2.0)  # probabilities between 0.12 and 0.88
+    # a high-scoring thing between 0.55 and 0.82: its area is decided on every tile, its mask
+    # at 0.7 is not
+    mask_logits[0] = torch.empty(hw).uniform_(0.2, 1.5, generator=torch.Generator().manual_seed(1))
+    cls_logits[0, 0] = 8.0
+    selected = select_instances(
+        cls_logits, num_thing_classes=4, num_proposals=10, topk=30, score_thresh=0.0
+    )
+    tiled_masks = SelectedMasks(selected[2], instance_threshold, sizes["output_size"])
+    got = merge(cls_logits, mask_logits, 4, 10, sizes, on_chunk=tiled_masks)
+    chunked_masks = SelectedMasks(selected[2], instance_threshold, sizes["output_size"])
+    ref = merge(cls_logits, mask_logits, 4, 10, sizes, on_chunk=chunked_masks.__call__)
+    assert merge_paths == {"tiled": 1, "chunked": 1}
+    assert_same_panoptic(got, ref)
+    assert_same_panoptic(got, official_panoptic(cls_logits, mask_logits, 4, 10, sizes))
+    assert torch.equal(tiled_masks.masks, chunked_masks.masks)
+    assert len(got[1]) > 0
+    assert_same_reductions(cls_logits, mask_logits, 4, 10, sizes, instance_threshold)
+
+
+@needs_emulation
+def test_tile_bounds_cover_resized_values_above_their_sources():
+    """A constant map can come out of the resize one ulp above its value (a weight pair of
+    1 - w1 and w1 summing above 1): the bounds' slack keeps such pixels undecided."""
+    hw = (25, 42)
+    sizes = {"padded_size": (100, 168), "image_size": (97, 163), "output_size": (147, 291)}
+    cls_logits, mask_logits = random_case(6, 3, 5, hw, seed=13)
+    mask_logits[0] = 3.0
+    cls_logits[0, 0] = 8.0  # kernel 0 wins wherever the others are low
+    value = float(torch.sigmoid(torch.tensor(3.0)))
+    above = float(torch.nextafter(torch.tensor(value), torch.tensor(1.0)))
+    ref, masks = assert_same_reductions(
+        cls_logits, mask_logits, 3, 6, sizes, threshold=value, area_threshold=above
+    )
+    # the case occurs: kernel 0 has pixels above its value, but not everywhere
+    assert 0 < int(masks[0].sum()) < masks[0].numel()
+    assert 0 < int(ref[2][0]) < masks[0].numel() and int(ref[1][0]) > 0
+
+
+def test_chunked_sigmoid_is_the_chunked_merges():
+    """Per chunk, as the chunked merge calls it (the vectorised and scalar sigmoid paths may
+    round differently, and which elements take which depends on the call)."""
+    gen = torch.Generator().manual_seed(12)
+    logits = torch.randn(23, 13, 17, generator=gen) * 8
+    for chunk_size in (1, 3, 5, 16, 100):
+        ref = torch.cat([logits[s : s + chunk_size].sigmoid() for s in range(0, 23, chunk_size)])
+        assert torch.equal(pp._chunked_sigmoid(logits, chunk_size), ref)
+        strided = logits.transpose(1, 2)
+        ref = torch.cat([strided[s : s + chunk_size].sigmoid() for s in range(0, 23, chunk_size)])
+        assert torch.equal(pp._chunked_sigmoid(strided, chunk_size), ref)

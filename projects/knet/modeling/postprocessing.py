@@ -6,27 +6,18 @@ import torch
 import torch.nn.functional as F
 from detectron2.structures import BitMasks, Instances
 
+from .panoptic_merge import SelectedMasks, kernel_owner_and_areas, mask_probs_at_image_size
 
-def mask_probs_at_image_size(
-    mask_logits: torch.Tensor,
-    padded_size: Tuple[int, int],
-    image_size: Tuple[int, int],
-    output_size: Tuple[int, int],
-) -> torch.Tensor:
-    """Sigmoid probabilities resized as the official code does.
-
-    (N, h, w) logits -> sigmoid -> bilinear to the padded input size -> crop to the image size
-    -> bilinear to the output (original image) size. Returns (N, H_out, W_out) float32.
-    """
-    if mask_logits.shape[0] == 0:
-        return mask_logits.new_zeros((0, *output_size), dtype=torch.float32)
-    probs = mask_logits.float().sigmoid()[None]
-    probs = F.interpolate(probs, size=padded_size, mode="bilinear", align_corners=False)
-    probs = probs[:, :, : image_size[0], : image_size[1]]
-    if tuple(output_size) != tuple(image_size):
-        # (a bilinear resize to the same size is the identity: skip it)
-        probs = F.interpolate(probs, size=output_size, mode="bilinear", align_corners=False)
-    return probs[0]
+__all__ = [
+    "SelectedMasks",
+    "build_instances",
+    "instance_inference",
+    "kernel_scores_and_labels",
+    "mask_probs_at_image_size",
+    "panoptic_inference",
+    "select_instances",
+    "semantic_inference",
+]
 
 
 def select_instances(
@@ -101,26 +92,6 @@ def instance_inference(
     return build_instances(output_size, scores, labels, probs[inverse] > mask_threshold)
 
 
-class SelectedMasks:
-    """Collects the binary masks of chosen kernels from the merge's probability chunks.
-
-    ``masks`` is (M, H, W) bool, one per entry of ``kernels`` (repeats allowed), thresholded at
-    ``prob > mask_threshold`` like ``instance_inference``.
-    """
-
-    def __init__(self, kernels: torch.Tensor, mask_threshold: float, output_size):
-        self.kernels = kernels
-        self.mask_threshold = mask_threshold
-        self.masks = torch.zeros(
-            (kernels.numel(), *output_size), dtype=torch.bool, device=kernels.device
-        )
-
-    def __call__(self, start: int, probs: torch.Tensor) -> None:
-        rows = ((self.kernels >= start) & (self.kernels < start + probs.shape[0])).nonzero()[:, 0]
-        if rows.numel():
-            self.masks[rows] = probs[self.kernels[rows] - start] > self.mask_threshold
-
-
 def kernel_scores_and_labels(
     cls_logits: torch.Tensor, num_thing_classes: int, num_proposals: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -150,16 +121,20 @@ def panoptic_inference(
 ) -> Tuple[torch.Tensor, List[Dict]]:
     """The official thing/stuff merge, computed exactly at the output resolution.
 
-    Every pixel goes to the kernel maximising ``score_k * prob_k``. Kernels are visited by
-    descending score; a thing below ``instance_score_thresh`` is dropped (stuff never is), and a
-    kernel is kept only when its won area is at least ``overlap_threshold`` of its own
-    ``prob >= mask_threshold`` area. Pixels of dropped kernels are void (0).
+    Every pixel goes to the kernel maximising ``score_k * prob_k`` (the first one on ties).
+    Kernels are visited by descending score; a thing below ``instance_score_thresh`` is dropped
+    (stuff never is), and a kernel is kept only when its won area is at least
+    ``overlap_threshold`` of its own ``prob >= mask_threshold`` area. Pixels of dropped kernels
+    are void (0).
 
-    The full-resolution probability maps are produced ``chunk_size`` kernels at a time and
-    reduced on the fly (running max / argmax and per-kernel areas), so memory stays at a few
-    maps regardless of the number of kernels. ``on_chunk(start, probs)`` is called with each
-    chunk's (c, H_out, W_out) probabilities of kernels ``start..start+c-1`` before they are
-    consumed, so other outputs can share the resizing work.
+    On the CPU the probability maps are only evaluated where needed: per output tile, bounds
+    from the low-res maps rule out the kernels that cannot win there and decide the threshold
+    tests of most tiles, and the remaining tiles are resized with the same floating-point
+    operations as ``F.interpolate``, so the result is bit-identical to the full computation.
+    Otherwise (other devices, an arbitrary ``on_chunk``, sizes where ``F.interpolate`` uses
+    another kernel) the full maps are produced ``chunk_size`` kernels at a time and reduced on
+    the fly. ``on_chunk(start, probs)`` is then called with each chunk's (c, H_out, W_out)
+    probabilities of kernels ``start..start+c-1``; a ``SelectedMasks`` gets its masks either way.
 
     Returns:
         panoptic_seg: (H_out, W_out) int32 segment ids (0 = void),
@@ -167,27 +142,21 @@ def panoptic_inference(
     """
     scores, labels = kernel_scores_and_labels(cls_logits, num_thing_classes, num_proposals)
     n = scores.numel()
-    best = torch.full(output_size, -1.0, dtype=torch.float32, device=mask_logits.device)
-    owner = torch.zeros(output_size, dtype=torch.int64, device=mask_logits.device)
-    own_area = torch.zeros(n, dtype=torch.int64, device=mask_logits.device)
-    for start in range(0, n, chunk_size):
-        probs = mask_probs_at_image_size(
-            mask_logits[start : start + chunk_size], padded_size, image_size, output_size
-        )
-        if on_chunk is not None:
-            on_chunk(start, probs)
-        own_area[start : start + probs.shape[0]] = torch.count_nonzero(
-            probs >= mask_threshold, dim=(1, 2)
-        )
-        probs.mul_(scores[start : start + probs.shape[0], None, None])
-        chunk_best, chunk_owner = probs.max(dim=0)
-        # strict ">" keeps the earlier kernel on ties, as a global argmax does
-        better = chunk_best > best
-        best = torch.where(better, chunk_best, best)
-        owner = torch.where(better, chunk_owner + start, owner)
-    won_area = torch.bincount(owner.flatten(), minlength=n)
+    # only these kernels can be kept (the visit below skips the others before their area)
+    keepable = (labels >= num_thing_classes) | ~(scores < instance_score_thresh)
+    owner, won_area, own_area = kernel_owner_and_areas(
+        scores,
+        mask_logits,
+        keepable,
+        mask_threshold,
+        padded_size,
+        image_size,
+        output_size,
+        chunk_size,
+        on_chunk,
+    )
 
-    segment_of_kernel = torch.zeros(n, dtype=torch.int32, device=mask_logits.device)
+    segment_of_kernel = torch.zeros(n, dtype=torch.int32, device=owner.device)
     segments_info = []
     for k in torch.sort(scores, descending=True, stable=True).indices.tolist():
         label = int(labels[k])
