@@ -1,18 +1,21 @@
-"""Checkpoint conversion: official K-Net (MMDetection) and torchvision ResNet -> this project.
+"""Checkpoint conversion: official K-Net (MMDet/MMSeg) and ImageNet ResNets -> this project.
 
 The official checkpoints are not downloaded here: ``make_official_state_dict`` writes a synthetic
 one with exactly the keys and shapes of the official layout (backbone = torchvision ResNet,
-MMDet FPN neck, 36 ``rpn_head`` tensors, 44 tensors per ``roi_head.mask_head`` stage).
+MMDet FPN neck, 36 ``rpn_head`` tensors, 44 tensors per ``roi_head.mask_head`` stage), and
+``make_mmseg_state_dict`` one of the semantic (MMSeg, ADE20K) layout (ResNetV1c backbone, an
+UPerNet/FCN/PSP/ASPP decode head, 39 tensors per update stage, auxiliary FCN head).
 """
 
 import datetime
 import importlib
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -37,6 +40,8 @@ from knet.checkpoint import (
     load_checkpoint_file,
     save_detectron2_checkpoint,
 )
+from knet.engine import get_knet_cfg
+from knet.modeling.backbone.resnet import build_knet_resnet_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -52,21 +57,34 @@ COCO_STUFF = [c["name"] for c in COCO_CATEGORIES if not c["isthing"]]
 
 # ------------------------------------------------------------------ synthetic official weights
 class _Writer:
-    """Fills a state dict with seeded random tensors of given shapes."""
+    """Fills a state dict with seeded random tensors of given shapes.
 
-    def __init__(self, seed: int):
+    With ``lazy`` every tensor is a stride-0 view of one element: full-size shapes at no
+    memory cost, for tests that only look at keys, shapes and tensor identity.
+    """
+
+    def __init__(self, seed: int, lazy: bool = False):
         self.sd: Dict[str, torch.Tensor] = {}
         self.gen = torch.Generator().manual_seed(seed)
+        self.lazy = lazy
 
     def add(self, key: str, *shape: int) -> None:
         assert key not in self.sd, key
-        self.sd[key] = torch.randn(*shape, generator=self.gen)
+        if self.lazy:
+            self.sd[key] = torch.randn(1, generator=self.gen).expand(*shape)
+        else:
+            self.sd[key] = torch.randn(*shape, generator=self.gen)
 
     def bn(self, prefix: str, n: int) -> None:
         for p in ("weight", "bias", "running_mean"):
             self.add(f"{prefix}.{p}", n)
         self.sd[f"{prefix}.running_var"] = torch.rand(n, generator=self.gen) + 0.5
         self.sd[f"{prefix}.num_batches_tracked"] = torch.tensor(1000, dtype=torch.int64)
+
+    def conv_bn(self, prefix: str, cout: int, cin: int, k: int) -> None:
+        """An MMCV ConvModule with BN: conv.weight (no bias), bn.*."""
+        self.add(f"{prefix}.conv.weight", cout, cin, k, k)
+        self.bn(f"{prefix}.bn", cout)
 
     def conv_gn(self, prefix: str, cout: int, cin: int, k: int) -> None:
         """An MMCV ConvModule with GN: conv.weight (no bias), gn.{weight,bias}."""
@@ -434,9 +452,10 @@ def test_unsupported_variants_raise_clearly(official):
     swin["backbone.stages.0.blocks.0.attn.w_msa.qkv.weight"] = torch.zeros(576, 192)
     with pytest.raises(UnsupportedCheckpointError, match="Swin.*not supported yet"):
         convert_official_knet_state_dict(swin)
-    semantic = {"decode_head.kernel_update_head.0.fc_mask.weight": torch.zeros(256, 256)}
-    with pytest.raises(UnsupportedCheckpointError, match="Semantic"):
-        convert_official_knet_state_dict(semantic)
+    deep_stem = {k: v for k, v in official["panoptic"].items() if not k.startswith("backbone.")}
+    deep_stem["backbone.stem.0.weight"] = torch.zeros(32, 3, 3, 3)
+    with pytest.raises(UnsupportedCheckpointError, match="semantic K-Net only"):
+        convert_official_knet_state_dict(deep_stem)
 
 
 def test_checkpoint_files_are_loaded_safely_by_default(tmp_path):
@@ -598,3 +617,620 @@ def test_torchvision_cli(tmp_path):
     assert torch.equal(out["backbone.bottom_up.res5.1.conv2.weight"], net.layer4[1].conv2.weight)
     assert torch.equal(out["backbone.bottom_up.stem.conv1.norm.running_var"], net.bn1.running_var)
     assert len(out) == len(convert_torchvision_resnet_state_dict(net.state_dict()))
+
+
+# ------------------------------------------------------------------ semantic (MMSeg) K-Net
+SEM_CHANNELS = {"upernet": 256, "fcn": 512, "psp": 512, "aspp": 512}
+SEM_DECODERS = {
+    "upernet": "KNetUPerHead",
+    "fcn": "KNetFCNHead",
+    "psp": "KNetPSPHead",
+    "aspp": "KNetASPPHead",
+}
+GEN = "decode_head.kernel_generate_head"
+ALL_RES = ["res2", "res3", "res4", "res5"]
+
+
+def write_resnet_v1c(w: _Writer, prefix: str, depth: int = 50, base_width: int = 64) -> List[int]:
+    """MMCV ResNetV1c (deep stem, "pytorch" style); returns the stage output widths."""
+    half = base_width // 2
+    w.add(f"{prefix}stem.0.weight", half, 3, 3, 3)
+    w.bn(f"{prefix}stem.1", half)
+    w.add(f"{prefix}stem.3.weight", half, half, 3, 3)
+    w.bn(f"{prefix}stem.4", half)
+    w.add(f"{prefix}stem.6.weight", base_width, half, 3, 3)
+    w.bn(f"{prefix}stem.7", base_width)
+    bottleneck = depth >= 50
+    blocks = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}.get(depth) or RESNET_BLOCKS[depth]
+    in_ch, stage_out = base_width, []
+    for layer, num_blocks in enumerate(blocks, start=1):
+        width = base_width * 2 ** (layer - 1)
+        out_ch = 4 * width if bottleneck else width
+        for i in range(num_blocks):
+            p = f"{prefix}layer{layer}.{i}"
+            block_in = in_ch if i == 0 else out_ch
+            if bottleneck:
+                w.add(f"{p}.conv1.weight", width, block_in, 1, 1)
+                w.bn(f"{p}.bn1", width)
+                w.add(f"{p}.conv2.weight", width, width, 3, 3)
+                w.bn(f"{p}.bn2", width)
+                w.add(f"{p}.conv3.weight", out_ch, width, 1, 1)
+                w.bn(f"{p}.bn3", out_ch)
+            else:
+                w.add(f"{p}.conv1.weight", width, block_in, 3, 3)
+                w.bn(f"{p}.bn1", width)
+                w.add(f"{p}.conv2.weight", width, width, 3, 3)
+                w.bn(f"{p}.bn2", width)
+            if i == 0 and block_in != out_ch:
+                w.add(f"{p}.downsample.0.weight", out_ch, in_ch, 1, 1)
+                w.bn(f"{p}.downsample.1", out_ch)
+        in_ch = out_ch
+        stage_out.append(out_ch)
+    return stage_out
+
+
+def make_mmseg_state_dict(
+    head: str,
+    num_classes: int = 150,
+    num_stages: int = 3,
+    channels: Optional[int] = None,
+    updator_channels: int = 256,
+    ffn_channels: int = 2048,
+    base_width: int = 64,
+    aux_channels: Optional[int] = 256,
+    lazy: bool = True,
+    seed: int = 0,
+) -> Dict[str, torch.Tensor]:
+    """A semantic K-Net ``state_dict`` (spec 7.5) of an MMSeg ADE20K model.
+
+    Defaults give the real shapes: ResNetV1c-50, UPerNet with 256 channels or FCN/PSP/ASPP with
+    512 (the kernel updator stays 256 wide), 150 classes, 3 stages, auxiliary FCN head
+    1024 -> 256 on res4 (``aux_channels=None``: no auxiliary head). Tensors are lazy (stride-0)
+    unless ``lazy=False``.
+    """
+    w = _Writer(seed, lazy)
+    ins = write_resnet_v1c(w, "backbone.", 50, base_width)
+    c = channels or SEM_CHANNELS[head]
+    if head == "upernet":
+        for i in range(4):
+            w.conv_bn(f"{GEN}.psp_modules.{i}.1", c, ins[3], 1)
+        w.conv_bn(f"{GEN}.bottleneck", c, ins[3] + 4 * c, 3)
+        for i in range(3):
+            w.conv_bn(f"{GEN}.lateral_convs.{i}", c, ins[i], 1)
+        for i in range(3):
+            w.conv_bn(f"{GEN}.fpn_convs.{i}", c, c, 3)
+        w.conv_bn(f"{GEN}.fpn_bottleneck", c, 4 * c, 3)
+    elif head == "fcn":
+        w.conv_bn(f"{GEN}.convs.0", c, ins[3], 3)
+        w.conv_bn(f"{GEN}.convs.1", c, c, 3)
+        w.conv_bn(f"{GEN}.conv_cat", c, ins[3] + c, 3)
+    elif head == "psp":
+        for i in range(4):
+            w.conv_bn(f"{GEN}.psp_modules.{i}.1", c, ins[3], 1)
+        w.conv_bn(f"{GEN}.bottleneck", c, ins[3] + 4 * c, 3)
+    elif head == "aspp":
+        w.conv_bn(f"{GEN}.image_pool.1", c, ins[3], 1)
+        for i in range(4):
+            w.conv_bn(f"{GEN}.aspp_modules.{i}", c, ins[3], 1 if i == 0 else 3)
+        w.conv_bn(f"{GEN}.bottleneck", c, 5 * c, 3)
+    w.add(f"{GEN}.conv_seg.weight", num_classes, c, 1, 1)
+    w.add(f"{GEN}.conv_seg.bias", num_classes)
+    u = updator_channels
+    for s in range(num_stages):  # 39 tensors each: the layout of 7.4 without cls_fcs/fc_cls
+        p = f"decode_head.kernel_update_head.{s}"
+        w.add(f"{p}.attention.attn.in_proj_weight", 3 * c, c)
+        w.add(f"{p}.attention.attn.in_proj_bias", 3 * c)
+        w.add(f"{p}.attention.attn.out_proj.weight", c, c)
+        w.add(f"{p}.attention.attn.out_proj.bias", c)
+        w.add(f"{p}.attention_norm.weight", c)
+        w.add(f"{p}.attention_norm.bias", c)
+        ku = f"{p}.kernel_update_conv"
+        for name, rows in (
+            ("dynamic_layer", 2 * u),
+            ("input_layer", 2 * u),
+            ("input_gate", u),
+            ("update_gate", u),
+            ("fc_layer", u),
+        ):
+            w.add(f"{ku}.{name}.weight", rows, u)
+            w.add(f"{ku}.{name}.bias", rows)
+        for name in ("norm_in", "norm_out", "input_norm_in", "input_norm_out", "fc_norm"):
+            w.add(f"{ku}.{name}.weight", u)
+            w.add(f"{ku}.{name}.bias", u)
+        w.add(f"{p}.feat_transform.conv.weight", c, c, 1, 1)
+        w.add(f"{p}.feat_transform.conv.bias", c)
+        w.add(f"{p}.ffn.layers.0.0.weight", ffn_channels, c)
+        w.add(f"{p}.ffn.layers.0.0.bias", ffn_channels)
+        w.add(f"{p}.ffn.layers.1.weight", c, ffn_channels)
+        w.add(f"{p}.ffn.layers.1.bias", c)
+        w.add(f"{p}.ffn_norm.weight", c)
+        w.add(f"{p}.ffn_norm.bias", c)
+        w.add(f"{p}.mask_fcs.0.weight", c, c)
+        w.add(f"{p}.mask_fcs.1.weight", c)
+        w.add(f"{p}.mask_fcs.1.bias", c)
+        w.add(f"{p}.fc_mask.weight", c, c)
+        w.add(f"{p}.fc_mask.bias", c)
+    if aux_channels:
+        w.conv_bn("auxiliary_head.convs.0", aux_channels, ins[2], 3)
+        w.add("auxiliary_head.conv_seg.weight", num_classes, aux_channels, 1, 1)
+        w.add("auxiliary_head.conv_seg.bias", num_classes)
+    return w.sd
+
+
+# The contract, restated independently of the converter: official key -> our key.
+_SEM_STAGE_RENAMES = {
+    "attention.attn.in_proj_weight": "attention.in_proj_weight",
+    "attention.attn.in_proj_bias": "attention.in_proj_bias",
+    "attention.attn.out_proj.weight": "attention.out_proj.weight",
+    "attention.attn.out_proj.bias": "attention.out_proj.bias",
+    "feat_transform.conv.weight": "feat_transform.weight",
+    "feat_transform.conv.bias": "feat_transform.bias",
+    "ffn.layers.0.0.weight": "ffn.0.weight",
+    "ffn.layers.0.0.bias": "ffn.0.bias",
+    "ffn.layers.1.weight": "ffn.3.weight",
+    "ffn.layers.1.bias": "ffn.3.bias",
+}
+_SEM_STAGE_SAME = re.compile(
+    r"^(attention_norm|ffn_norm|fc_mask|mask_fcs\.[01]|kernel_update_conv\.\w+)\.(weight|bias)$"
+)
+_D2_STEM = {"0": "conv1", "1": "conv1.norm", "3": "conv2", "4": "conv2.norm"}
+_D2_STEM.update({"6": "conv3", "7": "conv3.norm"})
+
+
+def expected_semantic_key(key: str) -> str:
+    """Our name of an MMSeg K-Net key, from the documented rules (KeyError if none)."""
+    if m := re.match(r"^backbone\.stem\.(\d)\.(\w+)$", key):
+        return f"backbone.stem.{_D2_STEM[m.group(1)]}.{m.group(2)}"
+    if m := re.match(r"^backbone\.layer(\d)\.(\d+)\.(.+)$", key):
+        rest = re.sub(r"^bn(\d)\.", r"conv\1.norm.", m.group(3))
+        rest = rest.replace("downsample.0.", "shortcut.").replace("downsample.1.", "shortcut.norm.")
+        return f"backbone.res{int(m.group(1)) + 1}.{m.group(2)}.{rest}"
+    if m := re.match(rf"^{GEN}\.conv_seg\.(weight|bias)$", key):
+        return f"kernel_head.conv_seg.{m.group(1)}"
+    if m := re.match(rf"^{GEN}\.(.+)\.(conv|bn)\.(\w+)$", key):
+        name, kind, p = m.groups()
+        return f"pixel_decoder.{name}.{p}" if kind == "conv" else f"pixel_decoder.{name}.norm.{p}"
+    if m := re.match(r"^decode_head\.kernel_update_head\.(\d+)\.(.+)$", key):
+        s, rest = m.groups()
+        if rest not in _SEM_STAGE_RENAMES and not _SEM_STAGE_SAME.match(rest):
+            raise KeyError(key)
+        return f"kernel_head.stages.{s}.{_SEM_STAGE_RENAMES.get(rest, rest)}"
+    if m := re.match(r"^auxiliary_head\.convs\.(\d+)\.(conv|bn)\.(\w+)$", key):
+        i, kind, p = m.groups()
+        return f"auxiliary_head.convs.{i}.{p if kind == 'conv' else 'norm.' + p}"
+    if key.startswith("auxiliary_head.conv_seg."):
+        return key
+    raise KeyError(key)
+
+
+SEM_SPOT_CHECKS = [
+    ("backbone.stem.0.weight", "backbone.stem.conv1.weight"),
+    ("backbone.stem.1.running_var", "backbone.stem.conv1.norm.running_var"),
+    ("backbone.stem.3.weight", "backbone.stem.conv2.weight"),
+    ("backbone.stem.4.bias", "backbone.stem.conv2.norm.bias"),
+    ("backbone.stem.6.weight", "backbone.stem.conv3.weight"),
+    ("backbone.stem.7.weight", "backbone.stem.conv3.norm.weight"),
+    ("backbone.layer1.0.downsample.0.weight", "backbone.res2.0.shortcut.weight"),
+    ("backbone.layer3.5.bn2.running_mean", "backbone.res4.5.conv2.norm.running_mean"),
+    ("backbone.layer4.2.conv3.weight", "backbone.res5.2.conv3.weight"),
+    (f"{GEN}.conv_seg.weight", "kernel_head.conv_seg.weight"),
+    (f"{GEN}.conv_seg.bias", "kernel_head.conv_seg.bias"),
+    (
+        "decode_head.kernel_update_head.0.attention.attn.in_proj_weight",
+        "kernel_head.stages.0.attention.in_proj_weight",
+    ),
+    (
+        "decode_head.kernel_update_head.2.feat_transform.conv.bias",
+        "kernel_head.stages.2.feat_transform.bias",
+    ),
+    ("decode_head.kernel_update_head.1.ffn.layers.1.weight", "kernel_head.stages.1.ffn.3.weight"),
+    (
+        "decode_head.kernel_update_head.1.kernel_update_conv.dynamic_layer.weight",
+        "kernel_head.stages.1.kernel_update_conv.dynamic_layer.weight",
+    ),
+    ("decode_head.kernel_update_head.2.mask_fcs.1.bias", "kernel_head.stages.2.mask_fcs.1.bias"),
+    ("auxiliary_head.convs.0.conv.weight", "auxiliary_head.convs.0.weight"),
+    ("auxiliary_head.convs.0.bn.running_mean", "auxiliary_head.convs.0.norm.running_mean"),
+    ("auxiliary_head.conv_seg.bias", "auxiliary_head.conv_seg.bias"),
+]
+SEM_HEAD_SPOT_CHECKS = {
+    "upernet": [
+        (f"{GEN}.psp_modules.3.1.conv.weight", "pixel_decoder.psp_modules.3.1.weight"),
+        (f"{GEN}.bottleneck.bn.bias", "pixel_decoder.bottleneck.norm.bias"),
+        (f"{GEN}.lateral_convs.2.conv.weight", "pixel_decoder.lateral_convs.2.weight"),
+        (f"{GEN}.fpn_convs.0.bn.running_var", "pixel_decoder.fpn_convs.0.norm.running_var"),
+        (f"{GEN}.fpn_bottleneck.conv.weight", "pixel_decoder.fpn_bottleneck.weight"),
+    ],
+    "fcn": [
+        (f"{GEN}.convs.0.conv.weight", "pixel_decoder.convs.0.weight"),
+        (f"{GEN}.convs.1.bn.weight", "pixel_decoder.convs.1.norm.weight"),
+        (f"{GEN}.conv_cat.conv.weight", "pixel_decoder.conv_cat.weight"),
+    ],
+    "psp": [
+        (
+            f"{GEN}.psp_modules.0.1.bn.running_mean",
+            "pixel_decoder.psp_modules.0.1.norm.running_mean",
+        ),
+        (f"{GEN}.bottleneck.conv.weight", "pixel_decoder.bottleneck.weight"),
+    ],
+    "aspp": [
+        (f"{GEN}.image_pool.1.conv.weight", "pixel_decoder.image_pool.1.weight"),
+        (f"{GEN}.aspp_modules.0.conv.weight", "pixel_decoder.aspp_modules.0.weight"),
+        (f"{GEN}.aspp_modules.3.bn.bias", "pixel_decoder.aspp_modules.3.norm.bias"),
+        (f"{GEN}.bottleneck.bn.weight", "pixel_decoder.bottleneck.norm.weight"),
+    ],
+}
+SEM_DECODER_CONVS = {"upernet": 12, "fcn": 3, "psp": 5, "aspp": 6}  # ConvModules per head
+
+
+@pytest.fixture(scope="module")
+def mmseg() -> Dict[str, Dict[str, torch.Tensor]]:
+    """Full-size (lazy) synthetic MMSeg K-Net state dicts, one per decode head."""
+    return {head: make_mmseg_state_dict(head) for head in SEM_CHANNELS}
+
+
+@pytest.mark.parametrize("head", list(SEM_CHANNELS))
+def test_mmseg_generator_matches_spec(mmseg, head):
+    sd = mmseg[head]
+    c = SEM_CHANNELS[head]
+    for s in range(3):
+        stage = {
+            k: v for k, v in sd.items() if k.startswith(f"decode_head.kernel_update_head.{s}.")
+        }
+        assert len(stage) == 39
+    p = "decode_head.kernel_update_head.0."
+    assert sd[p + "attention.attn.in_proj_weight"].shape == (3 * c, c)
+    assert sd[p + "feat_transform.conv.weight"].shape == (c, c, 1, 1)
+    assert sd[p + "ffn.layers.0.0.weight"].shape == (2048, c)
+    assert sd[p + "kernel_update_conv.dynamic_layer.weight"].shape == (512, 256)
+    assert sd[p + "kernel_update_conv.fc_layer.weight"].shape == (256, 256)
+    assert sd[f"{GEN}.conv_seg.weight"].shape == (150, c, 1, 1)
+    assert sd["auxiliary_head.convs.0.conv.weight"].shape == (256, 1024, 3, 3)
+    generate = {k for k in sd if k.startswith(GEN + ".") and ".conv_seg." not in k}
+    assert len(generate) == 6 * SEM_DECODER_CONVS[head]  # conv.weight + 5 BN entries each
+    # ResNetV1c-50 = torchvision ResNet-50 with the 7x7 stem conv replaced by 3 3x3 convs
+    with torch.device("meta"):
+        tv = torchvision.models.resnet50()
+    expected = {f"backbone.{k}": tuple(v.shape) for k, v in tv.state_dict().items()}
+    expected = {k: v for k, v in expected.items() if ".layer" in k}
+    got = {k: tuple(v.shape) for k, v in sd.items() if k.startswith("backbone.layer")}
+    assert got == expected
+    assert sum(k.startswith("backbone.stem.") for k in sd) == 3 + 3 * 5
+
+
+@pytest.mark.parametrize("head", list(SEM_CHANNELS))
+def test_mmseg_conversion_maps_every_key(mmseg, head):
+    sd = mmseg[head]
+    expected = {expected_semantic_key(k): k for k in sd}
+    assert len(expected) == len(sd)
+    # every key, num_batches_tracked included when the model has those buffers
+    out = convert_official_knet_state_dict(sd, target_keys=expected)
+    assert set(out) == set(expected)
+    for new, old in expected.items():
+        assert out[new] is sd[old], (old, new)
+    for old, new in SEM_SPOT_CHECKS + SEM_HEAD_SPOT_CHECKS[head]:
+        assert out[new] is sd[old], (old, new)
+    assert not any("bottom_up" in k or "fc_cls" in k or "cls_fcs" in k for k in out)
+    # without target keys the BN buffers are dropped (FrozenBN has none), nothing else
+    out = convert_official_knet_state_dict({"meta": {}, "state_dict": sd})
+    assert set(out) == {k for k in expected if not k.endswith("num_batches_tracked")}
+    assert all(tuple(out[k].shape) == tuple(sd[expected[k]].shape) for k in out)
+
+
+@pytest.mark.parametrize("head", list(SEM_CHANNELS))
+def test_mmseg_head_type_and_options(mmseg, head):
+    info = describe_official_knet_state_dict(mmseg[head])
+    c = SEM_CHANNELS[head]
+    assert info.is_semantic and info.head_type == head
+    assert (info.depth, info.deep_stem, info.num_stages, info.num_classes) == (50, True, 3, 150)
+    assert (info.channels, info.updator_channels, info.ffn_channels) == (c, 256, 2048)
+    assert (info.num_cls_fcs, info.num_mask_fcs) == (0, 1)
+    assert (info.aux_in_channels, info.aux_in_feature, info.aux_channels) == (1024, "res4", 256)
+    assert head in info.summary() and SEM_DECODERS[head] in info.summary()
+    assert ("-D8" in info.summary()) == (head != "upernet")
+
+    opts = info.detectron2_options()
+    pairs = dict(zip(opts[::2], opts[1::2]))
+    assert pairs["MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME"] == SEM_DECODERS[head]
+    assert pairs["MODEL.SEM_SEG_HEAD.CONVS_DIM"] == pairs["MODEL.KNET.HIDDEN_DIM"] == str(c)
+    assert pairs["MODEL.SEM_SEG_HEAD.NUM_CLASSES"] == "150"
+    assert pairs["MODEL.KNET.UPDATOR_DIM"] == "256"
+    cfg = get_knet_cfg(opts=opts)  # every option is a valid key with a valid value
+    r = cfg.MODEL.RESNETS
+    assert (cfg.MODEL.BACKBONE.NAME, r.STEM_TYPE, r.STRIDE_IN_1X1) == (
+        "build_knet_resnet_backbone", "deeplab", False
+    )  # fmt: skip
+    assert (r.RES4_DILATION, r.RES5_DILATION) == ((1, 1) if head == "upernet" else (2, 4))
+    assert cfg.MODEL.KNET.AUX_HEAD.LOSS_WEIGHT > 0 and cfg.MODEL.KNET.AUX_HEAD.IN_FEATURE == "res4"
+    if head == "fcn":
+        assert (cfg.MODEL.KNET.DECODE_HEAD.NUM_CONVS, cfg.MODEL.KNET.DECODE_HEAD.CONCAT_INPUT) == (
+            2, True
+        )  # fmt: skip
+    in_features = cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES
+    assert in_features == (ALL_RES if head == "upernet" else ["res5"])
+    assert set(r.OUT_FEATURES) == set(in_features) | {"res4"}
+
+
+@pytest.mark.parametrize("head", ["upernet", "aspp"])
+def test_mmseg_backbone_keys_match_the_semantic_backbone(mmseg, head):
+    """With the reported options, the converted ``backbone.*`` keys are the model's exactly."""
+    info = describe_official_knet_state_dict(mmseg[head])
+    cfg = get_knet_cfg(opts=info.detectron2_options() + ["MODEL.RESNETS.NORM", "BN"])
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    backbone = build_knet_resnet_backbone(cfg, ShapeSpec(channels=3))
+    reference = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    converted = convert_official_knet_state_dict(mmseg[head], target_keys=reference.keys())
+    converted = {k: v for k, v in converted.items() if k.startswith("backbone.")}
+    diff = compare_state_dicts(converted, reference)
+    assert diff.ok, diff.format()
+    strides = {k: v.stride for k, v in backbone.output_shape().items()}
+    assert strides["res5"] == (32 if head == "upernet" else 8)
+
+
+@pytest.mark.parametrize("head", list(SEM_CHANNELS))
+def test_mmseg_decode_heads_match_converted_keys(mmseg, head):
+    """The decode and auxiliary heads built with the reported options take the converted keys."""
+    decode_heads = pytest.importorskip("knet.modeling.pixel_decoder.decode_heads")
+    from knet.modeling.pixel_decoder import build_pixel_decoder
+
+    info = describe_official_knet_state_dict(mmseg[head])
+    cfg = get_knet_cfg(opts=info.detectron2_options() + ["MODEL.SEM_SEG_HEAD.NORM", "BN"])
+    res2 = 256
+    shapes = {f: ShapeSpec(channels=res2 * 2**i, stride=4) for i, f in enumerate(ALL_RES)}
+    with torch.device("meta"):  # keys and shapes only
+        decoder = build_pixel_decoder(cfg, shapes)
+        aux = decode_heads.build_auxiliary_head(cfg, shapes)
+    reference = {f"pixel_decoder.{k}": v for k, v in decoder.state_dict().items()}
+    reference.update({f"auxiliary_head.{k}": v for k, v in aux.state_dict().items()})
+    converted = convert_official_knet_state_dict(mmseg[head], target_keys=reference.keys())
+    converted = {k: v for k, v in converted.items() if k.startswith(("pixel_", "auxiliary_"))}
+    diff = compare_state_dicts(converted, reference)
+    assert diff.ok, diff.format()
+
+
+def test_mmseg_unknown_keys_raise_and_name_them(mmseg):
+    bad = dict(mmseg["upernet"])
+    extra = [
+        f"{GEN}.extra_convs.0.conv.weight",
+        "decode_head.kernel_update_head.1.fc_cls.weight",  # instance/panoptic only
+        "decode_head.conv_seg.weight",
+        "auxiliary_head.conv_cat.conv.weight",
+        "backbone.conv1.weight",  # a 7x7 stem next to the deep stem
+        "roi_head.mask_head.0.fc_mask.weight",
+    ]
+    for key in extra:
+        bad[key] = torch.zeros(1)
+    with pytest.raises(CheckpointKeyError) as err:
+        convert_official_knet_state_dict(bad)
+    assert all(key in str(err.value) for key in extra), str(err.value)
+    assert "upernet" in str(err.value)
+    bad = dict(mmseg["psp"])
+    bad[f"{GEN}.psp_modules.4.1.conv.weight"] = torch.zeros(1)  # a fifth pool scale
+    with pytest.raises(CheckpointKeyError, match=r"psp_modules\.4\.1\.conv\.weight"):
+        convert_official_knet_state_dict(bad)
+
+
+@pytest.mark.parametrize(
+    "head,key",
+    [
+        ("upernet", f"{GEN}.fpn_bottleneck.bn.running_var"),
+        ("upernet", f"{GEN}.lateral_convs.2.conv.weight"),
+        ("upernet", f"{GEN}.psp_modules.0.1.bn.weight"),
+        ("fcn", f"{GEN}.conv_cat.conv.weight"),
+        ("fcn", f"{GEN}.convs.1.bn.bias"),
+        ("psp", f"{GEN}.bottleneck.conv.weight"),
+        ("aspp", f"{GEN}.aspp_modules.2.bn.running_mean"),
+        ("aspp", f"{GEN}.image_pool.1.conv.weight"),
+        ("aspp", f"{GEN}.conv_seg.bias"),
+        ("fcn", "decode_head.kernel_update_head.2.kernel_update_conv.fc_norm.bias"),
+        ("psp", "decode_head.kernel_update_head.0.ffn.layers.1.bias"),
+        ("upernet", "auxiliary_head.conv_seg.bias"),
+        ("upernet", "auxiliary_head.convs.0.bn.weight"),
+        ("aspp", "backbone.stem.4.running_mean"),
+        ("fcn", "backbone.layer4.2.bn3.weight"),
+    ],
+)
+def test_mmseg_missing_key_raises_and_names_it(mmseg, head, key):
+    bad = dict(mmseg[head])
+    del bad[key]
+    with pytest.raises(CheckpointKeyError) as err:
+        convert_official_knet_state_dict(bad)
+    assert key in str(err.value)
+
+
+def test_mmseg_missing_bn_buffer_is_fine(mmseg):
+    sd = dict(mmseg["aspp"])
+    key = f"{GEN}.aspp_modules.1.bn.num_batches_tracked"
+    del sd[key]
+    targets = [expected_semantic_key(k) for k in mmseg["aspp"]]
+    out = convert_official_knet_state_dict(sd, target_keys=targets)
+    assert set(out) == set(targets) - {expected_semantic_key(key)}
+
+
+def test_mmseg_variants():
+    # no auxiliary head
+    sd = make_mmseg_state_dict("fcn", aux_channels=None)
+    info = describe_official_knet_state_dict(sd)
+    assert info.aux_in_channels == 0 and "no auxiliary head" in info.summary()
+    opts = info.detectron2_options()
+    assert opts[opts.index("MODEL.KNET.AUX_HEAD.LOSS_WEIGHT") + 1] == "0.0"
+    assert not any(k.startswith("auxiliary_head.") for k in convert_official_knet_state_dict(sd))
+    # FCN without concat_input, two stages
+    sd = make_mmseg_state_dict("fcn", num_stages=2)
+    sd = {k: v for k, v in sd.items() if ".conv_cat." not in k}
+    sd = {k: v for k, v in sd.items() if not k.startswith("decode_head.kernel_update_head.2.")}
+    info = describe_official_knet_state_dict(sd)
+    assert (info.fcn_num_convs, info.fcn_concat_input, info.num_stages) == (2, False, 2)
+    opts = info.detectron2_options()
+    assert opts[opts.index("MODEL.KNET.DECODE_HEAD.CONCAT_INPUT") + 1] == "False"
+    assert len(convert_official_knet_state_dict(sd)) > 0
+
+
+def test_mmseg_unsupported_variants(mmseg):
+    sd = {k: v for k, v in mmseg["upernet"].items() if not k.startswith("backbone.")}
+    sd["backbone.patch_embed.projection.weight"] = torch.zeros(96, 3, 4, 4)
+    with pytest.raises(UnsupportedCheckpointError, match="Swin"):
+        convert_official_knet_state_dict(sd)
+    # DepthwiseSeparableASPPHead (DeepLabV3+) is not one of the K-Net heads
+    sd = {k: v for k, v in mmseg["fcn"].items() if not k.startswith(f"{GEN}.conv")}
+    sd[f"{GEN}.c1_bottleneck.conv.weight"] = torch.zeros(48, 256, 1, 1)
+    sd[f"{GEN}.conv_seg.weight"] = torch.zeros(150, 512, 1, 1)
+    with pytest.raises(UnsupportedCheckpointError, match="c1_bottleneck"):
+        convert_official_knet_state_dict(sd)
+    # a plain MMSeg segmentor (no K-Net heads)
+    plain = {k: v for k, v in mmseg["fcn"].items() if not k.startswith("decode_head.")}
+    plain["decode_head.conv_seg.weight"] = torch.zeros(150, 512, 1, 1)
+    with pytest.raises(CheckpointKeyError, match="kernel_generate_head"):
+        convert_official_knet_state_dict(plain)
+
+
+def test_official_cli_semantic_small_file(tmp_path, capsys):
+    cli = _import_tool("convert_official_knet")
+    sd = make_mmseg_state_dict(
+        "upernet",
+        num_classes=5,
+        channels=32,
+        updator_channels=16,
+        ffn_channels=64,
+        base_width=8,
+        aux_channels=16,
+        lazy=False,
+    )
+    src, dst = tmp_path / "mmseg.pth", tmp_path / "converted.pth"
+    torch.save({"meta": {"CLASSES": ("a", "b", "c", "d", "e")}, "state_dict": sd}, src)
+    assert cli.main([str(src), str(dst)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "semantic, ResNetV1c-50, upernet decode head (KNetUPerHead)" in out
+    assert "5 classes, 32 channels (kernel updator 16)" in out
+    assert "auxiliary FCN head 128 -> 16 on res4" in out
+    assert "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME KNetUPerHead" in out
+    saved = load_checkpoint_file(str(dst))
+    assert "MMSegmentation" in saved["__author__"]
+    expected = convert_official_knet_state_dict(sd)
+    assert set(saved["model"]) == set(expected)
+    assert all(torch.equal(saved["model"][k], v) for k, v in expected.items())
+    sd[f"{GEN}.fpn_convs.3.conv.weight"] = torch.zeros(1)
+    torch.save(sd, src)
+    assert cli.main([str(src), str(tmp_path / "bad.pth")]) == 2
+    assert "fpn_convs.3.conv.weight" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- ResNetV1c ImageNet weights
+def _v1c_cfg(depth: int, norm: str = "BN", res4_dilation: int = 1, res5_dilation: int = 1):
+    opts = [
+        "MODEL.RESNETS.DEPTH", str(depth),
+        "MODEL.RESNETS.NORM", norm,
+        "MODEL.RESNETS.STEM_TYPE", "deeplab",
+        "MODEL.RESNETS.STRIDE_IN_1X1", "False",
+        "MODEL.RESNETS.RES2_OUT_CHANNELS", "64" if depth < 50 else "256",
+        "MODEL.RESNETS.RES4_DILATION", str(res4_dilation),
+        "MODEL.RESNETS.RES5_DILATION", str(res5_dilation),
+        "MODEL.RESNETS.OUT_FEATURES", str(ALL_RES),
+        "MODEL.BACKBONE.FREEZE_AT", "0",
+    ]  # fmt: skip
+    return get_knet_cfg(opts=opts)
+
+
+def make_v1c_imagenet_state_dict(depth: int = 50, lazy: bool = True) -> Dict[str, torch.Tensor]:
+    """An MMCV ImageNet ResNetV1c checkpoint: deep stem, layer1-4 and the classifier."""
+    w = _Writer(depth, lazy)
+    out = write_resnet_v1c(w, "", depth)
+    w.add("fc.weight", 1000, out[-1])
+    w.add("fc.bias", 1000)
+    return w.sd
+
+
+@pytest.mark.parametrize("depth,norm", [(50, "BN"), (50, "FrozenBN"), (18, "BN")])
+def test_v1c_imagenet_keys_match_the_semantic_backbone(depth, norm):
+    backbone = build_knet_resnet_backbone(_v1c_cfg(depth, norm), ShapeSpec(channels=3))
+    sd = make_v1c_imagenet_state_dict(depth)
+    for prefix, wrap in (("", ""), ("backbone.", "backbone."), (None, "backbone.bottom_up.")):
+        reference = {wrap + k: v for k, v in backbone.state_dict().items()}
+        kwargs = {} if prefix is None else {"prefix": prefix}
+        converted = convert_torchvision_resnet_state_dict(
+            {"state_dict": sd}, target_keys=reference.keys(), **kwargs
+        )
+        assert set(converted) == set(reference)  # no missing, no unexpected key
+        diff = compare_state_dicts(converted, reference)
+        assert diff.ok, diff.format()
+    assert converted["backbone.bottom_up.stem.conv3.weight"] is sd["stem.6.weight"]
+    assert ("stem.conv1.norm.num_batches_tracked" in backbone.state_dict()) == (norm == "BN")
+
+
+def test_v1c_imagenet_conversion_is_strict():
+    sd = make_v1c_imagenet_state_dict(50)
+    del sd["stem.7.running_var"]
+    sd["stem.2.weight"] = torch.zeros(1)  # ReLU: no parameters
+    with pytest.raises(CheckpointKeyError) as err:
+        convert_torchvision_resnet_state_dict(sd)
+    assert "stem.7.running_var" in str(err.value) and "stem.2.weight" in str(err.value)
+
+
+class _TorchvisionV1c(nn.Module):
+    """torchvision ResNet with MMCV's ResNetV1c deep stem: an independent reference."""
+
+    def __init__(self, depth: int, dilate: bool):
+        super().__init__()
+        torch.manual_seed(depth)
+        self.net = getattr(torchvision.models, f"resnet{depth}")(
+            weights=None, replace_stride_with_dilation=[False, dilate, dilate]
+        )
+        del self.net.conv1, self.net.bn1, self.net.fc
+
+        def conv_bn_relu(cin: int, cout: int, stride: int) -> List[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        self.stem = nn.Sequential(
+            *conv_bn_relu(3, 32, 2), *conv_bn_relu(32, 32, 1), *conv_bn_relu(32, 64, 1)
+        )
+        for m in self.modules():  # non-trivial BN statistics and affine parameters
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.normal_(0.0, 0.1)
+                m.running_mean.normal_(0.0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+
+    def state_dict_v1c(self) -> Dict[str, torch.Tensor]:
+        sd = {f"stem.{k}": v for k, v in self.stem.state_dict().items()}
+        sd.update({k: v for k, v in self.net.state_dict().items()})
+        return sd
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.net.maxpool(self.stem(x))
+        return self.net.layer4(self.net.layer3(self.net.layer2(self.net.layer1(x))))
+
+
+@pytest.mark.parametrize("dilate", [False, True], ids=["R50", "R50-D8"])
+def test_v1c_weights_reproduce_the_reference(dilate):
+    """torchvision's ``replace_stride_with_dilation`` also gives the first block of a dilated
+    stage the previous dilation, i.e. MMSeg's ``contract_dilation``: same numbers expected."""
+    reference = _TorchvisionV1c(50, dilate).eval()
+    sd = reference.state_dict_v1c()
+    assert {k.split(".")[0] for k in sd} == {"stem", "layer1", "layer2", "layer3", "layer4"}
+    cfg = _v1c_cfg(50, "BN", *((2, 4) if dilate else (1, 1)))
+    backbone = build_knet_resnet_backbone(cfg, ShapeSpec(channels=3)).eval()
+    converted = convert_torchvision_resnet_state_dict(sd, prefix="")
+    incompatible = backbone.load_state_dict(converted, strict=False)
+    assert not incompatible.unexpected_keys
+    assert all(k.endswith("num_batches_tracked") for k in incompatible.missing_keys)
+    x = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        expected = reference(x)
+        got = backbone(x)["res5"]
+    assert got.shape == expected.shape == (1, 2048, *((6, 8) if dilate else (2, 2)))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_torchvision_cli_v1c_no_fpn(tmp_path):
+    cli = _import_tool("convert_torchvision_resnet")
+    sd = make_v1c_imagenet_state_dict(18, lazy=False)
+    src, dst = tmp_path / "resnet18_v1c.pth", tmp_path / "R-18-V1c.pth"
+    torch.save({"meta": {}, "state_dict": sd}, src)
+    assert cli.main([str(src), str(dst), "--no-fpn"]) == 0
+    saved = torch.load(dst, map_location="cpu", weights_only=True)
+    assert "V1c" in saved["__author__"]
+    backbone = build_knet_resnet_backbone(_v1c_cfg(18, "FrozenBN"), ShapeSpec(channels=3))
+    assert set(saved["model"]) == {f"backbone.{k}" for k in backbone.state_dict()}
+    assert torch.equal(saved["model"]["backbone.stem.conv2.weight"], sd["stem.3.weight"])
+    with pytest.raises(SystemExit):  # --prefix and --no-fpn exclude each other
+        cli.main([str(src), str(dst), "--no-fpn", "--prefix", "x."])

@@ -1,11 +1,19 @@
 #!/usr/bin/env python
-"""Convert an official K-Net (MMDetection) checkpoint into a Detectron2 file for this project.
+"""Convert an official K-Net checkpoint (MMDetection or MMSeg) into a Detectron2 file.
 
-Example::
+Instance/panoptic (COCO, MMDetection) example::
 
     python tools/convert_official_knet.py \\
         knet_s3_r50_fpn_1x_coco-panoptic_20211017_151750-395fbcba.pth knet_R50_1x_panoptic.pth \\
         --config-file configs/coco/panoptic-segmentation/knet_R50_bs16_1x.yaml
+
+Semantic (ADE20K, MMSeg) checkpoints are recognised by their ``decode_head.*`` keys; the decode
+head (UPerNet, FCN, PSPNet or ASPP) is read from the keys and printed with the config options
+of the matching model::
+
+    python tools/convert_official_knet.py \\
+        knet_s3_upernet_r50-d8_8x2_512x512_adamw_80k_ade20k.pth \\
+        knet_upernet_R50_ade20k.pth
 
 With ``--config-file`` the model of that config is built, the converted weights are compared
 with its state dict (every key and shape must match) and loaded back through
@@ -47,7 +55,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--skip-class-check",
         action="store_true",
-        help="do not compare meta['CLASSES'] with Detectron2's COCO class order",
+        help="do not compare meta['CLASSES'] with Detectron2's COCO class order "
+        "(instance/panoptic checkpoints only)",
     )
     parser.add_argument(
         "--opts",
@@ -82,16 +91,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (CheckpointKeyError, UnsupportedCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(
-        f"official K-Net: ResNet-{info.depth}"
-        f"{' with DCN in layers ' + str(info.deform_layers) if info.deform_layers else ''}, "
-        f"{info.num_stages} stages, {info.num_classes} classes, {info.num_proposals} proposals, "
-        f"{info.channels} channels"
-    )
+    print(f"official K-Net: {info.summary()}")
     opts = " ".join(shlex.quote(o) for o in info.detectron2_options())
     print(f"matching config options: {opts}")
 
-    if info.classes and not args.skip_class_check:
+    # ADE20K class names are spelled differently in MMSeg and Detectron2; the order is the same
+    if info.classes and not info.is_semantic and not args.skip_class_check:
         mismatches = check_coco_class_names(info.classes)
         if mismatches:
             print(
@@ -118,7 +123,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(diff.format(), file=sys.stderr)
             return 1
 
-    save_detectron2_checkpoint(converted, args.output, author="K-Net official (MMDetection)")
+    source = "MMSegmentation" if info.is_semantic else "MMDetection"
+    save_detectron2_checkpoint(converted, args.output, author=f"K-Net official ({source})")
     print(f"wrote {len(converted)} tensors to {args.output}")
 
     if model is not None:

@@ -1,1 +1,2 @@
+from .resnet import build_knet_resnet_backbone
 from .resnet_fpn import build_knet_resnet_fpn_backbone
