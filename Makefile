@@ -1,6 +1,7 @@
 # K-Net for Detectron2: common entry points. Every target installs what it needs first.
 #   make test                 run the test suite (creates .venv on first use)
 #   make demo                 the main job: train + evaluate K-Net on the built-in toy data (CPU)
+#   make demo TASK=semantic   the same for semantic K-Net (also: ade20k_sample, coco_sample_overfit)
 #   make lint / make format   ruff checks / formatting
 VENV ?= .venv
 PY := $(VENV)/bin/python

@@ -13,6 +13,9 @@ CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.y
 TOY_CONFIG = str(ROOT / "configs/toy/knet_R18_toy_panoptic.yaml")
 COCO_PANOPTIC = [c for c in CONFIGS if "panoptic-segmentation/knet_" in c]
 COCO_INSTANCE = [c for c in CONFIGS if "instance-segmentation/knet_" in c]
+ADE20K = [c for c in CONFIGS if "ade20k/semantic-segmentation/knet_" in c]
+SEMANTIC = [c for c in CONFIGS if "ade20k" in c or c.endswith("_semantic.yaml")]
+MASK_CONFIGS = [c for c in CONFIGS if c not in SEMANTIC]  # instance / panoptic K-Net
 BLOCKS_IN_RES4 = {18: 2, 34: 6, 50: 6, 101: 23}
 
 
@@ -21,11 +24,12 @@ def load(config, opts=()):
 
 
 def test_configs_are_found():
-    assert len(COCO_PANOPTIC) == 4 and len(COCO_INSTANCE) == 4
+    assert len(COCO_PANOPTIC) == 4 and len(COCO_INSTANCE) == 4 and len(ADE20K) == 4
+    assert "configs/toy/knet_upernet_R18_toy_semantic.yaml" in SEMANTIC
     assert "configs/toy/knet_R18_toy_panoptic.yaml" in CONFIGS
 
 
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", MASK_CONFIGS)
 def test_config_merges_and_builds(config):
     cfg = load(config)
     k = cfg.MODEL.KNET
@@ -123,6 +127,88 @@ def test_coco_model_runs_inference(config):
     if panoptic:
         assert result["panoptic_seg"][0].shape == (70, 90)
         assert result["sem_seg"].shape == (133, 70, 90)
+
+
+# ----------------------------------------------------------------------------- semantic
+D8_HEADS = {"fcn": "KNetFCNHead", "pspnet": "KNetPSPHead", "deeplabv3": "KNetASPPHead"}
+
+
+@pytest.mark.parametrize("config", SEMANTIC)
+def test_semantic_config_merges_builds_and_infers(config):
+    cfg = load(config)
+    k = cfg.MODEL.KNET
+    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    head = model.kernel_head
+    assert model.is_semantic and k.KERNEL_HEAD_NAME == "KNetSemanticKernelHead"
+    assert head.conv_seg.weight.shape == (num_classes, k.HIDDEN_DIM, 1, 1)
+    assert len(head.stages) == k.NUM_STAGES == 3
+    for stage in head.stages:
+        assert not hasattr(stage, "fc_cls") and stage.hard_mask_threshold is None
+        assert stage.attention.embed_dim == k.HIDDEN_DIM == cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM
+        assert stage.kernel_update_conv.fc_layer.in_features == k.UPDATOR_DIM
+    aux = model.auxiliary_head
+    assert aux.conv_seg.out_channels == num_classes
+    assert aux.conv_seg.in_channels == k.AUX_HEAD.CHANNELS
+    assert model.criterion.aux_weight == k.AUX_HEAD.LOSS_WEIGHT == 0.4
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == []
+    # the deep (ResNetV1c) stem
+    assert model.backbone.stem.conv1.weight.shape[:2] == (32, 3)
+    image = torch.randint(0, 256, (3, 67, 93), dtype=torch.uint8)
+    with torch.no_grad():
+        (result,) = model([{"image": image}])
+    assert list(result) == ["sem_seg"] and result["sem_seg"].shape == (num_classes, 67, 93)
+
+
+@pytest.mark.parametrize("config", ADE20K)
+def test_ade20k_configs_follow_official_recipe(config):
+    cfg = load(config)
+    k, solver, inp = cfg.MODEL.KNET, cfg.SOLVER, cfg.INPUT
+    assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 150 and cfg.MODEL.RESNETS.DEPTH == 50
+    assert cfg.MODEL.RESNETS.STEM_TYPE == "deeplab" and not cfg.MODEL.RESNETS.STRIDE_IN_1X1
+    assert cfg.MODEL.RESNETS.NORM == cfg.MODEL.SEM_SEG_HEAD.NORM == "SyncBN"
+    assert k.DECODE_HEAD.DROPOUT == 0.1 and k.UPDATOR_DIM == 256 and not k.XAVIER_INIT_STAGES
+    assert (k.AUX_HEAD.IN_FEATURE, k.AUX_HEAD.CHANNELS, k.AUX_HEAD.LOSS_WEIGHT) == (
+        "res4",
+        256,
+        0.4,
+    )
+    assert not k.SEM_SEG_LOSS_AVG_NON_IGNORE
+    head = config.split("knet_s3_")[1].split("_")[0]
+    if head == "upernet":
+        assert cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME == "KNetUPerHead"
+        assert cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM == 256
+        assert (cfg.MODEL.RESNETS.RES4_DILATION, cfg.MODEL.RESNETS.RES5_DILATION) == (1, 1)
+    else:
+        assert cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME == D8_HEADS[head]
+        assert cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM == 512
+        assert (cfg.MODEL.RESNETS.RES4_DILATION, cfg.MODEL.RESNETS.RES5_DILATION) == (2, 4)
+        assert cfg.MODEL.RESNETS.CONTRACT_DILATION
+        assert list(cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES) == ["res5"]
+    assert solver.OPTIMIZER == "ADAMW" and solver.BASE_LR == 1e-4
+    assert solver.WEIGHT_DECAY == solver.WEIGHT_DECAY_NORM == solver.WEIGHT_DECAY_BIAS == 5e-4
+    assert solver.BACKBONE_MULTIPLIER == 1.0 and solver.IMS_PER_BATCH == 16
+    assert solver.MAX_ITER == 80000 and tuple(solver.STEPS) == (60000, 72000)
+    assert (solver.WARMUP_ITERS, solver.WARMUP_FACTOR) == (1000, 0.001)
+    clip = solver.CLIP_GRADIENTS
+    assert clip.ENABLED and clip.CLIP_TYPE == "full_model" and clip.CLIP_VALUE == 1.0
+    assert inp.DATASET_MAPPER_NAME == "knet_semantic" and inp.COLOR_AUG_SSD
+    assert inp.CROP.ENABLED and tuple(inp.CROP.SIZE) == (512, 512)
+    assert inp.CROP.SINGLE_CATEGORY_MAX_AREA == 0.75
+    assert tuple(inp.MIN_SIZE_TRAIN) == (256, 1024) and inp.MIN_SIZE_TRAIN_SAMPLING == "range"
+    assert (inp.MIN_SIZE_TEST, inp.MAX_SIZE_TEST) == (512, 2048)
+    assert cfg.DATASETS.TRAIN == ("ade20k_sem_seg_train",)
+    assert cfg.DATASETS.TEST == ("ade20k_sem_seg_val",)
+
+
+@pytest.mark.parametrize("head", sorted(D8_HEADS))
+def test_d8_backbone_dilations(head):
+    cfg = load(f"configs/ade20k/semantic-segmentation/knet_s3_{head}_R50_D8_bs16_80k.yaml")
+    backbone = build_model(cfg).backbone
+    assert backbone.output_shape()["res5"].stride == 8
+    assert [b.conv2.dilation[0] for b in backbone.res4] == [1, 2, 2, 2, 2, 2]
+    assert [b.conv2.dilation[0] for b in backbone.res5] == [2, 4, 4]
 
 
 # ----------------------------------------------------------------------------- bad configs

@@ -2,6 +2,7 @@
 """The main job: train K-Net on the built-in toy dataset on CPU, evaluate, visualise, plot.
 
     python tools/run_demo.py                 # panoptic K-Net on knet_toy (`make demo`)
+    python tools/run_demo.py --task semantic # semantic K-Net (`make demo TASK=semantic`)
     python tools/run_demo.py --max-iter 200  # quicker, lower scores
     python tools/run_demo.py --opts SOLVER.IMS_PER_BATCH 8
 
@@ -37,6 +38,9 @@ from knet.engine import KNetTrainer, get_knet_cfg
 
 TASK_CONFIGS = {
     "panoptic": "configs/toy/knet_R18_toy_panoptic.yaml",
+    "semantic": "configs/toy/knet_upernet_R18_toy_semantic.yaml",
+    # train on the 2 images of the shared ADE20K sample, evaluate on its validation image
+    "ade20k_sample": "configs/toy/knet_upernet_R18_ade20k_sample.yaml",
     # train and evaluate on the 2 real COCO images of the shared sample
     "coco_sample_overfit": "configs/toy/knet_R18_coco_sample_overfit.yaml",
 }

@@ -17,6 +17,16 @@ def add_knet_config(cfg: CN) -> None:
     cfg.INPUT.COLOR_AUG_SSD = False  # photometric distortion (semantic recipe)
     cfg.INPUT.SIZE_DIVISIBILITY = -1  # pad in the mapper (semantic crops); -1: no padding
 
+    # ---------------------------------------------------------------- backbone
+    # ResNet options of "build_knet_resnet_backbone" (semantic K-Net). Same names and meanings
+    # as Detectron2's DeepLab project, so both configs can be added in either order.
+    if not cfg.MODEL.RESNETS.get("STEM_TYPE"):
+        cfg.MODEL.RESNETS.STEM_TYPE = "basic"  # "deeplab": 3 x 3x3 convs (ResNetV1c deep stem)
+    if "RES4_DILATION" not in cfg.MODEL.RESNETS:
+        cfg.MODEL.RESNETS.RES4_DILATION = 1
+    # First block of a dilated stage uses half the dilation (MMSeg ResNetV1c, D8 models).
+    cfg.MODEL.RESNETS.CONTRACT_DILATION = True
+
     # ---------------------------------------------------------------- solver
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     # lr multiplier for the backbone body (the ResNet, not the FPN: the official code gives the
@@ -29,6 +39,8 @@ def add_knet_config(cfg: CN) -> None:
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 1.0
     cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
 
+    cfg.MODEL.KNET = CN()
+
     # ---------------------------------------------------------------- pixel decoder
     cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "KNetLocalizationFPN"
     cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["p2", "p3", "p4", "p5"]
@@ -37,8 +49,29 @@ def add_knet_config(cfg: CN) -> None:
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 133
     cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 255
 
+    # ---------------------------------------------------------------- semantic K-Net (ADE20K)
+    # Decode heads used as pixel decoders ("KNetUPerHead", "KNetFCNHead", "KNetPSPHead",
+    # "KNetASPPHead"); their width is MODEL.SEM_SEG_HEAD.CONVS_DIM.
+    cfg.MODEL.KNET.DECODE_HEAD = CN()
+    cfg.MODEL.KNET.DECODE_HEAD.POOL_SCALES = [1, 2, 3, 6]  # pyramid pooling (PSPNet, UPerNet)
+    cfg.MODEL.KNET.DECODE_HEAD.DILATIONS = [1, 12, 24, 36]  # ASPP branches (DeepLabV3)
+    cfg.MODEL.KNET.DECODE_HEAD.NUM_CONVS = 2  # FCN
+    cfg.MODEL.KNET.DECODE_HEAD.CONCAT_INPUT = True  # FCN: conv_cat over [input, convs(input)]
+    cfg.MODEL.KNET.DECODE_HEAD.DROPOUT = 0.1  # Dropout2d before the classifier (conv_seg)
+    # Auxiliary FCN head on a backbone feature, trained with cross-entropy; weight 0: no head.
+    cfg.MODEL.KNET.AUX_HEAD = CN()
+    cfg.MODEL.KNET.AUX_HEAD.LOSS_WEIGHT = 0.0
+    cfg.MODEL.KNET.AUX_HEAD.IN_FEATURE = "res4"
+    cfg.MODEL.KNET.AUX_HEAD.CHANNELS = 256
+    cfg.MODEL.KNET.AUX_HEAD.NUM_CONVS = 1
+    # Cross-entropy reduction: False = mean over all pixels, ignored ones included (MMSeg 0.x,
+    # official); True = mean over the non-ignored pixels.
+    cfg.MODEL.KNET.SEM_SEG_LOSS_AVG_NON_IGNORE = False
+    # Xavier-uniform init of the update stages (official for instance/panoptic). The official
+    # semantic heads never call it and keep PyTorch's default init (semantic configs: False).
+    cfg.MODEL.KNET.XAVIER_INIT_STAGES = True
+
     # ---------------------------------------------------------------- K-Net
-    cfg.MODEL.KNET = CN()
     cfg.MODEL.KNET.KERNEL_HEAD_NAME = "KNetIterativeKernelHead"
     cfg.MODEL.KNET.NUM_THING_CLASSES = 80  # classes 0..K-1 are things, the rest stuff
     cfg.MODEL.KNET.NUM_PROPOSALS = 100  # thing kernels (stuff kernels are added for panoptic)

@@ -13,11 +13,18 @@ logger = logging.getLogger(__name__)
 BACKBONE_BODY_PREFIX = "backbone.bottom_up."
 
 
+def backbone_body_prefix(model: nn.Module) -> str:
+    """ "backbone.bottom_up." for an FPN-wrapped backbone, else the whole "backbone."."""
+    backbone = getattr(model, "backbone", None)
+    return BACKBONE_BODY_PREFIX if hasattr(backbone, "bottom_up") else "backbone."
+
+
 def split_backbone_body(
     groups: List[Dict[str, Any]], model: nn.Module, multiplier: float
 ) -> List[Dict[str, Any]]:
     """Split param groups so the backbone body's parameters get ``lr * multiplier``."""
-    body = {id(p) for n, p in model.named_parameters() if n.startswith(BACKBONE_BODY_PREFIX)}
+    prefix = backbone_body_prefix(model)
+    body = {id(p) for n, p in model.named_parameters() if n.startswith(prefix)}
     result = []
     for group in groups:
         for in_body in (False, True):

@@ -57,3 +57,23 @@ def rank_loss(mask_logits: torch.Tensor, rank_targets: torch.Tensor, ignore_inde
     """
     loss = F.cross_entropy(mask_logits, rank_targets, ignore_index=ignore_index, reduction="none")
     return loss.mean()
+
+
+def semantic_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = 255,
+    avg_non_ignore: bool = False,
+) -> torch.Tensor:
+    """Softmax cross-entropy of (B, K, h, w) logits against (B, H, W) labels, as MMSeg 0.x.
+
+    The logits are bilinearly resized (align_corners=False) to the label size first. Ignored
+    pixels contribute 0; the sum is divided by all B*H*W pixels (``avg_non_ignore=False``, the
+    official reduction) or by the non-ignored ones (0 when every pixel is ignored).
+    """
+    if logits.shape[-2:] != labels.shape[-2:]:
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
+    if not avg_non_ignore:
+        return loss.mean()
+    return loss.sum() / (labels != ignore_index).sum().clamp(min=1)

@@ -8,7 +8,7 @@ from detectron2.utils.registry import Registry
 from torch import nn
 
 from .initial_kernel_head import ConvKernelHead, upsample_logits
-from .kernel_update_head import KernelUpdateHead
+from .kernel_update_head import KernelUpdateHead, build_update_stages
 
 KERNEL_HEAD_REGISTRY = Registry("KNET_KERNEL_HEAD")
 KERNEL_HEAD_REGISTRY.__doc__ = """
@@ -29,6 +29,8 @@ class KNetIterativeKernelHead(nn.Module):
     matching and inference are upsampled by ``mask_upsample_stride`` (to stride 4). In eval mode
     only the last stage is upsampled and returned.
     """
+
+    is_semantic = False
 
     @configurable
     def __init__(
@@ -62,20 +64,9 @@ class KNetIterativeKernelHead(nn.Module):
             kernel_init_std=k.KERNEL_INIT_STD,
             hard_mask_threshold=k.HARD_MASK_THRESHOLD,
         )
-        stages = [
-            KernelUpdateHead(
-                num_classes=num_classes,
-                channels=channels,
-                num_heads=k.NHEADS,
-                dim_feedforward=k.DIM_FEEDFORWARD,
-                dropout=k.DROPOUT,
-                updator_channels=k.UPDATOR_DIM,
-                num_cls_fcs=k.NUM_CLS_FCS,
-                num_mask_fcs=k.NUM_MASK_FCS,
-                hard_mask_threshold=k.HARD_MASK_THRESHOLD,
-            )
-            for _ in range(k.NUM_STAGES)
-        ]
+        stages = build_update_stages(
+            cfg, num_classes=num_classes, hard_mask_threshold=k.HARD_MASK_THRESHOLD
+        )
         return {
             "initial_head": initial_head,
             "stages": stages,

@@ -1,7 +1,7 @@
 """One kernel update stage of K-Net (``KernelUpdateHead`` in the official code)."""
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -141,3 +141,30 @@ class KernelUpdateHead(nn.Module):
         mask_kernels = self.fc_mask(self.mask_fcs(kernels))
         new_masks = torch.einsum("bnc,bchw->bnhw", mask_kernels, feats)
         return kernels, new_masks, cls_logits
+
+
+def build_update_stages(
+    cfg, *, num_classes: int, hard_mask_threshold: Optional[float]
+) -> List[KernelUpdateHead]:
+    """``MODEL.KNET.NUM_STAGES`` unshared update stages configured by ``MODEL.KNET``.
+
+    Args:
+        num_classes: classification outputs of each stage (0: no class branch).
+        hard_mask_threshold: see ``KernelUpdateHead`` (None: softmax group features).
+    """
+    k = cfg.MODEL.KNET
+    return [
+        KernelUpdateHead(
+            num_classes=num_classes,
+            channels=k.HIDDEN_DIM,
+            num_heads=k.NHEADS,
+            dim_feedforward=k.DIM_FEEDFORWARD,
+            dropout=k.DROPOUT,
+            updator_channels=k.UPDATOR_DIM,
+            num_cls_fcs=k.NUM_CLS_FCS,
+            num_mask_fcs=k.NUM_MASK_FCS,
+            hard_mask_threshold=hard_mask_threshold,
+            xavier_init=k.XAVIER_INIT_STAGES,
+        )
+        for _ in range(k.NUM_STAGES)
+    ]

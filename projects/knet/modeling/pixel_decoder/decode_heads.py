@@ -1,0 +1,445 @@
+"""MMSeg decode heads used as K-Net's kernel-generating heads for semantic segmentation.
+
+Semantic K-Net (ADE20K) takes the pre-classifier feature of a standard decode head (FCN, PSPNet,
+DeepLabV3's ASPP or UPerNet) as the map its kernels act on; the head's classifier (``conv_seg``)
+and the dropout in front of it belong to the kernel head. The modules below reproduce MMSeg 0.x
+``_forward_feature`` (bilinear resizes with ``align_corners=False`` to exact target sizes, so any
+input size works) and keep MMSeg's module names, so that converted checkpoints load directly:
+MMSeg's ``X.conv.weight`` / ``X.bn.*`` become ``X.weight`` / ``X.norm.*`` here.
+
+The auxiliary FCN head (trained with its own cross-entropy on a backbone feature) is here too.
+"""
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import fvcore.nn.weight_init as weight_init
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from torch import nn
+
+from .build import PIXEL_DECODER_REGISTRY
+
+__all__ = [
+    "conv_module",
+    "PyramidPoolingModule",
+    "KNetUPerHead",
+    "KNetFCNHead",
+    "KNetPSPHead",
+    "KNetASPPHead",
+    "AuxiliaryFCNHead",
+    "build_auxiliary_head",
+]
+
+
+def conv_module(
+    in_channels: int, out_channels: int, kernel_size: int, norm: str, dilation: int = 1
+) -> Conv2d:
+    """Conv -> norm -> ReLU with "same" padding, initialised like MMCV's ``ConvModule``.
+
+    The conv has a bias only without a norm. Weights are Kaiming-normal (fan_out, ReLU) with zero
+    bias; the norm keeps its default weight 1 / bias 0. State-dict keys: ``weight`` (and ``bias``
+    without a norm), ``norm.*``.
+    """
+    conv = Conv2d(
+        in_channels,
+        out_channels,
+        kernel_size,
+        padding=dilation * (kernel_size // 2),
+        dilation=dilation,
+        bias=not norm,
+        norm=get_norm(norm, out_channels),
+        activation=F.relu,
+    )
+    weight_init.c2_msra_fill(conv)
+    return conv
+
+
+def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resize (``align_corners=False``) of (B, C, h, w) to (B, C, *size)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x  # interpolating to the same size is the identity
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def _select_features(
+    input_shape: Dict[str, ShapeSpec], in_features: Sequence[str], owner: str
+) -> Dict[str, ShapeSpec]:
+    """Subset of ``input_shape`` named by ``in_features`` (in that order); errors name the gap."""
+    missing = [f for f in in_features if f not in input_shape]
+    if missing:
+        raise ValueError(
+            f"{owner}: input feature(s) {missing} not in the backbone outputs "
+            f"(available: {sorted(input_shape)})"
+        )
+    return {f: input_shape[f] for f in in_features}
+
+
+def _single_feature(input_shape: Dict[str, ShapeSpec], owner: str) -> Tuple[str, ShapeSpec]:
+    if len(input_shape) != 1:
+        raise ValueError(
+            f"{owner} expects exactly one input feature, got {list(input_shape)} "
+            "(set MODEL.SEM_SEG_HEAD.IN_FEATURES to one feature, e.g. ['res5'])"
+        )
+    return next(iter(input_shape.items()))
+
+
+def _decoder_config(cfg, input_shape: Dict[str, ShapeSpec], owner: str) -> Dict:
+    """The constructor arguments every decode head takes from ``MODEL.SEM_SEG_HEAD``."""
+    return {
+        "input_shape": _select_features(input_shape, cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES, owner),
+        "conv_dim": cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM,
+        "norm": cfg.MODEL.SEM_SEG_HEAD.NORM,
+    }
+
+
+class SingleInputDecodeHead(nn.Module):
+    """Base of the decode heads that read one backbone map (FCN, PSPNet, ASPP).
+
+    Subclasses build their layers from ``self.in_channels`` and implement ``decode``.
+    """
+
+    def __init__(self, input_shape: Dict[str, ShapeSpec], conv_dim: int):
+        super().__init__()
+        name, shape = _single_feature(input_shape, type(self).__name__)
+        self.in_features = [name]
+        self.in_channels = shape.channels
+        self.output_stride = shape.stride
+        self.out_channels = conv_dim
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, h, w) -> (B, conv_dim, h, w)."""
+        raise NotImplementedError
+
+    def forward_features(self, features: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor]:
+        """
+        Args:
+            features: backbone maps containing the input, e.g. {"res5": (B, C, h, w)}.
+
+        Returns:
+            1-tuple (feats,), feats (B, conv_dim, h, w).
+        """
+        return (self.decode(features[self.in_features[0]]),)
+
+    forward = forward_features
+
+
+class PyramidPoolingModule(nn.ModuleList):
+    """PSPNet's pyramid pooling (MMSeg ``PPM``).
+
+    Branch ``i`` is ``Sequential(AdaptiveAvgPool2d(scales[i]), 1x1 conv_module)``; state-dict keys
+    ``{i}.1.weight`` and ``{i}.1.norm.*``.
+    """
+
+    def __init__(self, pool_scales: Sequence[int], in_channels: int, channels: int, norm: str):
+        super().__init__(
+            nn.Sequential(nn.AdaptiveAvgPool2d(scale), conv_module(in_channels, channels, 1, norm))
+            for scale in pool_scales
+        )
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """
+        Args:
+            x: (B, in_channels, h, w).
+
+        Returns:
+            one (B, channels, h, w) map per pool scale, pooled then resized back to (h, w).
+        """
+        return [_resize(branch(x), x.shape[-2:]) for branch in self]
+
+
+@PIXEL_DECODER_REGISTRY.register()
+class KNetUPerHead(nn.Module):
+    """UPerNet's decode head (MMSeg ``UPerHead``) without its classifier.
+
+    A PPM on the coarsest input feeds ``bottleneck``, which becomes the top of an FPN over the
+    other inputs (``lateral_convs``, top-down sum, ``fpn_convs``); all levels are resized to the
+    finest one, concatenated and fused by ``fpn_bottleneck``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        conv_dim: int,
+        norm: str,
+        pool_scales: Sequence[int],
+    ):
+        """
+        Args:
+            input_shape: the input features (at least two); used finest (smallest stride) first.
+            conv_dim: channels of every conv and of the output.
+            norm: Detectron2 norm name ("BN", "SyncBN", ...; "" for none).
+            pool_scales: output sizes of the PPM's adaptive poolings.
+        """
+        super().__init__()
+        if len(input_shape) < 2:
+            raise ValueError(
+                f"KNetUPerHead expects at least two input features, got {list(input_shape)}"
+            )
+        # stable sort: equal strides (dilated backbones) keep the given order
+        ordered = sorted(input_shape.items(), key=lambda kv: kv[1].stride)
+        self.in_features = [k for k, _ in ordered]
+        in_channels = [v.channels for _, v in ordered]
+        self.output_stride = ordered[0][1].stride
+        self.out_channels = conv_dim
+
+        self.psp_modules = PyramidPoolingModule(pool_scales, in_channels[-1], conv_dim, norm)
+        self.bottleneck = conv_module(
+            in_channels[-1] + len(pool_scales) * conv_dim, conv_dim, 3, norm
+        )
+        self.lateral_convs = nn.ModuleList(
+            conv_module(c, conv_dim, 1, norm) for c in in_channels[:-1]
+        )
+        self.fpn_convs = nn.ModuleList(
+            conv_module(conv_dim, conv_dim, 3, norm) for _ in in_channels[:-1]
+        )
+        self.fpn_bottleneck = conv_module(len(in_channels) * conv_dim, conv_dim, 3, norm)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        return {
+            **_decoder_config(cfg, input_shape, cls.__name__),
+            "pool_scales": tuple(cfg.MODEL.KNET.DECODE_HEAD.POOL_SCALES),
+        }
+
+    def forward_features(self, features: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor]:
+        """
+        Args:
+            features: backbone maps, e.g. {"res2": (B, C2, H/4, W/4), ..., "res5": (B, C5, H/32,
+                W/32)}.
+
+        Returns:
+            1-tuple (feats,), feats (B, conv_dim, h0, w0) at the finest input's size.
+        """
+        inputs = [features[f] for f in self.in_features]
+        x_top = inputs[-1]
+        laterals = [conv(x) for conv, x in zip(self.lateral_convs, inputs[:-1])]
+        laterals.append(self.bottleneck(torch.cat([x_top] + self.psp_modules(x_top), dim=1)))
+        for i in range(len(laterals) - 1, 0, -1):
+            laterals[i - 1] = laterals[i - 1] + _resize(laterals[i], laterals[i - 1].shape[-2:])
+        fpn_outs = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals[:-1])]
+        fpn_outs.append(laterals[-1])
+        size = fpn_outs[0].shape[-2:]
+        fpn_outs = [fpn_outs[0]] + [_resize(out, size) for out in fpn_outs[1:]]
+        return (self.fpn_bottleneck(torch.cat(fpn_outs, dim=1)),)
+
+    forward = forward_features
+
+
+@PIXEL_DECODER_REGISTRY.register()
+class KNetFCNHead(SingleInputDecodeHead):
+    """FCN's decode head (MMSeg ``FCNHead``, kernel 3, dilation 1) without its classifier.
+
+    ``num_convs`` 3x3 convs, then (``concat_input``) ``conv_cat`` over [input, convs(input)].
+    """
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        conv_dim: int,
+        norm: str,
+        num_convs: int,
+        concat_input: bool,
+    ):
+        """
+        Args:
+            input_shape: exactly one input feature.
+            conv_dim: channels of every conv and of the output.
+            norm: Detectron2 norm name ("BN", "SyncBN", ...; "" for none).
+            num_convs: number of 3x3 convs (0: identity, needs in channels == conv_dim).
+            concat_input: fuse [input, convs(input)] with one more 3x3 conv.
+        """
+        super().__init__(input_shape, conv_dim)
+        in_channels = self.in_channels
+        if num_convs < 0 or (num_convs == 0 and in_channels != conv_dim):
+            raise ValueError(
+                f"{type(self).__name__}: num_convs must be >= 1, or 0 with input channels == "
+                f"conv_dim; got num_convs={num_convs}, {in_channels} -> {conv_dim}"
+            )
+        self.convs = nn.Sequential(
+            *(
+                conv_module(in_channels if i == 0 else conv_dim, conv_dim, 3, norm)
+                for i in range(num_convs)
+            )
+        )  # empty Sequential = identity (MMSeg's num_convs=0)
+        self.conv_cat = (
+            conv_module(in_channels + conv_dim, conv_dim, 3, norm) if concat_input else None
+        )
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        return {
+            **_decoder_config(cfg, input_shape, cls.__name__),
+            "num_convs": cfg.MODEL.KNET.DECODE_HEAD.NUM_CONVS,
+            "concat_input": cfg.MODEL.KNET.DECODE_HEAD.CONCAT_INPUT,
+        }
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.convs(x)
+        if self.conv_cat is not None:
+            feats = self.conv_cat(torch.cat([x, feats], dim=1))
+        return feats
+
+
+@PIXEL_DECODER_REGISTRY.register()
+class KNetPSPHead(SingleInputDecodeHead):
+    """PSPNet's decode head (MMSeg ``PSPHead``) without its classifier.
+
+    ``bottleneck`` (3x3) over [input, PPM(input)].
+    """
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        conv_dim: int,
+        norm: str,
+        pool_scales: Sequence[int],
+    ):
+        """
+        Args:
+            input_shape: exactly one input feature.
+            conv_dim: channels of every conv and of the output.
+            norm: Detectron2 norm name ("BN", "SyncBN", ...; "" for none).
+            pool_scales: output sizes of the PPM's adaptive poolings.
+        """
+        super().__init__(input_shape, conv_dim)
+        in_channels = self.in_channels
+        self.psp_modules = PyramidPoolingModule(pool_scales, in_channels, conv_dim, norm)
+        self.bottleneck = conv_module(in_channels + len(pool_scales) * conv_dim, conv_dim, 3, norm)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        return {
+            **_decoder_config(cfg, input_shape, cls.__name__),
+            "pool_scales": tuple(cfg.MODEL.KNET.DECODE_HEAD.POOL_SCALES),
+        }
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bottleneck(torch.cat([x] + self.psp_modules(x), dim=1))
+
+
+@PIXEL_DECODER_REGISTRY.register()
+class KNetASPPHead(SingleInputDecodeHead):
+    """DeepLabV3's decode head (MMSeg ``ASPPHead``) without its classifier.
+
+    ``bottleneck`` (3x3) over [image pooling resized to the input size, one atrous conv per
+    dilation (1x1 for dilation 1, else 3x3)].
+    """
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        conv_dim: int,
+        norm: str,
+        dilations: Sequence[int],
+    ):
+        """
+        Args:
+            input_shape: exactly one input feature.
+            conv_dim: channels of every conv and of the output.
+            norm: Detectron2 norm name ("BN", "SyncBN", ...; "" for none).
+            dilations: dilation of each ASPP branch.
+        """
+        super().__init__(input_shape, conv_dim)
+        in_channels = self.in_channels
+        self.image_pool = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), conv_module(in_channels, conv_dim, 1, norm)
+        )
+        self.aspp_modules = nn.ModuleList(
+            conv_module(in_channels, conv_dim, 1 if d == 1 else 3, norm, dilation=d)
+            for d in dilations
+        )
+        self.bottleneck = conv_module((len(dilations) + 1) * conv_dim, conv_dim, 3, norm)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        return {
+            **_decoder_config(cfg, input_shape, cls.__name__),
+            "dilations": tuple(cfg.MODEL.KNET.DECODE_HEAD.DILATIONS),
+        }
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [_resize(self.image_pool(x), x.shape[-2:])]
+        outs.extend(conv(x) for conv in self.aspp_modules)
+        return self.bottleneck(torch.cat(outs, dim=1))
+
+
+class AuxiliaryFCNHead(KNetFCNHead):
+    """MMSeg's auxiliary ``FCNHead`` (no ``concat_input``) with its classifier.
+
+    The FCN feature of one backbone map, then ``dropout`` and the 1x1 ``conv_seg``
+    (N(0, 0.01) weights, zero bias). State-dict keys: ``convs.{i}.weight``, ``convs.{i}.norm.*``,
+    ``conv_seg.{weight,bias}``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        channels: int,
+        norm: str,
+        num_convs: int,
+        num_classes: int,
+        dropout: float,
+    ):
+        """
+        Args:
+            input_shape: exactly one input feature (e.g. "res4").
+            channels: channels of the convs.
+            norm: Detectron2 norm name ("BN", "SyncBN", ...; "" for none).
+            num_convs: number of 3x3 convs.
+            num_classes: number of classifier outputs.
+            dropout: Dropout2d probability before the classifier.
+        """
+        super().__init__(
+            input_shape, conv_dim=channels, norm=norm, num_convs=num_convs, concat_input=False
+        )
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        nn.init.normal_(self.conv_seg.weight, std=0.01)
+        nn.init.zeros_(self.conv_seg.bias)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        aux = cfg.MODEL.KNET.AUX_HEAD
+        return {
+            "input_shape": _select_features(input_shape, [aux.IN_FEATURE], cls.__name__),
+            "channels": aux.CHANNELS,
+            "norm": cfg.MODEL.SEM_SEG_HEAD.NORM,
+            "num_convs": aux.NUM_CONVS,
+            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            "dropout": cfg.MODEL.KNET.DECODE_HEAD.DROPOUT,
+        }
+
+    def forward(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """
+        Args:
+            features: backbone maps containing the input, e.g. {"res4": (B, C, h, w)}.
+
+        Returns:
+            logits (B, num_classes, h, w) at the input's stride.
+        """
+        (feats,) = self.forward_features(features)
+        return self.conv_seg(self.dropout(feats))
+
+
+def build_auxiliary_head(cfg, input_shape: Dict[str, ShapeSpec]) -> Optional[AuxiliaryFCNHead]:
+    """The auxiliary FCN head, or None when ``MODEL.KNET.AUX_HEAD.LOSS_WEIGHT`` is 0.
+
+    Args:
+        cfg: a K-Net config.
+        input_shape: the backbone's ``output_shape()``.
+    """
+    if cfg.MODEL.KNET.AUX_HEAD.LOSS_WEIGHT == 0:
+        return None
+    return AuxiliaryFCNHead(cfg, input_shape)

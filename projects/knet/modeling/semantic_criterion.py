@@ -1,0 +1,68 @@
+"""Losses of semantic K-Net: cross-entropy on the initial and every stage's logits."""
+
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .losses import semantic_cross_entropy
+
+
+class KNetSemanticCriterion(nn.Module):
+    """Weighted softmax cross-entropy terms (MMSeg's ``loss_ce.s0`` ... ``loss_ce.s3`` and the
+    auxiliary head's ``aux.loss_ce``), each on logits resized to the label size.
+
+    Keys: ``loss_init_ce`` (decode head logits, ``init_weight``), ``s{i}_loss_ce`` (update stage
+    i, ``stage_loss_weights[i]``) and ``loss_aux_ce`` (``aux_weight``, when aux logits are given).
+    """
+
+    def __init__(
+        self,
+        *,
+        init_weight: float = 1.0,
+        stage_loss_weights: Sequence[float] = (1.0, 1.0, 1.0),
+        aux_weight: float = 0.4,
+        ignore_value: int = 255,
+        avg_non_ignore: bool = False,
+    ):
+        super().__init__()
+        self.init_weight = init_weight
+        self.stage_loss_weights = list(stage_loss_weights)
+        self.aux_weight = aux_weight
+        self.ignore_value = ignore_value
+        self.avg_non_ignore = avg_non_ignore
+
+    def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return semantic_cross_entropy(logits, labels, self.ignore_value, self.avg_non_ignore)
+
+    def forward(
+        self, outputs: Dict, labels: torch.Tensor, aux_logits: Optional[torch.Tensor] = None
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            outputs: the semantic kernel head's training output: "init" {"seg_logits"} and one
+                {"seg_logits": (B, K, h, w)} per stage.
+            labels: (B, H, W) int64 class ids, ``ignore_value`` for void and padding.
+            aux_logits: (B, K, h', w') logits of the auxiliary head, or None.
+        """
+        stages = outputs["stages"]
+        if len(stages) != len(self.stage_loss_weights):
+            raise ValueError(
+                f"{len(stages)} stage outputs but {len(self.stage_loss_weights)} stage loss weights"
+            )
+        losses = {
+            "loss_init_ce": self.init_weight
+            * self.cross_entropy(outputs["init"]["seg_logits"], labels)
+        }
+        for s, (stage, weight) in enumerate(zip(stages, self.stage_loss_weights)):
+            losses[f"s{s}_loss_ce"] = weight * self.cross_entropy(stage["seg_logits"], labels)
+        if aux_logits is not None:
+            losses["loss_aux_ce"] = self.aux_weight * self.cross_entropy(aux_logits, labels)
+        return losses
+
+    def extra_repr(self) -> str:
+        return (
+            f"init_weight={self.init_weight}, stage_loss_weights={self.stage_loss_weights}, "
+            f"aux_weight={self.aux_weight}, ignore_value={self.ignore_value}, "
+            f"avg_non_ignore={self.avg_non_ignore}"
+        )
