@@ -60,3 +60,38 @@ def test_train_checkpoint_resume_and_eval_only(tmp_path, toy_root):
     )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "copypaste: PQ,SQ,RQ" in evaluated.stdout + evaluated.stderr
+
+
+@pytest.mark.slow
+def test_semantic_train_and_eval_only_with_tta(tmp_path, toy_root):
+    config = str(REPO / "configs/toy/knet_upernet_R18_toy_semantic.yaml")
+    out = str(tmp_path / "sem")
+    opts = [
+        "INPUT.MIN_SIZE_TRAIN", "(80, 96)",
+        "INPUT.MAX_SIZE_TRAIN", "128",
+        "INPUT.CROP.SIZE", "(64, 64)",
+        "INPUT.MIN_SIZE_TEST", "64",
+        "INPUT.MAX_SIZE_TEST", "96",
+        "SOLVER.IMS_PER_BATCH", "2",
+        "SOLVER.WARMUP_ITERS", "1",
+        "SOLVER.STEPS", "()",
+        "DATALOADER.NUM_WORKERS", "0",
+        "TEST.EVAL_PERIOD", "0",
+        "OUTPUT_DIR", out,
+    ]  # fmt: skip
+    trained = run_train_net("--config-file", config, *opts, "SOLVER.MAX_ITER", "2")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
+    losses = [m for m in metrics if "total_loss" in m]
+    assert losses and all(k in losses[-1] for k in ["loss_init_ce", "s2_loss_ce", "loss_aux_ce"])
+    assert any("sem_seg/mIoU" in m for m in metrics)
+
+    tta = ["TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(48,)", "TEST.AUG.MAX_SIZE", "128"]
+    weights = os.path.join(out, "model_final.pth")
+    evaluated = run_train_net(
+        "--config-file", config, "--eval-only", *opts, *tta, "MODEL.WEIGHTS", weights
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    log = evaluated.stdout + evaluated.stderr
+    assert log.count("copypaste: mIoU,fwIoU,mACC,pACC") == 2  # plain and with TTA
+    assert (Path(out) / "inference_TTA" / "sem_seg_predictions.json").is_file()
