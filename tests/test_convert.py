@@ -158,48 +158,53 @@ def make_official_state_dict(
     w.conv_gn("rpn_head.seg_convs.0", c, c, 1)
     # 7.4 roi_head.mask_head.{s} (44 tensors each)
     for s in range(num_stages):
-        p = f"roi_head.mask_head.{s}"
-        w.add(f"{p}.attention.attn.in_proj_weight", 3 * c, c)
-        w.add(f"{p}.attention.attn.in_proj_bias", 3 * c)
-        w.add(f"{p}.attention.attn.out_proj.weight", c, c)
-        w.add(f"{p}.attention.attn.out_proj.bias", c)
-        w.add(f"{p}.attention_norm.weight", c)
-        w.add(f"{p}.attention_norm.bias", c)
-        ku = f"{p}.kernel_update_conv"
-        for name, rows in (
-            ("dynamic_layer", 2 * c),
-            ("input_layer", 2 * c),
-            ("input_gate", c),
-            ("update_gate", c),
-        ):
-            w.add(f"{ku}.{name}.weight", rows, c)
-            w.add(f"{ku}.{name}.bias", rows)
-        for name in ("norm_in", "norm_out", "input_norm_in", "input_norm_out"):
-            w.add(f"{ku}.{name}.weight", c)
-            w.add(f"{ku}.{name}.bias", c)
-        w.add(f"{ku}.fc_layer.weight", c, c)
-        w.add(f"{ku}.fc_layer.bias", c)
-        w.add(f"{ku}.fc_norm.weight", c)
-        w.add(f"{ku}.fc_norm.bias", c)
-        w.add(f"{p}.feat_transform.conv.weight", c, c, 1, 1)
-        w.add(f"{p}.feat_transform.conv.bias", c)
-        w.add(f"{p}.ffn.layers.0.0.weight", ffn_channels, c)
-        w.add(f"{p}.ffn.layers.0.0.bias", ffn_channels)
-        w.add(f"{p}.ffn.layers.1.weight", c, ffn_channels)
-        w.add(f"{p}.ffn.layers.1.bias", c)
-        w.add(f"{p}.ffn_norm.weight", c)
-        w.add(f"{p}.ffn_norm.bias", c)
+        write_update_stage(w, f"roi_head.mask_head.{s}", c, c, ffn_channels, num_classes)
+    return w.sd
+
+
+def write_update_stage(
+    w: "_Writer", p: str, c: int, u: int, ffn_channels: int, num_classes: int
+) -> None:
+    """One official ``KernelUpdateHead`` (spec 7.4; 7.5 without cls_fcs/fc_cls when
+    ``num_classes`` is 0): width ``c``, kernel updator width ``u``."""
+    w.add(f"{p}.attention.attn.in_proj_weight", 3 * c, c)
+    w.add(f"{p}.attention.attn.in_proj_bias", 3 * c)
+    w.add(f"{p}.attention.attn.out_proj.weight", c, c)
+    w.add(f"{p}.attention.attn.out_proj.bias", c)
+    w.add(f"{p}.attention_norm.weight", c)
+    w.add(f"{p}.attention_norm.bias", c)
+    ku = f"{p}.kernel_update_conv"
+    for name, rows in (
+        ("dynamic_layer", 2 * u),
+        ("input_layer", 2 * u),
+        ("input_gate", u),
+        ("update_gate", u),
+        ("fc_layer", u),
+    ):
+        w.add(f"{ku}.{name}.weight", rows, u)
+        w.add(f"{ku}.{name}.bias", rows)
+    for name in ("norm_in", "norm_out", "input_norm_in", "input_norm_out", "fc_norm"):
+        w.add(f"{ku}.{name}.weight", u)
+        w.add(f"{ku}.{name}.bias", u)
+    w.add(f"{p}.feat_transform.conv.weight", c, c, 1, 1)
+    w.add(f"{p}.feat_transform.conv.bias", c)
+    w.add(f"{p}.ffn.layers.0.0.weight", ffn_channels, c)
+    w.add(f"{p}.ffn.layers.0.0.bias", ffn_channels)
+    w.add(f"{p}.ffn.layers.1.weight", c, ffn_channels)
+    w.add(f"{p}.ffn.layers.1.bias", c)
+    w.add(f"{p}.ffn_norm.weight", c)
+    w.add(f"{p}.ffn_norm.bias", c)
+    if num_classes:
         w.add(f"{p}.cls_fcs.0.weight", c, c)
         w.add(f"{p}.cls_fcs.1.weight", c)
         w.add(f"{p}.cls_fcs.1.bias", c)
         w.add(f"{p}.fc_cls.weight", num_classes, c)
         w.add(f"{p}.fc_cls.bias", num_classes)
-        w.add(f"{p}.mask_fcs.0.weight", c, c)
-        w.add(f"{p}.mask_fcs.1.weight", c)
-        w.add(f"{p}.mask_fcs.1.bias", c)
-        w.add(f"{p}.fc_mask.weight", c, c)
-        w.add(f"{p}.fc_mask.bias", c)
-    return w.sd
+    w.add(f"{p}.mask_fcs.0.weight", c, c)
+    w.add(f"{p}.mask_fcs.1.weight", c)
+    w.add(f"{p}.mask_fcs.1.bias", c)
+    w.add(f"{p}.fc_mask.weight", c, c)
+    w.add(f"{p}.fc_mask.bias", c)
 
 
 def coco_classes(task: str) -> Tuple[str, ...]:
@@ -717,39 +722,7 @@ def make_mmseg_state_dict(
     w.add(f"{GEN}.conv_seg.bias", num_classes)
     u = updator_channels
     for s in range(num_stages):  # 39 tensors each: the layout of 7.4 without cls_fcs/fc_cls
-        p = f"decode_head.kernel_update_head.{s}"
-        w.add(f"{p}.attention.attn.in_proj_weight", 3 * c, c)
-        w.add(f"{p}.attention.attn.in_proj_bias", 3 * c)
-        w.add(f"{p}.attention.attn.out_proj.weight", c, c)
-        w.add(f"{p}.attention.attn.out_proj.bias", c)
-        w.add(f"{p}.attention_norm.weight", c)
-        w.add(f"{p}.attention_norm.bias", c)
-        ku = f"{p}.kernel_update_conv"
-        for name, rows in (
-            ("dynamic_layer", 2 * u),
-            ("input_layer", 2 * u),
-            ("input_gate", u),
-            ("update_gate", u),
-            ("fc_layer", u),
-        ):
-            w.add(f"{ku}.{name}.weight", rows, u)
-            w.add(f"{ku}.{name}.bias", rows)
-        for name in ("norm_in", "norm_out", "input_norm_in", "input_norm_out", "fc_norm"):
-            w.add(f"{ku}.{name}.weight", u)
-            w.add(f"{ku}.{name}.bias", u)
-        w.add(f"{p}.feat_transform.conv.weight", c, c, 1, 1)
-        w.add(f"{p}.feat_transform.conv.bias", c)
-        w.add(f"{p}.ffn.layers.0.0.weight", ffn_channels, c)
-        w.add(f"{p}.ffn.layers.0.0.bias", ffn_channels)
-        w.add(f"{p}.ffn.layers.1.weight", c, ffn_channels)
-        w.add(f"{p}.ffn.layers.1.bias", c)
-        w.add(f"{p}.ffn_norm.weight", c)
-        w.add(f"{p}.ffn_norm.bias", c)
-        w.add(f"{p}.mask_fcs.0.weight", c, c)
-        w.add(f"{p}.mask_fcs.1.weight", c)
-        w.add(f"{p}.mask_fcs.1.bias", c)
-        w.add(f"{p}.fc_mask.weight", c, c)
-        w.add(f"{p}.fc_mask.bias", c)
+        write_update_stage(w, f"decode_head.kernel_update_head.{s}", c, u, ffn_channels, 0)
     if aux_channels:
         w.conv_bn("auxiliary_head.convs.0", aux_channels, ins[2], 3)
         w.add("auxiliary_head.conv_seg.weight", num_classes, aux_channels, 1, 1)
