@@ -1,12 +1,12 @@
 """Training entry points shared by ``train_net.py`` and the tools."""
 
+import logging
 import os
 from collections import OrderedDict
 
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer
-from detectron2.utils.logger import setup_logger
 
 from .config import add_knet_config
 from .data.dataset_mappers import build_train_mapper
@@ -38,7 +38,7 @@ class KNetTrainer(DefaultTrainer):
                 "TEST.AUG is implemented for semantic K-Net (sem_seg outputs) only; "
                 "set TEST.AUG.ENABLED False for instance/panoptic models"
             )
-        setup_logger(name="knet").info("Running inference with test-time augmentation ...")
+        logging.getLogger("knet").info("Running inference with test-time augmentation ...")
         evaluators = [
             cls.build_evaluator(
                 cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA")
