@@ -7,6 +7,7 @@ import torch
 from detectron2.modeling import build_model
 
 from knet.engine import get_knet_cfg
+from knet.modeling.backbone.deform_conv import DeformBottleneckBlock
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
@@ -24,7 +25,7 @@ def load(config, opts=()):
 
 
 def test_configs_are_found():
-    assert len(COCO_PANOPTIC) == 4 and len(COCO_INSTANCE) == 4 and len(ADE20K) == 4
+    assert (len(COCO_PANOPTIC), len(COCO_INSTANCE), len(ADE20K)) == (6, 5, 8)
     assert "configs/toy/knet_upernet_R18_toy_semantic.yaml" in SEMANTIC
     assert "configs/toy/knet_R18_toy_panoptic.yaml" in CONFIGS
 
@@ -56,7 +57,13 @@ def test_config_merges_and_builds(config):
     assert model.device == torch.device("cpu")
 
     bottom_up = model.backbone.bottom_up
+    if "swin" in cfg.MODEL.BACKBONE.NAME:
+        assert [len(stage.blocks) for stage in bottom_up.layers] == list(cfg.MODEL.SWIN.DEPTHS)
+        assert all(p.requires_grad for p in model.parameters())
+        return
     assert len(bottom_up.res4) == BLOCKS_IN_RES4[cfg.MODEL.RESNETS.DEPTH]
+    deformable = [isinstance(b, DeformBottleneckBlock) for b in bottom_up.res3]
+    assert deformable == [cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE[1]] * len(bottom_up.res3)
     freeze_at = cfg.MODEL.BACKBONE.FREEZE_AT
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     if freeze_at >= 1:
@@ -85,7 +92,9 @@ def test_coco_configs_follow_official_recipe(config):
     assert cfg.TEST.DETECTIONS_PER_IMAGE == 100
     assert solver.OPTIMIZER == "ADAMW" and solver.BASE_LR == 1e-4
     assert solver.WEIGHT_DECAY == solver.WEIGHT_DECAY_NORM == solver.WEIGHT_DECAY_BIAS == 0.05
-    assert solver.BACKBONE_MULTIPLIER == 0.25 and solver.IMS_PER_BATCH == 16
+    swin = "swin" in config
+    assert solver.BACKBONE_MULTIPLIER == 0.25 and solver.IMS_PER_BATCH == (32 if swin else 16)
+    assert solver.WEIGHT_DECAY_EMBED == 0.05
     clip = solver.CLIP_GRADIENTS
     assert clip.ENABLED and clip.CLIP_TYPE == "full_model" and clip.CLIP_VALUE == 1.0
     assert clip.NORM_TYPE == 2.0
@@ -99,9 +108,25 @@ def test_coco_configs_follow_official_recipe(config):
     assert list(cfg.MODEL.PIXEL_STD) == [58.395, 57.12, 57.375]
     assert not cfg.MODEL.RESNETS.STRIDE_IN_1X1
     assert (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST) == (800, 1333)
-    depth = 101 if "R101" in config else 50
-    assert cfg.MODEL.RESNETS.DEPTH == depth and f"R-{depth}.pkl" in cfg.MODEL.WEIGHTS
-    if "ms3x" in config:
+    if swin:  # Swin-L, window 7, ImageNet-22k; batch 32: half the iterations of 36 epochs
+        s = cfg.MODEL.SWIN
+        assert (s.EMBED_DIM, list(s.DEPTHS), list(s.NUM_HEADS)) == (
+            192,
+            [2, 2, 18, 2],
+            [6, 12, 24, 48],
+        )
+        assert (s.WINDOW_SIZE, s.DROP_PATH_RATE, s.APE, s.PATCH_NORM) == (7, 0.2, False, True)
+        assert cfg.MODEL.WEIGHTS == "pretrained/swin_large_patch4_window7_224_22k.pkl"
+        assert solver.MAX_ITER == 132000 and tuple(solver.STEPS) == (99000, 121000)
+    else:
+        depth = 101 if "R101" in config else 50
+        assert cfg.MODEL.RESNETS.DEPTH == depth and f"R-{depth}" in cfg.MODEL.WEIGHTS
+        dcn = [False, True, True, True] if "DCN" in config else [False] * 4
+        assert cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE == dcn
+        assert not cfg.MODEL.RESNETS.DEFORM_MODULATED and cfg.MODEL.RESNETS.DEFORM_NUM_GROUPS == 1
+    if swin:
+        assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (640, 800)
+    elif "ms3x" in config:
         assert solver.MAX_ITER == 264000 and tuple(solver.STEPS) == (198000, 242000)
         assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (640, 800)
         assert cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING == "range"
@@ -153,8 +178,8 @@ def test_semantic_config_merges_builds_and_infers(config):
     assert aux.conv_seg.in_channels == k.AUX_HEAD.CHANNELS
     assert model.criterion.aux_weight == k.AUX_HEAD.LOSS_WEIGHT == 0.4
     assert [n for n, p in model.named_parameters() if not p.requires_grad] == []
-    # the deep (ResNetV1c) stem
-    assert model.backbone.stem.conv1.weight.shape[:2] == (32, 3)
+    if cfg.MODEL.BACKBONE.NAME == "build_knet_resnet_backbone":  # the deep (ResNetV1c) stem
+        assert model.backbone.stem.conv1.weight.shape[:2] == (32, 3)
     image = torch.randint(0, 256, (3, 67, 93), dtype=torch.uint8)
     with torch.no_grad():
         (result,) = model([{"image": image}])
@@ -165,7 +190,11 @@ def test_semantic_config_merges_builds_and_infers(config):
 def test_ade20k_configs_follow_official_recipe(config):
     cfg = load(config)
     k, solver, inp = cfg.MODEL.KNET, cfg.SOLVER, cfg.INPUT
-    assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 150 and cfg.MODEL.RESNETS.DEPTH == 50
+    swin = "swin" in config
+    assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 150
+    assert cfg.MODEL.BACKBONE.NAME == (
+        "build_knet_swin_backbone" if swin else "build_knet_resnet_backbone"
+    )
     assert cfg.MODEL.RESNETS.STEM_TYPE == "deeplab" and not cfg.MODEL.RESNETS.STRIDE_IN_1X1
     assert cfg.MODEL.RESNETS.NORM == cfg.MODEL.SEM_SEG_HEAD.NORM == "SyncBN"
     assert k.DECODE_HEAD.DROPOUT == 0.1 and k.UPDATOR_DIM == 256 and not k.XAVIER_INIT_STAGES
@@ -178,7 +207,7 @@ def test_ade20k_configs_follow_official_recipe(config):
     head = config.split("knet_s3_")[1].split("_")[0]
     if head == "upernet":
         assert cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME == "KNetUPerHead"
-        assert cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM == 256
+        assert cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM == (256 if "256ch" in config else 512)
         assert (cfg.MODEL.RESNETS.RES4_DILATION, cfg.MODEL.RESNETS.RES5_DILATION) == (1, 1)
     else:
         assert cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME == D8_HEADS[head]
@@ -186,18 +215,32 @@ def test_ade20k_configs_follow_official_recipe(config):
         assert (cfg.MODEL.RESNETS.RES4_DILATION, cfg.MODEL.RESNETS.RES5_DILATION) == (2, 4)
         assert cfg.MODEL.RESNETS.CONTRACT_DILATION
         assert list(cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES) == ["res5"]
-    assert solver.OPTIMIZER == "ADAMW" and solver.BASE_LR == 1e-4
-    assert solver.WEIGHT_DECAY == solver.WEIGHT_DECAY_NORM == solver.WEIGHT_DECAY_BIAS == 5e-4
+    if swin:  # MMSeg's Swin recipe: no decay on norms and position tables
+        assert solver.OPTIMIZER == "ADAMW" and solver.BASE_LR == 6e-5
+        assert solver.WEIGHT_DECAY == solver.WEIGHT_DECAY_BIAS == 5e-4
+        assert solver.WEIGHT_DECAY_NORM == solver.WEIGHT_DECAY_EMBED == 0.0
+        large = "swin_L" in config
+        s = cfg.MODEL.SWIN
+        assert (s.EMBED_DIM, list(s.DEPTHS)) == (
+            (192, [2, 2, 18, 2]) if large else (96, [2, 2, 6, 2])
+        )
+        assert s.WINDOW_SIZE == 7 and not s.APE
+        assert s.DROP_PATH_RATE == (0.4 if "640" in config else 0.3)
+    else:
+        assert solver.OPTIMIZER == "ADAMW" and solver.BASE_LR == 1e-4
+        assert solver.WEIGHT_DECAY == solver.WEIGHT_DECAY_NORM == solver.WEIGHT_DECAY_BIAS == 5e-4
     assert solver.BACKBONE_MULTIPLIER == 1.0 and solver.IMS_PER_BATCH == 16
     assert solver.MAX_ITER == 80000 and tuple(solver.STEPS) == (60000, 72000)
     assert (solver.WARMUP_ITERS, solver.WARMUP_FACTOR) == (1000, 0.001)
     clip = solver.CLIP_GRADIENTS
     assert clip.ENABLED and clip.CLIP_TYPE == "full_model" and clip.CLIP_VALUE == 1.0
     assert inp.DATASET_MAPPER_NAME == "knet_semantic" and inp.COLOR_AUG_SSD
-    assert inp.CROP.ENABLED and tuple(inp.CROP.SIZE) == (512, 512)
+    crop = 640 if "640" in config else 512
+    assert inp.CROP.ENABLED and tuple(inp.CROP.SIZE) == (crop, crop)
     assert inp.CROP.SINGLE_CATEGORY_MAX_AREA == 0.75
-    assert tuple(inp.MIN_SIZE_TRAIN) == (256, 1024) and inp.MIN_SIZE_TRAIN_SAMPLING == "range"
-    assert (inp.MIN_SIZE_TEST, inp.MAX_SIZE_TEST) == (512, 2048)
+    assert tuple(inp.MIN_SIZE_TRAIN) == (crop // 2, crop * 2)
+    assert inp.MIN_SIZE_TRAIN_SAMPLING == "range"
+    assert (inp.MIN_SIZE_TEST, inp.MAX_SIZE_TEST) == (crop, 2048)
     assert cfg.DATASETS.TRAIN == ("ade20k_sem_seg_train",)
     assert cfg.DATASETS.TEST == ("ade20k_sem_seg_val",)
 

@@ -1,214 +1,75 @@
-"""Checkpoint conversion: official K-Net (MMDet/MMSeg) and ImageNet ResNets -> this project.
+"""Checkpoint conversion: released K-Net weights (MMDetection, MMSeg) and ImageNet backbones.
 
-The official checkpoints are not downloaded here: ``make_official_state_dict`` writes a synthetic
-one with exactly the keys and shapes of the official layout (backbone = torchvision ResNet,
-MMDet FPN neck, 36 ``rpn_head`` tensors, 44 tensors per ``roi_head.mask_head`` stage), and
-``make_mmseg_state_dict`` one of the semantic (MMSeg, ADE20K) layout (ResNetV1c backbone, an
-UPerNet/FCN/PSP/ASPP decode head, 39 tensors per update stage, auxiliary FCN head).
+The released files are not downloaded here: ``official_layouts`` writes synthetic ones with the
+keys and shapes of each official layout, independently of the converter. The conversion is
+checked against the model built from the matching config (every key and shape, both ways) and
+against mappings restated here from the published layouts (``SPOT_CHECKS``,
+``expected_semantic_key``).
 """
 
 import datetime
-import importlib
-import os
 import pickle
 import re
-import subprocess
-import sys
-from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
-from detectron2.layers import DeformConv, ShapeSpec
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model, build_resnet_backbone
+from official_layouts import (
+    GEN,
+    Writer,
+    head_opts,
+    make_mmseg_state_dict,
+    make_official_state_dict,
+    resnet_opts,
+    write_resnet,
+)
+from scripts import REPO, load_script
 from torch import nn
 
-from knet import add_knet_config
 from knet.checkpoint import (
     CheckpointKeyError,
     UnsupportedCheckpointError,
     check_coco_class_names,
-    compare_state_dicts,
     convert_official_knet_state_dict,
-    convert_torchvision_resnet_state_dict,
+    convert_pretrained_backbone,
+    describe_backbone,
     describe_official_knet_state_dict,
     load_checkpoint_file,
+    model_state_shapes,
     save_detectron2_checkpoint,
 )
 from knet.engine import get_knet_cfg
 from knet.modeling.backbone.resnet import build_knet_resnet_backbone
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
-    "panoptic": REPO / "configs/coco/panoptic-segmentation/knet_R50_bs16_1x.yaml",
-    "instance": REPO / "configs/coco/instance-segmentation/knet_R50_bs16_1x.yaml",
+    "panoptic": "configs/coco/panoptic-segmentation/knet_R50_bs16_1x.yaml",
+    "instance": "configs/coco/instance-segmentation/knet_R50_bs16_1x.yaml",
+}
+SEM_CONFIGS = {
+    "upernet": "configs/ade20k/semantic-segmentation/knet_s3_upernet_R50_bs16_80k.yaml",
+    "fcn": "configs/ade20k/semantic-segmentation/knet_s3_fcn_R50_D8_bs16_80k.yaml",
+    "psp": "configs/ade20k/semantic-segmentation/knet_s3_pspnet_R50_D8_bs16_80k.yaml",
+    "aspp": "configs/ade20k/semantic-segmentation/knet_s3_deeplabv3_R50_D8_bs16_80k.yaml",
 }
 NUM_CLASSES = {"panoptic": 133, "instance": 80}
-RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
-
 COCO_THINGS = [c["name"] for c in COCO_CATEGORIES if c["isthing"]]
 COCO_STUFF = [c["name"] for c in COCO_CATEGORIES if not c["isthing"]]
+# a narrow official R-50 K-Net (1/8 backbone width, 32-d kernels) and its config overrides
+SMALL = dict(channels=32, ffn_channels=64, num_proposals=8, base_width=8)
+SMALL_OPTS = resnet_opts(8) + head_opts(32, 64, 8)
 
 
-# ------------------------------------------------------------------ synthetic official weights
-class _Writer:
-    """Fills a state dict with seeded random tensors of given shapes.
-
-    With ``lazy`` every tensor is a stride-0 view of one element: full-size shapes at no
-    memory cost, for tests that only look at keys, shapes and tensor identity.
-    """
-
-    def __init__(self, seed: int, lazy: bool = False):
-        self.sd: Dict[str, torch.Tensor] = {}
-        self.gen = torch.Generator().manual_seed(seed)
-        self.lazy = lazy
-
-    def add(self, key: str, *shape: int) -> None:
-        assert key not in self.sd, key
-        if self.lazy:
-            self.sd[key] = torch.randn(1, generator=self.gen).expand(*shape)
-        else:
-            self.sd[key] = torch.randn(*shape, generator=self.gen)
-
-    def bn(self, prefix: str, n: int) -> None:
-        for p in ("weight", "bias", "running_mean"):
-            self.add(f"{prefix}.{p}", n)
-        self.sd[f"{prefix}.running_var"] = torch.rand(n, generator=self.gen) + 0.5
-        self.sd[f"{prefix}.num_batches_tracked"] = torch.tensor(1000, dtype=torch.int64)
-
-    def conv_bn(self, prefix: str, cout: int, cin: int, k: int) -> None:
-        """An MMCV ConvModule with BN: conv.weight (no bias), bn.*."""
-        self.add(f"{prefix}.conv.weight", cout, cin, k, k)
-        self.bn(f"{prefix}.bn", cout)
-
-    def conv_gn(self, prefix: str, cout: int, cin: int, k: int) -> None:
-        """An MMCV ConvModule with GN: conv.weight (no bias), gn.{weight,bias}."""
-        self.add(f"{prefix}.conv.weight", cout, cin, k, k)
-        self.add(f"{prefix}.gn.weight", cout)
-        self.add(f"{prefix}.gn.bias", cout)
+def coco_classes(task: str) -> List[str]:
+    return COCO_THINGS + (COCO_STUFF if task == "panoptic" else [])
 
 
-def make_official_state_dict(
-    depth: int = 50,
-    num_classes: int = 133,
-    num_stages: int = 3,
-    dcn: bool = False,
-    channels: int = 256,
-    ffn_channels: int = 2048,
-    num_proposals: int = 100,
-    base_width: int = 64,
-    seed: int = 0,
-) -> Dict[str, torch.Tensor]:
-    """An official K-Net ``state_dict`` (spec sections 7.1-7.4) filled with random values.
-
-    With the defaults every shape is the real one (R50, C = 256); smaller ``channels``,
-    ``ffn_channels``, ``num_proposals`` and ``base_width`` give a tiny file with the same keys.
-    """
-    w = _Writer(seed)
-    # 7.1 torchvision-style ResNet (MMDet "pytorch" style); DCNv1 on the 3x3 convs of layer2-4.
-    w.add("backbone.conv1.weight", base_width, 3, 7, 7)
-    w.bn("backbone.bn1", base_width)
-    in_ch = base_width
-    stage_out = []
-    for layer, num_blocks in enumerate(RESNET_BLOCKS[depth], start=1):
-        width = base_width * 2 ** (layer - 1)
-        out_ch = 4 * width
-        for i in range(num_blocks):
-            p = f"backbone.layer{layer}.{i}"
-            w.add(f"{p}.conv1.weight", width, in_ch if i == 0 else out_ch, 1, 1)
-            w.bn(f"{p}.bn1", width)
-            w.add(f"{p}.conv2.weight", width, width, 3, 3)
-            if dcn and layer > 1:
-                w.add(f"{p}.conv2.conv_offset.weight", 18, width, 3, 3)
-                w.add(f"{p}.conv2.conv_offset.bias", 18)
-            w.bn(f"{p}.bn2", width)
-            w.add(f"{p}.conv3.weight", out_ch, width, 1, 1)
-            w.bn(f"{p}.bn3", out_ch)
-            if i == 0:
-                w.add(f"{p}.downsample.0.weight", out_ch, in_ch, 1, 1)
-                w.bn(f"{p}.downsample.1", out_ch)
-        in_ch = out_ch
-        stage_out.append(out_ch)
-    # 7.2 neck
-    for i, cin in enumerate(stage_out):
-        w.add(f"neck.lateral_convs.{i}.conv.weight", channels, cin, 1, 1)
-        w.add(f"neck.lateral_convs.{i}.conv.bias", channels)
-        w.add(f"neck.fpn_convs.{i}.conv.weight", channels, channels, 3, 3)
-        w.add(f"neck.fpn_convs.{i}.conv.bias", channels)
-    # 7.3 rpn_head (36 tensors)
-    c = channels
-    fpn = "rpn_head.localization_fpn"
-    w.conv_gn(f"{fpn}.convs_all_levels.0.conv0", c, c, 3)
-    w.conv_gn(f"{fpn}.convs_all_levels.1.conv0", c, c, 3)
-    for j in range(2):
-        w.conv_gn(f"{fpn}.convs_all_levels.2.conv{j}", c, c, 3)
-    for j in range(3):
-        w.conv_gn(f"{fpn}.convs_all_levels.3.conv{j}", c, c, 3)
-    w.conv_gn(f"{fpn}.conv_pred", c, c, 1)
-    w.conv_gn(f"{fpn}.aux_convs.0", c, c, 1)
-    w.add("rpn_head.init_kernels.weight", num_proposals, c, 1, 1)
-    w.add("rpn_head.conv_seg.weight", num_classes, c, 1, 1)
-    w.add("rpn_head.conv_seg.bias", num_classes)
-    w.conv_gn("rpn_head.loc_convs.0", c, c, 1)
-    w.conv_gn("rpn_head.seg_convs.0", c, c, 1)
-    # 7.4 roi_head.mask_head.{s} (44 tensors each)
-    for s in range(num_stages):
-        write_update_stage(w, f"roi_head.mask_head.{s}", c, c, ffn_channels, num_classes)
-    return w.sd
-
-
-def write_update_stage(
-    w: "_Writer", p: str, c: int, u: int, ffn_channels: int, num_classes: int
-) -> None:
-    """One official ``KernelUpdateHead`` (spec 7.4; 7.5 without cls_fcs/fc_cls when
-    ``num_classes`` is 0): width ``c``, kernel updator width ``u``."""
-    w.add(f"{p}.attention.attn.in_proj_weight", 3 * c, c)
-    w.add(f"{p}.attention.attn.in_proj_bias", 3 * c)
-    w.add(f"{p}.attention.attn.out_proj.weight", c, c)
-    w.add(f"{p}.attention.attn.out_proj.bias", c)
-    w.add(f"{p}.attention_norm.weight", c)
-    w.add(f"{p}.attention_norm.bias", c)
-    ku = f"{p}.kernel_update_conv"
-    for name, rows in (
-        ("dynamic_layer", 2 * u),
-        ("input_layer", 2 * u),
-        ("input_gate", u),
-        ("update_gate", u),
-        ("fc_layer", u),
-    ):
-        w.add(f"{ku}.{name}.weight", rows, u)
-        w.add(f"{ku}.{name}.bias", rows)
-    for name in ("norm_in", "norm_out", "input_norm_in", "input_norm_out", "fc_norm"):
-        w.add(f"{ku}.{name}.weight", u)
-        w.add(f"{ku}.{name}.bias", u)
-    w.add(f"{p}.feat_transform.conv.weight", c, c, 1, 1)
-    w.add(f"{p}.feat_transform.conv.bias", c)
-    w.add(f"{p}.ffn.layers.0.0.weight", ffn_channels, c)
-    w.add(f"{p}.ffn.layers.0.0.bias", ffn_channels)
-    w.add(f"{p}.ffn.layers.1.weight", c, ffn_channels)
-    w.add(f"{p}.ffn.layers.1.bias", c)
-    w.add(f"{p}.ffn_norm.weight", c)
-    w.add(f"{p}.ffn_norm.bias", c)
-    if num_classes:
-        w.add(f"{p}.cls_fcs.0.weight", c, c)
-        w.add(f"{p}.cls_fcs.1.weight", c)
-        w.add(f"{p}.cls_fcs.1.bias", c)
-        w.add(f"{p}.fc_cls.weight", num_classes, c)
-        w.add(f"{p}.fc_cls.bias", num_classes)
-    w.add(f"{p}.mask_fcs.0.weight", c, c)
-    w.add(f"{p}.mask_fcs.1.weight", c)
-    w.add(f"{p}.mask_fcs.1.bias", c)
-    w.add(f"{p}.fc_mask.weight", c, c)
-    w.add(f"{p}.fc_mask.bias", c)
-
-
-def coco_classes(task: str) -> Tuple[str, ...]:
-    return tuple(COCO_THINGS + (COCO_STUFF if task == "panoptic" else []))
+def shapes_of(config: str, opts=()) -> Dict[str, tuple]:
+    return model_state_shapes(get_knet_cfg(str(REPO / config), opts))
 
 
 @pytest.fixture(scope="module")
@@ -217,13 +78,9 @@ def official() -> Dict[str, Dict[str, torch.Tensor]]:
     return {task: make_official_state_dict(num_classes=n) for task, n in NUM_CLASSES.items()}
 
 
-def knet_cfg(task: str, opts: Optional[list] = None):
-    cfg = get_cfg()
-    add_knet_config(cfg)
-    cfg.merge_from_file(str(CONFIGS[task]))
-    cfg.merge_from_list(list(opts or []))
-    cfg.MODEL.DEVICE = "cpu"
-    return cfg
+@pytest.fixture(scope="module")
+def coco_shapes() -> Dict[str, Dict[str, tuple]]:
+    return {task: shapes_of(config) for task, config in CONFIGS.items()}
 
 
 # Explicit pairs from the spec tables: (official key, our key).
@@ -294,20 +151,19 @@ def test_generator_backbone_matches_torchvision(depth):
         tv = getattr(torchvision.models, f"resnet{depth}")()
     expected = {f"backbone.{k}": tuple(v.shape) for k, v in tv.state_dict().items()}
     expected = {k: v for k, v in expected.items() if not k.startswith("backbone.fc.")}
-    sd = make_official_state_dict(depth=depth, channels=32, ffn_channels=32, num_proposals=4)
+    sd = make_official_state_dict(f"R-{depth}", lazy=True)
     got = {k: tuple(v.shape) for k, v in sd.items() if k.startswith("backbone.")}
     assert got == expected
 
 
 # ------------------------------------------------------------------------- official K-Net
 @pytest.mark.parametrize("task", ["panoptic", "instance"])
-def test_conversion_maps_every_key(official, task):
+def test_conversion_maps_every_key(official, coco_shapes, task):
     sd = official[task]
-    out = convert_official_knet_state_dict(sd)
+    out = convert_official_knet_state_dict(sd, coco_shapes[task])
     num_tracked = sum(k.endswith("num_batches_tracked") for k in sd)
-    assert num_tracked == 53  # one per BN of ResNet-50
-    assert len(out) == len(sd) - num_tracked
-    assert not any(k.endswith("num_batches_tracked") for k in out)
+    assert num_tracked == 53  # one per BN of ResNet-50; the model's FrozenBN has none
+    assert len(out) == len(sd) - num_tracked == len(coco_shapes[task])
     for old, new in SPOT_CHECKS:
         assert out[new] is sd[old], (old, new)
     # every input tensor (except the dropped buffers) ends up under exactly one new key
@@ -319,14 +175,12 @@ def test_conversion_maps_every_key(official, task):
 @pytest.mark.parametrize("task,suffix", [("panoptic", ".pth"), ("instance", ".pkl")])
 def test_converted_weights_load_into_model(official, task, suffix, tmp_path):
     sd = official[task]
-    model = build_model(knet_cfg(task)).eval()
+    model = build_model(get_knet_cfg(str(REPO / CONFIGS[task]), ["MODEL.DEVICE", "cpu"])).eval()
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == model_state_shapes(get_knet_cfg(str(REPO / CONFIGS[task])))
     converted = convert_official_knet_state_dict(
-        {"meta": {"CLASSES": coco_classes(task)}, "state_dict": sd},
-        target_keys=model.state_dict().keys(),
+        {"meta": {"CLASSES": coco_classes(task)}, "state_dict": sd}, shapes
     )
-    diff = compare_state_dicts(converted, model.state_dict())
-    assert diff.ok, diff.format()
-
     path = str(tmp_path / f"knet{suffix}")
     save_detectron2_checkpoint(converted, path, author="test")
     if suffix == ".pth":  # loadable with torch.load's safe default (torch >= 2.6)
@@ -337,70 +191,57 @@ def test_converted_weights_load_into_model(official, task, suffix, tmp_path):
     incompatible = checkpointer._load_model(checkpointer._load_file(path))
     assert not incompatible.missing_keys and not incompatible.unexpected_keys
     assert not incompatible.incorrect_shapes
-    DetectionCheckpointer(model).load(path)
     loaded = model.state_dict()
     for old, new in SPOT_CHECKS:
         torch.testing.assert_close(loaded[new], sd[old], rtol=0, atol=0)
     assert all(torch.equal(loaded[k], v) for k, v in converted.items())
 
 
-def test_r101_dcn_backbone_keys_match_detectron2():
-    sd = make_official_state_dict(
-        depth=101, dcn=True, num_classes=80, channels=32, ffn_channels=32, num_proposals=4
-    )
-    info = describe_official_knet_state_dict(sd)
-    assert (info.depth, info.num_stages, info.num_classes) == (101, 3, 80)
-    assert info.deform_layers == (2, 3, 4)
-    cfg = knet_cfg("instance", info.detectron2_options())
-    assert cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE == [False, True, True, True]
-    bottom_up = build_resnet_backbone(cfg, ShapeSpec(channels=3))
-    reference = {f"backbone.bottom_up.{k}": v for k, v in bottom_up.state_dict().items()}
-    converted = convert_official_knet_state_dict(sd)
-    converted = {k: v for k, v in converted.items() if k.startswith("backbone.bottom_up.")}
-    diff = compare_state_dicts(converted, reference)
-    assert diff.ok, diff.format()
+def test_dcn_offsets_map_to_the_deformable_blocks():
+    sd = make_official_state_dict("R-101-DCN", num_classes=80, lazy=True)
     assert (
-        converted["backbone.bottom_up.res3.0.conv2_offset.weight"]
-        is (sd["backbone.layer2.0.conv2.conv_offset.weight"])
+        describe_backbone({k[9:]: v for k, v in sd.items() if k.startswith("backbone.")})[0]
+        == "R-101-DCN"
     )
-    assert sum(k.endswith("conv2_offset.weight") for k in converted) == 4 + 23 + 3
-
-
-def test_deform_conv_offsets_are_dy_dx_per_tap():
-    """Official (MMCV) DCNv1 offsets are ordered (dy, dx) per tap; Detectron2 must agree."""
-    torch.manual_seed(0)
-    conv = DeformConv(4, 5, kernel_size=3, padding=1, bias=False)
-    x = torch.randn(1, 4, 9, 11)
-    reference = F.conv2d(x, conv.weight, padding=1)
-    offset = torch.zeros(1, 18, 9, 11)
-    offset[:, 0::2] = 1.0  # dy = +1 on every tap: sample one row further down
-    out = conv(x, offset)
-    torch.testing.assert_close(out[:, :, :-1], reference[:, :, 1:], rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(out[:, :, :, :-1], reference[:, :, :, 1:], atol=1e-2)
+    config = "configs/coco/instance-segmentation/knet_R101_DCN_bs16_ms3x.yaml"
+    out = convert_official_knet_state_dict(sd, shapes_of(config))
+    key = "backbone.bottom_up.res3.0.conv2_offset.weight"
+    assert out[key] is sd["backbone.layer2.0.conv2.conv_offset.weight"]
+    assert out[key].shape == (18, 128, 3, 3)
+    assert sum(k.endswith("conv2_offset.weight") for k in out) == 4 + 23 + 3
+    # the same weights without DCN do not fit the DCN config: the offsets are missing
+    plain = {k: v for k, v in sd.items() if "conv_offset" not in k}
+    with pytest.raises(
+        CheckpointKeyError,
+        match=r"lacks, 60 key\(s\):\n  backbone\.bottom_up\.res3\.0\.conv2_offset\.bias",
+    ):
+        convert_official_knet_state_dict(plain, shapes_of(config))
 
 
 def test_whole_checkpoint_and_meta_are_accepted(official):
-    sd = official["panoptic"]
     info = describe_official_knet_state_dict(
-        {"meta": {"CLASSES": coco_classes("panoptic")}, "state_dict": sd}
+        {"meta": {"CLASSES": coco_classes("panoptic")}, "state_dict": official["panoptic"]}
     )
-    assert info.classes == coco_classes("panoptic")
-    assert (info.depth, info.num_proposals, info.channels) == (50, 100, 256)
-    assert (info.num_cls_fcs, info.num_mask_fcs) == (1, 1)
+    assert info.classes == tuple(coco_classes("panoptic"))
+    assert info.architecture == ("panoptic", "R-50", "", 256)
+    assert (info.num_classes, info.num_stages) == (133, 3)
     assert check_coco_class_names(info.classes) == []
-    swapped = list(coco_classes("panoptic"))
+    swapped = coco_classes("panoptic")
     swapped[80], swapped[81] = swapped[81], swapped[80]
     assert len(check_coco_class_names(swapped)) == 2
+    assert "classes" in check_coco_class_names(["a", "b"])[0]
 
 
-def test_unknown_key_raises_and_names_it(official):
+def test_unknown_key_raises_and_names_it(official, coco_shapes):
     bad = dict(official["panoptic"])
     bad["roi_head.mask_head.1.attention.attn.extra_proj.weight"] = torch.zeros(3)
     bad["backbone.layer2.0.conv4.weight"] = torch.zeros(3)
+    bad["head.weight"] = torch.zeros(3)  # under no known section
     with pytest.raises(CheckpointKeyError) as err:
-        convert_official_knet_state_dict(bad)
-    assert "roi_head.mask_head.1.attention.attn.extra_proj.weight" in str(err.value)
-    assert "backbone.layer2.0.conv4.weight" in str(err.value)
+        convert_official_knet_state_dict(bad, coco_shapes["panoptic"])
+    for key in ("roi_head.mask_head.1.attention.attn.extra_proj.weight", "layer2.0.conv4.weight"):
+        assert key in str(err.value)
+    assert "head.weight" in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -413,54 +254,67 @@ def test_unknown_key_raises_and_names_it(official):
         "backbone.layer2.0.downsample.0.weight",
     ],
 )
-def test_missing_key_raises_and_names_it(official, key):
+def test_missing_key_raises(official, coco_shapes, key):
     bad = dict(official["instance"])
     del bad[key]
-    with pytest.raises(CheckpointKeyError) as err:
-        convert_official_knet_state_dict(bad)
-    assert key in str(err.value)
+    with pytest.raises(CheckpointKeyError, match="model keys the checkpoint lacks"):
+        convert_official_knet_state_dict(bad, coco_shapes["instance"])
 
 
-def test_missing_num_batches_tracked_is_fine_and_kept_when_wanted(official):
+def test_shape_mismatch_raises_and_names_it(official, coco_shapes):
+    with pytest.raises(CheckpointKeyError) as err:  # 133 classes into the 80-class model
+        convert_official_knet_state_dict(official["panoptic"], coco_shapes["instance"])
+    msg = str(err.value)
+    assert "shape mismatches" in msg
+    assert "kernel_head.stages.2.fc_cls.weight: converted (133, 256) vs model (80, 256)" in msg
+
+
+def test_num_batches_tracked_kept_where_the_model_has_it(official, coco_shapes):
     sd = dict(official["instance"])
-    del sd["backbone.layer1.0.bn1.num_batches_tracked"]
-    out = convert_official_knet_state_dict(sd)
+    shapes = dict(coco_shapes["instance"])
     wanted = "backbone.bottom_up.res2.1.conv1.norm.num_batches_tracked"
-    out = convert_official_knet_state_dict(sd, target_keys=list(out) + [wanted])
+    shapes[wanted] = ()
+    out = convert_official_knet_state_dict(sd, shapes)
     assert out[wanted] is sd["backbone.layer1.1.bn1.num_batches_tracked"]
     assert sum(k.endswith("num_batches_tracked") for k in out) == 1
+    del sd["backbone.layer1.1.bn1.num_batches_tracked"]  # optional even then
+    assert wanted not in convert_official_knet_state_dict(sd, shapes)
 
 
-def test_error_message_is_truncated(official):
+def test_error_message_is_truncated(official, coco_shapes):
     bad = dict(official["instance"])
     for i in range(30):
         bad[f"rpn_head.unknown_{i:02d}.weight"] = torch.zeros(1)
     with pytest.raises(CheckpointKeyError) as err:
-        convert_official_knet_state_dict(bad)
+        convert_official_knet_state_dict(bad, coco_shapes["instance"])
     msg = str(err.value)
     assert "30 key(s)" in msg and "and 10 more" in msg
     assert "rpn_head.unknown_00.weight" in msg and "rpn_head.unknown_29.weight" not in msg
 
 
 def test_stage_count_is_read_from_the_keys():
-    sd = make_official_state_dict(num_stages=2, channels=32, ffn_channels=64, num_proposals=8)
-    out = convert_official_knet_state_dict(sd)
+    sd = make_official_state_dict(num_stages=2, **SMALL)
+    info = describe_official_knet_state_dict(sd)
+    assert (info.num_stages, info.channels, info.backbone) == (2, 32, "R-50")
+    shapes = shapes_of(
+        CONFIGS["panoptic"],
+        SMALL_OPTS + ["MODEL.KNET.NUM_STAGES", "2", "MODEL.KNET.STAGE_LOSS_WEIGHTS", "[1.0, 1.0]"],
+    )
+    out = convert_official_knet_state_dict(sd, shapes)
     assert {k.split(".")[2] for k in out if k.startswith("kernel_head.stages.")} == {"0", "1"}
-    del sd["roi_head.mask_head.0.fc_cls.weight"]
-    with pytest.raises(CheckpointKeyError, match="roi_head.mask_head.0.fc_cls.weight"):
-        convert_official_knet_state_dict(sd)
+    with pytest.raises(CheckpointKeyError, match=r"kernel_head\.stages\.2\."):
+        convert_official_knet_state_dict(sd, shapes_of(CONFIGS["panoptic"], SMALL_OPTS))
 
 
-def test_unsupported_variants_raise_clearly(official):
-    swin = {k: v for k, v in official["panoptic"].items() if not k.startswith("backbone.")}
-    swin["backbone.patch_embed.projection.weight"] = torch.zeros(192, 3, 4, 4)
-    swin["backbone.stages.0.blocks.0.attn.w_msa.qkv.weight"] = torch.zeros(576, 192)
-    with pytest.raises(UnsupportedCheckpointError, match="Swin.*not supported yet"):
-        convert_official_knet_state_dict(swin)
-    deep_stem = {k: v for k, v in official["panoptic"].items() if not k.startswith("backbone.")}
-    deep_stem["backbone.stem.0.weight"] = torch.zeros(32, 3, 3, 3)
-    with pytest.raises(UnsupportedCheckpointError, match="semantic K-Net only"):
-        convert_official_knet_state_dict(deep_stem)
+def test_unrecognised_checkpoints_raise_clearly(official):
+    odd = {k: v for k, v in official["panoptic"].items() if not k.startswith("backbone.layer4.2")}
+    with pytest.raises(UnsupportedCheckpointError, match=r"blocks per stage \(3, 4, 6, 2\)"):
+        describe_official_knet_state_dict(odd)
+    no_heads = {k: v for k, v in official["panoptic"].items() if k.startswith("backbone.")}
+    with pytest.raises(CheckpointKeyError, match="not a K-Net checkpoint"):
+        describe_official_knet_state_dict(no_heads)
+    with pytest.raises(CheckpointKeyError, match="not tensors"):
+        describe_official_knet_state_dict({"state_dict": {"a": 1}})
 
 
 def test_checkpoint_files_are_loaded_safely_by_default(tmp_path):
@@ -471,29 +325,20 @@ def test_checkpoint_files_are_loaded_safely_by_default(tmp_path):
     assert load_checkpoint_file(path, allow_pickle=True)["meta"]["time"].year == 2021
 
 
-# ------------------------------------------------------------------------ torchvision ResNet
+# --------------------------------------------------------------------- ImageNet backbones
 def _resnet_cfg(depth: int, stride_in_1x1: bool = False):
-    cfg = get_cfg()
-    cfg.MODEL.RESNETS.DEPTH = depth
-    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = stride_in_1x1
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if depth < 50 else 256
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res5"]
-    return cfg
+    opts = [
+        "MODEL.RESNETS.DEPTH", str(depth),
+        "MODEL.RESNETS.STRIDE_IN_1X1", str(stride_in_1x1),
+        "MODEL.RESNETS.RES2_OUT_CHANNELS", "64" if depth < 50 else "256",
+        "MODEL.RESNETS.OUT_FEATURES", "['res5']",
+    ]  # fmt: skip
+    return get_knet_cfg(opts=opts)
 
 
-class _Wrapper(nn.Module):
-    """``backbone.bottom_up`` (Detectron2 ResNet), named as in the K-Net meta-architecture."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.backbone = nn.Module()
-        self.backbone.bottom_up = build_resnet_backbone(cfg, ShapeSpec(channels=3))
-
-
-def _torchvision_resnet(depth: int) -> nn.Module:
-    torch.manual_seed(depth)
-    net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
-    for m in net.modules():  # non-trivial BN statistics and affine parameters
+def _randomize_bn(net: nn.Module) -> nn.Module:
+    """Non-trivial BN statistics and affine parameters."""
+    for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.normal_(0.0, 0.1)
@@ -509,227 +354,66 @@ def _torchvision_res5(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("depth", [18, 50])
 def test_torchvision_resnet_matches_detectron2_backbone(depth):
-    net = _torchvision_resnet(depth)
-    converted = convert_torchvision_resnet_state_dict(net.state_dict())
-    assert not any(".fc." in k or k.endswith("num_batches_tracked") for k in converted)
+    torch.manual_seed(depth)
+    net = _randomize_bn(getattr(torchvision.models, f"resnet{depth}")(weights=None))
+    converted, name = convert_pretrained_backbone(net.state_dict())
+    assert name == f"R-{depth}"
+    assert not any(k.startswith("fc.") for k in converted)
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         expected = _torchvision_res5(net, x)
     results = {}
     for stride_in_1x1 in (False, True):
-        model = _Wrapper(_resnet_cfg(depth, stride_in_1x1)).eval()
-        incompatible = model.load_state_dict(converted, strict=True)
-        assert not incompatible.missing_keys and not incompatible.unexpected_keys
+        body = build_resnet_backbone(_resnet_cfg(depth, stride_in_1x1), ShapeSpec(channels=3))
+        body.load_state_dict(converted, strict=False)  # FrozenBN has no batch counter
         with torch.no_grad():
-            results[stride_in_1x1] = model.backbone.bottom_up(x)["res5"]
+            results[stride_in_1x1] = body.eval()(x)["res5"]
     torch.testing.assert_close(results[False], expected, rtol=1e-4, atol=1e-4)
     if depth >= 50:  # the stride convention matters for bottleneck blocks only
         assert (results[True] - expected).abs().max() > 1e-2
 
 
-def test_torchvision_conversion_is_strict():
-    sd = torchvision.models.resnet18(weights=None).state_dict()
-    sd["layer1.0.conv4.weight"] = torch.zeros(1)
-    with pytest.raises(CheckpointKeyError, match="layer1.0.conv4.weight"):
-        convert_torchvision_resnet_state_dict(sd)
-    del sd["layer1.0.conv4.weight"]
-    del sd["layer4.1.bn2.bias"]
-    with pytest.raises(CheckpointKeyError, match="layer4.1.bn2.bias"):
-        convert_torchvision_resnet_state_dict(sd)
-
-
-# -------------------------------------------------------------------------------------- CLIs
-def _import_tool(name: str):
-    """Import a script of tools/ as a module (its ``main(argv)`` returns the exit status)."""
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.pop(0)
-
-
-def test_official_cli_round_trip_on_small_file(tmp_path):
-    sd = make_official_state_dict(channels=32, ffn_channels=64, num_proposals=8, base_width=8)
-    src, dst = tmp_path / "official.pth", tmp_path / "converted.pth"
-    torch.save({"meta": {"CLASSES": coco_classes("panoptic")}, "state_dict": sd}, src)
-
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools/convert_official_knet.py"), str(src), str(dst)],
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO / "projects")),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "ResNet-50, 3 stages, 133 classes, 8 proposals, 32 channels" in proc.stdout
-    out = torch.load(dst, map_location="cpu", weights_only=True)
-    expected = convert_official_knet_state_dict(sd)
-    assert set(out["model"]) == set(expected)
-    assert all(torch.equal(out["model"][k], v) for k, v in expected.items())
-    assert out["matching_heuristics"] is False and out["__author__"]
-
-
-def test_official_cli_failures(tmp_path, capsys):
-    cli = _import_tool("convert_official_knet")
-    sd = make_official_state_dict(channels=32, ffn_channels=64, num_proposals=8, base_width=8)
-    src, dst = tmp_path / "official.pth", tmp_path / "converted.pth"
-    classes = list(coco_classes("panoptic"))
-    torch.save({"meta": {"CLASSES": classes}, "state_dict": sd}, src)
-    # the small model does not fit the R50 config: exit 1, nothing written
-    config = ["--config-file", str(CONFIGS["panoptic"])]
-    assert cli.main([str(src), str(dst), *config]) == 1
-    assert "shape mismatches" in capsys.readouterr().err and not dst.exists()
-    # ... unless the config is overridden to the small model's sizes
-    opts = ["MODEL.RESNETS.RES2_OUT_CHANNELS", "32", "MODEL.RESNETS.STEM_OUT_CHANNELS", "8"]
-    opts += ["MODEL.RESNETS.WIDTH_PER_GROUP", "8"]
-    opts += ["MODEL.FPN.OUT_CHANNELS", "32", "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32"]
-    opts += ["MODEL.KNET.HIDDEN_DIM", "32", "MODEL.KNET.UPDATOR_DIM", "32"]
-    opts += ["MODEL.KNET.DIM_FEEDFORWARD", "64", "MODEL.KNET.NUM_PROPOSALS", "8"]
-    assert cli.main([str(src), str(dst), *config, "--opts", *opts]) == 0, capsys.readouterr().err
-    assert "verified" in capsys.readouterr().out and dst.exists()
-    # class order differing from Detectron2's COCO ids
-    classes[3], classes[4] = classes[4], classes[3]
-    torch.save({"meta": {"CLASSES": classes}, "state_dict": sd}, src)
-    assert cli.main([str(src), str(tmp_path / "a.pth")]) == 1
-    assert "class 3" in capsys.readouterr().err
-    assert cli.main([str(src), str(tmp_path / "b.pth"), "--skip-class-check"]) == 0
-    # unknown key
-    sd["rpn_head.extra.weight"] = torch.zeros(1)
-    torch.save(sd, src)
-    assert cli.main([str(src), str(tmp_path / "c.pth")]) == 2
-    assert "rpn_head.extra.weight" in capsys.readouterr().err
-
-
-def test_official_cli_with_config_full_size(official, tmp_path):
-    cli = _import_tool("convert_official_knet")
-    src, dst = tmp_path / "official.pth", tmp_path / "converted.pth"
-    checkpoint = {"meta": {"CLASSES": coco_classes("instance")}, "state_dict": official["instance"]}
-    torch.save(checkpoint, src)
-    assert cli.main([str(src), str(dst), "--config-file", str(CONFIGS["instance"])]) == 0
-    out = load_checkpoint_file(str(dst))["model"]
-    key = "roi_head.mask_head.2.fc_cls.bias"
-    assert torch.equal(out["kernel_head.stages.2.fc_cls.bias"], official["instance"][key])
-
-
-def test_torchvision_cli(tmp_path):
-    cli = _import_tool("convert_torchvision_resnet")
-    net = _torchvision_resnet(18)
-    src, dst = tmp_path / "resnet18.pth", tmp_path / "R-18.pth"
-    torch.save(net.state_dict(), src)
-    assert cli.main([str(src), str(dst)]) == 0
-    out = torch.load(dst, map_location="cpu", weights_only=True)["model"]
-    assert torch.equal(out["backbone.bottom_up.res5.1.conv2.weight"], net.layer4[1].conv2.weight)
-    assert torch.equal(out["backbone.bottom_up.stem.conv1.norm.running_var"], net.bn1.running_var)
-    assert len(out) == len(convert_torchvision_resnet_state_dict(net.state_dict()))
-
-
-# ------------------------------------------------------------------ semantic (MMSeg) K-Net
-SEM_CHANNELS = {"upernet": 256, "fcn": 512, "psp": 512, "aspp": 512}
-SEM_DECODERS = {
-    "upernet": "KNetUPerHead",
-    "fcn": "KNetFCNHead",
-    "psp": "KNetPSPHead",
-    "aspp": "KNetASPPHead",
-}
-GEN = "decode_head.kernel_generate_head"
-ALL_RES = ["res2", "res3", "res4", "res5"]
-
-
-def write_resnet_v1c(w: _Writer, prefix: str, depth: int = 50, base_width: int = 64) -> List[int]:
-    """MMCV ResNetV1c (deep stem, "pytorch" style); returns the stage output widths."""
-    half = base_width // 2
-    w.add(f"{prefix}stem.0.weight", half, 3, 3, 3)
-    w.bn(f"{prefix}stem.1", half)
-    w.add(f"{prefix}stem.3.weight", half, half, 3, 3)
-    w.bn(f"{prefix}stem.4", half)
-    w.add(f"{prefix}stem.6.weight", base_width, half, 3, 3)
-    w.bn(f"{prefix}stem.7", base_width)
-    bottleneck = depth >= 50
-    blocks = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}.get(depth) or RESNET_BLOCKS[depth]
-    in_ch, stage_out = base_width, []
-    for layer, num_blocks in enumerate(blocks, start=1):
-        width = base_width * 2 ** (layer - 1)
-        out_ch = 4 * width if bottleneck else width
-        for i in range(num_blocks):
-            p = f"{prefix}layer{layer}.{i}"
-            block_in = in_ch if i == 0 else out_ch
-            if bottleneck:
-                w.add(f"{p}.conv1.weight", width, block_in, 1, 1)
-                w.bn(f"{p}.bn1", width)
-                w.add(f"{p}.conv2.weight", width, width, 3, 3)
-                w.bn(f"{p}.bn2", width)
-                w.add(f"{p}.conv3.weight", out_ch, width, 1, 1)
-                w.bn(f"{p}.bn3", out_ch)
-            else:
-                w.add(f"{p}.conv1.weight", width, block_in, 3, 3)
-                w.bn(f"{p}.bn1", width)
-                w.add(f"{p}.conv2.weight", width, width, 3, 3)
-                w.bn(f"{p}.bn2", width)
-            if i == 0 and block_in != out_ch:
-                w.add(f"{p}.downsample.0.weight", out_ch, in_ch, 1, 1)
-                w.bn(f"{p}.downsample.1", out_ch)
-        in_ch = out_ch
-        stage_out.append(out_ch)
-    return stage_out
-
-
-def make_mmseg_state_dict(
-    head: str,
-    num_classes: int = 150,
-    num_stages: int = 3,
-    channels: Optional[int] = None,
-    updator_channels: int = 256,
-    ffn_channels: int = 2048,
-    base_width: int = 64,
-    aux_channels: Optional[int] = 256,
-    lazy: bool = True,
-    seed: int = 0,
-) -> Dict[str, torch.Tensor]:
-    """A semantic K-Net ``state_dict`` (spec 7.5) of an MMSeg ADE20K model.
-
-    Defaults give the real shapes: ResNetV1c-50, UPerNet with 256 channels or FCN/PSP/ASPP with
-    512 (the kernel updator stays 256 wide), 150 classes, 3 stages, auxiliary FCN head
-    1024 -> 256 on res4 (``aux_channels=None``: no auxiliary head). Tensors are lazy (stride-0)
-    unless ``lazy=False``.
-    """
-    w = _Writer(seed, lazy)
-    ins = write_resnet_v1c(w, "backbone.", 50, base_width)
-    c = channels or SEM_CHANNELS[head]
-    if head == "upernet":
-        for i in range(4):
-            w.conv_bn(f"{GEN}.psp_modules.{i}.1", c, ins[3], 1)
-        w.conv_bn(f"{GEN}.bottleneck", c, ins[3] + 4 * c, 3)
-        for i in range(3):
-            w.conv_bn(f"{GEN}.lateral_convs.{i}", c, ins[i], 1)
-        for i in range(3):
-            w.conv_bn(f"{GEN}.fpn_convs.{i}", c, c, 3)
-        w.conv_bn(f"{GEN}.fpn_bottleneck", c, 4 * c, 3)
-    elif head == "fcn":
-        w.conv_bn(f"{GEN}.convs.0", c, ins[3], 3)
-        w.conv_bn(f"{GEN}.convs.1", c, c, 3)
-        w.conv_bn(f"{GEN}.conv_cat", c, ins[3] + c, 3)
-    elif head == "psp":
-        for i in range(4):
-            w.conv_bn(f"{GEN}.psp_modules.{i}.1", c, ins[3], 1)
-        w.conv_bn(f"{GEN}.bottleneck", c, ins[3] + 4 * c, 3)
-    elif head == "aspp":
-        w.conv_bn(f"{GEN}.image_pool.1", c, ins[3], 1)
-        for i in range(4):
-            w.conv_bn(f"{GEN}.aspp_modules.{i}", c, ins[3], 1 if i == 0 else 3)
-        w.conv_bn(f"{GEN}.bottleneck", c, 5 * c, 3)
-    w.add(f"{GEN}.conv_seg.weight", num_classes, c, 1, 1)
-    w.add(f"{GEN}.conv_seg.bias", num_classes)
-    u = updator_channels
-    for s in range(num_stages):  # 39 tensors each: the layout of 7.4 without cls_fcs/fc_cls
-        write_update_stage(w, f"decode_head.kernel_update_head.{s}", c, u, ffn_channels, 0)
-    if aux_channels:
-        w.conv_bn("auxiliary_head.convs.0", aux_channels, ins[2], 3)
-        w.add("auxiliary_head.conv_seg.weight", num_classes, aux_channels, 1, 1)
-        w.add("auxiliary_head.conv_seg.bias", num_classes)
+def imagenet_resnet(depth: int, deep_stem: bool = False, lazy: bool = True):
+    """An ImageNet ResNet checkpoint (torchvision or MMCV ResNetV1c): backbone + classifier."""
+    w = Writer(depth, lazy)
+    out = write_resnet(w, "", depth, deep_stem=deep_stem)
+    w.add("fc.weight", 1000, out[-1])
+    w.add("fc.bias", 1000)
     return w.sd
 
 
+def test_r101_imagenet_weights_fit_the_dcn_config(tmp_path):
+    """torchvision's R-101 initialises R-101-DCN: everything but the (zero) offset convs;
+    Detectron2 loads the prefix-free file into the FPN model by suffix matching."""
+    config = "configs/coco/instance-segmentation/knet_R101_DCN_bs16_ms3x.yaml"
+    sd = imagenet_resnet(101)
+    converted, name = convert_pretrained_backbone(sd, shapes_of(config))
+    assert name == "R-101" and "res4.22.conv3.norm.running_var" in converted
+    sd["layer1.0.conv4.weight"] = torch.zeros(1)
+    sd["layer4.2.conv3.weight"] = torch.zeros(2048, 512, 3, 3)
+    with pytest.raises(CheckpointKeyError) as err:
+        convert_pretrained_backbone(sd, shapes_of(config))
+    assert "layer1.0.conv4.weight" in str(err.value)
+    assert "res5.2.conv3.weight: converted (2048, 512, 3, 3) vs model" in str(err.value)
+
+    small = imagenet_resnet(50, lazy=False)
+    path = str(tmp_path / "R-50.pkl")
+    save_detectron2_checkpoint(
+        convert_pretrained_backbone(small)[0], path, author="test", matching_heuristics=True
+    )
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEFORM_ON_PER_STAGE", "[False, True, True, True]"]
+    model = build_model(get_knet_cfg(str(REPO / CONFIGS["instance"]), opts))
+    DetectionCheckpointer(model).load(path)
+    state = model.state_dict()
+    assert torch.equal(
+        state["backbone.bottom_up.res4.5.conv2.weight"], small["layer3.5.conv2.weight"]
+    )
+    assert torch.equal(state["backbone.bottom_up.stem.conv1.weight"], small["conv1.weight"])
+    offsets = [v for k, v in state.items() if "conv2_offset" in k]
+    assert len(offsets) == 2 * (4 + 6 + 3) and all(not v.any() for v in offsets)
+
+
+# ---------------------------------------------------------------- semantic (MMSeg) K-Net
 # The contract, restated independently of the converter: official key -> our key.
 _SEM_STAGE_RENAMES = {
     "attention.attn.in_proj_weight": "attention.in_proj_weight",
@@ -839,13 +523,19 @@ SEM_DECODER_CONVS = {"upernet": 12, "fcn": 3, "psp": 5, "aspp": 6}  # ConvModule
 @pytest.fixture(scope="module")
 def mmseg() -> Dict[str, Dict[str, torch.Tensor]]:
     """Full-size (lazy) synthetic MMSeg K-Net state dicts, one per decode head."""
-    return {head: make_mmseg_state_dict(head) for head in SEM_CHANNELS}
+    return {head: make_mmseg_state_dict(head) for head in SEM_CONFIGS}
 
 
-@pytest.mark.parametrize("head", list(SEM_CHANNELS))
+@pytest.fixture(scope="module")
+def sem_shapes() -> Dict[str, Dict[str, tuple]]:
+    """Model keys with BN batch counters (SyncBN configs)."""
+    return {head: shapes_of(config) for head, config in SEM_CONFIGS.items()}
+
+
+@pytest.mark.parametrize("head", list(SEM_CONFIGS))
 def test_mmseg_generator_matches_spec(mmseg, head):
     sd = mmseg[head]
-    c = SEM_CHANNELS[head]
+    c = 512  # MMSeg's released heads are all 512 wide
     for s in range(3):
         stage = {
             k: v for k, v in sd.items() if k.startswith(f"decode_head.kernel_update_head.{s}.")
@@ -871,116 +561,61 @@ def test_mmseg_generator_matches_spec(mmseg, head):
     assert sum(k.startswith("backbone.stem.") for k in sd) == 3 + 3 * 5
 
 
-@pytest.mark.parametrize("head", list(SEM_CHANNELS))
-def test_mmseg_conversion_maps_every_key(mmseg, head):
+@pytest.mark.parametrize("head", list(SEM_CONFIGS))
+def test_mmseg_conversion_maps_every_key(mmseg, sem_shapes, head):
     sd = mmseg[head]
     expected = {expected_semantic_key(k): k for k in sd}
     assert len(expected) == len(sd)
-    # every key, num_batches_tracked included when the model has those buffers
-    out = convert_official_knet_state_dict(sd, target_keys=expected)
-    assert set(out) == set(expected)
+    # every key, BN batch counters included (the SyncBN model has them)
+    out = convert_official_knet_state_dict({"meta": {}, "state_dict": sd}, sem_shapes[head])
+    assert set(out) == set(expected) == set(sem_shapes[head])
     for new, old in expected.items():
         assert out[new] is sd[old], (old, new)
     for old, new in SEM_SPOT_CHECKS + SEM_HEAD_SPOT_CHECKS[head]:
         assert out[new] is sd[old], (old, new)
-    assert not any("bottom_up" in k or "fc_cls" in k or "cls_fcs" in k for k in out)
-    # without target keys the BN buffers are dropped (FrozenBN has none), nothing else
-    out = convert_official_knet_state_dict({"meta": {}, "state_dict": sd})
-    assert set(out) == {k for k in expected if not k.endswith("num_batches_tracked")}
-    assert all(tuple(out[k].shape) == tuple(sd[expected[k]].shape) for k in out)
 
 
-@pytest.mark.parametrize("head", list(SEM_CHANNELS))
-def test_mmseg_head_type_and_options(mmseg, head):
+@pytest.mark.parametrize("head", list(SEM_CONFIGS))
+def test_mmseg_architecture_is_read_from_the_keys(mmseg, head):
     info = describe_official_knet_state_dict(mmseg[head])
-    c = SEM_CHANNELS[head]
-    assert info.is_semantic and info.head_type == head
-    assert (info.depth, info.deep_stem, info.num_stages, info.num_classes) == (50, True, 3, 150)
-    assert (info.channels, info.updator_channels, info.ffn_channels) == (c, 256, 2048)
-    assert (info.num_cls_fcs, info.num_mask_fcs) == (0, 1)
-    assert (info.aux_in_channels, info.aux_in_feature, info.aux_channels) == (1024, "res4", 256)
-    assert head in info.summary() and SEM_DECODERS[head] in info.summary()
-    assert ("-D8" in info.summary()) == (head != "upernet")
-
-    opts = info.detectron2_options()
-    pairs = dict(zip(opts[::2], opts[1::2]))
-    assert pairs["MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME"] == SEM_DECODERS[head]
-    assert pairs["MODEL.SEM_SEG_HEAD.CONVS_DIM"] == pairs["MODEL.KNET.HIDDEN_DIM"] == str(c)
-    assert pairs["MODEL.SEM_SEG_HEAD.NUM_CLASSES"] == "150"
-    assert pairs["MODEL.KNET.UPDATOR_DIM"] == "256"
-    cfg = get_knet_cfg(opts=opts)  # every option is a valid key with a valid value
-    r = cfg.MODEL.RESNETS
-    assert (cfg.MODEL.BACKBONE.NAME, r.STEM_TYPE, r.STRIDE_IN_1X1) == (
-        "build_knet_resnet_backbone", "deeplab", False
-    )  # fmt: skip
-    assert (r.RES4_DILATION, r.RES5_DILATION) == ((1, 1) if head == "upernet" else (2, 4))
-    assert cfg.MODEL.KNET.AUX_HEAD.LOSS_WEIGHT > 0 and cfg.MODEL.KNET.AUX_HEAD.IN_FEATURE == "res4"
-    if head == "fcn":
-        assert (cfg.MODEL.KNET.DECODE_HEAD.NUM_CONVS, cfg.MODEL.KNET.DECODE_HEAD.CONCAT_INPUT) == (
-            2, True
-        )  # fmt: skip
-    in_features = cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES
-    assert in_features == (ALL_RES if head == "upernet" else ["res5"])
-    assert set(r.OUT_FEATURES) == set(in_features) | {"res4"}
+    assert info.architecture == ("semantic", "R-50-V1c", head, 512)
+    assert (info.num_stages, info.num_classes) == (3, 150)
+    assert head in info.summary()
 
 
-@pytest.mark.parametrize("head", ["upernet", "aspp"])
-def test_mmseg_backbone_keys_match_the_semantic_backbone(mmseg, head):
-    """With the reported options, the converted ``backbone.*`` keys are the model's exactly."""
-    info = describe_official_knet_state_dict(mmseg[head])
-    cfg = get_knet_cfg(opts=info.detectron2_options() + ["MODEL.RESNETS.NORM", "BN"])
-    cfg.MODEL.BACKBONE.FREEZE_AT = 0
-    backbone = build_knet_resnet_backbone(cfg, ShapeSpec(channels=3))
-    reference = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
-    converted = convert_official_knet_state_dict(mmseg[head], target_keys=reference.keys())
-    converted = {k: v for k, v in converted.items() if k.startswith("backbone.")}
-    diff = compare_state_dicts(converted, reference)
-    assert diff.ok, diff.format()
-    strides = {k: v.stride for k, v in backbone.output_shape().items()}
-    assert strides["res5"] == (32 if head == "upernet" else 8)
+def test_upernet_256_variant_is_a_separate_config(mmseg):
+    """MMSeg's UPerNet checkpoint is 512 wide; the 256-channel config is only an option."""
+    narrow = "configs/ade20k/semantic-segmentation/knet_s3_upernet_R50_256ch_bs16_80k.yaml"
+    with pytest.raises(CheckpointKeyError, match="shape mismatches"):
+        convert_official_knet_state_dict(mmseg["upernet"], shapes_of(narrow))
+    sd = make_mmseg_state_dict("upernet", channels=256)
+    assert describe_official_knet_state_dict(sd).channels == 256
+    assert convert_official_knet_state_dict(sd, shapes_of(narrow))
 
 
-@pytest.mark.parametrize("head", list(SEM_CHANNELS))
-def test_mmseg_decode_heads_match_converted_keys(mmseg, head):
-    """The decode and auxiliary heads built with the reported options take the converted keys."""
-    decode_heads = pytest.importorskip("knet.modeling.pixel_decoder.decode_heads")
-    from knet.modeling.pixel_decoder import build_pixel_decoder
-
-    info = describe_official_knet_state_dict(mmseg[head])
-    cfg = get_knet_cfg(opts=info.detectron2_options() + ["MODEL.SEM_SEG_HEAD.NORM", "BN"])
-    res2 = 256
-    shapes = {f: ShapeSpec(channels=res2 * 2**i, stride=4) for i, f in enumerate(ALL_RES)}
-    with torch.device("meta"):  # keys and shapes only
-        decoder = build_pixel_decoder(cfg, shapes)
-        aux = decode_heads.build_auxiliary_head(cfg, shapes)
-    reference = {f"pixel_decoder.{k}": v for k, v in decoder.state_dict().items()}
-    reference.update({f"auxiliary_head.{k}": v for k, v in aux.state_dict().items()})
-    converted = convert_official_knet_state_dict(mmseg[head], target_keys=reference.keys())
-    converted = {k: v for k, v in converted.items() if k.startswith(("pixel_", "auxiliary_"))}
-    diff = compare_state_dicts(converted, reference)
-    assert diff.ok, diff.format()
-
-
-def test_mmseg_unknown_keys_raise_and_name_them(mmseg):
+def test_mmseg_unknown_keys_raise_and_name_them(mmseg, sem_shapes):
     bad = dict(mmseg["upernet"])
     extra = [
         f"{GEN}.extra_convs.0.conv.weight",
         "decode_head.kernel_update_head.1.fc_cls.weight",  # instance/panoptic only
         "decode_head.conv_seg.weight",
         "auxiliary_head.conv_cat.conv.weight",
-        "backbone.conv1.weight",  # a 7x7 stem next to the deep stem
         "roi_head.mask_head.0.fc_mask.weight",
     ]
     for key in extra:
         bad[key] = torch.zeros(1)
     with pytest.raises(CheckpointKeyError) as err:
-        convert_official_knet_state_dict(bad)
+        convert_official_knet_state_dict(bad, sem_shapes["upernet"])
     assert all(key in str(err.value) for key in extra), str(err.value)
     assert "upernet" in str(err.value)
+    bad = dict(mmseg["upernet"])
+    bad["backbone.conv1.weight"] = torch.zeros(1)  # a 7x7 stem next to the deep stem
+    with pytest.raises(CheckpointKeyError, match="'backbone.stem.0.weight' and 'backbone.conv1"):
+        convert_official_knet_state_dict(bad, sem_shapes["upernet"])
     bad = dict(mmseg["psp"])
     bad[f"{GEN}.psp_modules.4.1.conv.weight"] = torch.zeros(1)  # a fifth pool scale
     with pytest.raises(CheckpointKeyError, match=r"psp_modules\.4\.1\.conv\.weight"):
-        convert_official_knet_state_dict(bad)
+        convert_official_knet_state_dict(bad, sem_shapes["psp"])
 
 
 @pytest.mark.parametrize(
@@ -988,157 +623,53 @@ def test_mmseg_unknown_keys_raise_and_name_them(mmseg):
     [
         ("upernet", f"{GEN}.fpn_bottleneck.bn.running_var"),
         ("upernet", f"{GEN}.lateral_convs.2.conv.weight"),
-        ("upernet", f"{GEN}.psp_modules.0.1.bn.weight"),
         ("fcn", f"{GEN}.conv_cat.conv.weight"),
-        ("fcn", f"{GEN}.convs.1.bn.bias"),
-        ("psp", f"{GEN}.bottleneck.conv.weight"),
-        ("aspp", f"{GEN}.aspp_modules.2.bn.running_mean"),
         ("aspp", f"{GEN}.image_pool.1.conv.weight"),
-        ("aspp", f"{GEN}.conv_seg.bias"),
         ("fcn", "decode_head.kernel_update_head.2.kernel_update_conv.fc_norm.bias"),
-        ("psp", "decode_head.kernel_update_head.0.ffn.layers.1.bias"),
         ("upernet", "auxiliary_head.conv_seg.bias"),
-        ("upernet", "auxiliary_head.convs.0.bn.weight"),
         ("aspp", "backbone.stem.4.running_mean"),
-        ("fcn", "backbone.layer4.2.bn3.weight"),
     ],
 )
-def test_mmseg_missing_key_raises_and_names_it(mmseg, head, key):
+def test_mmseg_missing_key_raises_and_names_it(mmseg, sem_shapes, head, key):
     bad = dict(mmseg[head])
     del bad[key]
     with pytest.raises(CheckpointKeyError) as err:
-        convert_official_knet_state_dict(bad)
-    assert key in str(err.value)
+        convert_official_knet_state_dict(bad, sem_shapes[head])
+    assert expected_semantic_key(key) in str(err.value)
 
 
-def test_mmseg_missing_bn_buffer_is_fine(mmseg):
+def test_mmseg_missing_bn_counter_is_fine(mmseg, sem_shapes):
     sd = dict(mmseg["aspp"])
     key = f"{GEN}.aspp_modules.1.bn.num_batches_tracked"
     del sd[key]
-    targets = [expected_semantic_key(k) for k in mmseg["aspp"]]
-    out = convert_official_knet_state_dict(sd, target_keys=targets)
-    assert set(out) == set(targets) - {expected_semantic_key(key)}
+    out = convert_official_knet_state_dict(sd, sem_shapes["aspp"])
+    assert set(out) == set(sem_shapes["aspp"]) - {expected_semantic_key(key)}
 
 
-def test_mmseg_variants():
-    # no auxiliary head
+def test_mmseg_without_auxiliary_head():
     sd = make_mmseg_state_dict("fcn", aux_channels=None)
-    info = describe_official_knet_state_dict(sd)
-    assert info.aux_in_channels == 0 and "no auxiliary head" in info.summary()
-    opts = info.detectron2_options()
-    assert opts[opts.index("MODEL.KNET.AUX_HEAD.LOSS_WEIGHT") + 1] == "0.0"
-    assert not any(k.startswith("auxiliary_head.") for k in convert_official_knet_state_dict(sd))
-    # FCN without concat_input, two stages
-    sd = make_mmseg_state_dict("fcn", num_stages=2)
-    sd = {k: v for k, v in sd.items() if ".conv_cat." not in k}
-    sd = {k: v for k, v in sd.items() if not k.startswith("decode_head.kernel_update_head.2.")}
-    info = describe_official_knet_state_dict(sd)
-    assert (info.fcn_num_convs, info.fcn_concat_input, info.num_stages) == (2, False, 2)
-    opts = info.detectron2_options()
-    assert opts[opts.index("MODEL.KNET.DECODE_HEAD.CONCAT_INPUT") + 1] == "False"
-    assert len(convert_official_knet_state_dict(sd)) > 0
+    with pytest.raises(CheckpointKeyError, match="auxiliary_head"):
+        convert_official_knet_state_dict(sd, shapes_of(SEM_CONFIGS["fcn"]))
+    shapes = shapes_of(SEM_CONFIGS["fcn"], ["MODEL.KNET.AUX_HEAD.LOSS_WEIGHT", "0.0"])
+    assert not any(k.startswith("auxiliary_head.") for k in shapes)
+    assert convert_official_knet_state_dict(sd, shapes)
 
 
 def test_mmseg_unsupported_variants(mmseg):
-    sd = {k: v for k, v in mmseg["upernet"].items() if not k.startswith("backbone.")}
-    sd["backbone.patch_embed.projection.weight"] = torch.zeros(96, 3, 4, 4)
-    with pytest.raises(UnsupportedCheckpointError, match="Swin"):
-        convert_official_knet_state_dict(sd)
-    # DepthwiseSeparableASPPHead (DeepLabV3+) is not one of the K-Net heads
+    # DepthwiseSeparableASPPHead-like (DeepLabV3+) is not one of the K-Net heads
     sd = {k: v for k, v in mmseg["fcn"].items() if not k.startswith(f"{GEN}.conv")}
     sd[f"{GEN}.c1_bottleneck.conv.weight"] = torch.zeros(48, 256, 1, 1)
     sd[f"{GEN}.conv_seg.weight"] = torch.zeros(150, 512, 1, 1)
     with pytest.raises(UnsupportedCheckpointError, match="c1_bottleneck"):
-        convert_official_knet_state_dict(sd)
+        describe_official_knet_state_dict(sd)
     # a plain MMSeg segmentor (no K-Net heads)
     plain = {k: v for k, v in mmseg["fcn"].items() if not k.startswith("decode_head.")}
     plain["decode_head.conv_seg.weight"] = torch.zeros(150, 512, 1, 1)
     with pytest.raises(CheckpointKeyError, match="kernel_generate_head"):
-        convert_official_knet_state_dict(plain)
-
-
-def test_official_cli_semantic_small_file(tmp_path, capsys):
-    cli = _import_tool("convert_official_knet")
-    sd = make_mmseg_state_dict(
-        "upernet",
-        num_classes=5,
-        channels=32,
-        updator_channels=16,
-        ffn_channels=64,
-        base_width=8,
-        aux_channels=16,
-        lazy=False,
-    )
-    src, dst = tmp_path / "mmseg.pth", tmp_path / "converted.pth"
-    torch.save({"meta": {"CLASSES": ("a", "b", "c", "d", "e")}, "state_dict": sd}, src)
-    assert cli.main([str(src), str(dst)]) == 0, capsys.readouterr().err
-    out = capsys.readouterr().out
-    assert "semantic, ResNetV1c-50, upernet decode head (KNetUPerHead)" in out
-    assert "5 classes, 32 channels (kernel updator 16)" in out
-    assert "auxiliary FCN head 128 -> 16 on res4" in out
-    assert "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME KNetUPerHead" in out
-    saved = load_checkpoint_file(str(dst))
-    assert "MMSegmentation" in saved["__author__"]
-    expected = convert_official_knet_state_dict(sd)
-    assert set(saved["model"]) == set(expected)
-    assert all(torch.equal(saved["model"][k], v) for k, v in expected.items())
-    sd[f"{GEN}.fpn_convs.3.conv.weight"] = torch.zeros(1)
-    torch.save(sd, src)
-    assert cli.main([str(src), str(tmp_path / "bad.pth")]) == 2
-    assert "fpn_convs.3.conv.weight" in capsys.readouterr().err
+        describe_official_knet_state_dict(plain)
 
 
 # ---------------------------------------------------------------- ResNetV1c ImageNet weights
-def _v1c_cfg(depth: int, norm: str = "BN", res4_dilation: int = 1, res5_dilation: int = 1):
-    opts = [
-        "MODEL.RESNETS.DEPTH", str(depth),
-        "MODEL.RESNETS.NORM", norm,
-        "MODEL.RESNETS.STEM_TYPE", "deeplab",
-        "MODEL.RESNETS.STRIDE_IN_1X1", "False",
-        "MODEL.RESNETS.RES2_OUT_CHANNELS", "64" if depth < 50 else "256",
-        "MODEL.RESNETS.RES4_DILATION", str(res4_dilation),
-        "MODEL.RESNETS.RES5_DILATION", str(res5_dilation),
-        "MODEL.RESNETS.OUT_FEATURES", str(ALL_RES),
-        "MODEL.BACKBONE.FREEZE_AT", "0",
-    ]  # fmt: skip
-    return get_knet_cfg(opts=opts)
-
-
-def make_v1c_imagenet_state_dict(depth: int = 50, lazy: bool = True) -> Dict[str, torch.Tensor]:
-    """An MMCV ImageNet ResNetV1c checkpoint: deep stem, layer1-4 and the classifier."""
-    w = _Writer(depth, lazy)
-    out = write_resnet_v1c(w, "", depth)
-    w.add("fc.weight", 1000, out[-1])
-    w.add("fc.bias", 1000)
-    return w.sd
-
-
-@pytest.mark.parametrize("depth,norm", [(50, "BN"), (50, "FrozenBN"), (18, "BN")])
-def test_v1c_imagenet_keys_match_the_semantic_backbone(depth, norm):
-    backbone = build_knet_resnet_backbone(_v1c_cfg(depth, norm), ShapeSpec(channels=3))
-    sd = make_v1c_imagenet_state_dict(depth)
-    for prefix, wrap in (("", ""), ("backbone.", "backbone."), (None, "backbone.bottom_up.")):
-        reference = {wrap + k: v for k, v in backbone.state_dict().items()}
-        kwargs = {} if prefix is None else {"prefix": prefix}
-        converted = convert_torchvision_resnet_state_dict(
-            {"state_dict": sd}, target_keys=reference.keys(), **kwargs
-        )
-        assert set(converted) == set(reference)  # no missing, no unexpected key
-        diff = compare_state_dicts(converted, reference)
-        assert diff.ok, diff.format()
-    assert converted["backbone.bottom_up.stem.conv3.weight"] is sd["stem.6.weight"]
-    assert ("stem.conv1.norm.num_batches_tracked" in backbone.state_dict()) == (norm == "BN")
-
-
-def test_v1c_imagenet_conversion_is_strict():
-    sd = make_v1c_imagenet_state_dict(50)
-    del sd["stem.7.running_var"]
-    sd["stem.2.weight"] = torch.zeros(1)  # ReLU: no parameters
-    with pytest.raises(CheckpointKeyError) as err:
-        convert_torchvision_resnet_state_dict(sd)
-    assert "stem.7.running_var" in str(err.value) and "stem.2.weight" in str(err.value)
-
-
 class _TorchvisionV1c(nn.Module):
     """torchvision ResNet with MMCV's ResNetV1c deep stem: an independent reference."""
 
@@ -1156,16 +687,11 @@ class _TorchvisionV1c(nn.Module):
         self.stem = nn.Sequential(
             *conv_bn_relu(3, 32, 2), *conv_bn_relu(32, 32, 1), *conv_bn_relu(32, 64, 1)
         )
-        for m in self.modules():  # non-trivial BN statistics and affine parameters
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.data.uniform_(0.5, 1.5)
-                m.bias.data.normal_(0.0, 0.1)
-                m.running_mean.normal_(0.0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
+        _randomize_bn(self)
 
     def state_dict_v1c(self) -> Dict[str, torch.Tensor]:
         sd = {f"stem.{k}": v for k, v in self.stem.state_dict().items()}
-        sd.update({k: v for k, v in self.net.state_dict().items()})
+        sd.update(self.net.state_dict())
         return sd
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1178,14 +704,13 @@ def test_v1c_weights_reproduce_the_reference(dilate):
     """torchvision's ``replace_stride_with_dilation`` also gives the first block of a dilated
     stage the previous dilation, i.e. MMSeg's ``contract_dilation``: same numbers expected."""
     reference = _TorchvisionV1c(50, dilate).eval()
-    sd = reference.state_dict_v1c()
-    assert {k.split(".")[0] for k in sd} == {"stem", "layer1", "layer2", "layer3", "layer4"}
-    cfg = _v1c_cfg(50, "BN", *((2, 4) if dilate else (1, 1)))
+    config = SEM_CONFIGS["fcn" if dilate else "upernet"]
+    converted, name = convert_pretrained_backbone(reference.state_dict_v1c(), shapes_of(config))
+    assert name == "R-50-V1c"
+    cfg = get_knet_cfg(str(REPO / config), ["MODEL.RESNETS.NORM", "BN"])
     backbone = build_knet_resnet_backbone(cfg, ShapeSpec(channels=3)).eval()
-    converted = convert_torchvision_resnet_state_dict(sd, prefix="")
-    incompatible = backbone.load_state_dict(converted, strict=False)
-    assert not incompatible.unexpected_keys
-    assert all(k.endswith("num_batches_tracked") for k in incompatible.missing_keys)
+    assert set(backbone.state_dict()) == set(converted)
+    backbone.load_state_dict(converted)
     x = torch.randn(1, 3, 48, 64)
     with torch.no_grad():
         expected = reference(x)
@@ -1194,16 +719,74 @@ def test_v1c_weights_reproduce_the_reference(dilate):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_torchvision_cli_v1c_no_fpn(tmp_path):
-    cli = _import_tool("convert_torchvision_resnet")
-    sd = make_v1c_imagenet_state_dict(18, lazy=False)
-    src, dst = tmp_path / "resnet18_v1c.pth", tmp_path / "R-18-V1c.pth"
+def test_v1c_imagenet_conversion_is_strict():
+    sd = imagenet_resnet(50, deep_stem=True)
+    del sd["stem.7.running_var"]
+    sd["stem.2.weight"] = torch.zeros(1)  # ReLU: no parameters
+    with pytest.raises(CheckpointKeyError) as err:
+        convert_pretrained_backbone(sd, shapes_of(SEM_CONFIGS["upernet"]))
+    assert "lacks, 1 key(s):\n  stem.conv3.norm.running_var" in str(err.value)
+    assert "stem.2.weight" in str(err.value)
+
+
+# -------------------------------------------------------------------------------------- CLIs
+def test_official_cli(tmp_path, capsys):
+    cli = load_script("tools/convert_official_knet.py")
+    sd = make_official_state_dict(**SMALL)
+    src, dst = tmp_path / "official.pth", tmp_path / "converted.pth"
+    classes = coco_classes("panoptic")
+    torch.save({"meta": {"CLASSES": classes}, "state_dict": sd}, src)
+    # the architecture selects the R50 panoptic config, which the narrow model does not fit
+    assert cli.main([str(src), str(dst)]) == 1
+    captured = capsys.readouterr()
+    assert "knet_R50_bs16_1x.yaml" in captured.out
+    assert "shape mismatches" in captured.err and not dst.exists()
+    # ... unless the config is overridden to the small model's sizes
+    assert cli.main([str(src), str(dst), "--opts", *SMALL_OPTS]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "detected: panoptic K-Net, R-50, 3 stages, 133 classes, 32-d kernels" in out
+    assert "evaluate with: python train_net.py --config-file" in out
+    saved = load_checkpoint_file(str(dst))
+    expected = convert_official_knet_state_dict(sd, shapes_of(CONFIGS["panoptic"], SMALL_OPTS))
+    assert set(saved["model"]) == set(expected) and saved["matching_heuristics"] is False
+    assert all(torch.equal(saved["model"][k], v) for k, v in expected.items())
+    # class order differing from Detectron2's COCO ids
+    classes[3], classes[4] = classes[4], classes[3]
+    torch.save({"meta": {"CLASSES": classes}, "state_dict": sd}, src)
+    assert cli.main([str(src), str(tmp_path / "a.pth"), "--opts", *SMALL_OPTS]) == 1
+    assert "class 3" in capsys.readouterr().err
+    args = [str(src), str(tmp_path / "b.pth"), "--skip-class-check", "--opts", *SMALL_OPTS]
+    assert cli.main(args) == 0
+    # unknown key: does not fit
+    sd["rpn_head.extra.weight"] = torch.zeros(1)
+    torch.save(sd, src)
+    assert cli.main([str(src), str(tmp_path / "c.pth"), "--opts", *SMALL_OPTS]) == 1
+    assert "rpn_head.extra.weight" in capsys.readouterr().err
+    # not a K-Net checkpoint; a K-Net no config describes
+    torch.save({k: v for k, v in sd.items() if k.startswith("backbone.")}, src)
+    assert cli.main([str(src), str(tmp_path / "d.pth")]) == 2
+    assert "not a K-Net checkpoint" in capsys.readouterr().err
+    torch.save(make_official_state_dict(num_classes=7, **SMALL), src)
+    assert cli.main([str(src), str(tmp_path / "e.pth")]) == 2
+    assert "--config-file" in capsys.readouterr().err
+
+
+def test_pretrained_backbone_cli(tmp_path, capsys):
+    cli = load_script("tools/convert_pretrained_backbone.py")
+    sd = imagenet_resnet(18, deep_stem=True, lazy=False)
+    src, dst = tmp_path / "resnet18_v1c.pth", tmp_path / "R-18-V1c.pkl"
     torch.save({"meta": {}, "state_dict": sd}, src)
-    assert cli.main([str(src), str(dst), "--no-fpn"]) == 0
-    saved = torch.load(dst, map_location="cpu", weights_only=True)
-    assert "V1c" in saved["__author__"]
-    backbone = build_knet_resnet_backbone(_v1c_cfg(18, "FrozenBN"), ShapeSpec(channels=3))
-    assert set(saved["model"]) == {f"backbone.{k}" for k in backbone.state_dict()}
-    assert torch.equal(saved["model"]["backbone.stem.conv2.weight"], sd["stem.3.weight"])
-    with pytest.raises(SystemExit):  # --prefix and --no-fpn exclude each other
-        cli.main([str(src), str(dst), "--no-fpn", "--prefix", "x."])
+    # no shipped config has an R-18-V1c: converted without a check
+    assert cli.main([str(src), str(dst)]) == 0
+    assert "detected: R-18-V1c" in capsys.readouterr().out
+    with open(dst, "rb") as f:
+        saved = pickle.load(f)
+    assert saved["matching_heuristics"] is True and "R-18-V1c" in saved["__author__"]
+    assert (saved["model"]["stem.conv2.weight"] == sd["stem.3.weight"].numpy()).all()
+    assert not any(k.startswith("fc.") for k in saved["model"])
+    # checked against a config: R-18 does not fit the R-50 UPerNet backbone
+    args = [str(src), str(tmp_path / "x.pkl"), "--config-file", str(REPO / SEM_CONFIGS["upernet"])]
+    assert cli.main(args) == 1
+    assert "shape mismatches" in capsys.readouterr().err
+    torch.save({"model": {"a.weight": torch.zeros(1)}}, src)
+    assert cli.main([str(src), str(tmp_path / "y.pkl")]) == 2

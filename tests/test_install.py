@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALLER = REPO / "tools" / "install_detectron2.py"
@@ -15,10 +16,7 @@ INSTALLER = REPO / "tools" / "install_detectron2.py"
 
 @pytest.fixture(scope="module")
 def installer():
-    spec = importlib.util.spec_from_file_location("install_detectron2", INSTALLER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/install_detectron2.py")
 
 
 def is_pure_python_build() -> bool:

@@ -1,20 +1,23 @@
 #!/usr/bin/env python
-"""Inference (and optionally training) speed and peak memory of K-Net versus its backbone.
+"""Inference (and optionally training) speed and peak memory of K-Net versus a ResNet backbone.
 
     python tools/benchmark.py --threads 2                      # R50 COCO panoptic, 800x1216, CPU
+    python tools/benchmark.py --threads 2 --config-file configs/coco/panoptic-segmentation/\
+{knet_R50_bs16_1x,knet_R101_DCN_bs16_ms3x,knet_swin_L_bs32_ms3x}.yaml   # several models
     python tools/benchmark.py --device cuda --iters 20 --warmup 5 --train --batch-size 2
     python tools/benchmark.py --breakdown --output-json bench.json
-    python tools/benchmark.py --config-file configs/toy/knet_R18_toy_panoptic.yaml --size 256x320
 
-The model is built from the config with random weights (``--weights`` loads a checkpoint) and run
-in eval mode under ``torch.no_grad()`` on one image ``{"image": (3, H, W) float, "height": H,
-"width": W}`` (a photo resized to ``--size``, fed as is: no test-time resize), i.e. the full
-forward including normalisation, padding and the post-processing of every output enabled in
-``MODEL.KNET.TEST``. The Detectron2 ResNet+FPN backbone alone, on the normalised padded tensor,
-is timed in the same run as the reference floor. ``--breakdown`` times the parts separately:
-each output's post-processing alone and, when several are enabled, all of them together as the
-full model runs them (with panoptic on, the instance masks come from the merge's maps).
-``--train`` adds one training iteration (forward, backward, optimizer step) on synthetic ground
+Each model is built from its config with random weights (``--weights`` loads a checkpoint into
+the first) and run in eval mode under ``torch.no_grad()`` on one image ``{"image": (3, H, W)
+float, "height": H, "width": W}`` (a photo resized to ``--size``, fed as is: no test-time
+resize), i.e. the full forward including normalisation, padding and the post-processing of every
+output enabled in ``MODEL.KNET.TEST``; its own backbone is timed alone too. The reference floor,
+timed once in the same run, is Detectron2's ResNet-50 + FPN backbone (``build_resnet_fpn_backbone``
+with the settings of ``knet_R50_bs16_1x.yaml``) on the normalised padded image; every ratio is
+to it. ``--breakdown`` times the parts of the first model separately: each output's
+post-processing alone and, when several are enabled, all of them together as the full model runs
+them (with panoptic on, the instance masks come from the merge's maps). ``--train`` adds one
+training iteration of the first model (forward, backward, optimizer step) on synthetic ground
 truth.
 
 The panoptic merge evaluates the full-resolution mask maps only where bounds from the stride-4
@@ -40,14 +43,17 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 import cv2
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
-from detectron2.structures import Instances
+from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
+from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import EventStorage
 from tabulate import tabulate
 
@@ -77,7 +83,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--config-file", default=DEFAULT_CONFIG, metavar="FILE")
+    parser.add_argument(
+        "--config-file", nargs="+", default=[DEFAULT_CONFIG], metavar="FILE", help="model(s)"
+    )
     parser.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
@@ -336,15 +344,86 @@ def describe_outputs(outputs: Dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- benchmark
-def build(args: argparse.Namespace):
-    cfg = get_knet_cfg(args.config_file, list(args.opts) + ["MODEL.DEVICE", args.device])
-    cfg.MODEL.WEIGHTS = args.weights
+def build(config_file: str, args: argparse.Namespace, weights: str = ""):
+    cfg = get_knet_cfg(config_file, list(args.opts) + ["MODEL.DEVICE", args.device])
+    cfg.MODEL.WEIGHTS = weights
     cfg.freeze()
     torch.manual_seed(0)
     model = build_model(cfg)
-    if args.weights:
-        DetectionCheckpointer(model).load(args.weights)
-    return cfg, model
+    if weights:
+        DetectionCheckpointer(model).load(weights)
+    return cfg, model.eval()
+
+
+def floor_backbone(rgb: np.ndarray, device: torch.device) -> Tuple[torch.nn.Module, torch.Tensor]:
+    """Detectron2's R50-FPN (P2-P6) with the settings of the R50 COCO config (random weights)
+    and its input: the normalised image padded to a multiple of 32."""
+    cfg = get_knet_cfg(DEFAULT_CONFIG)
+    torch.manual_seed(0)
+    backbone = build_resnet_fpn_backbone(cfg, ShapeSpec(channels=3)).to(device).eval()
+    image = model_input(rgb, cfg.INPUT.FORMAT)["image"].to(device)
+    mean, std = (
+        torch.tensor(v, device=device).view(-1, 1, 1)
+        for v in (cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD)
+    )
+    return backbone, ImageList.from_tensors([(image - mean) / std], 32).tensor
+
+
+def time_breakdown(model, inp, images, full_s: float, device, n) -> List[Dict[str, Any]]:
+    """Preprocessing, backbone, pixel decoder, kernel head and each post-processing alone."""
+    enabled = [t for t in ("panoptic", "instance", "semantic") if getattr(model, f"{t}_on")]
+    features = model.backbone(images.tensor)
+    decoded = model.pixel_decoder.forward_features(features)
+    last = model.kernel_head(*decoded)["stages"][-1]
+    parts: List[Tuple[str, Callable[[], Any]]] = [
+        ("preprocess (normalise, pad)", lambda: model.preprocess_image([inp])),
+        ("backbone", lambda: model.backbone(images.tensor)),
+        ("pixel decoder", lambda: model.pixel_decoder.forward_features(features)),
+        ("kernel head", lambda: model.kernel_head(*decoded)),
+    ]
+    if not getattr(model, "is_semantic", False):
+        for task in enabled:
+
+            def post(task: str = task) -> Any:
+                with only_output(model, task):
+                    return model.inference(last, [inp], images)
+
+            parts.append((f"post-processing: {task} alone", post))
+    in_sum = [True] * len(parts)
+    if len(enabled) > 1:
+        # As in the full model: with panoptic on, the instance masks come from the merge's
+        # maps, so the outputs cost less together than one by one.
+        in_sum[-len(enabled) :] = [False] * len(enabled)
+        parts.append(
+            (f"post-processing: {'+'.join(enabled)}", lambda: model.inference(last, [inp], images))
+        )
+        in_sum.append(True)
+    rows = []
+    for (name, fn), summed in zip(parts, in_sum):
+        m = measure(fn, device, *n)
+        m.update(name=name, share_of_full=m["median_s"] / full_s, in_sum=summed)
+        rows.append(m)
+    return rows
+
+
+def time_training(cfg, model, rgb, args, device, n) -> Dict[str, Any]:
+    model.train()
+    optimizer = build_optimizer(cfg, model)
+    batch = training_batch(cfg, rgb, args.batch_size)
+
+    def train_step() -> None:
+        with EventStorage():
+            losses = model(batch)
+            total = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+
+    m = measure(train_step, device, *n)
+    m.update(name=f"training iteration (batch {args.batch_size})", ratio_to_backbone=None)
+    m["images_per_s"] = args.batch_size / m["median_s"]
+    model.eval()
+    return m
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
@@ -353,100 +432,59 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but CUDA is not available")
-    cfg, model = build(args)
-    model.eval()
     height, width = args.size
     rgb, image_source = benchmark_image(height, width)
-    inp = model_input(rgb, cfg.INPUT.FORMAT)
-    enabled = [t for t in ("panoptic", "instance", "semantic") if getattr(model, f"{t}_on")]
     n = (args.warmup, args.iters)
-
     results: Dict[str, Any] = {
         "machine": machine_info(device),
         "settings": {
-            "config": os.path.relpath(args.config_file),
-            "weights": args.weights or "random init",
             "input": f"{height}x{width} ({image_source})",
-            "outputs": "+".join(enabled) or "none",
+            "weights": args.weights or "random init",
             "warmup / iters": f"{args.warmup} / {args.iters}",
-            "params (M)": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-            "backbone params (M)": round(
-                sum(p.numel() for p in model.backbone.parameters()) / 1e6, 2
-            ),
         },
+        "models": [],
         "inference": [],
         "breakdown": [],
     }
-
     with torch.no_grad():
-        images = model.preprocess_image([inp])
-        full = measure(lambda: model([inp]), device, *n)
-        backbone = measure(lambda: model.backbone(images.tensor), device, *n)
-        outputs = model([inp])[0]
-        results["settings"]["model output"] = describe_outputs(outputs)
-        backbone_name = f"backbone alone (R{cfg.MODEL.RESNETS.DEPTH}-FPN)"
-        for name, m in (("K-Net (full model)", full), (backbone_name, backbone)):
-            m["name"] = name
-            m["images_per_s"] = 1.0 / m["median_s"]
-            m["ratio_to_backbone"] = m["median_s"] / backbone["median_s"]
-            results["inference"].append(m)
-
-        if args.breakdown:
-            features = model.backbone(images.tensor)
-            loc, sem = model.pixel_decoder.forward_features(features)
-            head_out = model.kernel_head(loc, sem)
-            last = head_out["stages"][-1]
-            parts: List[Tuple[str, Callable[[], Any]]] = [
-                ("preprocess (normalise, pad)", lambda: model.preprocess_image([inp])),
-                ("backbone", lambda: model.backbone(images.tensor)),
-                ("pixel decoder", lambda: model.pixel_decoder.forward_features(features)),
-                ("kernel head", lambda: model.kernel_head(loc, sem)),
-            ]
-            for task in enabled:
-
-                def post(task: str = task) -> Any:
-                    with only_output(model, task):
-                        return model.inference(last, [inp], images)
-
-                parts.append((f"post-processing: {task} alone", post))
-            in_sum = [True] * len(parts)
-            if len(enabled) > 1:
-                # As in the full model: with panoptic on, the instance masks come from the
-                # merge's maps, so the outputs cost less together than one by one.
-                in_sum[-len(enabled) :] = [False] * len(enabled)
-                parts.append(
-                    (
-                        f"post-processing: {'+'.join(enabled)}",
-                        lambda: model.inference(last, [inp], images),
-                    )
+        floor_model, padded = floor_backbone(rgb, device)
+        floor = measure(partial(floor_model, padded), device, *n)
+        floor["name"] = "Detectron2 R50-FPN backbone (floor)"
+        floor_model = None
+        for i, config_file in enumerate(args.config_file):
+            model = None
+            gc.collect()
+            _malloc_trim()
+            cfg, model = build(config_file, args, args.weights if i == 0 else "")
+            name = os.path.splitext(os.path.basename(config_file))[0]
+            inp = model_input(rgb, cfg.INPUT.FORMAT)
+            images = model.preprocess_image([inp])
+            full = measure(partial(model, [inp]), device, *n)
+            backbone = measure(partial(model.backbone, images.tensor), device, *n)
+            full["name"], backbone["name"] = f"{name} (full model)", f"{name}: backbone alone"
+            results["inference"] += [full, backbone]
+            enabled = [t for t in ("panoptic", "instance", "semantic") if getattr(model, f"{t}_on")]
+            results["models"].append(
+                {
+                    "config": os.path.relpath(config_file),
+                    "outputs": "+".join(enabled) or "none",
+                    "params (M)": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+                    "model output": describe_outputs(model([inp])[0]),
+                }
+            )
+            if args.breakdown and i == 0:
+                results["breakdown"] = time_breakdown(
+                    model, inp, images, full["median_s"], device, n
                 )
-                in_sum.append(True)
-            for (name, fn), summed in zip(parts, in_sum):
-                m = measure(fn, device, *n)
-                m["name"] = name
-                m["share_of_full"] = m["median_s"] / full["median_s"]
-                m["in_sum"] = summed
-                results["breakdown"].append(m)
-
+    results["inference"].append(floor)
+    for m in results["inference"]:
+        m["images_per_s"] = 1.0 / m["median_s"]
+        m["ratio_to_backbone"] = m["median_s"] / floor["median_s"]
     if args.train:
-        model.train()
-        optimizer = build_optimizer(cfg, model)
-        batch = training_batch(cfg, rgb, args.batch_size)
-
-        def train_step() -> None:
-            with EventStorage():
-                losses = model(batch)
-                total = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-
-        m = measure(train_step, device, *n)
-        m["name"] = f"training iteration (batch {args.batch_size})"
-        m["images_per_s"] = args.batch_size / m["median_s"]
-        m["ratio_to_backbone"] = None
-        results["train"] = m
-        model.eval()
+        if len(args.config_file) > 1:
+            model = None
+            cfg, model = build(args.config_file[0], args, args.weights)
+        results["train"] = time_training(cfg, model, rgb, args, device, n)
     return results
 
 
@@ -462,6 +500,8 @@ def _num(value: float | None, fmt: str) -> str:
 def format_report(results: Dict[str, Any]) -> str:
     info_rows = [(k, v) for k, v in results["machine"].items()]
     info_rows += [(k, v) for k, v in results["settings"].items()]
+    for i, model in enumerate(results["models"]):
+        info_rows += [(f"model {i + 1}: {k}", v) for k, v in model.items()]
     lines = [tabulate(info_rows, tablefmt="github", headers=["machine / settings", ""])]
     rows = []
     for m in results["inference"] + ([results["train"]] if "train" in results else []):
@@ -478,7 +518,7 @@ def format_report(results: Dict[str, Any]) -> str:
     headers = ["measurement", "median ms", "mean ms", "images/s", "peak mem MiB", "ratio"]
     lines += ["", tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)]
     lines.append(
-        "ratio: median time / median time of the backbone alone. peak mem: "
+        "ratio: median time / median time of Detectron2's R50-FPN backbone. peak mem: "
         + (
             "max_memory_allocated above the baseline."
             if results["machine"]["device"].startswith("cuda")
@@ -491,7 +531,7 @@ def format_report(results: Dict[str, Any]) -> str:
             for m in results["breakdown"]
         ]
         total = sum(m["median_s"] for m in results["breakdown"] if m.get("in_sum", True))
-        full = results["inference"][0]["median_s"]
+        full = results["breakdown"][0]["median_s"] / results["breakdown"][0]["share_of_full"]
         rows.append(
             ("sum of parts (all outputs once)", _ms(total), "", f"{100 * total / full:.1f}")
         )

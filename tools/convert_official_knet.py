@@ -1,52 +1,50 @@
 #!/usr/bin/env python
-"""Convert an official K-Net checkpoint (MMDetection or MMSeg) into a Detectron2 file.
-
-Instance/panoptic (COCO, MMDetection) example::
+"""Convert a released K-Net checkpoint (official MMDetection or MMSeg) into a Detectron2 file.
 
     python tools/convert_official_knet.py \\
-        knet_s3_r50_fpn_1x_coco-panoptic_20211017_151750-395fbcba.pth knet_R50_1x_panoptic.pth \\
-        --config-file configs/coco/panoptic-segmentation/knet_R50_bs16_1x.yaml
+        knet_s3_swin-l_fpn_ms-3x_16x2_coco-panoptic_20211020_062341-62f3bbff.pth \\
+        output/knet_swin_L_coco_panoptic.pth
 
-Semantic (ADE20K, MMSeg) checkpoints are recognised by their ``decode_head.*`` keys; the decode
-head (UPerNet, FCN, PSPNet or ASPP) is read from the keys and printed with the config options
-of the matching model::
+The architecture (backbone: ResNet, ResNet-DCN or Swin; task; decode head) is read from the keys
+and the matching config of this project is chosen from the model zoo (README.md, "Model zoo");
+``--config-file`` (with ``--opts``) selects another one, e.g. for a checkpoint trained with a
+different class count. The converted weights must fit the model built from that config key by
+key and shape by shape, or nothing is written.
 
-    python tools/convert_official_knet.py \\
-        knet_s3_upernet_r50-d8_8x2_512x512_adamw_80k_ade20k.pth \\
-        knet_upernet_R50_ade20k.pth
-
-With ``--config-file`` the model of that config is built, the converted weights are compared
-with its state dict (every key and shape must match) and loaded back through
-``DetectionCheckpointer``; the output is written only if everything matches.
-
-Exit status: 0 success, 1 the converted weights do not fit the config (or the class order
-differs from Detectron2's COCO ids), 2 the checkpoint cannot be converted.
+Exit status: 0 success, 1 the weights do not fit the config (or the class order differs from
+Detectron2's COCO ids), 2 the file is not a K-Net checkpoint this project can build.
 """
 
 import argparse
+import os
 import shlex
 import sys
+from pathlib import Path
 from typing import List, Optional
-
-import torch
 
 from knet.checkpoint import (
     CheckpointKeyError,
     UnsupportedCheckpointError,
     check_coco_class_names,
-    compare_state_dicts,
     convert_official_knet_state_dict,
     describe_official_knet_state_dict,
+    find_model_zoo_entry,
     load_checkpoint_file,
+    model_state_shapes,
     save_detectron2_checkpoint,
 )
+from knet.engine import get_knet_cfg
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("input", help="official K-Net checkpoint (.pth)")
+    parser.add_argument("input", help="official K-Net or MMSeg K-Net checkpoint (.pth)")
     parser.add_argument("output", help="converted file (.pth, or .pkl for numpy arrays)")
-    parser.add_argument("--config-file", default="", help="check the result against this model")
+    parser.add_argument(
+        "--config-file", default="", help="config to build the model from (default: model zoo)"
+    )
     parser.add_argument(
         "--allow-pickle",
         action="store_true",
@@ -55,32 +53,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--skip-class-check",
         action="store_true",
-        help="do not compare meta['CLASSES'] with Detectron2's COCO class order "
-        "(instance/panoptic checkpoints only)",
+        help="do not compare meta['CLASSES'] with Detectron2's COCO class order",
     )
     parser.add_argument(
-        "--opts",
-        nargs=argparse.REMAINDER,
-        default=[],
-        help="config overrides for --config-file: KEY VALUE ... (must come last)",
+        "--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ..."
     )
     return parser.parse_args(argv)
-
-
-def build_reference_model(config_file: str, opts: List[str]) -> torch.nn.Module:
-    """Build (on CPU, without loading weights) the model described by a config file."""
-    from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
-
-    from knet import add_knet_config
-
-    cfg = get_cfg()
-    add_knet_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    return build_model(cfg).eval()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -89,14 +67,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         info = describe_official_knet_state_dict(checkpoint)
     except (CheckpointKeyError, UnsupportedCheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {args.input}: {e}", file=sys.stderr)
         return 2
-    print(f"official K-Net: {info.summary()}")
-    opts = " ".join(shlex.quote(o) for o in info.detectron2_options())
-    print(f"matching config options: {opts}")
+    print(f"detected: {info.summary()}")
+    config = args.config_file
+    entry = find_model_zoo_entry(info.architecture, os.path.basename(args.input))
+    if entry is not None:
+        print(f"model zoo: {entry.file} ({entry.metric} {entry.result}), config {entry.config}")
+        config = config or str(REPO / entry.config)
+    if not config:
+        print(
+            "error: no config of this project has this architecture; pass --config-file (and "
+            "--opts, e.g. MODEL.SEM_SEG_HEAD.NUM_CLASSES N) describing the model",
+            file=sys.stderr,
+        )
+        return 2
 
-    # ADE20K class names are spelled differently in MMSeg and Detectron2; the order is the same
-    if info.classes and not info.is_semantic and not args.skip_class_check:
+    if info.classes and info.task != "semantic" and not args.skip_class_check:
         mismatches = check_coco_class_names(info.classes)
         if mismatches:
             print(
@@ -106,40 +93,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             )
             return 1
 
-    model = build_reference_model(args.config_file, args.opts) if args.config_file else None
-    reference = model.state_dict() if model is not None else None
+    cfg = get_knet_cfg(config, args.opts)
     try:
-        converted = convert_official_knet_state_dict(
-            checkpoint, target_keys=reference.keys() if reference is not None else None
-        )
+        converted = convert_official_knet_state_dict(checkpoint, model_state_shapes(cfg))
     except (CheckpointKeyError, UnsupportedCheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-    if reference is not None:
-        diff = compare_state_dicts(converted, reference)
-        if not diff.ok:
-            print(f"error: converted weights do not fit {args.config_file}:", file=sys.stderr)
-            print(diff.format(), file=sys.stderr)
-            return 1
-
-    source = "MMSegmentation" if info.is_semantic else "MMDetection"
+        print(f"error: {args.input} does not fit {config}: {e}", file=sys.stderr)
+        return 1
+    source = "MMSegmentation" if info.task == "semantic" else "MMDetection"
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     save_detectron2_checkpoint(converted, args.output, author=f"K-Net official ({source})")
-    print(f"wrote {len(converted)} tensors to {args.output}")
-
-    if model is not None:
-        from detectron2.checkpoint import DetectionCheckpointer
-
-        DetectionCheckpointer(model).load(args.output)
-        loaded = model.state_dict()
-        wrong = [k for k, v in converted.items() if not torch.equal(loaded[k], v)]
-        if wrong:
-            print(
-                f"error: {len(wrong)} tensors differ after loading, e.g. {wrong[:5]}",
-                file=sys.stderr,
-            )
-            return 1
-        print(f"verified: DetectionCheckpointer loads all {len(loaded)} tensors of the model")
+    print(f"wrote {len(converted)} tensors to {args.output}; every key and shape of the model fit")
+    command = ["python", "train_net.py", "--config-file", config, "--eval-only"]
+    command += ["MODEL.WEIGHTS", args.output] + list(args.opts)
+    print("evaluate with: " + " ".join(shlex.quote(c) for c in command))
     return 0
 
 

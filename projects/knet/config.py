@@ -26,12 +26,33 @@ def add_knet_config(cfg: CN) -> None:
         cfg.MODEL.RESNETS.RES4_DILATION = 1
     # First block of a dilated stage uses half the dilation (MMSeg ResNetV1c, D8 models).
     cfg.MODEL.RESNETS.CONTRACT_DILATION = True
+    # Swin Transformer ("build_knet_swin_backbone", "build_knet_swin_fpn_backbone"): Mask2Former's
+    # MODEL.SWIN keys, same names and meanings, so both configs can be added in either order.
+    if "SWIN" not in cfg.MODEL:
+        cfg.MODEL.SWIN = CN()
+        cfg.MODEL.SWIN.PRETRAIN_IMG_SIZE = 224  # size of the absolute position embedding (APE)
+        cfg.MODEL.SWIN.PATCH_SIZE = 4
+        cfg.MODEL.SWIN.EMBED_DIM = 96
+        cfg.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
+        cfg.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
+        cfg.MODEL.SWIN.WINDOW_SIZE = 7
+        cfg.MODEL.SWIN.MLP_RATIO = 4.0
+        cfg.MODEL.SWIN.QKV_BIAS = True
+        cfg.MODEL.SWIN.QK_SCALE = None  # None: (width / heads) ** -0.5
+        cfg.MODEL.SWIN.DROP_RATE = 0.0
+        cfg.MODEL.SWIN.ATTN_DROP_RATE = 0.0
+        cfg.MODEL.SWIN.DROP_PATH_RATE = 0.3
+        cfg.MODEL.SWIN.APE = False
+        cfg.MODEL.SWIN.PATCH_NORM = True
+        cfg.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+        cfg.MODEL.SWIN.USE_CHECKPOINT = False  # activation checkpointing of every block
 
     # ---------------------------------------------------------------- solver
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     # lr multiplier for the backbone body (the ResNet, not the FPN: the official code gives the
     # FPN neck the full learning rate).
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.25
+    # weight decay of Swin's relative position bias tables and absolute position embedding
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
     # In addition to Detectron2's "value"/"norm": "full_model" clips the global gradient norm
     # over all parameters (the official recipe, max norm 1.0).

@@ -13,6 +13,10 @@ logger = logging.getLogger(__name__)
 BACKBONE_BODY_PREFIX = "backbone.bottom_up."
 
 
+# Position tables of the Swin backbone (SOLVER.WEIGHT_DECAY_EMBED), by parameter name.
+EMBED_PARAMS = ("relative_position_bias_table", "absolute_pos_embed")
+
+
 def backbone_body_prefix(model: nn.Module) -> str:
     """ "backbone.bottom_up." for an FPN-wrapped backbone, else the whole "backbone."."""
     backbone = getattr(model, "backbone", None)
@@ -40,6 +44,9 @@ def split_backbone_body(
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """AdamW or SGD with ``SOLVER.BACKBONE_MULTIPLIER`` on the backbone body.
 
+    Weight decay: ``SOLVER.WEIGHT_DECAY``, with ``WEIGHT_DECAY_NORM`` for normalisation layers,
+    ``WEIGHT_DECAY_BIAS`` for biases and ``WEIGHT_DECAY_EMBED`` for Swin's position tables.
+
     ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "full_model"`` clips the global gradient norm over all
     parameters before each step (Detectron2 only has per-parameter "value"/"norm" clipping,
     which is used for the other clip types).
@@ -52,6 +59,7 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
         weight_decay=solver.WEIGHT_DECAY,
         weight_decay_norm=solver.WEIGHT_DECAY_NORM,
         weight_decay_bias=solver.WEIGHT_DECAY_BIAS,
+        overrides={name: {"weight_decay": solver.WEIGHT_DECAY_EMBED} for name in EMBED_PARAMS},
     )
     params = split_backbone_body(params, model, solver.BACKBONE_MULTIPLIER)
     if solver.OPTIMIZER == "ADAMW":

@@ -10,14 +10,10 @@ from typing import List
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
-from detectron2.modeling.backbone.resnet import (
-    BasicBlock,
-    BasicStem,
-    BottleneckBlock,
-    DeformBottleneckBlock,
-    ResNet,
-)
+from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
 from torch import nn
+
+from .deform_conv import DeformBottleneckBlock
 
 __all__ = ["build_knet_resnet_backbone", "stage_dilations"]
 

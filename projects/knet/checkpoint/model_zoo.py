@@ -1,0 +1,177 @@
+"""The released K-Net checkpoints and the config of this project that each one loads into.
+
+Official K-Net (instance / panoptic, MMDetection 2.x) files are under
+``https://download.openmmlab.com/mim-example/knet/det/knet/<config>/<file>.pth``; MMSeg's
+semantic K-Net files (the official semantic weights were never released) under
+``https://download.openmmlab.com/mmsegmentation/v0.5/knet/<config>/<file>.pth``.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+__all__ = ["ModelZooEntry", "MODEL_ZOO", "PRETRAINED_BACKBONES", "find_model_zoo_entry"]
+
+KNET_URL = "https://download.openmmlab.com/mim-example/knet/det/knet"
+MMSEG_URL = "https://download.openmmlab.com/mmsegmentation/v0.5/knet"
+COCO_PANOPTIC = "configs/coco/panoptic-segmentation"
+COCO_INSTANCE = "configs/coco/instance-segmentation"
+ADE20K = "configs/ade20k/semantic-segmentation"
+
+
+@dataclass(frozen=True)
+class ModelZooEntry:
+    """One released checkpoint.
+
+    ``task``, ``backbone``, ``decode_head`` and ``channels`` are what
+    :func:`knet.checkpoint.describe_official_knet_state_dict` reads from its keys.
+    """
+
+    task: str  # "panoptic" | "instance" | "semantic"
+    backbone: str  # e.g. "R-50", "R-101-DCN", "R-50-V1c", "Swin-L"
+    schedule: str
+    metric: str  # "PQ" | "mask AP" | "mIoU"
+    result: float  # published (COCO val / ADE20K val single-scale)
+    file: str  # file name without ".pth"
+    config: str  # relative to the repository root
+    decode_head: str = ""  # semantic: "upernet" | "fcn" | "psp" | "aspp"
+    channels: int = 256  # kernel width
+
+    @property
+    def url(self) -> str:
+        base = MMSEG_URL if self.task == "semantic" else KNET_URL
+        folder = self.file.rsplit("_", 2)[0]  # drop the "_<date>_<time>-<hash>" suffix
+        return f"{base}/{folder}/{self.file}.pth"
+
+    @property
+    def architecture(self) -> Tuple[str, str, str, int]:
+        return (self.task, self.backbone, self.decode_head, self.channels)
+
+
+MODEL_ZOO: Tuple[ModelZooEntry, ...] = (
+    ModelZooEntry(
+        "panoptic", "R-50", "1x", "PQ", 44.3,
+        "knet_s3_r50_fpn_1x_coco-panoptic_20211017_151750-395fbcba",
+        f"{COCO_PANOPTIC}/knet_R50_bs16_1x.yaml",
+    ),
+    ModelZooEntry(
+        "panoptic", "R-50", "ms-3x", "PQ", 47.1,
+        "knet_s3_r50_fpn_ms-3x_coco-panoptic_20211017_054613-4375b8be",
+        f"{COCO_PANOPTIC}/knet_R50_bs16_ms3x.yaml",
+    ),
+    ModelZooEntry(
+        "panoptic", "R-101", "ms-3x", "PQ", 48.4,
+        "knet_s3_r101_fpn_ms-3x_coco-panoptic_20211017_054501-9c600b0c",
+        f"{COCO_PANOPTIC}/knet_R101_bs16_ms3x.yaml",
+    ),
+    ModelZooEntry(
+        "panoptic", "R-101-DCN", "ms-3x", "PQ", 49.6,
+        "knet_s3_r101_dcn-c3-c5_fpn_ms-3x_coco-panoptic_20211019_191549-6d13fab7",
+        f"{COCO_PANOPTIC}/knet_R101_DCN_bs16_ms3x.yaml",
+    ),
+    ModelZooEntry(
+        "panoptic", "Swin-L", "ms-3x", "PQ", 54.6,
+        "knet_s3_swin-l_fpn_ms-3x_16x2_coco-panoptic_20211020_062341-62f3bbff",
+        f"{COCO_PANOPTIC}/knet_swin_L_bs32_ms3x.yaml",
+    ),
+    ModelZooEntry(
+        "instance", "R-50", "1x", "mask AP", 34.0,
+        "knet_s3_r50_fpn_1x_coco_20211016_113017-8a8645d4",
+        f"{COCO_INSTANCE}/knet_R50_bs16_1x.yaml",
+    ),
+    ModelZooEntry(
+        "instance", "R-101-DCN", "ms-3x", "mask AP", 40.5,
+        "knet_s3_r101_dcn-c3-c5_fpn_ms-3x_coco_20211017_054515-163a3126",
+        f"{COCO_INSTANCE}/knet_R101_DCN_bs16_ms3x.yaml",
+    ),
+    ModelZooEntry(
+        "semantic", "R-50-V1c", "80k", "mIoU", 43.60,
+        "knet_s3_fcn_r50-d8_8x2_512x512_adamw_80k_ade20k_20220228_043751-abcab920",
+        f"{ADE20K}/knet_s3_fcn_R50_D8_bs16_80k.yaml", "fcn", 512,
+    ),
+    ModelZooEntry(
+        "semantic", "R-50-V1c", "80k", "mIoU", 44.18,
+        "knet_s3_pspnet_r50-d8_8x2_512x512_adamw_80k_ade20k_20220228_054634-d2c72240",
+        f"{ADE20K}/knet_s3_pspnet_R50_D8_bs16_80k.yaml", "psp", 512,
+    ),
+    ModelZooEntry(
+        "semantic", "R-50-V1c", "80k", "mIoU", 45.06,
+        "knet_s3_deeplabv3_r50-d8_8x2_512x512_adamw_80k_ade20k_20220228_041642-00c8fbeb",
+        f"{ADE20K}/knet_s3_deeplabv3_R50_D8_bs16_80k.yaml", "aspp", 512,
+    ),
+    ModelZooEntry(
+        "semantic", "R-50-V1c", "80k", "mIoU", 43.45,
+        "knet_s3_upernet_r50-d8_8x2_512x512_adamw_80k_ade20k_20220304_125657-215753b0",
+        f"{ADE20K}/knet_s3_upernet_R50_bs16_80k.yaml", "upernet", 512,
+    ),
+    ModelZooEntry(
+        "semantic", "Swin-T", "80k", "mIoU", 45.84,
+        "knet_s3_upernet_swin-t_8x2_512x512_adamw_80k_ade20k_20220303_133059-7545e1dc",
+        f"{ADE20K}/knet_s3_upernet_swin_T_bs16_80k.yaml", "upernet", 512,
+    ),
+    ModelZooEntry(
+        "semantic", "Swin-L", "80k", "mIoU", 52.05,
+        "knet_s3_upernet_swin-l_8x2_512x512_adamw_80k_ade20k_20220303_154559-d8da9a90",
+        f"{ADE20K}/knet_s3_upernet_swin_L_bs16_80k.yaml", "upernet", 512,
+    ),
+    ModelZooEntry(
+        "semantic", "Swin-L", "80k, 640x640", "mIoU", 52.21,
+        "knet_s3_upernet_swin-l_8x2_640x640_adamw_80k_ade20k_20220301_220747-8787fc71",
+        f"{ADE20K}/knet_s3_upernet_swin_L_bs16_80k_640x640.yaml", "upernet", 512,
+    ),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PretrainedBackbone:
+    """ImageNet weights the configs start from: source file, the converted file the configs
+    name in ``MODEL.WEIGHTS`` (written by ``tools/convert_pretrained_backbone.py``)."""
+
+    backbone: str
+    url: str
+    converted: str
+    config: str  # a config whose backbone it fits (checked at conversion)
+
+
+PRETRAINED_BACKBONES: Tuple[PretrainedBackbone, ...] = (
+    PretrainedBackbone(
+        "R-50", "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+        "pretrained/R-50-torchvision.pkl", f"{COCO_PANOPTIC}/knet_R50_bs16_1x.yaml",
+    ),
+    PretrainedBackbone(
+        "R-101", "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+        "pretrained/R-101-torchvision.pkl", f"{COCO_PANOPTIC}/knet_R101_DCN_bs16_ms3x.yaml",
+    ),
+    PretrainedBackbone(
+        "R-50-V1c", "https://download.openmmlab.com/pretrain/third_party/resnet50_v1c-2cccc1ad.pth",
+        "pretrained/R-50-V1c.pkl", f"{ADE20K}/knet_s3_upernet_R50_bs16_80k.yaml",
+    ),
+    PretrainedBackbone(
+        "Swin-T",
+        "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/"
+        "swin_tiny_patch4_window7_224.pth",
+        "pretrained/swin_tiny_patch4_window7_224.pkl",
+        f"{ADE20K}/knet_s3_upernet_swin_T_bs16_80k.yaml",
+    ),
+    PretrainedBackbone(
+        "Swin-L",
+        "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/"
+        "swin_large_patch4_window7_224_22k.pth",
+        "pretrained/swin_large_patch4_window7_224_22k.pkl",
+        f"{COCO_PANOPTIC}/knet_swin_L_bs32_ms3x.yaml",
+    ),
+)  # fmt: skip
+
+
+def find_model_zoo_entry(
+    architecture: Tuple[str, str, str, int], file_name: str = ""
+) -> Optional[ModelZooEntry]:
+    """The released checkpoint with this architecture (task, backbone, decode head, kernel
+    width); failing that, one with the same task, backbone and head (a narrower or wider
+    variant, for which ``--opts`` adapt the config). The file name decides between
+    checkpoints of the same architecture (e.g. 1x and ms-3x), else the first is taken."""
+    matches = [e for e in MODEL_ZOO if e.architecture == architecture]
+    matches = matches or [e for e in MODEL_ZOO if e.architecture[:3] == architecture[:3]]
+    for entry in matches:
+        if file_name.startswith(entry.file.rsplit("_", 2)[0]):
+            return entry
+    return matches[0] if matches else None
