@@ -5,16 +5,19 @@
         --num-gpus 8
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS /path/to/model.pth
     python train_net.py --config-file ... --resume  # continue from OUTPUT_DIR/last_checkpoint
+
+Without a GPU, ``--num-gpus N`` starts N CPU processes (gloo) running the same code path.
 """
 
 import logging
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import default_argument_parser, default_setup, hooks, launch
+from detectron2.engine import default_argument_parser, default_setup, hooks
 from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
 
+from knet.checkpoint import KNetCheckpointer
+from knet.distributed import launch
 from knet.engine import KNetTrainer as Trainer
 from knet.engine import get_knet_cfg
 
@@ -30,8 +33,8 @@ def setup(args):
 def main(args):
     cfg = setup(args)
     if args.eval_only:
-        model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        model = Trainer.build_model(cfg).eval()  # eval mode: a checkpoint must fit exactly
+        KNetCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)

@@ -349,10 +349,10 @@ def build(config_file: str, args: argparse.Namespace, weights: str = ""):
     cfg.MODEL.WEIGHTS = weights
     cfg.freeze()
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cfg).eval()  # eval mode: weights that do not fit are an error
     if weights:
         DetectionCheckpointer(model).load(weights)
-    return cfg, model.eval()
+    return cfg, model
 
 
 def floor_backbone(rgb: np.ndarray, device: torch.device) -> Tuple[torch.nn.Module, torch.Tensor]:

@@ -1,11 +1,15 @@
 """K-Net: Towards Unified Image Segmentation (NeurIPS 2021), as a Detectron2 project.
 
 Importing the package registers its datasets (``knet.data``) and its model parts in Detectron2's
-registries (``knet.modeling``).
+registries (``knet.modeling``), and makes Detectron2's ``DetectionCheckpointer`` read weight files
+without running code from them (``knet.checkpoint.checkpointer``).
 """
 
 # Importing these registers the datasets and the model parts.
 from . import data, modeling  # noqa: F401
+from .checkpoint.checkpointer import install_safe_loading
 from .config import add_knet_config
+
+install_safe_loading()
 
 __all__ = ["add_knet_config"]

@@ -2,25 +2,87 @@
 
 import logging
 import os
+import weakref
 from collections import OrderedDict
+from unittest import mock
 
+import detectron2.engine.defaults
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.events import JSONWriter
 
+from .checkpoint import KNetCheckpointer
 from .config import add_knet_config
 from .data.dataset_mappers import build_train_mapper
+from .data.seeded_loader import SeededTrainLoader, iteration_seed
+from .distributed import create_ddp_model
 from .evaluation import build_evaluator
 from .solver import build_optimizer
 from .test_time_augmentation import SemanticSegmentorWithTTA
 
 
 class KNetTrainer(DefaultTrainer):
-    """Detectron2's DefaultTrainer with K-Net's dataset mappers, evaluators and optimizer."""
+    """Detectron2's DefaultTrainer with K-Net's dataset mappers, evaluators and optimizer.
+
+    Checkpoints hold the optimizer (and AMP grad scaler) state besides the iteration and the
+    LR scheduler, and are written atomically, so ``--resume`` continues the same run.
+    """
+
+    def __init__(self, cfg):
+        # Detectron2 wraps the model with device_ids, which DDP rejects for CPU (gloo) training
+        with mock.patch.object(detectron2.engine.defaults, "create_ddp_model", create_ddp_model):
+            super().__init__(cfg)
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ calls this right after creating its checkpointer: swap in ours
+        # before the checkpoint hook is built from it
+        self.checkpointer = KNetCheckpointer(
+            self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        return super().build_hooks()
+
+    def state_dict(self):
+        state = super().state_dict()
+        # Detectron2 v0.6 leaves out the optimizer / grad scaler; upstream stores them here too
+        state["_trainer"] = self._trainer.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=build_train_mapper(cfg))
+        """With ``SEED >= 0`` and Detectron2's default sampler, batches are a function of (seed,
+        iteration) so that ``--resume`` continues with the batches of the uninterrupted run."""
+        mapper = build_train_mapper(cfg)
+        if cfg.SEED >= 0 and cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler":
+            return SeededTrainLoader(cfg, mapper)
+        return build_detection_train_loader(cfg, mapper=mapper)
+
+    def build_writers(self):
+        # metrics.json gets each logged iteration's own values, not a median over the last 20
+        # (whose window a resumed run cannot restore); the console keeps the smoothed values
+        writers = super().build_writers()
+        for i, writer in enumerate(writers):
+            if isinstance(writer, JSONWriter):
+                writer.close()
+                writers[i] = JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), 1)
+        return writers
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume)
+        if isinstance(self.data_loader, SeededTrainLoader):
+            self.data_loader.start_iter = self.start_iter
+
+    def run_step(self):
+        # with a seed, the step's randomness (drop path, dropout) depends on the iteration only
+        if self.cfg.SEED >= 0:
+            seed_all_rng(iteration_seed(self.cfg.SEED, self.iter, -1))
+        super().run_step()
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

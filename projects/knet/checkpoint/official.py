@@ -37,6 +37,7 @@ from .rules import (
     check_against_model,
     rename_state_dict,
 )
+from .safe_load import UnsafeCheckpointError, load_weights_file
 
 __all__ = [
     "CheckpointKeyError",
@@ -348,22 +349,22 @@ def check_coco_class_names(classes: Sequence[str]) -> List[str]:
 
 
 def load_checkpoint_file(path: str, allow_pickle: bool = False) -> Dict[str, Any]:
-    """``torch.load`` on CPU, restricted to tensors and plain containers by default.
+    """Read a checkpoint to convert, restricted to tensors and plain containers by default.
 
     Args:
-        path: a ``.pth`` file (official K-Net, torchvision ImageNet weights, ...).
-        allow_pickle: fall back to full unpickling (``weights_only=False``) for files whose
-            metadata holds arbitrary Python objects. Only use this for trusted files.
+        path: a ``.pth`` or ``.pkl`` file (official K-Net, MMSeg, ImageNet weights, ...).
+        allow_pickle: fully unpickle (``weights_only=False``) a file whose metadata holds
+            other Python objects. Only for trusted files: unpickling can run code.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+        return load_weights_file(path)
+    except UnsafeCheckpointError:
         if not allow_pickle:
-            raise pickle.UnpicklingError(
-                f"{path} holds objects other than tensors and plain containers; if you trust "
-                f"the file, load it with allow_pickle=True (CLI: --allow-pickle). Cause: {e}"
-            ) from e
-        return torch.load(path, map_location="cpu", weights_only=False)
+            raise
+    if path.endswith(".pkl"):
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def save_detectron2_checkpoint(
