@@ -16,6 +16,10 @@ def add_knet_config(cfg: CN) -> None:
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
     cfg.INPUT.COLOR_AUG_SSD = False  # photometric distortion (semantic recipe)
     cfg.INPUT.SIZE_DIVISIBILITY = -1  # pad in the mapper (semantic crops); -1: no padding
+    # Ground truth of each test dataset is checked before inference (knet.data.checks): "error"
+    # fails on any defect; "warn" turns panoptic segment-id mismatches into one warning with
+    # counts (other defects still fail); "off" skips the checks.
+    cfg.DATASETS.CHECK_GT = "error"
 
     # ---------------------------------------------------------------- backbone
     # ResNet options of "build_knet_resnet_backbone" (semantic K-Net). Same names and meanings

@@ -8,14 +8,15 @@ from unittest import mock
 
 import detectron2.engine.defaults
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import build_detection_train_loader
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import JSONWriter
 
 from .checkpoint import KNetCheckpointer
 from .config import add_knet_config
-from .data.dataset_mappers import build_train_mapper
+from .data.checks import check_evaluation_dataset_once
+from .data.dataset_mappers import build_test_mapper, build_train_mapper
 from .data.seeded_loader import SeededTrainLoader, iteration_seed
 from .distributed import create_ddp_model
 from .evaluation import build_evaluator
@@ -62,6 +63,15 @@ class KNetTrainer(DefaultTrainer):
         if cfg.SEED >= 0 and cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler":
             return SeededTrainLoader(cfg, mapper)
         return build_detection_train_loader(cfg, mapper=mapper)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """Detectron2's test loader with K-Net's test mapper (the checked image read of training).
+
+        The dataset's ground truth is checked first (``DATASETS.CHECK_GT``, once per process), so
+        that a bad file fails before inference rather than after it."""
+        check_evaluation_dataset_once(cfg, dataset_name)
+        return build_detection_test_loader(cfg, dataset_name, mapper=build_test_mapper(cfg))
 
     def build_writers(self):
         # metrics.json gets each logged iteration's own values, not a median over the last 20

@@ -1,7 +1,8 @@
-"""K-Net training dataset mappers (Detectron2 style, ``@configurable``).
+"""K-Net dataset mappers (Detectron2 style, ``@configurable``).
 
-Pick one with ``INPUT.DATASET_MAPPER_NAME`` through :func:`build_train_mapper`; evaluation uses
-Detectron2's default ``DatasetMapper(cfg, is_train=False)``.
+Pick the training mapper with ``INPUT.DATASET_MAPPER_NAME`` through :func:`build_train_mapper`;
+evaluation uses :func:`build_test_mapper` (Detectron2's ``DatasetMapper(cfg, is_train=False)``
+behaviour with the same checked image read as training).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Callable, Dict
 from detectron2.config import CfgNode
 
 from .common import build_augmentations, read_image_checked
+from .inference_dataset_mapper import KNetTestDatasetMapper
 from .instance_dataset_mapper import KNetInstanceDatasetMapper
 from .panoptic_dataset_mapper import KNetPanopticDatasetMapper
 from .semantic_dataset_mapper import KNetSemanticDatasetMapper
@@ -36,12 +38,20 @@ def build_train_mapper(cfg: CfgNode) -> Callable[[dict], dict]:
     return MAPPERS[name](cfg, is_train=True)
 
 
+def build_test_mapper(cfg: CfgNode) -> Callable[[dict], dict]:
+    """The inference mapper for ``cfg`` (``INPUT.FORMAT``, ``INPUT.MIN_SIZE_TEST``,
+    ``INPUT.MAX_SIZE_TEST``), whatever the training mapper is."""
+    return KNetTestDatasetMapper(cfg, is_train=False)
+
+
 __all__ = [
     "MAPPERS",
     "build_train_mapper",
+    "build_test_mapper",
     "build_augmentations",
     "read_image_checked",
     "KNetPanopticDatasetMapper",
     "KNetInstanceDatasetMapper",
     "KNetSemanticDatasetMapper",
+    "KNetTestDatasetMapper",
 ]

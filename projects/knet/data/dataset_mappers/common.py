@@ -10,6 +10,8 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.utils.file_io import PathManager
+from PIL import Image, ImageOps
 
 __all__ = [
     "KNetDatasetMapperBase",
@@ -22,25 +24,42 @@ logger = logging.getLogger(__name__)
 
 
 def read_image_checked(file_name: str, image_format: str | None, what: str) -> np.ndarray:
-    """``detectron2.data.detection_utils.read_image`` with errors that name the file.
+    """Read an image or label PNG like ``detectron2.data.detection_utils.read_image``, but fail
+    loudly on any decode error.
+
+    Detectron2's ``read_image`` applies the EXIF orientation inside a ``try/except Exception``:
+    for a PNG, ``getexif()`` decodes the pixels first, so a corrupt file's decode error is
+    swallowed there, and PIL then returns the partly decoded pixels without raising. Here the
+    pixels are decoded explicitly (``image.load()``) before anything else, then the EXIF
+    orientation is applied (``PIL.ImageOps.exif_transpose``) and the result converted with
+    Detectron2's ``convert_PIL_to_numpy``, so a good file gives exactly what ``read_image``
+    gives and a bad one raises. (This relies on PIL's default
+    ``ImageFile.LOAD_TRUNCATED_IMAGES = False``.)
 
     Args:
-        file_name: path of the image / label PNG.
+        file_name: path of the image / label PNG (anything ``PathManager`` can open).
         image_format: as for ``read_image`` (e.g. "BGR", "RGB", or None to keep the stored mode).
         what: what the file is ("image", "panoptic PNG", ...), used in error messages.
     Returns:
         (H, W, C) or (H, W) uint8 array.
     Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file cannot be decoded (corrupt or truncated).
+        FileNotFoundError: the file does not exist (the message names it).
+        ValueError: the file cannot be decoded, e.g. corrupt or truncated (the message names it).
     """
     try:
-        return utils.read_image(file_name, format=image_format)
+        with PathManager.open(file_name, "rb") as f:
+            image = Image.open(f)
+            image.load()  # decode now, so that a corrupt file raises here and nowhere else
+            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when upright
+            return utils.convert_PIL_to_numpy(image, image_format)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{what} not found: {file_name}") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        # PIL raises OSError/UnidentifiedImageError, SyntaxError ("broken PNG") or ValueError.
-        raise ValueError(f"Cannot read {what} {file_name}: {e}") from e
+    except MemoryError:
+        raise
+    except Exception as e:
+        # PIL raises OSError / UnidentifiedImageError, SyntaxError ("broken PNG"), ValueError,
+        # EOFError, struct.error, DecompressionBombError, ... depending on the format and damage.
+        raise ValueError(f"Cannot read {what} {file_name}: {type(e).__name__}: {e}") from e
 
 
 def build_augmentations(cfg: CfgNode, is_train: bool) -> List[T.Augmentation]:
@@ -69,7 +88,8 @@ def check_same_size(
 
 
 class KNetDatasetMapperBase:
-    """What every K-Net training mapper shares: augmentations, image format, the image read."""
+    """What every K-Net mapper (training and test) shares: augmentations, image format, the
+    checked image read."""
 
     def __init__(
         self, is_train: bool, augmentations: List[T.Augmentation | T.Transform], image_format: str

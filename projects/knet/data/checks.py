@@ -1,0 +1,490 @@
+"""Checks of an evaluation dataset's ground truth, run before inference starts.
+
+Detectron2's evaluators read the ground truth only after the whole inference pass, and some
+defects do not fail at all: a panoptic PNG segment id without a ``segments_info`` entry is
+silently ignored by the PQ computation, a ``segments_info`` id absent from its PNG becomes a
+missed segment. :func:`check_evaluation_dataset` reads every ground-truth file once (in a thread
+pool, and split over the ranks of a distributed run) and fails within seconds with the dataset,
+the file and what is wrong.
+
+What is checked depends on the dataset's ``evaluator_type``:
+
+* ``coco_panoptic_seg``: the panoptic json's structure, and for every annotation that its PNG
+  exists, decodes, has the image's size, and that its segment ids (0 = void) are exactly the
+  ``segments_info`` ids;
+* ``sem_seg``: every ``sem_seg_file_name`` exists, decodes to one channel, has the image's size;
+* ``coco``: the instances json exists and has ``images`` and ``categories`` (and
+  ``annotations``: without them Detectron2's ``COCOEvaluator`` only writes the predictions,
+  which is warned about).
+
+The image files of every task must exist. ``DATASETS.CHECK_GT`` chooses what a segment-id
+mismatch does ("error", "warn": one :class:`GroundTruthWarning` with counts, "off": skip all
+checks); every other defect is an error unless the checks are off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence, Set, Tuple
+
+import numpy as np
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
+from PIL import Image
+
+from .dataset_mappers.common import read_image_checked
+
+__all__ = [
+    "CHECK_MODES",
+    "GroundTruthWarning",
+    "check_evaluation_dataset",
+    "check_evaluation_dataset_once",
+    "evaluation_tasks",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECK_MODES = ("error", "warn", "off")
+TASKS = ("panoptic", "instance", "semantic")
+# tasks checked when none are given: what the evaluator of each evaluator_type reads
+_DEFAULT_TASKS = {
+    "coco_panoptic_seg": ("panoptic",),
+    "coco": ("instance",),
+    "sem_seg": ("semantic",),
+}
+_MAX_LISTED = 5  # problems / ids quoted in one message
+_SEGMENT_KEYS = ("id", "category_id", "iscrowd", "area")  # "area": used by the PQ computation
+_ANNOTATION_KEYS = ("file_name", "image_id", "segments_info")
+_CATEGORY_KEYS = ("id", "isthing")
+_EXIF_ORIENTATION = 0x0112
+
+# (dataset name, mode, tasks) already checked by this process
+_CHECKED: Set[Tuple[str, str, Tuple[str, ...]]] = set()
+
+
+class GroundTruthWarning(UserWarning):
+    """Ground truth that evaluation tolerates but that likely makes its results wrong."""
+
+
+@dataclass
+class _FileResult:
+    """Outcome of one ground-truth file: a fatal error, or segment ids that do not match."""
+
+    index: int
+    file_name: str
+    error: str | None = None
+    png_only: List[int] = field(default_factory=list)  # in the PNG, not in segments_info
+    json_only: List[int] = field(default_factory=list)  # in segments_info, not in the PNG
+
+    @property
+    def ids_mismatch(self) -> bool:
+        return bool(self.png_only or self.json_only)
+
+    @property
+    def bad(self) -> bool:
+        return self.error is not None or self.ids_mismatch
+
+
+def check_evaluation_dataset(
+    dataset_name: str, mode: str = "error", tasks: Iterable[str] | None = None
+) -> None:
+    """Check the ground truth that evaluating ``dataset_name`` will read (see the module doc).
+
+    Args:
+        dataset_name: a name registered in ``DatasetCatalog`` / ``MetadataCatalog``.
+        mode: "error" (default), "warn" (segment-id mismatches become one
+            :class:`GroundTruthWarning` with counts; other defects still raise) or "off".
+        tasks: subset of ("panoptic", "instance", "semantic") to check; default: the one
+            matching the dataset's ``evaluator_type``.
+    Raises:
+        ValueError: a defect; the message names the dataset, the file and what is wrong. A
+            missing json is a ``ValueError`` too (the ground truth cannot be evaluated).
+    """
+    mode = _check_mode(mode)
+    if mode == "off":
+        logger.warning(
+            "Ground truth of %r is not checked before evaluation (DATASETS.CHECK_GT='off')",
+            dataset_name,
+        )
+        return
+    metadata = MetadataCatalog.get(dataset_name)
+    evaluator_type = metadata.get("evaluator_type", None)
+    tasks = tuple(_DEFAULT_TASKS.get(evaluator_type, ()) if tasks is None else tasks)
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"Unknown ground-truth check tasks {unknown}; valid: {list(TASKS)}")
+    if not tasks:
+        logger.info(
+            "No ground-truth checks for %r (evaluator_type=%r)", dataset_name, evaluator_type
+        )
+        return
+
+    start = time.perf_counter()
+    checked = []
+    # the jsons first: a dataset loader may fail on a malformed json less clearly
+    if "instance" in tasks:
+        checked.append(_check_instances(dataset_name, metadata))
+    if "panoptic" in tasks:
+        panoptic_json = _load_panoptic_json(dataset_name, metadata)
+    records = DatasetCatalog.get(dataset_name)
+    _check_images_exist(dataset_name, records)
+    if "panoptic" in tasks:
+        checked.append(_check_panoptic(dataset_name, metadata, *panoptic_json, records, mode))
+    if "semantic" in tasks:
+        checked.append(_check_semantic(dataset_name, records))
+    logger.info(
+        "Checked the ground truth of %r (%s) in %.1fs",
+        dataset_name,
+        ", ".join(checked),
+        time.perf_counter() - start,
+    )
+
+
+def evaluation_tasks(cfg: CfgNode, dataset_name: str) -> Tuple[str, ...]:
+    """The ground truth the evaluators of ``knet.evaluation.build_evaluator`` will read for
+    ``dataset_name`` under ``cfg`` (``MODEL.KNET.TEST.*_ON`` for panoptic datasets)."""
+    evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+    if evaluator_type != "coco_panoptic_seg":
+        return _DEFAULT_TASKS.get(evaluator_type, ())
+    test = cfg.MODEL.KNET.TEST
+    on = {"panoptic": test.PANOPTIC_ON, "instance": test.INSTANCE_ON, "semantic": test.SEMANTIC_ON}
+    return tuple(t for t in TASKS if on[t])
+
+
+def check_evaluation_dataset_once(cfg: CfgNode, dataset_name: str) -> None:
+    """:func:`check_evaluation_dataset` with ``cfg.DATASETS.CHECK_GT`` and the tasks of
+    :func:`evaluation_tasks`, at most once per process for the same dataset, mode and tasks (a
+    periodic evaluation during training reads the ground truth only the first time)."""
+    mode = _check_mode(cfg.DATASETS.get("CHECK_GT", "error"))
+    tasks = evaluation_tasks(cfg, dataset_name)
+    key = (dataset_name, mode, tasks)
+    if key in _CHECKED:
+        return
+    check_evaluation_dataset(dataset_name, mode, tasks)
+    _CHECKED.add(key)
+
+
+# --------------------------------------------------------------------------- internals
+def _check_mode(mode: str) -> str:
+    if mode not in CHECK_MODES:
+        raise ValueError(f"DATASETS.CHECK_GT must be one of {list(CHECK_MODES)}, got {mode!r}")
+    return mode
+
+
+def _fail(dataset_name: str, file_name: str, what: str) -> ValueError:
+    return ValueError(f"Ground truth of dataset {dataset_name!r}: {file_name}: {what}")
+
+
+def _listing(items: Sequence[Any]) -> str:
+    """The first items of a list, with the total when some are left out."""
+    shown = ", ".join(str(x) for x in items[:_MAX_LISTED])
+    return shown if len(items) <= _MAX_LISTED else f"{shown}, ... ({len(items)} in all)"
+
+
+def _num_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 1) // comm.get_world_size()))
+
+
+def _run_sharded(
+    fn: Callable[[Any], _FileResult], items: Sequence[Any], stop: Callable[[_FileResult], bool]
+) -> Tuple[int, List[_FileResult]]:
+    """Apply ``fn`` to this rank's share of ``items`` in a thread pool (PIL and numpy release
+    the GIL while decoding) and gather the bad results of all ranks.
+
+    A rank stops at its first bad result for which ``stop`` is true, so that a fatal defect is
+    reported without reading the rest. Returns (number of items checked, bad results in item
+    order); every rank returns the same, so every rank raises or warns alike.
+    """
+    shard = items[comm.get_rank() :: comm.get_world_size()]
+    checked, bad = 0, []
+    executor = ThreadPoolExecutor(_num_workers())
+    try:
+        for result in executor.map(fn, shard):
+            checked += 1
+            if result.bad:
+                bad.append(result)
+                if stop(result):
+                    break
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+    gathered = comm.all_gather((checked, bad))
+    return (
+        sum(n for n, _ in gathered),
+        sorted((r for _, b in gathered for r in b), key=lambda r: r.index),
+    )
+
+
+def _load_json(dataset_name: str, path: str | None, what: str) -> Dict[str, Any]:
+    if not path:
+        raise ValueError(f"Ground truth of dataset {dataset_name!r}: the metadata has no {what}")
+    if not PathManager.isfile(path):
+        raise _fail(dataset_name, path, f"{what} does not exist")
+    try:
+        with PathManager.open(path, "r") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise _fail(dataset_name, path, f"cannot read {what}: {e}") from e
+    if not isinstance(data, dict):
+        raise _fail(dataset_name, path, f"{what} is not a json object")
+    return data
+
+
+def _check_images_exist(dataset_name: str, records: Sequence[Mapping[str, Any]]) -> None:
+    """Every record has an existing ``file_name`` (one stat per image)."""
+    for r in records:
+        if "file_name" not in r:
+            raise ValueError(
+                f"Ground truth of dataset {dataset_name!r}: record of image_id "
+                f"{r.get('image_id')} has no 'file_name'"
+            )
+        if not PathManager.isfile(r["file_name"]):
+            raise _fail(dataset_name, r["file_name"], "image does not exist")
+
+
+def _read_error(e: Exception) -> str:
+    """What ``read_image_checked``'s exception says, without the file name (quoted anyway)."""
+    if isinstance(e, FileNotFoundError):
+        return "does not exist"
+    cause = e.__cause__
+    return f"cannot be decoded ({type(cause).__name__}: {cause})" if cause else str(e)
+
+
+def _record_size(record: Mapping[str, Any]) -> Tuple[int, int] | None:
+    if "height" in record and "width" in record:
+        return int(record["height"]), int(record["width"])
+    return None
+
+
+def _image_size(file_name: str) -> Tuple[int, int]:
+    """(height, width) of an image as ``read_image_checked`` returns it, from its header and
+    EXIF orientation only (no pixel decoding)."""
+    with PathManager.open(file_name, "rb") as f, Image.open(f) as image:
+        width, height = image.size
+        exif = image.getexif() if image.format != "PNG" else None  # PNG: getexif decodes
+        orientation = exif.get(_EXIF_ORIENTATION) if exif else None
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
+def _size_error(label: np.ndarray, size: Tuple[int, int], what: str) -> str | None:
+    if label.shape[:2] == tuple(size):
+        return None
+    return (
+        f"{what} is {label.shape[1]}x{label.shape[0]} but the image is {size[1]}x{size[0]} "
+        "(width x height)"
+    )
+
+
+# --------------------------------------------------------------------------- panoptic
+def _panoptic_structure_problems(data: Mapping[str, Any]) -> List[str]:
+    """Missing keys and inconsistent ids of a COCO panoptic json (no file access)."""
+    problems = []
+    for key in ("annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            problems.append(f"no '{key}' list")
+    if problems:
+        return problems
+    category_ids = set()
+    for i, cat in enumerate(data["categories"]):
+        missing = [k for k in _CATEGORY_KEYS if not isinstance(cat, dict) or k not in cat]
+        if missing:
+            problems.append(f"category #{i} has no {missing}")
+        else:
+            category_ids.add(cat["id"])
+    for i, ann in enumerate(data["annotations"]):
+        missing = [k for k in _ANNOTATION_KEYS if not isinstance(ann, dict) or k not in ann]
+        if missing:
+            problems.append(f"annotation #{i} has no {missing}")
+            continue
+        where = f"annotation of image_id {ann['image_id']} ({ann['file_name']})"
+        if not isinstance(ann["segments_info"], list):
+            problems.append(f"{where}: 'segments_info' is not a list")
+            continue
+        seen = set()
+        for j, seg in enumerate(ann["segments_info"]):
+            missing = [k for k in _SEGMENT_KEYS if not isinstance(seg, dict) or k not in seg]
+            if missing:
+                problems.append(f"{where}: segment #{j} has no {missing}")
+                continue
+            if seg["id"] == 0:
+                problems.append(f"{where}: segment #{j} has id 0, which is reserved for void")
+            elif seg["id"] in seen:
+                problems.append(f"{where}: segment id {seg['id']} occurs twice")
+            seen.add(seg["id"])
+            if seg["category_id"] not in category_ids:
+                problems.append(
+                    f"{where}: segment {seg['id']} has category_id {seg['category_id']}, which "
+                    "is not in 'categories'"
+                )
+    return problems
+
+
+def _load_panoptic_json(dataset_name: str, metadata: Any) -> Tuple[str, Dict[str, Any]]:
+    """(path, content) of the dataset's panoptic json, whose structure is checked."""
+    json_file = metadata.get("panoptic_json", None)
+    data = _load_json(dataset_name, json_file, "panoptic json (metadata 'panoptic_json')")
+    problems = _panoptic_structure_problems(data)
+    if problems:
+        raise _fail(dataset_name, json_file, f"{len(problems)} problem(s): {_listing(problems)}")
+    return json_file, data
+
+
+def _check_panoptic(
+    dataset_name: str,
+    metadata: Any,
+    json_file: str,
+    data: Mapping[str, Any],
+    records: Sequence[Mapping[str, Any]],
+    mode: str,
+) -> str:
+    """Every annotation's PNG: exists, decodes, has the image's size, its ids match."""
+    from panopticapi.utils import rgb2id
+
+    panoptic_root = metadata.get("panoptic_root", None)
+    if not panoptic_root:
+        raise ValueError(f"Ground truth of dataset {dataset_name!r}: no 'panoptic_root' metadata")
+
+    # every annotation needs a prediction: the PQ computation fails on one without
+    record_ids = {r.get("image_id") for r in records}
+    orphans = [a for a in data["annotations"] if a["image_id"] not in record_ids]
+    if orphans:
+        raise _fail(
+            dataset_name,
+            os.path.join(panoptic_root, orphans[0]["file_name"]),
+            f"image_id {orphans[0]['image_id']} is not an image of the dataset, so it gets no "
+            f"prediction ({len(orphans)} such annotations in {json_file})",
+        )
+    # the image's (height, width): the json's images entry, else the record's height/width,
+    # else (a file name) the image file's header, read by the worker
+    sizes: Dict[Any, Tuple[int, int] | str] = {
+        r.get("image_id"): _record_size(r) or r["file_name"] for r in records
+    }
+    for im in data.get("images", []):
+        if isinstance(im, dict) and {"id", "height", "width"} <= im.keys():
+            sizes[im["id"]] = (int(im["height"]), int(im["width"]))
+
+    items = [
+        (
+            i,
+            os.path.join(panoptic_root, ann["file_name"]),
+            sizes.get(ann["image_id"]),
+            {seg["id"] for seg in ann["segments_info"]},
+        )
+        for i, ann in enumerate(data["annotations"])
+    ]
+
+    def check(item: Tuple[int, str, Any, Set[int]]) -> _FileResult:
+        index, path, size, segment_ids = item
+        try:
+            rgb = read_image_checked(path, "RGB", "panoptic PNG")
+        except (FileNotFoundError, ValueError) as e:
+            return _FileResult(index, path, error=f"panoptic PNG {_read_error(e)}")
+        try:
+            size = _image_size(size) if isinstance(size, str) else size
+        except OSError as e:  # the image header (its existence was checked before)
+            return _FileResult(index, path, error=f"cannot read the image {size}: {e}")
+        error = _size_error(rgb, size, "the panoptic PNG")
+        if error:
+            return _FileResult(index, path, error=error)
+        png_ids = set(np.unique(rgb2id(rgb)).tolist()) - {0}
+        return _FileResult(
+            index,
+            path,
+            png_only=sorted(png_ids - segment_ids),
+            json_only=sorted(segment_ids - png_ids),
+        )
+
+    checked, bad = _run_sharded(check, items, stop=lambda r: r.error is not None or mode == "error")
+    for r in bad:
+        if r.error is not None:
+            raise _fail(dataset_name, r.file_name, r.error)
+    if bad and mode == "error":
+        r = bad[0]
+        raise _fail(
+            dataset_name,
+            r.file_name,
+            f"segment ids do not match the segments_info of {json_file}: "
+            + _ids_mismatch(r)
+            + " (DATASETS.CHECK_GT='warn' evaluates anyway, with a warning)",
+        )
+    if bad:
+        png_only = sum(len(r.png_only) for r in bad)
+        json_only = sum(len(r.json_only) for r in bad)
+        message = (
+            f"Ground truth of dataset {dataset_name!r}: {len(bad)} of {checked} panoptic PNGs "
+            f"under {panoptic_root} have segment ids that do not match their segments_info in "
+            f"{json_file}: {png_only} ids in the PNGs without a segments_info entry, {json_only} "
+            f"segments_info ids absent from the PNGs; PQ may be wrong. First: "
+            f"{bad[0].file_name}: {_ids_mismatch(bad[0])}"
+        )
+        logger.warning(message)
+        if comm.is_main_process():
+            warnings.warn(message, GroundTruthWarning, stacklevel=3)
+    return f"{checked} panoptic PNGs"
+
+
+def _ids_mismatch(r: _FileResult) -> str:
+    parts = []
+    if r.png_only:
+        parts.append(f"ids in the PNG without a segments_info entry: {_listing(r.png_only)}")
+    if r.json_only:
+        parts.append(f"segments_info ids absent from the PNG: {_listing(r.json_only)}")
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------- semantic
+def _check_semantic(dataset_name: str, records: Sequence[Mapping[str, Any]]) -> str:
+    for r in records:
+        if "sem_seg_file_name" not in r:
+            raise _fail(dataset_name, r["file_name"], "the record has no 'sem_seg_file_name'")
+
+    def check(item: Tuple[int, Mapping[str, Any]]) -> _FileResult:
+        index, record = item
+        path = record["sem_seg_file_name"]
+        try:
+            label = read_image_checked(path, None, "semantic label PNG")
+        except (FileNotFoundError, ValueError) as e:
+            return _FileResult(index, path, error=f"semantic label PNG {_read_error(e)}")
+        try:
+            size = _record_size(record) or _image_size(record["file_name"])
+        except OSError as e:  # the image header (its existence was checked before)
+            return _FileResult(index, path, error=f"cannot read image {record['file_name']}: {e}")
+        if label.ndim != 2:
+            return _FileResult(
+                index, path, error=f"the label map has {label.shape[2]} channels; expected one"
+            )
+        return _FileResult(index, path, error=_size_error(label, size, "the label map"))
+
+    checked, bad = _run_sharded(check, list(enumerate(records)), stop=lambda r: True)
+    if bad:
+        raise _fail(dataset_name, bad[0].file_name, bad[0].error)
+    return f"{checked} semantic label PNGs"
+
+
+# --------------------------------------------------------------------------- instances
+def _check_instances(dataset_name: str, metadata: Any) -> str:
+    json_file = metadata.get("json_file", None)
+    if not json_file:
+        # Detectron2's COCOEvaluator then converts the dataset's records itself
+        logger.info("%r has no 'json_file' metadata: no instances json to check", dataset_name)
+        return "no instances json"
+    data = _load_json(dataset_name, json_file, "instances json (metadata 'json_file')")
+    missing = [k for k in ("images", "categories") if not isinstance(data.get(k), list)]
+    if missing:
+        raise _fail(dataset_name, json_file, f"no {missing} list(s)")
+    if not isinstance(data.get("annotations"), list):
+        message = (
+            f"Ground truth of dataset {dataset_name!r}: {json_file} has no 'annotations' list, "
+            "so COCOEvaluator will only write the predictions, without mask AP"
+        )
+        logger.warning(message)
+        if comm.is_main_process():
+            warnings.warn(message, GroundTruthWarning, stacklevel=3)
+    return "the instances json"
