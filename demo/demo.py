@@ -54,8 +54,9 @@ def get_parser() -> argparse.ArgumentParser:
         "--confidence-threshold",
         type=float,
         default=0.5,
-        help="minimum score of instances and of panoptic things "
-        "(sets MODEL.KNET.TEST.SCORE_THRESH and MODEL.KNET.TEST.INSTANCE_SCORE_THRESH)",
+        help="minimum score of instances and of panoptic things, default 0.5 (for trained "
+        "models; sets MODEL.KNET.TEST.INSTANCES_SCORE_THRESH and "
+        "MODEL.KNET.TEST.PANOPTIC_THING_SCORE_THRESH)",
     )
     parser.add_argument(
         "--opts",

@@ -39,8 +39,9 @@ def build_demo_cfg(
 ) -> CfgNode:
     """A frozen K-Net config for inference.
 
-    ``confidence_threshold`` (if given) sets both ``MODEL.KNET.TEST.SCORE_THRESH`` (instance
-    output) and ``MODEL.KNET.TEST.INSTANCE_SCORE_THRESH`` (things in the panoptic merge). It is
+    ``confidence_threshold`` (if given) sets both ``MODEL.KNET.TEST.INSTANCES_SCORE_THRESH``
+    (instance output) and ``MODEL.KNET.TEST.PANOPTIC_THING_SCORE_THRESH`` (things in the panoptic
+    merge). It is
     applied before ``opts``, so an explicit ``--opts`` value for either key still wins.
     ``MODEL.DEVICE`` falls back to ``cpu`` when the config asks for CUDA and none is available.
     """
@@ -48,9 +49,9 @@ def build_demo_cfg(
     if confidence_threshold is not None:
         value = str(float(confidence_threshold))
         threshold_opts = [
-            "MODEL.KNET.TEST.SCORE_THRESH",
+            "MODEL.KNET.TEST.INSTANCES_SCORE_THRESH",
             value,
-            "MODEL.KNET.TEST.INSTANCE_SCORE_THRESH",
+            "MODEL.KNET.TEST.PANOPTIC_THING_SCORE_THRESH",
             value,
         ]
     cfg = get_knet_cfg(config_file, threshold_opts + list(opts))

@@ -51,9 +51,9 @@ def test_config_merges_and_builds(config):
         assert stage.ffn[0].out_features == k.DIM_FEEDFORWARD
     assert model.num_thing_classes == model.criterion.num_thing_classes == k.NUM_THING_CLASSES
     assert model.criterion.stage_loss_weights == list(k.STAGE_LOSS_WEIGHTS)
-    assert model.panoptic_on == k.TEST.PANOPTIC_ON
-    assert model.instance_on == k.TEST.INSTANCE_ON
-    assert model.semantic_on == k.TEST.SEMANTIC_ON
+    assert model.postprocessor.panoptic_on == k.TEST.PANOPTIC_ON
+    assert model.postprocessor.instance_on == k.TEST.INSTANCE_ON
+    assert model.postprocessor.semantic_on == k.TEST.SEMANTIC_ON
     assert model.device == torch.device("cpu")
 
     bottom_up = model.backbone.bottom_up
@@ -88,7 +88,7 @@ def test_coco_configs_follow_official_recipe(config):
     assert k.TEST.PANOPTIC_ON == panoptic and k.TEST.INSTANCE_ON
     assert (k.CLASS_WEIGHT, k.MASK_WEIGHT, k.DICE_WEIGHT) == (2.0, 1.0, 4.0)
     assert (k.COST_CLASS, k.COST_MASK, k.COST_DICE) == (2.0, 1.0, 4.0)
-    assert (k.TEST.INSTANCE_SCORE_THRESH, k.TEST.OVERLAP_THRESHOLD) == (0.3, 0.6)
+    assert (k.TEST.PANOPTIC_THING_SCORE_THRESH, k.TEST.OVERLAP_THRESHOLD) == (0.3, 0.6)
     assert cfg.TEST.DETECTIONS_PER_IMAGE == 100
     assert solver.OPTIMIZER == "ADAMW" and solver.BASE_LR == 1e-4
     assert solver.WEIGHT_DECAY == solver.WEIGHT_DECAY_NORM == solver.WEIGHT_DECAY_BIAS == 0.05
@@ -303,3 +303,25 @@ def test_known_override_is_applied():
     model = build_model(cfg)
     assert model.kernel_head.initial_head.init_kernels.weight.shape[0] == 5
     assert len(model.kernel_head.stages) == 1
+
+
+@pytest.mark.parametrize(
+    "former, current, value",
+    [
+        ("INSTANCE_SCORE_THRESH", "PANOPTIC_THING_SCORE_THRESH", 0.45),
+        ("SCORE_THRESH", "INSTANCES_SCORE_THRESH", 0.25),
+    ],
+)
+def test_renamed_threshold_keys_still_work(former, current, value, caplog):
+    from knet.modeling.postprocessing import KNetPostProcessor
+
+    option = {"PANOPTIC_THING_SCORE_THRESH": "thing_score_thresh"}.get(
+        current, "instances_score_thresh"
+    )
+    default = get_knet_cfg(TOY_CONFIG)
+    assert getattr(KNetPostProcessor(default), option) == default.MODEL.KNET.TEST[current]
+    cfg = get_knet_cfg(TOY_CONFIG, [f"MODEL.KNET.TEST.{former}", str(value)])
+    with caplog.at_level("WARNING"):
+        processor = KNetPostProcessor(cfg)
+    assert getattr(processor, option) == pytest.approx(value)
+    assert f"MODEL.KNET.TEST.{former} is deprecated" in caplog.text and current in caplog.text

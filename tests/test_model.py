@@ -13,6 +13,7 @@ from knet.modeling import HungarianMatcher, KNetCriterion
 from knet.modeling.kernel_head import ConvKernelHead, KernelUpdateHead, KNetIterativeKernelHead
 from knet.modeling.meta_arch import KNet
 from knet.modeling.pixel_decoder import build_pixel_decoder
+from knet.modeling.postprocessing import KNetPostProcessor
 
 TOY_CONFIG = str(Path(__file__).resolve().parents[1] / "configs/toy/knet_R18_toy_panoptic.yaml")
 NUM_PROPOSALS = 8
@@ -184,9 +185,9 @@ def test_eval_output_keys_follow_test_flags(flags, keys):
 
 
 def test_eval_with_score_threshold_above_every_score():
-    """MODEL.KNET.TEST.SCORE_THRESH (the demo's confidence threshold) may remove every
+    """MODEL.KNET.TEST.INSTANCES_SCORE_THRESH (the demo's confidence threshold) may remove every
     instance: the result is an empty Instances, not an error."""
-    _, model = build(["MODEL.KNET.TEST.SCORE_THRESH", "0.999"])
+    _, model = build(["MODEL.KNET.TEST.INSTANCES_SCORE_THRESH", "0.999"])
     model.eval()
     with torch.no_grad():
         (result,) = model([{"image": random_image(64, 80), "height": 32, "width": 40}])
@@ -368,9 +369,13 @@ def test_model_from_explicit_arguments():
         size_divisibility=32,
         pixel_mean=cfg.MODEL.PIXEL_MEAN,
         pixel_std=cfg.MODEL.PIXEL_STD,
-        panoptic_on=True,
-        instance_on=True,
-        semantic_on=False,
+        postprocessor=KNetPostProcessor(
+            num_thing_classes=NUM_THING,
+            num_proposals=NUM_PROPOSALS,
+            panoptic_on=True,
+            instance_on=True,
+            semantic_on=False,
+        ),
     )
     model.train()
     with EventStorage():
@@ -400,7 +405,11 @@ def test_panoptic_without_stuff_classes_is_rejected():
             size_divisibility=32,
             pixel_mean=cfg.MODEL.PIXEL_MEAN,
             pixel_std=cfg.MODEL.PIXEL_STD,
-            panoptic_on=True,
-            instance_on=True,
-            semantic_on=False,
+            postprocessor=KNetPostProcessor(
+                num_thing_classes=4,
+                num_proposals=NUM_PROPOSALS,
+                panoptic_on=True,
+                instance_on=True,
+                semantic_on=False,
+            ),
         )

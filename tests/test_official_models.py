@@ -38,7 +38,7 @@ NARROW_HEADS = dict(channels=32, ffn_channels=64, num_proposals=8)
 CPU = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"]
 # panoptic models: also output instances, and keep every thing kernel (non-empty outputs)
 ALL_OUTPUTS = [
-    "MODEL.KNET.TEST.INSTANCE_ON", "True", "MODEL.KNET.TEST.INSTANCE_SCORE_THRESH", "0.0",
+    "MODEL.KNET.TEST.INSTANCE_ON", "True", "MODEL.KNET.TEST.PANOPTIC_THING_SCORE_THRESH", "0.0",
 ]  # fmt: skip
 
 

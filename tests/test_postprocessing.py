@@ -1,19 +1,29 @@
-"""Inference post-processing of K-Net against unchunked reference implementations."""
+"""Inference post-processing of K-Net against reference implementations of the official code.
+
+The references compute the full-resolution maps of all kernels at once (in float64) and run the
+official merge as a Python loop over the kernels by descending score. The tile-pruned CPU path
+is compared with them and with the chunked full computation: equal up to floating-point
+rounding, i.e. at most 1e-4 of the pixels differ (none, on most of these inputs).
+"""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import knet.modeling.panoptic_merge as pp
+import knet.modeling.tiled_mask_statistics as tiled
 from knet.modeling.postprocessing import (
-    SelectedMasks,
-    instance_inference,
+    KNetPostProcessor,
+    OutputGeometry,
+    detectron2_outputs,
+    full_mask_statistics,
     kernel_scores_and_labels,
-    mask_probs_at_image_size,
-    panoptic_inference,
+    mask_statistics,
+    masks_to_boxes,
+    resize_to_output,
     select_instances,
-    semantic_inference,
+    semantic_probabilities,
+    semantic_scores,
 )
 
 # 6 thing kernels, 3 thing + 2 stuff classes -> 8 kernels
@@ -21,6 +31,14 @@ P, T, K = 6, 3, 5
 N = P + K - T
 PADDED, IMAGE, OUTPUT = (40, 48), (37, 45), (50, 61)
 SIZES = {"padded_size": PADDED, "image_size": IMAGE, "output_size": OUTPUT}
+MAX_DIFFERING = 1e-4  # share of pixels that may differ from the reference (rounding)
+
+
+def geometry_of(sizes) -> OutputGeometry:
+    same = tuple(sizes["output_size"]) == tuple(sizes["image_size"])
+    return OutputGeometry(
+        sizes["padded_size"], sizes["image_size"], None if same else sizes["output_size"]
+    )
 
 
 # ----------------------------------------------------------------------------- references
@@ -107,79 +125,127 @@ def random_cls(n: int = N, k: int = K, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, k, generator=gen) * 2
 
 
-def run_panoptic(cls_logits, mask_logits, chunk_size=16, sizes=None, **overrides):
-    kwargs = {
-        "num_thing_classes": T,
-        "num_proposals": P,
-        "instance_score_thresh": 0.3,
-        "overlap_threshold": 0.6,
-        "mask_threshold": 0.5,
-        "chunk_size": chunk_size,
-    }
-    kwargs.update(overrides)
-    return panoptic_inference(cls_logits, mask_logits, **kwargs, **(sizes or SIZES))
+def postprocess(cls_logits, mask_logits, sizes=None, num_thing=T, num_prop=P, **options):
+    """Detectron2 outputs of ``KNetPostProcessor`` with the outputs and options given."""
+    flags = {"panoptic_on": False, "instance_on": False, "semantic_on": False}
+    flags.update({k: v for k, v in options.items() if k in flags})
+    kwargs = {k: v for k, v in options.items() if k not in flags}
+    processor = KNetPostProcessor(
+        num_thing_classes=num_thing, num_proposals=num_prop, **flags, **kwargs
+    )
+    out = processor(cls_logits, mask_logits, geometry_of(sizes or SIZES))
+    return detectron2_outputs(out)
+
+
+def run_panoptic(cls_logits, mask_logits, sizes=None, **options):
+    return postprocess(cls_logits, mask_logits, sizes, panoptic_on=True, **options)["panoptic_seg"]
 
 
 def run_instance(cls_logits, mask_logits, topk=100, score_thresh=0.0, sizes=None):
-    return instance_inference(
+    out = postprocess(
         cls_logits,
         mask_logits,
-        num_thing_classes=T,
-        num_proposals=P,
+        sizes,
+        instance_on=True,
         topk=topk,
-        score_thresh=score_thresh,
-        mask_threshold=0.5,
-        **(sizes or SIZES),
+        instances_score_thresh=score_thresh,
     )
+    return out["instances"]
 
 
-# ----------------------------------------------------------------------------- mask resizing
-def test_mask_probs_match_reference_and_shape():
+@pytest.fixture
+def always_tiled(monkeypatch):
+    """The tiled path runs even where the full maps would be cheaper (small test maps)."""
+    monkeypatch.setattr(tiled, "MAX_EVALUATED_SHARE", float("inf"))
+
+
+@pytest.fixture(params=["tiled", "full"])
+def path(request, monkeypatch):
+    """Runs a test through the tiled CPU path and through the full computation."""
+    if request.param == "tiled":
+        monkeypatch.setattr(tiled, "MAX_EVALUATED_SHARE", float("inf"))
+    else:
+        monkeypatch.setattr(tiled, "tiled_mask_statistics", lambda *args: None)
+    return request.param
+
+
+def assert_same_segments(got, ref, max_differing=0.0):
+    """Same segments (ids, categories, scores, areas up to the differing pixels) and id maps
+    differing on at most ``max_differing`` of the pixels."""
+    (ids, info), (ref_ids, ref_info) = got, ref
+    assert ids.dtype == torch.int32 and ids.shape == ref_ids.shape
+    differing = int((ids != ref_ids).sum())
+    assert differing <= max_differing * ids.numel()
+    assert len(info) == len(ref_info)
+    for s, r in zip(info, ref_info):
+        assert set(s) == {"id", "category_id", "isthing", "score", "area"}
+        assert (s["id"], s["category_id"], s["isthing"]) == (
+            r["id"],
+            r["category_id"],
+            r["isthing"],
+        )
+        assert s["score"] == pytest.approx(r["score"], rel=1e-6)
+        assert abs(s["area"] - r["area"]) <= differing
+
+
+# ----------------------------------------------------------------------------- resizing
+def test_resize_matches_reference_and_shape():
     logits = blob_logits(N, seed=1)
-    got = mask_probs_at_image_size(logits, PADDED, IMAGE, OUTPUT)
+    got = resize_to_output(logits.sigmoid(), geometry_of(SIZES))
     assert got.shape == (N, *OUTPUT) and got.dtype == torch.float32
     torch.testing.assert_close(got, ref_probs(logits, PADDED, IMAGE, OUTPUT), atol=1e-6, rtol=0)
 
 
-def test_mask_probs_crop_padding_before_resizing():
+@pytest.mark.parametrize("chunk_size", [1, 3, 100])
+def test_resize_in_chunks_equals_all_at_once(chunk_size):
+    maps = blob_logits(N, seed=2).sigmoid()
+    geometry = geometry_of(SIZES)
+    torch.testing.assert_close(
+        resize_to_output(maps, geometry, chunk_size),
+        resize_to_output(maps, geometry),
+        atol=1e-6,
+        rtol=0,
+    )
+
+
+def test_resize_crops_padding_before_resizing():
     # padded 64x64, image 32x40: the stride-4 logits cover the image in rows < 8, cols < 10
-    padded, image, output = (64, 64), (32, 40), (48, 60)
+    geometry = OutputGeometry((64, 64), (32, 40), (48, 60))
     gen = torch.Generator().manual_seed(2)
     inside = torch.randn(1, 16, 16, generator=gen)
     other = inside.clone()
     # the padded region differs (leaving one stride-4 cell of bilinear support untouched)
     other[:, 9:, :] = 8.0
     other[:, :, 11:] = -8.0
-    a = mask_probs_at_image_size(inside, padded, image, output)
-    b = mask_probs_at_image_size(other, padded, image, output)
-    assert a.shape == (1, *output)
+    a = resize_to_output(inside.sigmoid(), geometry)
+    b = resize_to_output(other.sigmoid(), geometry)
+    assert a.shape == (1, 48, 60)
     torch.testing.assert_close(a, b, atol=0, rtol=0)
     # and the image content is not squeezed: resizing the uncropped padded map differs
     uncropped = F.interpolate(
-        F.interpolate(inside.sigmoid()[None], size=padded, mode="bilinear", align_corners=False),
-        size=output,
+        F.interpolate(inside.sigmoid()[None], size=(64, 64), mode="bilinear", align_corners=False),
+        size=(48, 60),
         mode="bilinear",
         align_corners=False,
     )[0]
     assert not torch.allclose(a, uncropped, atol=1e-3)
 
 
+def test_output_size_equal_to_the_image_skips_the_second_resize():
+    maps = blob_logits(N, seed=3).sigmoid()
+    once = resize_to_output(maps, OutputGeometry(PADDED, IMAGE))
+    twice = resize_to_output(maps, OutputGeometry(PADDED, IMAGE, IMAGE))
+    torch.testing.assert_close(once, twice, atol=1e-6, rtol=0)
+
+
 # ----------------------------------------------------------------------------- panoptic
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
 @pytest.mark.parametrize("chunk_size", [1, 3, 16, 1000])
-def test_panoptic_matches_unchunked_reference(seed, chunk_size):
+def test_panoptic_matches_the_official_merge(seed, chunk_size, path):
     cls_logits = random_cls(seed=seed)
     mask_logits = blob_logits(N, seed=seed)
-    panoptic, info = run_panoptic(cls_logits, mask_logits, chunk_size=chunk_size)
-    ref_panoptic_seg, ref_info = ref_panoptic(cls_logits, mask_logits)
-    assert panoptic.shape == OUTPUT and panoptic.dtype == torch.int32
-    assert torch.equal(panoptic, ref_panoptic_seg)
-    assert len(info) == len(ref_info)
-    for got, ref in zip(info, ref_info):
-        assert set(got) == {"id", "category_id", "isthing", "score", "area"}
-        assert got["id"] == ref["id"] and got["category_id"] == ref["category_id"]
-        assert got["isthing"] == ref["isthing"] and got["area"] == ref["area"]
-        assert got["score"] == pytest.approx(ref["score"], rel=1e-6)
+    got = run_panoptic(cls_logits, mask_logits, chunk_size=chunk_size)
+    assert_same_segments(got, ref_panoptic(cls_logits, mask_logits))
 
 
 def test_panoptic_reference_inputs_are_not_trivial():
@@ -196,14 +262,15 @@ def test_panoptic_reference_inputs_are_not_trivial():
 
 
 @pytest.mark.parametrize("seed", [5, 6, 7])
-def test_panoptic_invariants(seed):
+def test_panoptic_invariants(seed, path):
     cls_logits = random_cls(seed=seed)
     mask_logits = blob_logits(N, seed=seed)
     panoptic, info = run_panoptic(cls_logits, mask_logits, chunk_size=3)
     ids = [s["id"] for s in info]
-    assert len(ids) == len(set(ids)) and 0 not in ids
+    assert ids == list(range(1, len(ids) + 1))
     present = set(torch.unique(panoptic).tolist()) - {0}
     assert present == set(ids)
+    assert [s["score"] for s in info] == sorted((s["score"] for s in info), reverse=True)
     probs = ref_probs(mask_logits, PADDED, IMAGE, OUTPUT)
     scores, labels = ref_scores_labels(cls_logits, T, P)
     for s in info:
@@ -221,7 +288,7 @@ def test_panoptic_invariants(seed):
         assert own > 0 and s["area"] / own >= 0.6
 
 
-def test_panoptic_thing_score_threshold_and_stuff_unthresholded():
+def test_panoptic_thing_score_threshold_and_stuff_unthresholded(path):
     mask_logits = torch.full((N, 10, 12), -6.0)
     mask_logits[0, :5, :6] = 6.0  # thing kernel 0, score below 0.3
     mask_logits[1, 5:, :6] = 6.0  # thing kernel 1, score above 0.3
@@ -233,14 +300,16 @@ def test_panoptic_thing_score_threshold_and_stuff_unthresholded():
     panoptic, info = run_panoptic(cls_logits, mask_logits)
     cats = sorted((s["category_id"], s["isthing"]) for s in info)
     assert cats == [(2, True), (T, False)]
-    ref_panoptic_seg, ref_info = ref_panoptic(cls_logits, mask_logits)
-    assert torch.equal(panoptic, ref_panoptic_seg)
+    assert_same_segments((panoptic, info), ref_panoptic(cls_logits, mask_logits))
     # the region of the dropped thing is void, not given to another segment
     probs = ref_probs(mask_logits, PADDED, IMAGE, OUTPUT)
     assert bool((panoptic[(probs[0] > 0.99) & (probs[1] < 0.01)] == 0).all())
+    # the threshold is the one given
+    _, info = run_panoptic(cls_logits, mask_logits, thing_score_thresh=0.2)
+    assert sorted(s["category_id"] for s in info) == [1, 2, T]
 
 
-def test_panoptic_overlap_ratio_drops_occluded_kernel():
+def test_panoptic_overlap_ratio_drops_occluded_kernel(path):
     mask_logits = torch.full((N, 10, 12), -6.0)
     mask_logits[0, 1:9, 1:11] = 6.0  # large, high score
     mask_logits[1, 1:6, 1:11] = 6.0  # mostly covered by kernel 0 -> dropped
@@ -251,199 +320,43 @@ def test_panoptic_overlap_ratio_drops_occluded_kernel():
     cls_logits[2, 2] = 0.0
     panoptic, info = run_panoptic(cls_logits, mask_logits)
     assert [s["category_id"] for s in info] == [0]
-    ref_panoptic_seg, ref_info = ref_panoptic(cls_logits, mask_logits)
-    assert torch.equal(panoptic, ref_panoptic_seg) and len(ref_info) == 1
+    assert_same_segments((panoptic, info), ref_panoptic(cls_logits, mask_logits))
     # with a permissive overlap threshold the occluded kernels come back
     panoptic, info = run_panoptic(cls_logits, mask_logits, overlap_threshold=0.0)
     assert sorted(s["category_id"] for s in info) == [0, 2]  # kernel 1 wins no pixel at all
 
 
-def test_panoptic_without_segments_is_void():
+def test_panoptic_without_segments_is_void(path):
     mask_logits = torch.full((N, 10, 12), -6.0)
     panoptic, info = run_panoptic(random_cls(seed=9), mask_logits)
     assert info == [] and bool((panoptic == 0).all())
 
 
-# ----------------------------------------------------------------------------- instance
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_instance_inference_properties(seed):
-    cls_logits = random_cls(seed=seed)
-    cls_logits[P:] = 10.0  # stuff kernels must never produce instances
-    mask_logits = blob_logits(N, seed=seed)
-    result = run_instance(cls_logits, mask_logits, topk=7)
-    assert result.image_size == OUTPUT
-    assert len(result) == 7
-    scores = result.scores
-    assert bool((scores[:-1] >= scores[1:]).all())
-    assert bool((result.pred_classes < T).all()) and bool((result.pred_classes >= 0).all())
-    assert result.pred_masks.dtype == torch.bool and result.pred_masks.shape == (7, *OUTPUT)
-
-    # the top-7 (kernel, class) pairs over the thing kernels, by class probability
-    probs = torch.sigmoid(cls_logits[:P, :T].float())
-    ref_scores = sorted(probs.flatten().tolist(), reverse=True)[:7]
-    assert scores.tolist() == pytest.approx(ref_scores, rel=1e-6)
-
-    full = ref_probs(mask_logits, PADDED, IMAGE, OUTPUT)
-    for i in range(len(result)):
-        c = int(result.pred_classes[i])
-        matches = [n for n in range(P) if float(probs[n, c]) == float(scores[i])]
-        assert len(matches) == 1
-        expected = full[matches[0]] > 0.5
-        assert torch.equal(result.pred_masks[i], expected)
-        box = result.pred_boxes.tensor[i].tolist()
-        assert box == np_box(result.pred_masks[i].numpy())
-
-
-def test_instance_inference_score_threshold_and_topk():
-    cls_logits = random_cls(seed=3)
-    mask_logits = blob_logits(N, seed=3)
-    probs = torch.sigmoid(cls_logits[:P, :T].float()).flatten()
-    result = run_instance(cls_logits, mask_logits, topk=100, score_thresh=0.4)
-    assert len(result) == int((probs >= 0.4).sum()) > 0
-    assert bool((result.scores >= 0.4).all())
-    result = run_instance(cls_logits, mask_logits, topk=100)
-    assert len(result) == P * T  # all pairs when topk exceeds them
-    result = run_instance(cls_logits, mask_logits, topk=3, score_thresh=0.0)
-    assert len(result) == 3
-
-
-def test_instance_inference_with_nothing_above_threshold():
-    """A score threshold that removes every pair gives an empty Instances of the right size."""
-    cls_logits = torch.full((N, K), -6.0)
-    result = run_instance(cls_logits, blob_logits(N, seed=8), topk=10, score_thresh=0.5)
-    assert len(result) == 0 and result.image_size == OUTPUT
-    assert result.pred_masks.shape == (0, *OUTPUT) and result.pred_masks.dtype == torch.bool
-    assert result.pred_boxes.tensor.shape == (0, 4)
-    assert result.scores.shape == (0,) and result.pred_classes.shape == (0,)
-
-
-def test_mask_probs_of_no_kernels():
-    probs = mask_probs_at_image_size(torch.zeros(0, 10, 12), PADDED, IMAGE, OUTPUT)
-    assert probs.shape == (0, *OUTPUT)
-
-
-def test_instance_kernel_with_two_classes_appears_twice():
-    cls_logits = torch.full((N, K), -6.0)
-    cls_logits[2, 0] = 3.0
-    cls_logits[2, 1] = 2.0
-    cls_logits[4, 2] = 1.0
-    mask_logits = blob_logits(N, seed=4)
-    result = run_instance(cls_logits, mask_logits, topk=3)
-    assert result.pred_classes.tolist() == [0, 1, 2]
-    assert torch.equal(result.pred_masks[0], result.pred_masks[1])
-    assert not torch.equal(result.pred_masks[0], result.pred_masks[2])
-    torch.testing.assert_close(result.pred_boxes.tensor[0], result.pred_boxes.tensor[1])
-
-
-def test_instance_empty_mask_has_zero_box():
-    cls_logits = torch.full((N, K), -6.0)
-    cls_logits[0, 0] = 3.0
-    mask_logits = torch.full((N, 10, 12), -8.0)
-    result = run_instance(cls_logits, mask_logits, topk=1)
-    assert not bool(result.pred_masks.any())
-    assert result.pred_boxes.tensor.tolist() == [[0.0, 0.0, 0.0, 0.0]]
-
-
-@pytest.mark.parametrize("output", [(37, 45), (74, 90), (20, 23)])
-def test_instance_output_size(output):
-    sizes = {"padded_size": PADDED, "image_size": IMAGE, "output_size": output}
-    result = run_instance(random_cls(seed=5), blob_logits(N, seed=5), topk=4, sizes=sizes)
-    assert result.image_size == output and result.pred_masks.shape == (4, *output)
-    for i in range(4):
-        assert result.pred_boxes.tensor[i].tolist() == np_box(result.pred_masks[i].numpy())
-
-
-# ----------------------------------------------------------------------------- semantic
-def test_semantic_inference_matches_reference():
-    cls_logits = random_cls(seed=6)
-    mask_logits = blob_logits(N, seed=6)
-    got = semantic_inference(cls_logits, mask_logits, num_thing_classes=T, num_proposals=P, **SIZES)
-    assert got.shape == (K, *OUTPUT)
-    probs = ref_probs(mask_logits, PADDED, IMAGE, OUTPUT)
-    cls = torch.sigmoid(cls_logits.float())
-    ref = torch.zeros(K, *OUTPUT)
-    for n in range(N):
-        for c in range(K):
-            trained = (n < P and c < T) or (n >= P and c == T + n - P)
-            if trained:
-                ref[c] += cls[n, c] * probs[n]
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-
-
-def test_semantic_inference_instance_model():
-    cls_logits = random_cls(n=P, k=T, seed=7)
-    mask_logits = blob_logits(P, seed=7)
-    got = semantic_inference(cls_logits, mask_logits, num_thing_classes=T, num_proposals=P, **SIZES)
-    probs = ref_probs(mask_logits, PADDED, IMAGE, OUTPUT)
-    ref = torch.einsum("nk,nhw->khw", torch.sigmoid(cls_logits), probs)
-    assert got.shape == (T, *OUTPUT)
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("chunk_size", [1, 3, 16])
-def test_instance_masks_shared_with_the_merge_equal_the_standalone_output(chunk_size):
-    """The meta-arch collects instance masks from the merge's chunks: same result as alone."""
-    from knet.modeling.postprocessing import SelectedMasks, build_instances, select_instances
-
-    g = torch.Generator().manual_seed(7)
-    cls_logits = torch.randn(N, K, generator=g) * 2
-    mask_logits = torch.randn(N, 10, 12, generator=g) * 3
-    alone = run_instance(cls_logits, mask_logits, topk=7, score_thresh=0.2)
-    scores, labels, kernels = select_instances(
-        cls_logits, num_thing_classes=T, num_proposals=P, topk=7, score_thresh=0.2
-    )
-    collected = SelectedMasks(kernels, 0.5, OUTPUT)
-    run_panoptic(cls_logits, mask_logits, chunk_size=chunk_size, on_chunk=collected)
-    shared = build_instances(OUTPUT, scores, labels, collected.masks)
-    assert len(shared) == len(alone) > 0
-    assert torch.equal(shared.pred_masks, alone.pred_masks)
-    assert torch.equal(shared.scores, alone.scores)
-    assert torch.equal(shared.pred_classes, alone.pred_classes)
-    assert torch.equal(shared.pred_boxes.tensor, alone.pred_boxes.tensor)
-
-
-# ----------------------------------------------------------------------------- tiled merge
-# On the CPU the merge evaluates the probability maps only on the tiles its bounds leave
-# undecided. It must reproduce the full computation bit for bit: it is compared below with the
-# official merge on float32 maps of all kernels at once, and with the chunked merge.
-# low-res (h, w) and sizes, all with H + W > 128: F.interpolate then uses the generic CPU kernel
-# that the tiled merge emulates
-TILED_SIZES = {
-    "upsample": (
-        (17, 23),
-        {"padded_size": (68, 92), "image_size": (65, 89), "output_size": (97, 131)},
-    ),
-    "same": ((16, 25), {"padded_size": (64, 100), "image_size": (61, 99), "output_size": (61, 99)}),
-    "downsample": (
-        (30, 34),
-        {"padded_size": (120, 136), "image_size": (117, 133), "output_size": (58, 77)},
-    ),
-    "mixed": (
-        (12, 40),
-        {"padded_size": (48, 160), "image_size": (48, 157), "output_size": (103, 41)},
-    ),
-}
-needs_emulation = pytest.mark.skipif(
-    pp._cpu_bilinear_arithmetic() is None,
-    reason="F.interpolate's CPU arithmetic is not reproduced on this build: the merge is chunked",
-)
-
-
-@pytest.fixture
-def merge_paths(monkeypatch):
-    """Counts the runs of the tiled and of the chunked merge computations; the tiled one runs
-    even where it costs more than the full maps (the small maps of these tests)."""
-    monkeypatch.setattr(pp, "_TILE_COST", 0.0)
-    calls = {"tiled": 0, "chunked": 0}
-    for name, key in (("_tiled_owner_and_areas", "tiled"), ("_chunked_owner_and_areas", "chunked")):
-        original = getattr(pp, name)
-
-        def counted(*args, _original=original, _key=key, **kwargs):
-            calls[_key] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(pp, name, counted)
-    return calls
+@pytest.mark.parametrize("kind", ["duplicates", "saturated"])
+def test_panoptic_ties_go_to_the_first_kernel(kind, path):
+    """Equal values of score x prob: the first kernel wins, also across chunks."""
+    sizes = {"padded_size": (68, 92), "image_size": (65, 89), "output_size": (97, 131)}
+    n_prop, n_thing, n_cls = 20, 3, 6
+    n = n_prop + n_cls - n_thing
+    mask_logits = blob_logits(n, (17, 23), seed=5)
+    cls_logits = torch.full((n, n_cls), -3.0)
+    cls_logits[:, 0] = torch.linspace(-2, 3, n)
+    if kind == "duplicates":  # kernel 2 repeated in the same and in the next chunk of 16
+        cls_logits[2, 0] = 6.0
+        for k in (7, 17):
+            mask_logits[k], cls_logits[k] = mask_logits[2], cls_logits[2]
+        winner = 2
+    else:  # probability exactly 1 (everywhere or on a half), same score, thing and stuff
+        mask_logits[9] = mask_logits[10] = mask_logits[n - 1] = 40.0
+        mask_logits[8, :, :11] = 40.0
+        cls_logits[8:11, 1] = 5.0
+        cls_logits[n - 1, n_cls - 1] = 5.0
+        winner = 8
+    got = run_panoptic(cls_logits, mask_logits, sizes, num_thing=n_thing, num_prop=n_prop)
+    ref = official_panoptic(cls_logits, mask_logits, n_thing, n_prop, sizes)
+    assert_same_segments(got, ref)
+    scores = kernel_scores_and_labels(cls_logits, n_thing, n_prop)[0]
+    assert got[1][0]["score"] == float(scores[winner])
 
 
 def official_panoptic(
@@ -488,398 +401,290 @@ def official_panoptic(
     return panoptic, info
 
 
-def merge(cls_logits, mask_logits, num_thing, num_prop, sizes, chunk_size=16, **overrides):
-    kwargs = {"instance_score_thresh": 0.3, "overlap_threshold": 0.6, "mask_threshold": 0.5}
-    kwargs.update(overrides)
-    return panoptic_inference(
-        cls_logits,
-        mask_logits,
-        num_thing_classes=num_thing,
-        num_proposals=num_prop,
-        chunk_size=chunk_size,
-        **kwargs,
-        **sizes,
-    )
+# ----------------------------------------------------------------------------- tiled path
+# Realistic sizes: stride-4 maps of trained-like predictions (sharp blobs, large stuff regions)
+# with the geometries of the model's test resizing.
+TILED_CASES = {
+    "same size": ((48, 76), OutputGeometry((192, 304), (192, 304))),
+    "cropped": ((50, 64), OutputGeometry((200, 256), (197, 250))),
+    "downscaled": ((50, 68), OutputGeometry((200, 272), (200, 267), (120, 160))),
+    "upscaled": ((14, 20), OutputGeometry((56, 80), (53, 75), (250, 353))),
+    "odd": ((23, 41), OutputGeometry((92, 164), (91, 161), (137, 97))),
+}
 
 
-def assert_same_panoptic(got, ref):
-    assert got[0].dtype == torch.int32 and got[0].shape == ref[0].shape
-    assert torch.equal(got[0], ref[0])
-    assert got[1] == ref[1]  # ids, categories, scores (exact floats), areas and their order
-
-
-def smooth_logits(n, hw, seed, amplitude=6.0):
-    """Smooth random fields: several kernels compete almost everywhere."""
+def trained_like(n_prop, n_stuff, hw, seed, n_cls=12, n_thing=7):
+    """Sharp elliptic masks (logits +-10 with noise), a few confident things, scored stuff."""
     gen = torch.Generator().manual_seed(seed)
-    coarse = torch.randn(n, 1, max(2, hw[0] // 4), max(2, hw[1] // 4), generator=gen)
-    return amplitude * F.interpolate(coarse, size=hw, mode="bilinear", align_corners=False)[:, 0]
+    h, w = hw
+    yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    logits = torch.empty(n_prop + n_stuff, h, w)
+    for i in range(logits.shape[0]):
+        cy, cx = (torch.rand(2, generator=gen) * torch.tensor([h, w])).tolist()
+        ry, rx = ((torch.rand(2, generator=gen) * 0.3 + 0.05) * torch.tensor([h, w])).tolist()
+        scale = 2.5 if i >= n_prop else 1.0
+        dist = (((yy - cy) / (ry * scale)) ** 2 + ((xx - cx) / (rx * scale)) ** 2).sqrt()
+        logits[i] = 10 * (1 - dist) + 0.5 * torch.randn(h, w, generator=gen)
+    cls = torch.randn(logits.shape[0], n_cls, generator=gen) * 2 - 3
+    cls[:n_prop:3, :n_thing] += 5
+    return cls, logits
 
 
-def random_case(n_prop, n_thing, n_cls, hw, seed):
-    gen = torch.Generator().manual_seed(seed)
-    n = n_prop + n_cls - n_thing
-    return torch.randn(n, n_cls, generator=gen) * 2, blob_logits(n, hw, seed=seed)
+def assert_statistics_agree(got, ref):
+    """Owner maps and masks differ on at most MAX_DIFFERING of the pixels; areas accordingly."""
+    assert got.owner.shape == ref.owner.shape and got.owner.dtype == torch.int64
+    differing = int((got.owner != ref.owner).sum())
+    assert differing <= MAX_DIFFERING * ref.owner.numel()
+    assert int((got.won_area - ref.won_area).abs().sum()) <= 2 * differing
+    owning = (ref.won_area > 0) & (got.won_area > 0)
+    area_diff = (got.own_area - ref.own_area)[owning].abs()
+    assert bool((area_diff <= MAX_DIFFERING * ref.owner.numel()).all())
+    assert got.selected_masks.shape == ref.selected_masks.shape
+    assert got.selected_masks.dtype == torch.bool
+    masks_differing = int((got.selected_masks != ref.selected_masks).sum())
+    assert masks_differing <= MAX_DIFFERING * ref.selected_masks.numel()
 
 
-def assert_same_reductions(
-    cls_logits, mask_logits, num_thing, num_prop, sizes, threshold=0.5, area_threshold=0.5
-):
-    """The tiled reductions (owner, won areas, the own areas the merge uses, instance masks of
-    every thing kernel) equal the chunked ones; returns the latter."""
-    scores, labels = kernel_scores_and_labels(cls_logits, num_thing, num_prop)
-    keepable = (labels >= num_thing) | (scores >= 0.3)
-    kernels = torch.arange(num_prop).repeat(2)
-    tiled_masks = SelectedMasks(kernels, threshold, sizes["output_size"])
-    args = (area_threshold, sizes["padded_size"], sizes["image_size"], sizes["output_size"])
-    fused = pp._cpu_bilinear_arithmetic()
-    probs = pp._chunked_sigmoid(mask_logits, 16)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pp, "_TILE_COST", 0.0)  # no hand-over to the full maps
-        got = pp._tiled_owner_and_areas(scores, probs, keepable, *args, tiled_masks, fused)
-    chunked_masks = SelectedMasks(kernels, threshold, sizes["output_size"])
-    ref = pp._chunked_owner_and_areas(scores, mask_logits, *args, 16, chunked_masks)
-    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
-    need = (ref[1] > 0) & keepable
-    assert torch.equal(got[2][need], ref[2][need])
-    assert torch.equal(tiled_masks.masks, chunked_masks.masks)
-    return ref, chunked_masks.masks
+@pytest.mark.parametrize("name", sorted(TILED_CASES))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tiled_statistics_agree_with_the_full_computation(name, seed, always_tiled):
+    hw, geometry = TILED_CASES[name]
+    cls_logits, mask_logits = trained_like(30, 5, hw, seed)
+    scores = kernel_scores_and_labels(cls_logits, 7, 30)[0]
+    selected = select_instances(cls_logits, 7, 30, topk=40, score_thresh=0.0)[2]
+    got = tiled.tiled_mask_statistics(mask_logits, geometry, scores, selected, 0.5)
+    ref = full_mask_statistics(mask_logits, geometry, scores, selected, 0.5, chunk_size=7)
+    assert got is not None
+    assert_statistics_agree(got, ref)
+    # the inputs are not trivial: several owners, partial masks
+    assert int((ref.won_area > 0).sum()) > 3
+    assert 0 < int(ref.selected_masks.sum()) < ref.selected_masks.numel() // 2
 
 
-def test_resize_emulation_is_bit_identical():
-    fused = pp._cpu_bilinear_arithmetic()
-    if fused is None:
-        pytest.skip("no emulation for this build")
-    for hw, sizes in TILED_SIZES.values():
-        logits = smooth_logits(5, hw, seed=1) + torch.randn(5, *hw)
-        got = pp._resize_exact(logits.sigmoid(), **sizes, fused=fused)
-        assert torch.equal(got, mask_probs_at_image_size(logits, **sizes))
+@pytest.mark.parametrize("name", sorted(TILED_CASES))
+def test_tiled_panoptic_and_instances_match_the_official_computation(name, always_tiled):
+    hw, geometry = TILED_CASES[name]
+    cls_logits, mask_logits = trained_like(30, 5, hw, seed=3)
+    sizes = {
+        "padded_size": geometry.padded_size,
+        "image_size": geometry.image_size,
+        "output_size": geometry.out_size,
+    }
+    got = run_panoptic(cls_logits, mask_logits, sizes, num_thing=7, num_prop=30)
+    ref = official_panoptic(cls_logits, mask_logits, 7, 30, sizes)
+    assert len(ref[1]) > 2
+    assert_same_segments(got, ref, max_differing=MAX_DIFFERING)
+    instances = postprocess(
+        cls_logits, mask_logits, sizes, num_thing=7, num_prop=30, instance_on=True, topk=20
+    )["instances"]
+    probs = ref_probs(mask_logits, sizes["padded_size"], sizes["image_size"], sizes["output_size"])
+    kernels = select_instances(cls_logits, 7, 30, topk=20, score_thresh=0.0)[2]
+    differing = int((instances.pred_masks != (probs[kernels] > 0.5)).sum())
+    assert differing <= MAX_DIFFERING * instances.pred_masks.numel()
 
 
-@needs_emulation
-@pytest.mark.parametrize("name", sorted(TILED_SIZES))
-def test_tile_bounds_hold_and_tile_values_are_exact(name):
-    fused = pp._cpu_bilinear_arithmetic()
-    hw, sizes = TILED_SIZES[name]
-    logits = smooth_logits(6, hw, seed=2, amplitude=20.0)
-    logits[0] = -100.0 + torch.randn(hw)  # subnormal probabilities
-    logits[1, :, ::3] = 40.0  # exactly 1
-    probs = logits.sigmoid()
-    full = mask_probs_at_image_size(logits, **sizes)
-    second = sizes["output_size"] != sizes["image_size"]
-    rows, cols = (
-        pp._axis_tiles(
-            hw[i],
-            sizes["padded_size"][i],
-            sizes["image_size"][i],
-            sizes["output_size"][i],
-            second,
-            pp._TILE,
-            fused,
-        )
-        for i in range(2)
+def test_tiled_statistics_of_scores_or_selection_alone(always_tiled):
+    hw, geometry = TILED_CASES["cropped"]
+    cls_logits, mask_logits = trained_like(30, 5, hw, seed=4)
+    scores = kernel_scores_and_labels(cls_logits, 7, 30)[0]
+    selected = torch.tensor([3, 3, 0, 29])
+    only_scores = tiled.tiled_mask_statistics(mask_logits, geometry, scores, None, 0.5)
+    only_masks = tiled.tiled_mask_statistics(mask_logits, geometry, None, selected, 0.5)
+    ref = full_mask_statistics(mask_logits, geometry, scores, selected)
+    assert only_scores.selected_masks.shape == (0, *geometry.out_size)
+    assert only_masks.owner.numel() == 0 and only_masks.won_area.numel() == 0
+    assert_statistics_agree(only_scores._replace(selected_masks=ref.selected_masks), ref)
+    assert_statistics_agree(
+        only_masks._replace(owner=ref.owner, won_area=ref.won_area, own_area=ref.own_area), ref
     )
-    lower, upper = pp._widen(*pp._tile_bounds(probs, rows, cols))
-    kernels = torch.arange(6)
-    for ty in range(rows.n):
-        for tx in range(cols.n):
-            tile = full[:, rows.pos[ty]][:, :, cols.pos[tx]]
-            assert bool((tile.double().amin((1, 2)) >= lower[:, ty, tx]).all())
-            assert bool((tile.double().amax((1, 2)) <= upper[:, ty, tx]).all())
-            ty_, tx_ = torch.full((6,), ty), torch.full((6,), tx)
-            assert torch.equal(pp._tile_probs(probs, kernels, ty_, tx_, rows, cols, fused), tile)
+    assert torch.equal(only_masks.selected_masks[0], only_masks.selected_masks[1])
 
 
-@needs_emulation
-@pytest.mark.parametrize("name", sorted(TILED_SIZES))
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_tiled_merge_matches_official_merge(name, seed, merge_paths):
-    hw, sizes = TILED_SIZES[name]
-    cls_logits, mask_logits = random_case(12, 5, 9, hw, seed)
-    got = merge(cls_logits, mask_logits, 5, 12, sizes, chunk_size=5)
-    ref = official_panoptic(cls_logits, mask_logits, 5, 12, sizes)
-    assert merge_paths == {"tiled": 1, "chunked": 0}
-    assert_same_panoptic(got, ref)
-    assert len(ref[1]) > 0 and bool((ref[0] == 0).any())
-
-
-@needs_emulation
-@pytest.mark.parametrize("name", sorted(TILED_SIZES))
-@pytest.mark.parametrize("amplitude", [0.5, 8.0])
-def test_tiled_merge_with_many_competing_kernels(name, amplitude, merge_paths):
-    """Smooth overlapping maps: most tiles keep several candidates."""
-    hw, sizes = TILED_SIZES[name]
-    n_prop, n_thing, n_cls = 30, 4, 10
-    n = n_prop + n_cls - n_thing
-    mask_logits = smooth_logits(n, hw, seed=3, amplitude=amplitude)
-    cls_logits = torch.randn(n, n_cls, generator=torch.Generator().manual_seed(4))
-    thresholds = {"score_thr": 0.0, "overlap_thr": 0.1}  # keep many kernels
-    ref = official_panoptic(cls_logits, mask_logits, n_thing, n_prop, sizes, **thresholds)
-    assert len(ref[1]) > 1
-    for chunk_size in (1, 7, 16, 100):
-        got = merge(
-            cls_logits,
-            mask_logits,
-            n_thing,
-            n_prop,
-            sizes,
-            chunk_size=chunk_size,
-            instance_score_thresh=0.0,
-            overlap_threshold=0.1,
-        )
-        assert_same_panoptic(got, ref)
-    assert merge_paths == {"tiled": 4, "chunked": 0}
-    assert_same_reductions(cls_logits, mask_logits, n_thing, n_prop, sizes)
-
-
-@needs_emulation
-@pytest.mark.parametrize("name", sorted(TILED_SIZES))
-@pytest.mark.parametrize("kind", ["duplicates", "saturated"])
-def test_tiled_merge_ties_go_to_the_first_kernel(name, kind, merge_paths):
-    """Equal values of score x prob: the first kernel wins, also across chunks."""
-    hw, sizes = TILED_SIZES[name]
-    n_prop, n_thing, n_cls = 20, 3, 6
-    n = n_prop + n_cls - n_thing
-    mask_logits = blob_logits(n, hw, seed=5)
-    cls_logits = torch.full((n, n_cls), -3.0)
-    cls_logits[:, 0] = torch.linspace(-2, 3, n)
-    if kind == "duplicates":  # kernel 2 repeated in the same and in the next chunk of 16
-        cls_logits[2, 0] = 6.0
-        for k in (7, 17):
-            mask_logits[k], cls_logits[k] = mask_logits[2], cls_logits[2]
-        winner = 2
-    else:  # probability exactly 1 (everywhere or on a half), same score, thing and stuff
-        mask_logits[9] = mask_logits[10] = mask_logits[n - 1] = 40.0
-        mask_logits[8, :, : hw[1] // 2] = 40.0
-        cls_logits[8:11, 1] = 5.0
-        cls_logits[n - 1, n_cls - 1] = 5.0
-        winner = 8
-    got = merge(cls_logits, mask_logits, n_thing, n_prop, sizes)
-    assert_same_panoptic(got, official_panoptic(cls_logits, mask_logits, n_thing, n_prop, sizes))
-    assert merge_paths == {"tiled": 1, "chunked": 0}
-    chunked = merge(cls_logits, mask_logits, n_thing, n_prop, sizes, on_chunk=lambda *a: None)
-    assert merge_paths["chunked"] == 1  # an arbitrary callback needs the full maps
-    assert_same_panoptic(got, chunked)
-    scores = kernel_scores_and_labels(cls_logits, n_thing, n_prop)[0]
-    assert got[1][0]["score"] == float(scores[winner])
-
-
-@needs_emulation
-@pytest.mark.parametrize("name", sorted(TILED_SIZES))
-def test_tiled_merge_near_the_mask_threshold(name, merge_paths):
-    """Probabilities within a few ulps of 0.5: own areas (>=) and instance masks (>)."""
-    hw, sizes = TILED_SIZES[name]
-    n_prop, n_thing, n_cls = 8, 3, 5
-    n = n_prop + n_cls - n_thing
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
+def test_tiled_statistics_near_and_at_the_mask_threshold(threshold, always_tiled):
+    """Probabilities equal to, or within rounding of, the threshold: decided by evaluation."""
+    hw, geometry = TILED_CASES["odd"]
     gen = torch.Generator().manual_seed(6)
-    mask_logits = torch.randn(n, *hw, generator=gen) * 1e-6
-    mask_logits[0] = 0.0  # exactly 0.5 before resizing
-    mask_logits[1, ::2] = 0.0
-    mask_logits[2] = 3e-7 * torch.sign(torch.randn(hw, generator=gen))
-    cls_logits = torch.randn(n, n_cls, generator=gen) * 2
-    for overlap in (0.0, 0.6, 1.0):
-        got = merge(cls_logits, mask_logits, n_thing, n_prop, sizes, overlap_threshold=overlap)
-        ref = official_panoptic(
-            cls_logits, mask_logits, n_thing, n_prop, sizes, overlap_thr=overlap
-        )
-        assert_same_panoptic(got, ref)
-    selected = select_instances(
-        cls_logits, num_thing_classes=n_thing, num_proposals=n_prop, topk=20, score_thresh=0.0
-    )
-    collected = SelectedMasks(selected[2], 0.5, sizes["output_size"])
-    merge(cls_logits, mask_logits, n_thing, n_prop, sizes, on_chunk=collected)
-    assert merge_paths == {"tiled": 4, "chunked": 0}
-    alone = instance_inference(
-        cls_logits,
-        mask_logits,
-        num_thing_classes=n_thing,
-        num_proposals=n_prop,
-        topk=20,
-        score_thresh=0.0,
-        mask_threshold=0.5,
-        **sizes,
-    )
-    assert torch.equal(collected.masks, alone.pred_masks)
-    assert bool(collected.masks.any()) and not bool(collected.masks.all())
-    assert_same_reductions(cls_logits, mask_logits, n_thing, n_prop, sizes)
+    logit = float(torch.logit(torch.tensor(threshold, dtype=torch.float64)))
+    mask_logits = logit + torch.randn(8, *hw, generator=gen) * 1e-6
+    mask_logits[0] = logit
+    mask_logits[1, ::2] = logit + 3.0
+    scores = torch.rand(8, generator=gen)
+    selected = torch.arange(8)
+    got = tiled.tiled_mask_statistics(mask_logits, geometry, scores, selected, threshold)
+    ref = full_mask_statistics(mask_logits, geometry, scores, selected, threshold)
+    assert got is not None
+    assert int((got.owner != ref.owner).sum()) <= MAX_DIFFERING * ref.owner.numel()
+    # pixels within rounding of the threshold may go either way; all others agree
+    probs = resize_to_output(mask_logits.sigmoid(), geometry)
+    clear = (probs - threshold).abs() > 1e-5
+    assert bool(clear.any()) and bool((~clear).any())
+    assert torch.equal(got.selected_masks[clear], ref.selected_masks[clear])
+    assert bool(ref.won_area[1] > 0)
+    assert abs(int(got.own_area[1]) - int(ref.own_area[1])) <= int((~clear[1]).sum())
 
 
-@needs_emulation
-@pytest.mark.parametrize(
-    "case", ["things only", "stuff only", "one kernel", "nothing kept", "tiny values"]
-)
-def test_tiled_merge_edge_cases(case, merge_paths):
-    hw, sizes = TILED_SIZES["upsample"]
-    n_prop, n_thing, n_cls = {
-        "things only": (6, 3, 3),
-        "stuff only": (0, 3, 7),
-        "one kernel": (1, 3, 3),
-    }.get(case, (6, 3, 7))
-    cls_logits, mask_logits = random_case(n_prop, n_thing, n_cls, hw, seed=7)
-    if case == "nothing kept":
-        mask_logits = torch.full_like(mask_logits, -8.0)
-    if case == "tiny values":  # subnormal probabilities and scores: products underflow to 0
-        gen = torch.Generator().manual_seed(8)
-        mask_logits = -100.0 + torch.randn(mask_logits.shape, generator=gen)
-        mask_logits[:, :3] = -200.0
-        mask_logits[1, 2:6, 3:9] = 10.0
-        cls_logits = -80.0 + torch.randn(cls_logits.shape, generator=gen)
-    got = merge(cls_logits, mask_logits, n_thing, n_prop, sizes, instance_score_thresh=0.0)
-    ref = official_panoptic(cls_logits, mask_logits, n_thing, n_prop, sizes, score_thr=0.0)
-    assert merge_paths == {"tiled": 1, "chunked": 0}
-    assert_same_panoptic(got, ref)
-    if case == "nothing kept":
-        assert got[1] == [] and bool((got[0] == 0).all())
-    else:
-        assert len(got[1]) > 0
-        assert all(s["isthing"] == (case != "stuff only") for s in got[1])
+def test_tiled_path_hands_over_where_bounds_do_not_help():
+    """Maps that are all alike everywhere leave every tile open: the full computation runs."""
+    hw, geometry = TILED_CASES["same size"]
+    mask_logits = torch.randn(20, *hw, generator=torch.Generator().manual_seed(7)) * 0.01
+    scores = torch.full((20,), 0.5)
+    assert tiled.tiled_mask_statistics(mask_logits, geometry, scores, None, 0.5) is None
+    got = mask_statistics(mask_logits, geometry, scores, None)
+    ref = full_mask_statistics(mask_logits, geometry, scores, None)
+    assert torch.equal(got.owner, ref.owner)
 
 
-@needs_emulation
-@pytest.mark.parametrize("name", sorted(TILED_SIZES))
-@pytest.mark.parametrize("chunk_size", [1, 16])
-def test_tiled_merge_equals_the_chunked_merge_with_instance_masks(name, chunk_size, merge_paths):
-    """Panoptic output and shared instance masks (a kernel selected with several classes, an
-    empty mask) equal those of the chunked merge, whose maps come from full-size resizes."""
-    hw, sizes = TILED_SIZES[name]
-    n_prop, n_thing, n_cls = 15, 4, 8
-    cls_logits, mask_logits = random_case(n_prop, n_thing, n_cls, hw, seed=8)
-    cls_logits[3, :n_thing] = torch.tensor([4.0, 3.9, 3.8, -5.0])  # kernel 3: three classes
-    mask_logits[5] = -30.0  # an empty mask
-    selected = select_instances(
-        cls_logits, num_thing_classes=n_thing, num_proposals=n_prop, topk=25, score_thresh=0.1
-    )
-    assert int((selected[2] == 3).sum()) == 3 and bool((selected[2] == 5).any())
-    tiled_masks = SelectedMasks(selected[2], 0.5, sizes["output_size"])
-    got = merge(cls_logits, mask_logits, n_thing, n_prop, sizes, chunk_size, on_chunk=tiled_masks)
-    assert merge_paths == {"tiled": 1, "chunked": 0}
-    chunked_masks = SelectedMasks(selected[2], 0.5, sizes["output_size"])
-    ref = merge(
-        cls_logits, mask_logits, n_thing, n_prop, sizes, chunk_size, on_chunk=chunked_masks.__call__
-    )
-    assert merge_paths == {"tiled": 1, "chunked": 1}
-    assert_same_panoptic(got, ref)
-    assert torch.equal(tiled_masks.masks, chunked_masks.masks)
-    alone = instance_inference(
-        cls_logits,
-        mask_logits,
-        num_thing_classes=n_thing,
-        num_proposals=n_prop,
-        topk=25,
-        score_thresh=0.1,
-        mask_threshold=0.5,
-        **sizes,
-    )
-    assert torch.equal(tiled_masks.masks, alone.pred_masks)
-    assert not bool(tiled_masks.masks[selected[2] == 5].any())
+def test_tiled_path_hands_over_non_finite_logits():
+    hw, geometry = TILED_CASES["cropped"]
+    _, mask_logits = trained_like(30, 5, hw, seed=8)
+    mask_logits[3, 4, 5] = float("nan")
+    assert tiled.tiled_mask_statistics(mask_logits, geometry, torch.rand(35), None, 0.5) is None
+    mask_logits[3, 4, 5] = float("inf")  # infinite logits are probabilities 0 or 1: fine
+    assert tiled.tiled_mask_statistics(mask_logits, geometry, torch.rand(35), None, 0.5) is not None
 
 
-@needs_emulation
-def test_merge_falls_back_where_f_interpolate_uses_another_kernel(merge_paths):
-    """Small outputs, and 3-kernel chunks on one thread, are resized by a channels-last kernel
-    with other roundings: the chunked merge runs there."""
-    hw, sizes = TILED_SIZES["upsample"]
-    cls_logits, mask_logits = random_case(6, 3, 7, hw, seed=9)
-    small = dict(sizes, output_size=(50, 61))
-    got = merge(cls_logits, mask_logits, 3, 6, small)
-    assert merge_paths == {"tiled": 0, "chunked": 1}
-    assert_same_panoptic(got, official_panoptic(cls_logits, mask_logits, 3, 6, small))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        got = merge(cls_logits, mask_logits, 3, 6, sizes, chunk_size=3)
-        assert merge_paths == {"tiled": 0, "chunked": 2}
-        got_tiled = merge(cls_logits, mask_logits, 3, 6, sizes, chunk_size=4)
-        assert merge_paths == {"tiled": 1, "chunked": 2}
-    finally:
-        torch.set_num_threads(threads)
-    assert_same_panoptic(got, got_tiled)
+# ----------------------------------------------------------------------------- instance
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_instance_inference_properties(seed, path):
+    cls_logits = random_cls(seed=seed)
+    cls_logits[P:] = 10.0  # stuff kernels must never produce instances
+    mask_logits = blob_logits(N, seed=seed)
+    result = run_instance(cls_logits, mask_logits, topk=7)
+    assert result.image_size == OUTPUT
+    assert len(result) == 7
+    scores = result.scores
+    assert bool((scores[:-1] >= scores[1:]).all())
+    assert bool((result.pred_classes < T).all()) and bool((result.pred_classes >= 0).all())
+    assert result.pred_masks.dtype == torch.bool and result.pred_masks.shape == (7, *OUTPUT)
+
+    # the top-7 (kernel, class) pairs over the thing kernels, by class probability
+    probs = torch.sigmoid(cls_logits[:P, :T].float())
+    ref_scores = sorted(probs.flatten().tolist(), reverse=True)[:7]
+    assert scores.tolist() == pytest.approx(ref_scores, rel=1e-6)
+
+    full = ref_probs(mask_logits, PADDED, IMAGE, OUTPUT)
+    for i in range(len(result)):
+        c = int(result.pred_classes[i])
+        matches = [n for n in range(P) if float(probs[n, c]) == float(scores[i])]
+        assert len(matches) == 1
+        expected = full[matches[0]] > 0.5
+        assert torch.equal(result.pred_masks[i], expected)
+        box = result.pred_boxes.tensor[i].tolist()
+        assert box == np_box(result.pred_masks[i].numpy())
 
 
-@needs_emulation
-def test_tiled_merge_leaves_undecided_maps_to_the_chunked_merge(merge_paths, monkeypatch):
-    """Where the bounds decide little (smooth overlapping maps), the full maps are cheaper:
-    the cost guard hands the merge to the chunked computation, with the same result."""
-    hw, sizes = TILED_SIZES["upsample"]
-    n_prop, n_thing, n_cls = 30, 4, 10
-    n = n_prop + n_cls - n_thing
-    mask_logits = smooth_logits(n, hw, seed=3, amplitude=0.5)
-    cls_logits = torch.randn(n, n_cls, generator=torch.Generator().manual_seed(4))
-    tiled = merge(cls_logits, mask_logits, n_thing, n_prop, sizes, overlap_threshold=0.1)
-    assert merge_paths == {"tiled": 1, "chunked": 0}
-    monkeypatch.setattr(pp, "_TILE_COST", 4.0)
-    guarded = merge(cls_logits, mask_logits, n_thing, n_prop, sizes, overlap_threshold=0.1)
-    assert merge_paths == {"tiled": 2, "chunked": 1}
-    assert_same_panoptic(tiled, guarded)
-    assert len(tiled[1]) > 0
+def test_instance_inference_score_threshold_and_topk(path):
+    cls_logits = random_cls(seed=3)
+    mask_logits = blob_logits(N, seed=3)
+    probs = torch.sigmoid(cls_logits[:P, :T].float()).flatten()
+    result = run_instance(cls_logits, mask_logits, topk=100, score_thresh=0.4)
+    assert len(result) == int((probs >= 0.4).sum()) > 0
+    assert bool((result.scores >= 0.4).all())
+    result = run_instance(cls_logits, mask_logits, topk=100)
+    assert len(result) == P * T  # all pairs when topk exceeds them
+    result = run_instance(cls_logits, mask_logits, topk=3, score_thresh=0.0)
+    assert len(result) == 3
 
 
-@needs_emulation
-def test_tiled_merge_with_no_selected_instances(merge_paths):
-    hw, sizes = TILED_SIZES["same"]
-    cls_logits, mask_logits = random_case(6, 3, 7, hw, seed=10)
-    selected = select_instances(
-        cls_logits, num_thing_classes=3, num_proposals=6, topk=10, score_thresh=1.0
-    )
-    collected = SelectedMasks(selected[2], 0.5, sizes["output_size"])
-    got = merge(cls_logits, mask_logits, 3, 6, sizes, on_chunk=collected)
-    assert merge_paths == {"tiled": 1, "chunked": 0}
-    assert collected.masks.shape == (0, *sizes["output_size"])
-    assert_same_panoptic(got, official_panoptic(cls_logits, mask_logits, 3, 6, sizes))
+def test_instance_inference_with_nothing_above_threshold(path):
+    """A score threshold that removes every pair gives an empty Instances of the right size."""
+    cls_logits = torch.full((N, K), -6.0)
+    result = run_instance(cls_logits, blob_logits(N, seed=8), topk=10, score_thresh=0.5)
+    assert len(result) == 0 and result.image_size == OUTPUT
+    assert result.pred_masks.shape == (0, *OUTPUT) and result.pred_masks.dtype == torch.bool
+    assert result.pred_boxes.tensor.shape == (0, 4)
+    assert result.scores.shape == (0,) and result.pred_classes.shape == (0,)
 
 
-@needs_emulation
-@pytest.mark.parametrize("instance_threshold", [0.3, 0.5, 0.7])
-def test_tiled_merge_with_another_instance_mask_threshold(instance_threshold, merge_paths):
-    """Own areas (prob >= 0.5) and instance masks (prob > their threshold) decided apart."""
-    hw, sizes = TILED_SIZES["upsample"]
-    cls_logits, mask_logits = random_case(10, 4, 8, hw, seed=11)
-    mask_logits = mask_logits.clamp(-2.0, 2.0)  # probabilities between 0.12 and 0.88
-    # a high-scoring thing between 0.55 and 0.82: its area is decided on every tile, its mask
-    # at 0.7 is not
-    mask_logits[0] = torch.empty(hw).uniform_(0.2, 1.5, generator=torch.Generator().manual_seed(1))
-    cls_logits[0, 0] = 8.0
-    selected = select_instances(
-        cls_logits, num_thing_classes=4, num_proposals=10, topk=30, score_thresh=0.0
-    )
-    tiled_masks = SelectedMasks(selected[2], instance_threshold, sizes["output_size"])
-    got = merge(cls_logits, mask_logits, 4, 10, sizes, on_chunk=tiled_masks)
-    chunked_masks = SelectedMasks(selected[2], instance_threshold, sizes["output_size"])
-    ref = merge(cls_logits, mask_logits, 4, 10, sizes, on_chunk=chunked_masks.__call__)
-    assert merge_paths == {"tiled": 1, "chunked": 1}
-    assert_same_panoptic(got, ref)
-    assert_same_panoptic(got, official_panoptic(cls_logits, mask_logits, 4, 10, sizes))
-    assert torch.equal(tiled_masks.masks, chunked_masks.masks)
-    assert len(got[1]) > 0
-    assert_same_reductions(cls_logits, mask_logits, 4, 10, sizes, instance_threshold)
+def test_instance_kernel_with_two_classes_appears_twice(path):
+    cls_logits = torch.full((N, K), -6.0)
+    cls_logits[2, 0] = 3.0
+    cls_logits[2, 1] = 2.0
+    cls_logits[4, 2] = 1.0
+    mask_logits = blob_logits(N, seed=4)
+    result = run_instance(cls_logits, mask_logits, topk=3)
+    assert result.pred_classes.tolist() == [0, 1, 2]
+    assert torch.equal(result.pred_masks[0], result.pred_masks[1])
+    assert not torch.equal(result.pred_masks[0], result.pred_masks[2])
+    torch.testing.assert_close(result.pred_boxes.tensor[0], result.pred_boxes.tensor[1])
 
 
-@needs_emulation
-def test_tile_bounds_cover_resized_values_above_their_sources():
-    """A constant map can come out of the resize one ulp above its value (a weight pair of
-    1 - w1 and w1 summing above 1): the bounds' slack keeps such pixels undecided."""
-    hw = (25, 42)
-    sizes = {"padded_size": (100, 168), "image_size": (97, 163), "output_size": (147, 291)}
-    cls_logits, mask_logits = random_case(6, 3, 5, hw, seed=13)
-    mask_logits[0] = 3.0
-    cls_logits[0, 0] = 8.0  # kernel 0 wins wherever the others are low
-    value = float(torch.sigmoid(torch.tensor(3.0)))
-    above = float(torch.nextafter(torch.tensor(value), torch.tensor(1.0)))
-    ref, masks = assert_same_reductions(
-        cls_logits, mask_logits, 3, 6, sizes, threshold=value, area_threshold=above
-    )
-    # the case occurs: kernel 0 has pixels above its value, but not everywhere
-    assert 0 < int(masks[0].sum()) < masks[0].numel()
-    assert 0 < int(ref[2][0]) < masks[0].numel() and int(ref[1][0]) > 0
+def test_instance_empty_mask_has_zero_box(path):
+    cls_logits = torch.full((N, K), -6.0)
+    cls_logits[0, 0] = 3.0
+    mask_logits = torch.full((N, 10, 12), -8.0)
+    result = run_instance(cls_logits, mask_logits, topk=1)
+    assert not bool(result.pred_masks.any())
+    assert result.pred_boxes.tensor.tolist() == [[0.0, 0.0, 0.0, 0.0]]
 
 
-def test_chunked_sigmoid_is_the_chunked_merges():
-    """Per chunk, as the chunked merge calls it (the vectorised and scalar sigmoid paths may
-    round differently, and which elements take which depends on the call)."""
-    gen = torch.Generator().manual_seed(12)
-    logits = torch.randn(23, 13, 17, generator=gen) * 8
-    for chunk_size in (1, 3, 5, 16, 100):
-        ref = torch.cat([logits[s : s + chunk_size].sigmoid() for s in range(0, 23, chunk_size)])
-        assert torch.equal(pp._chunked_sigmoid(logits, chunk_size), ref)
-        strided = logits.transpose(1, 2)
-        ref = torch.cat([strided[s : s + chunk_size].sigmoid() for s in range(0, 23, chunk_size)])
-        assert torch.equal(pp._chunked_sigmoid(strided, chunk_size), ref)
+@pytest.mark.parametrize("output", [(37, 45), (74, 90), (20, 23)])
+def test_instance_output_size(output, path):
+    sizes = {"padded_size": PADDED, "image_size": IMAGE, "output_size": output}
+    result = run_instance(random_cls(seed=5), blob_logits(N, seed=5), topk=4, sizes=sizes)
+    assert result.image_size == output and result.pred_masks.shape == (4, *output)
+    for i in range(4):
+        assert result.pred_boxes.tensor[i].tolist() == np_box(result.pred_masks[i].numpy())
+
+
+def test_masks_to_boxes_matches_numpy():
+    gen = torch.Generator().manual_seed(11)
+    masks = torch.rand(6, 9, 14, generator=gen) > 0.9
+    masks[0] = False
+    masks[1] = False
+    masks[1, 8, 13] = True  # a single corner pixel
+    masks[2] = True
+    boxes = masks_to_boxes(masks)
+    assert boxes.dtype == torch.float32 and boxes.shape == (6, 4)
+    assert boxes.tolist() == [np_box(m.numpy()) for m in masks]
+
+
+def test_panoptic_and_instances_together_equal_each_alone(path):
+    cls_logits = random_cls(seed=12)
+    mask_logits = blob_logits(N, seed=12)
+    both = postprocess(cls_logits, mask_logits, panoptic_on=True, instance_on=True, topk=7)
+    panoptic = run_panoptic(cls_logits, mask_logits)
+    instances = run_instance(cls_logits, mask_logits, topk=7)
+    assert_same_segments(both["panoptic_seg"], panoptic)
+    assert torch.equal(both["instances"].pred_masks, instances.pred_masks)
+    assert torch.equal(both["instances"].pred_boxes.tensor, instances.pred_boxes.tensor)
+    assert torch.equal(both["instances"].scores, instances.scores)
+
+
+# ----------------------------------------------------------------------------- semantic
+def test_semantic_scores_match_reference():
+    cls_logits = random_cls(seed=6)
+    mask_logits = blob_logits(N, seed=6)
+    got = semantic_scores(cls_logits, mask_logits, geometry_of(SIZES), T, P, chunk_size=2)
+    assert got.shape == (K, *OUTPUT)
+    probs = ref_probs(mask_logits, PADDED, IMAGE, OUTPUT)
+    cls = torch.sigmoid(cls_logits.float())
+    ref = torch.zeros(K, *OUTPUT)
+    for n in range(N):
+        for c in range(K):
+            trained = (n < P and c < T) or (n >= P and c == T + n - P)
+            if trained:
+                ref[c] += cls[n, c] * probs[n]
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_semantic_scores_of_an_instance_model():
+    cls_logits = random_cls(n=P, k=T, seed=7)
+    mask_logits = blob_logits(P, seed=7)
+    got = semantic_scores(cls_logits, mask_logits, geometry_of(SIZES), T, P)
+    probs = ref_probs(mask_logits, PADDED, IMAGE, OUTPUT)
+    ref = torch.einsum("nk,nhw->khw", torch.sigmoid(cls_logits), probs)
+    assert got.shape == (T, *OUTPUT)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [0, 2])
+def test_semantic_probabilities_are_the_softmax_of_the_resized_logits(chunk_size):
+    logits = torch.randn(K, 10, 12, generator=torch.Generator().manual_seed(13)) * 3
+    got = semantic_probabilities(logits, geometry_of(SIZES), chunk_size)
+    ref = F.interpolate(logits.double()[None], size=PADDED, mode="bilinear", align_corners=False)
+    ref = ref[:, :, : IMAGE[0], : IMAGE[1]]
+    ref = F.interpolate(ref, size=OUTPUT, mode="bilinear", align_corners=False)[0].softmax(0)
+    assert got.shape == (K, *OUTPUT) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref.float(), atol=1e-6, rtol=1e-5)

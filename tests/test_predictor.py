@@ -81,7 +81,7 @@ def test_default_predictor_output_contract(demo_predictor, image):
     assert isinstance(instances, Instances)
     assert instances.image_size == (HEIGHT, WIDTH)
     n = len(instances)
-    assert n > 0  # config SCORE_THRESH is 0.0
+    assert n > 0  # config INSTANCES_SCORE_THRESH is 0.0
     assert instances.pred_masks.shape == (n, HEIGHT, WIDTH)
     assert instances.pred_masks.dtype in (torch.bool, torch.float32, torch.uint8)
     assert isinstance(instances.pred_boxes, Boxes)
@@ -118,8 +118,8 @@ def test_run_on_image_draws_at_input_size(demo_predictor, image, opts, expected_
 
 def test_confidence_threshold_filters(demo_predictor, image):
     strict = _cfg(demo_predictor, threshold=1.0)
-    assert strict.MODEL.KNET.TEST.SCORE_THRESH == 1.0
-    assert strict.MODEL.KNET.TEST.INSTANCE_SCORE_THRESH == 1.0
+    assert strict.MODEL.KNET.TEST.INSTANCES_SCORE_THRESH == 1.0
+    assert strict.MODEL.KNET.TEST.PANOPTIC_THING_SCORE_THRESH == 1.0
     out = _seeded(lambda: DefaultPredictor(strict))(image)
     assert len(out["instances"]) == 0
     assert _thing_segments(out) == 0
@@ -139,9 +139,11 @@ def test_confidence_threshold_filters(demo_predictor, image):
 
 
 def test_explicit_opts_override_confidence_threshold(demo_predictor):
-    cfg = _cfg(demo_predictor, ["MODEL.KNET.TEST.INSTANCE_SCORE_THRESH", "0.3"], threshold=0.9)
-    assert cfg.MODEL.KNET.TEST.SCORE_THRESH == pytest.approx(0.9)
-    assert cfg.MODEL.KNET.TEST.INSTANCE_SCORE_THRESH == pytest.approx(0.3)
+    cfg = _cfg(
+        demo_predictor, ["MODEL.KNET.TEST.PANOPTIC_THING_SCORE_THRESH", "0.3"], threshold=0.9
+    )
+    assert cfg.MODEL.KNET.TEST.INSTANCES_SCORE_THRESH == pytest.approx(0.9)
+    assert cfg.MODEL.KNET.TEST.PANOPTIC_THING_SCORE_THRESH == pytest.approx(0.3)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback without CUDA")

@@ -4,7 +4,16 @@ Defaults reproduce the official COCO panoptic/instance recipe; see ``configs/`` 
 specific values. Key names follow Mask2Former where they mean the same thing.
 """
 
+import logging
+
 from detectron2.config import CfgNode as CN
+
+# Keys renamed in this release: former name -> current name (under MODEL.KNET.TEST). A value
+# set under the former name is used, with a warning; the former names go in the next release.
+RENAMED_KEYS = {
+    "INSTANCE_SCORE_THRESH": "PANOPTIC_THING_SCORE_THRESH",
+    "SCORE_THRESH": "INSTANCES_SCORE_THRESH",
+}
 
 
 def add_knet_config(cfg: CN) -> None:
@@ -111,6 +120,9 @@ def add_knet_config(cfg: CN) -> None:
     cfg.MODEL.KNET.HARD_MASK_THRESHOLD = 0.5  # group features use sigmoid(mask) > thr
     cfg.MODEL.KNET.MASK_UPSAMPLE_STRIDE = 2  # stride-8 masks -> stride-4 for losses/output
     cfg.MODEL.KNET.SIZE_DIVISIBILITY = 32
+    # Run the network on channels-last (NHWC) images: the same results up to rounding, faster
+    # convolutions on CPUs (oneDNN) and tensor-core GPUs.
+    cfg.MODEL.KNET.CHANNELS_LAST = True
     cfg.MODEL.KNET.POSITIONAL_ENCODING = True  # sine PE added to P5 in the localization FPN
     cfg.MODEL.KNET.KERNEL_INIT_STD = 1.0  # std of the learned initial thing kernels
     # losses (weights as in the official configs)
@@ -132,11 +144,34 @@ def add_knet_config(cfg: CN) -> None:
     cfg.MODEL.KNET.TEST.INSTANCE_ON = False
     cfg.MODEL.KNET.TEST.SEMANTIC_ON = False
     cfg.MODEL.KNET.TEST.MASK_THRESHOLD = 0.5
-    # panoptic merge: things below this score are dropped (stuff is never thresholded)
-    cfg.MODEL.KNET.TEST.INSTANCE_SCORE_THRESH = 0.3
+    # "panoptic_seg": thing kernels scoring below this are dropped (stuff is never thresholded;
+    # the official instance_score_thr)
+    cfg.MODEL.KNET.TEST.PANOPTIC_THING_SCORE_THRESH = 0.3
+    # "panoptic_seg": a kernel must own this share of its own mask to be kept (overlap_thr)
     cfg.MODEL.KNET.TEST.OVERLAP_THRESHOLD = 0.6
-    # instance output: keep top TEST.DETECTIONS_PER_IMAGE (kernel, class) pairs with score >=
-    # this (0.0 = official behaviour; the demo's --confidence-threshold sets it)
-    cfg.MODEL.KNET.TEST.SCORE_THRESH = 0.0
-    # kernels processed at once by the full-resolution panoptic merge (memory vs speed)
+    # "instances": the top TEST.DETECTIONS_PER_IMAGE (kernel, class) pairs scoring >= this
+    # (0.0: unthresholded, the official output for COCO mask AP)
+    cfg.MODEL.KNET.TEST.INSTANCES_SCORE_THRESH = 0.0
+    # Former names, still read (with a warning) in this release: see RENAMED_KEYS.
+    cfg.MODEL.KNET.TEST.INSTANCE_SCORE_THRESH = None
+    cfg.MODEL.KNET.TEST.SCORE_THRESH = None
+    # kernels / classes resized to full resolution at once (memory vs speed)
     cfg.MODEL.KNET.TEST.MERGE_CHUNK_SIZE = 16
+
+    # ---------------------------------------------------------------- mixed-precision training
+    # Autocast dtype of SOLVER.AMP.ENABLED (knet.amp): "auto" (float16 on CUDA, bfloat16 on
+    # CPU), "float16" (CUDA only, Detectron2's AMPTrainer with a grad scaler) or "bfloat16"
+    # (CUDA or CPU, no grad scaler). Group-feature sums, matching costs and losses stay fp32.
+    cfg.SOLVER.AMP.DTYPE = "auto"
+
+
+def test_option(cfg: CN, name: str):
+    """``cfg.MODEL.KNET.TEST.<name>``, or the value set under its former name (RENAMED_KEYS)."""
+    test = cfg.MODEL.KNET.TEST
+    for former, current in RENAMED_KEYS.items():
+        if current == name and test.get(former) is not None:
+            logging.getLogger(__name__).warning(
+                "MODEL.KNET.TEST.%s is deprecated: use MODEL.KNET.TEST.%s", former, current
+            )
+            return test[former]
+    return test[name]

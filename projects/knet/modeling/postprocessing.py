@@ -1,206 +1,466 @@
-"""Inference-time post-processing of K-Net: instance, panoptic and semantic outputs."""
+"""Inference-time post-processing of K-Net as tensor operations.
 
-from typing import Callable, Dict, List, Optional, Tuple
+The same functions serve eager inference and the exported graphs (TorchScript, ONNX): they take
+tensors and a few numbers, loop over chunks of kernels or classes at most (never over segments),
+and return tensors. ``KNetPostProcessor`` combines them into the model's outputs and
+:func:`detectron2_outputs` turns those into Detectron2's output contract.
+
+Per image the kernel head predicts class logits (N, K) and mask logits (N, h, w) at stride 4 of
+the padded input. Every full-resolution map is made by :func:`resize_to_output`, the one place
+where the official resizing is written: bilinear to the padded input size, crop to the image,
+bilinear to the output (original image) size. :func:`mask_statistics` computes what the outputs
+need from those maps, on the CPU through a tile-pruned equivalent
+(:mod:`.tiled_mask_statistics`).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
-from detectron2.structures import BitMasks, Instances
+from detectron2.config import configurable
+from detectron2.structures import Boxes, Instances
+from torch import Tensor, nn
 
-from .panoptic_merge import SelectedMasks, kernel_owner_and_areas, mask_probs_at_image_size
+from ..config import test_option
 
 __all__ = [
-    "SelectedMasks",
-    "build_instances",
-    "instance_inference",
+    "KNetPostProcessor",
+    "MaskStatistics",
+    "OutputGeometry",
+    "detectron2_outputs",
+    "full_mask_statistics",
     "kernel_scores_and_labels",
-    "mask_probs_at_image_size",
-    "panoptic_inference",
+    "mask_statistics",
+    "masks_to_boxes",
+    "panoptic_segments",
+    "resize_to_output",
+    "segments_info_from_table",
     "select_instances",
-    "semantic_inference",
+    "semantic_probabilities",
+    "semantic_scores",
 ]
 
 
-def select_instances(
-    cls_logits: torch.Tensor,
-    *,
-    num_thing_classes: int,
-    num_proposals: int,
-    topk: int,
-    score_thresh: float,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k (kernel, thing class) pairs over the thing kernels; score = class probability.
+class OutputGeometry(NamedTuple):
+    """Where an image lies in the padded network input and which output size is wanted.
 
-    Returns:
-        scores (M,) sorted descending, labels (M,), kernels (M,): the kernel of each pair (a
-        kernel may appear with several classes).
+    padded_size: (H_pad, W_pad) of the padded batch; image_size: (H, W) of the image in its
+    top-left corner; output_size: (H_out, W_out), or None for the image size.
     """
-    scores = cls_logits[:num_proposals, :num_thing_classes].float().sigmoid().flatten()
-    scores, flat_idx = scores.topk(min(topk, scores.numel()))
-    keep = scores >= score_thresh
-    scores, flat_idx = scores[keep], flat_idx[keep]
-    labels = flat_idx % num_thing_classes
-    kernels = torch.div(flat_idx, num_thing_classes, rounding_mode="floor")
-    return scores, labels, kernels
+
+    padded_size: Tuple[int, int]
+    image_size: Tuple[int, int]
+    output_size: Tuple[int, int] | None = None
+
+    @property
+    def out_size(self) -> Tuple[int, int]:
+        return self.image_size if self.output_size is None else self.output_size
+
+    def axis(self, dim: int) -> OutputGeometry:
+        """The geometry of one axis (0: rows, 1: columns), as an (n, 1) image."""
+        out = None if self.output_size is None else (self.output_size[dim], 1)
+        return OutputGeometry((self.padded_size[dim], 1), (self.image_size[dim], 1), out)
 
 
-def build_instances(
-    output_size: Tuple[int, int], scores: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor
-) -> Instances:
-    """Instances with pred_masks (bool), pred_boxes (the masks' extents), scores, pred_classes."""
-    result = Instances(output_size)
-    result.pred_masks = masks
-    result.pred_boxes = BitMasks(masks).get_bounding_boxes()
-    result.scores = scores
-    result.pred_classes = labels
-    return result
+def _exporting() -> bool:
+    return torch.jit.is_tracing() or torch.jit.is_scripting()
 
 
-def instance_inference(
-    cls_logits: torch.Tensor,
-    mask_logits: torch.Tensor,
-    *,
-    num_thing_classes: int,
-    num_proposals: int,
-    topk: int,
-    score_thresh: float,
-    mask_threshold: float,
-    padded_size: Tuple[int, int],
-    image_size: Tuple[int, int],
-    output_size: Tuple[int, int],
-) -> Instances:
-    """The official instance output: top-k (kernel, thing class) pairs, binary masks at
-    ``prob > mask_threshold``, no mask rescoring.
+def resize_to_output(maps: Tensor, geometry: OutputGeometry, chunk_size: int = 0) -> Tensor:
+    """Resize maps predicted on the padded input to the output, as the official code does.
+
+    (C, h, w) -> bilinear (align_corners=False) to ``padded_size`` -> crop to ``image_size``
+    -> bilinear to ``output_size`` (skipped when None) -> (C, H_out, W_out).
 
     Args:
-        cls_logits: (N, K); mask_logits: (N, h, w) of one image (N >= num_proposals).
-
-    Returns:
-        Instances of ``output_size``, sorted by score.
+        maps: (C, h, w) floating-point maps at any stride of the padded input.
+        chunk_size: > 0: resize that many channels at a time into one output tensor, so that
+            only one chunk's padded-size maps exist at once (ignored when exporting).
     """
-    scores, labels, kernels = select_instances(
-        cls_logits,
-        num_thing_classes=num_thing_classes,
-        num_proposals=num_proposals,
-        topk=topk,
-        score_thresh=score_thresh,
-    )
-    # A kernel may be kept with several classes: resize each distinct mask once.
-    unique_kernels, inverse = kernels.unique(return_inverse=True)
-    probs = mask_probs_at_image_size(
-        mask_logits[unique_kernels], padded_size, image_size, output_size
-    )
-    return build_instances(output_size, scores, labels, probs[inverse] > mask_threshold)
+    if chunk_size > 0 and maps.shape[0] > chunk_size and not _exporting():
+        out = maps.new_empty((maps.shape[0], *geometry.out_size))
+        for start in range(0, maps.shape[0], chunk_size):
+            out[start : start + chunk_size] = resize_to_output(
+                maps[start : start + chunk_size], geometry
+            )
+        return out
+    x = F.interpolate(maps[None], size=geometry.padded_size, mode="bilinear", align_corners=False)
+    x = x[:, :, : geometry.image_size[0], : geometry.image_size[1]]
+    if geometry.output_size is not None:
+        x = F.interpolate(x, size=geometry.output_size, mode="bilinear", align_corners=False)
+    return x[0]
 
 
+# ----------------------------------------------------------------------------- kernels
 def kernel_scores_and_labels(
-    cls_logits: torch.Tensor, num_thing_classes: int, num_proposals: int
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) logits -> per-kernel (score, label): thing kernels take their best thing class,
-    stuff kernel i is scored on its own class num_thing_classes + i."""
+    cls_logits: Tensor, num_thing_classes: int, num_proposals: int
+) -> Tuple[Tensor, Tensor]:
+    """Per-kernel score and class, as the official merge reads them.
+
+    (N, K) logits -> scores (N,) float32, labels (N,) int64: thing kernel n < P takes its best
+    thing class, ``max_{c < T} sigmoid(logit[n, c])``; stuff kernel P + i is scored on its own
+    class T + i (the diagonal of the stuff block).
+    """
     probs = cls_logits.float().sigmoid()
     thing_scores, thing_labels = probs[:num_proposals, :num_thing_classes].max(dim=1)
     stuff_scores = probs[num_proposals:, num_thing_classes:].diagonal()
-    stuff_labels = torch.arange(stuff_scores.numel(), device=probs.device) + num_thing_classes
+    stuff_labels = torch.arange(stuff_scores.shape[0], device=probs.device) + num_thing_classes
     return torch.cat([thing_scores, stuff_scores]), torch.cat([thing_labels, stuff_labels])
 
 
-def panoptic_inference(
-    cls_logits: torch.Tensor,
-    mask_logits: torch.Tensor,
-    *,
-    num_thing_classes: int,
-    num_proposals: int,
-    instance_score_thresh: float,
-    overlap_threshold: float,
-    mask_threshold: float,
-    padded_size: Tuple[int, int],
-    image_size: Tuple[int, int],
-    output_size: Tuple[int, int],
-    chunk_size: int = 16,
-    on_chunk: Optional[Callable[[int, torch.Tensor], None]] = None,
-) -> Tuple[torch.Tensor, List[Dict]]:
-    """The official thing/stuff merge, computed exactly at the output resolution.
-
-    Every pixel goes to the kernel maximising ``score_k * prob_k`` (the first one on ties).
-    Kernels are visited by descending score; a thing below ``instance_score_thresh`` is dropped
-    (stuff never is), and a kernel is kept only when its won area is at least
-    ``overlap_threshold`` of its own ``prob >= mask_threshold`` area. Pixels of dropped kernels
-    are void (0).
-
-    On the CPU the probability maps are only evaluated where needed: per output tile, bounds
-    from the low-res maps rule out the kernels that cannot win there and decide the threshold
-    tests of most tiles, and the remaining tiles are resized with the same floating-point
-    operations as ``F.interpolate``, so the result is bit-identical to the full computation.
-    Otherwise (other devices, an arbitrary ``on_chunk``, sizes where ``F.interpolate`` uses
-    another kernel) the full maps are produced ``chunk_size`` kernels at a time and reduced on
-    the fly. ``on_chunk(start, probs)`` is then called with each chunk's (c, H_out, W_out)
-    probabilities of kernels ``start..start+c-1``; a ``SelectedMasks`` gets its masks either way.
+def select_instances(
+    cls_logits: Tensor, num_thing_classes: int, num_proposals: int, topk: int, score_thresh: float
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The official instance selection: top-k (thing kernel, thing class) pairs by
+    ``sigmoid(logit)``, then those scoring >= ``score_thresh``; no mask rescoring.
 
     Returns:
-        panoptic_seg: (H_out, W_out) int32 segment ids (0 = void),
-        segments_info: list of {"id", "category_id", "isthing", "score", "area"}.
+        scores (M,) descending, labels (M,) int64, kernels (M,) int64 (a kernel may appear
+        with several classes).
     """
-    scores, labels = kernel_scores_and_labels(cls_logits, num_thing_classes, num_proposals)
-    n = scores.numel()
-    # only these kernels can be kept (the visit below skips the others before their area)
-    keepable = (labels >= num_thing_classes) | ~(scores < instance_score_thresh)
-    owner, won_area, own_area = kernel_owner_and_areas(
+    scores = cls_logits[:num_proposals, :num_thing_classes].float().sigmoid().flatten()
+    scores, flat = scores.topk(min(topk, num_proposals * num_thing_classes))
+    keep = scores >= score_thresh
+    scores, flat = scores[keep], flat[keep]
+    return (
         scores,
-        mask_logits,
-        keepable,
-        mask_threshold,
-        padded_size,
-        image_size,
-        output_size,
-        chunk_size,
-        on_chunk,
+        flat % num_thing_classes,
+        torch.div(flat, num_thing_classes, rounding_mode="floor"),
     )
 
-    segment_of_kernel = torch.zeros(n, dtype=torch.int32, device=owner.device)
-    segments_info = []
-    for k in torch.sort(scores, descending=True, stable=True).indices.tolist():
-        label = int(labels[k])
-        isthing = label < num_thing_classes
-        if isthing and scores[k] < instance_score_thresh:
-            continue
-        won, own = int(won_area[k]), int(own_area[k])
-        if won == 0 or own == 0 or won / own < overlap_threshold:
-            continue
-        segment_id = len(segments_info) + 1
-        segment_of_kernel[k] = segment_id
-        segments_info.append(
-            {
-                "id": segment_id,
-                "category_id": label,
-                "isthing": isthing,
-                "score": float(scores[k]),
-                "area": won,
-            }
-        )
-    return segment_of_kernel[owner], segments_info
+
+# ----------------------------------------------------------------------------- mask statistics
+class MaskStatistics(NamedTuple):
+    """What the outputs need from the full-resolution mask probabilities P_n = resize(sigmoid).
+
+    owner: (H_out, W_out) int64, the first kernel maximising ``score_n * P_n`` at each pixel;
+    won_area: (N,) int64 pixels owned; own_area: (N,) int64 pixels with ``P_n >= threshold``,
+    counted for kernels that own pixels (0 for the others). Empty tensors when no scores are
+    given. selected_masks: (M, H_out, W_out) bool ``P_n > threshold`` of the selected kernels.
+    """
+
+    owner: Tensor
+    won_area: Tensor
+    own_area: Tensor
+    selected_masks: Tensor
 
 
-def semantic_inference(
-    cls_logits: torch.Tensor,
-    mask_logits: torch.Tensor,
-    *,
+def mask_statistics(
+    mask_logits: Tensor,
+    geometry: OutputGeometry,
+    scores: Tensor | None,
+    selected: Tensor | None,
+    mask_threshold: float = 0.5,
+    chunk_size: int = 16,
+) -> MaskStatistics:
+    """Owner map, areas and selected binary masks from (N, h, w) stride-4 mask logits.
+
+    Args:
+        scores: (N,) kernel scores for the owner map and the areas (None: not computed).
+        selected: (M,) kernel indices whose thresholded masks are wanted (None: none).
+        chunk_size: kernels resized at once (bounds memory to chunk x H_out x W_out floats).
+
+    On the CPU (eager) the tile-pruned computation of :mod:`.tiled_mask_statistics` gives the
+    same statistics up to floating-point rounding, evaluating the maps only where bounds from
+    the low-resolution maps leave the result open; otherwise, or when that is not cheaper, the
+    maps are computed chunk by chunk here.
+    """
+    if mask_logits.device.type == "cpu" and not _exporting():
+        # (imported here: that module builds on this one)
+        from .tiled_mask_statistics import tiled_mask_statistics
+
+        stats = tiled_mask_statistics(mask_logits, geometry, scores, selected, mask_threshold)
+        if stats is not None:
+            return stats
+    return full_mask_statistics(mask_logits, geometry, scores, selected, mask_threshold, chunk_size)
+
+
+def full_mask_statistics(
+    mask_logits: Tensor,
+    geometry: OutputGeometry,
+    scores: Tensor | None,
+    selected: Tensor | None,
+    mask_threshold: float = 0.5,
+    chunk_size: int = 16,
+) -> MaskStatistics:
+    """:func:`mask_statistics` from the full-resolution maps, ``chunk_size`` kernels at a time
+    (the owner map is reduced on the fly)."""
+    n = mask_logits.shape[0]
+    height, width = geometry.out_size
+    owner = won_area = own_area = mask_logits.new_zeros((0,), dtype=torch.int64)
+    if scores is not None:
+        best = mask_logits.new_full((height, width), -1.0, dtype=torch.float32)
+        owner = mask_logits.new_zeros((height, width), dtype=torch.int64)
+        areas = []
+        for start in range(0, n, chunk_size):
+            chunk = mask_logits[start : start + chunk_size].float().sigmoid()
+            probs = resize_to_output(chunk, geometry)
+            areas.append((probs >= mask_threshold).flatten(1).sum(1))
+            chunk_best, chunk_owner = (probs * scores[start : start + chunk_size, None, None]).max(
+                0
+            )
+            better = chunk_best > best  # strict: ties keep the earlier kernel, as argmax does
+            best = torch.where(better, chunk_best, best)
+            owner = torch.where(better, chunk_owner + start, owner)
+        won_area = _count(owner.flatten(), n)
+        own_area = torch.cat(areas) * (won_area > 0)
+    masks = mask_logits.new_zeros((0, height, width), dtype=torch.bool)
+    if selected is not None:
+        chunks = [
+            resize_to_output(mask_logits[selected[s : s + chunk_size]].float().sigmoid(), geometry)
+            > mask_threshold
+            for s in range(0, selected.shape[0], chunk_size)
+        ]
+        masks = torch.cat([masks] + chunks)
+    return MaskStatistics(owner, won_area, own_area, masks)
+
+
+def _count(values: Tensor, n: int) -> Tensor:
+    """``torch.bincount(values, minlength=n)`` for values in [0, n); a scatter-add when
+    exporting (ONNX has no bincount)."""
+    if not _exporting():
+        return torch.bincount(values, minlength=n)
+    return values.new_zeros((n,)).scatter_add(0, values, torch.ones_like(values))
+
+
+# ----------------------------------------------------------------------------- outputs
+def panoptic_segments(
+    scores: Tensor,
+    labels: Tensor,
+    is_thing: Tensor,
+    stats: MaskStatistics,
+    thing_score_thresh: float,
+    overlap_threshold: float,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """The official thing/stuff merge, decided for every kernel at once.
+
+    Every pixel belongs to its owner. Kernel n is a segment when it is stuff or scores >=
+    ``thing_score_thresh``, owns pixels, and owns at least ``overlap_threshold`` of its own
+    area (``won_n / own_n >= overlap_threshold``); the pixels of other kernels are void (0).
+    Segment ids are 1, 2, ... by descending score (ties: lower kernel first).
+
+    Returns:
+        panoptic_seg: (H_out, W_out) int32 ids;
+        table: {"category_id", "score", "isthing", "area"}, one (S,) row per segment id.
+    """
+    won, own = stats.won_area, stats.own_area
+    keep = (~is_thing | (scores >= thing_score_thresh)) & (won > 0) & (own > 0)
+    keep &= won.double() / own.clamp(min=1).double() >= overlap_threshold
+    order = torch.sort(scores, descending=True, stable=True).indices
+    kept_in_order = keep[order]
+    ids_in_order = torch.cumsum(kept_in_order.int(), 0) * kept_in_order.int()
+    segment_of_kernel = torch.zeros_like(ids_in_order).scatter(0, order, ids_in_order)
+    kernels = order[kept_in_order]
+    table = {
+        "category_id": labels[kernels],
+        "score": scores[kernels],
+        "isthing": is_thing[kernels],
+        "area": won[kernels],
+    }
+    return segment_of_kernel[stats.owner].int(), table
+
+
+def segments_info_from_table(table: Dict[str, Tensor]) -> List[Dict]:
+    """Detectron2's ``segments_info`` from a segment table (ids 1..S in row order)."""
+    columns = {key: value.tolist() for key, value in table.items()}
+    return [
+        {"id": i + 1, **{key: column[i] for key, column in columns.items()}}
+        for i in range(len(columns["area"]))
+    ]
+
+
+def masks_to_boxes(masks: Tensor) -> Tensor:
+    """(M, H, W) bool -> (M, 4) float32 XYXY extents, ``x1 = max x + 1`` as Detectron2's
+    ``BitMasks.get_bounding_boxes``; all zeros for an empty mask."""
+    boxes = []
+    for dim in (1, 2):  # columns (x) first, then rows (y)
+        hit = masks.any(dim=dim)  # (M, W) or (M, H)
+        size = hit.shape[1]
+        first = hit.int().argmax(1)
+        last = size - 1 - hit.flip(1).int().argmax(1)
+        boxes.append((first, last + 1))
+    (x0, x1), (y0, y1) = boxes
+    nonempty = masks.flatten(1).any(1)
+    return (torch.stack([x0, y0, x1, y1], 1) * nonempty[:, None]).float()
+
+
+def semantic_scores(
+    cls_logits: Tensor,
+    mask_logits: Tensor,
+    geometry: OutputGeometry,
     num_thing_classes: int,
     num_proposals: int,
-    padded_size: Tuple[int, int],
-    image_size: Tuple[int, int],
-    output_size: Tuple[int, int],
-) -> torch.Tensor:
-    """(K, H_out, W_out) class scores: sum over kernels of class score x mask probability,
-    with each kernel counted only for the classes it is trained on."""
+    chunk_size: int = 16,
+) -> Tensor:
+    """(K, H_out, W_out) class scores of instance/panoptic K-Net (not a distribution):
+    ``S_c = sum_n w_nc P_n`` with ``w_nc = sigmoid(logit_nc)`` for thing kernels and thing
+    classes and for stuff kernel n on its own class (0 elsewhere). The weighting commutes with
+    the (linear) resizing, so it is done at the prediction resolution."""
     probs = cls_logits.float().sigmoid()
-    weights = torch.zeros_like(probs)
-    weights[:num_proposals, :num_thing_classes] = probs[:num_proposals, :num_thing_classes]
-    stuff = torch.arange(cls_logits.shape[0] - num_proposals, device=probs.device)
-    weights[num_proposals + stuff, num_thing_classes + stuff] = probs[
-        num_proposals + stuff, num_thing_classes + stuff
-    ]
-    # Weighting commutes with the (linear) resizes: combine at the prediction resolution.
-    sem = torch.einsum("nk,nhw->khw", weights, mask_logits.float().sigmoid())
-    sem = F.interpolate(sem[None], size=padded_size, mode="bilinear", align_corners=False)
-    sem = sem[:, :, : image_size[0], : image_size[1]]
-    return F.interpolate(sem, size=output_size, mode="bilinear", align_corners=False)[0]
+    num_classes = probs.shape[1]
+    thing_rows = F.pad(
+        probs[:num_proposals, :num_thing_classes], (0, num_classes - num_thing_classes)
+    )
+    stuff = probs[num_proposals:, num_thing_classes:]
+    stuff_rows = F.pad(
+        stuff * torch.eye(stuff.shape[0], device=stuff.device), (num_thing_classes, 0)
+    )
+    weights = torch.cat([thing_rows, stuff_rows])
+    low_res = torch.einsum("nk,nhw->khw", weights, mask_logits.float().sigmoid())
+    return resize_to_output(low_res, geometry, chunk_size)
+
+
+def semantic_probabilities(
+    seg_logits: Tensor, geometry: OutputGeometry, chunk_size: int = 16
+) -> Tensor:
+    """(K, h, w) class logits of semantic K-Net -> (K, H_out, W_out) softmax probabilities,
+    computed in place over the resized logits (no second full-size tensor)."""
+    out = resize_to_output(seg_logits.float(), geometry, chunk_size)
+    if _exporting():
+        return out.softmax(dim=0)
+    out -= out.amax(dim=0, keepdim=True)
+    out.exp_()
+    out /= out.sum(dim=0, keepdim=True)
+    return out
+
+
+class KNetPostProcessor(nn.Module):
+    """Outputs of instance/panoptic K-Net for one image, as tensors (no parameters).
+
+    Returns a dict with, for each enabled output:
+      panoptic: "panoptic_seg" (H, W) int32 and the segment table "segment_category_id",
+          "segment_score", "segment_isthing", "segment_area" (S,);
+      instance: "pred_masks" (M, H, W) bool, "scores" (M,), "pred_classes" (M,) int64,
+          "pred_boxes" (M, 4) XYXY, the top ``topk`` (kernel, thing class) pairs scoring >=
+          ``instances_score_thresh``;
+      semantic: "sem_seg" (K, H, W) float32 class scores (see :func:`semantic_scores`).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        num_thing_classes: int,
+        num_proposals: int,
+        panoptic_on: bool,
+        instance_on: bool,
+        semantic_on: bool,
+        mask_threshold: float = 0.5,
+        thing_score_thresh: float = 0.3,
+        overlap_threshold: float = 0.6,
+        instances_score_thresh: float = 0.0,
+        topk: int = 100,
+        chunk_size: int = 16,
+    ):
+        """
+        Args:
+            num_thing_classes, num_proposals: T and P (kernels n >= P are the stuff kernels).
+            mask_threshold: binarisation of the mask probabilities (instances, own areas).
+            thing_score_thresh, overlap_threshold: the panoptic merge's thresholds.
+            instances_score_thresh, topk: the instance output's selection.
+            chunk_size: kernels / classes resized to full resolution at once.
+        """
+        super().__init__()
+        self.num_thing_classes = num_thing_classes
+        self.num_proposals = num_proposals
+        self.panoptic_on = panoptic_on
+        self.instance_on = instance_on
+        self.semantic_on = semantic_on
+        self.mask_threshold = mask_threshold
+        self.thing_score_thresh = thing_score_thresh
+        self.overlap_threshold = overlap_threshold
+        self.instances_score_thresh = instances_score_thresh
+        self.topk = topk
+        self.chunk_size = chunk_size
+
+    @classmethod
+    def from_config(cls, cfg) -> Dict:
+        test = cfg.MODEL.KNET.TEST
+        return {
+            "num_thing_classes": cfg.MODEL.KNET.NUM_THING_CLASSES,
+            "num_proposals": cfg.MODEL.KNET.NUM_PROPOSALS,
+            "panoptic_on": test.PANOPTIC_ON,
+            "instance_on": test.INSTANCE_ON,
+            "semantic_on": test.SEMANTIC_ON,
+            "mask_threshold": test.MASK_THRESHOLD,
+            "thing_score_thresh": test_option(cfg, "PANOPTIC_THING_SCORE_THRESH"),
+            "overlap_threshold": test.OVERLAP_THRESHOLD,
+            "instances_score_thresh": test_option(cfg, "INSTANCES_SCORE_THRESH"),
+            "topk": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "chunk_size": test.MERGE_CHUNK_SIZE,
+        }
+
+    def forward(
+        self, cls_logits: Tensor, mask_logits: Tensor, geometry: OutputGeometry
+    ) -> Dict[str, Tensor]:
+        """
+        Args:
+            cls_logits: (N, K) and mask_logits: (N, h, w) of one image (last stage, stride 4).
+            geometry: where the image lies in the padded input and the output size.
+        """
+        out: Dict[str, Tensor] = {}
+        scores = labels = selected = None
+        if self.panoptic_on:
+            scores, labels = kernel_scores_and_labels(
+                cls_logits, self.num_thing_classes, self.num_proposals
+            )
+        if self.instance_on:
+            inst_scores, inst_labels, selected = select_instances(
+                cls_logits,
+                self.num_thing_classes,
+                self.num_proposals,
+                self.topk,
+                self.instances_score_thresh,
+            )
+        if self.panoptic_on or self.instance_on:
+            stats = mask_statistics(
+                mask_logits, geometry, scores, selected, self.mask_threshold, self.chunk_size
+            )
+        if self.panoptic_on:
+            is_thing = labels < self.num_thing_classes
+            out["panoptic_seg"], table = panoptic_segments(
+                scores, labels, is_thing, stats, self.thing_score_thresh, self.overlap_threshold
+            )
+            out.update({f"segment_{key}": value for key, value in table.items()})
+        if self.instance_on:
+            out["pred_masks"] = stats.selected_masks
+            out["scores"] = inst_scores
+            out["pred_classes"] = inst_labels
+            out["pred_boxes"] = masks_to_boxes(stats.selected_masks)
+        if self.semantic_on:
+            out["sem_seg"] = semantic_scores(
+                cls_logits,
+                mask_logits,
+                geometry,
+                self.num_thing_classes,
+                self.num_proposals,
+                self.chunk_size,
+            )
+        return out
+
+
+def detectron2_outputs(outputs: Dict[str, Tensor]) -> Dict:
+    """Tensor outputs (of :class:`KNetPostProcessor` or an exported model) -> Detectron2's
+    contract: "panoptic_seg" (id map, segments_info), "instances" (``Instances``), "sem_seg"."""
+    result: Dict = {}
+    if "panoptic_seg" in outputs:
+        table = {
+            key[len("segment_") :]: value
+            for key, value in outputs.items()
+            if key.startswith("segment_")
+        }
+        table["isthing"] = table["isthing"].bool()
+        result["panoptic_seg"] = (outputs["panoptic_seg"], segments_info_from_table(table))
+    if "pred_masks" in outputs:
+        masks = outputs["pred_masks"].bool()
+        instances = Instances(tuple(masks.shape[-2:]))
+        instances.pred_masks = masks
+        instances.pred_boxes = Boxes(outputs["pred_boxes"])
+        instances.scores = outputs["scores"]
+        instances.pred_classes = outputs["pred_classes"]
+        result["instances"] = instances
+    if "sem_seg" in outputs:
+        result["sem_seg"] = outputs["sem_seg"]
+    return result

@@ -1,12 +1,12 @@
 """The K-Net meta-architecture."""
 
+import math
 from typing import Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, ImageList
 from torch import nn
 
@@ -15,14 +15,56 @@ from ..kernel_head import build_kernel_head
 from ..matcher import HungarianMatcher
 from ..pixel_decoder import build_auxiliary_head, build_pixel_decoder
 from ..postprocessing import (
-    SelectedMasks,
-    build_instances,
-    instance_inference,
-    panoptic_inference,
-    select_instances,
-    semantic_inference,
+    KNetPostProcessor,
+    OutputGeometry,
+    detectron2_outputs,
+    semantic_probabilities,
 )
 from ..semantic_criterion import KNetSemanticCriterion
+
+
+def checked_image(inputs: Dict, index: int, pixel_mean: torch.Tensor) -> torch.Tensor:
+    """``inputs["image"]`` after checks, as (3, H, W); a (1, H, W) grayscale image is broadcast.
+
+    The model takes unnormalised pixels of the range its ``PIXEL_MEAN`` is in (0-255 for every
+    shipped config); the commonest mistakes (channels last, RGBA, an empty image, NaNs, a float
+    image in [0, 1], an already normalised image) are reported instead of giving a silently
+    empty or wrong result. Skipped while tracing (the checks read values).
+    """
+    image = inputs.get("image") if isinstance(inputs, dict) else None
+    name = f"input {index}" + (f" ({inputs['file_name']})" if "file_name" in inputs else "")
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"{name}: 'image' must be a (3, H, W) tensor, got {type(image).__name__}")
+    if torch.jit.is_tracing():
+        return image
+    top = 255 if float(pixel_mean.max()) > 1 else 1
+    expected = f"expected a (3, H, W) tensor of 0-{top} pixel values in the config's INPUT.FORMAT"
+    if image.dim() != 3 or image.shape[0] not in (1, 3):
+        hint = ""
+        if image.dim() == 3 and image.shape[-1] in (1, 3, 4):
+            hint = " (an (H, W, C) array? use image.permute(2, 0, 1))"
+        if image.dim() == 3 and image.shape[0] == 4:
+            hint = " (RGBA? drop the alpha channel, e.g. cv2.cvtColor(img, cv2.COLOR_BGRA2BGR))"
+        raise ValueError(f"{name}: got an image of shape {tuple(image.shape)}; {expected}{hint}")
+    if image.shape[1] == 0 or image.shape[2] == 0:
+        raise ValueError(f"{name}: the image is empty ({tuple(image.shape)}); {expected}")
+    if image.dtype == torch.bool or image.is_complex():
+        raise ValueError(f"{name}: got a {image.dtype} image; {expected}")
+    if image.is_floating_point():
+        low, high = (float(v) for v in torch.aminmax(image))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"{name}: the image has NaN or infinite values; {expected}")
+        if low < 0 or high > top * 1.001:
+            raise ValueError(
+                f"{name}: pixel values range over [{low:.3g}, {high:.3g}]; {expected} (an image "
+                "normalised already, or of another bit depth?)"
+            )
+        if top == 255 and 0 < high <= 1:
+            raise ValueError(
+                f"{name}: pixel values range over [{low:.3g}, {high:.3g}]; {expected}: multiply "
+                "an image in [0, 1] by 255"
+            )
+    return image.expand(3, -1, -1) if image.shape[0] == 1 else image
 
 
 @META_ARCH_REGISTRY.register()
@@ -51,17 +93,10 @@ class KNet(nn.Module):
         num_thing_classes: int,
         num_proposals: int,
         size_divisibility: int,
+        channels_last: bool = False,
         pixel_mean: List[float],
         pixel_std: List[float],
-        panoptic_on: bool,
-        instance_on: bool,
-        semantic_on: bool,
-        mask_threshold: float = 0.5,
-        instance_score_thresh: float = 0.3,
-        overlap_threshold: float = 0.6,
-        score_thresh: float = 0.0,
-        test_topk_per_image: int = 100,
-        merge_chunk_size: int = 16,
+        postprocessor: Optional[KNetPostProcessor] = None,
         ignore_value: int = 255,
         auxiliary_head: Optional[nn.Module] = None,
     ):
@@ -70,6 +105,8 @@ class KNet(nn.Module):
             backbone, pixel_decoder, kernel_head: the three parts; the pixel decoder's
                 ``forward_features`` output is passed to the kernel head as positional args.
             criterion: ``KNetCriterion`` (instance/panoptic) or ``KNetSemanticCriterion``.
+            postprocessor: the outputs of instance/panoptic K-Net (None for semantic K-Net,
+                which returns "sem_seg" probabilities).
             auxiliary_head: semantic K-Net only, trained on a backbone feature (None: no head).
             The other arguments are the ``MODEL.KNET`` keys of the same names.
         """
@@ -78,12 +115,12 @@ class KNet(nn.Module):
         self.pixel_decoder = pixel_decoder
         self.kernel_head = kernel_head
         self.criterion = criterion
+        self.postprocessor = postprocessor
         self.auxiliary_head = auxiliary_head
         self.is_semantic = bool(getattr(kernel_head, "is_semantic", False))
-        if self.is_semantic and (panoptic_on or instance_on or not semantic_on):
+        if self.is_semantic != (postprocessor is None):
             raise ValueError(
-                "Semantic K-Net only predicts sem_seg: set MODEL.KNET.TEST.SEMANTIC_ON True and "
-                "MODEL.KNET.TEST.PANOPTIC_ON / INSTANCE_ON False"
+                "instance/panoptic K-Net needs a postprocessor; semantic K-Net takes none"
             )
         if auxiliary_head is not None and not self.is_semantic:
             raise ValueError("an auxiliary head is only supported by semantic K-Net")
@@ -91,21 +128,14 @@ class KNet(nn.Module):
         self.num_thing_classes = num_thing_classes
         self.num_proposals = num_proposals
         self.size_divisibility = size_divisibility
+        self.channels_last = channels_last
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-        if panoptic_on and num_classes == num_thing_classes and not self.is_semantic:
-            raise ValueError(
-                "panoptic output needs stuff classes (NUM_CLASSES > NUM_THING_CLASSES)"
-            )
-        self.panoptic_on = panoptic_on
-        self.instance_on = instance_on
-        self.semantic_on = semantic_on
-        self.mask_threshold = mask_threshold
-        self.instance_score_thresh = instance_score_thresh
-        self.overlap_threshold = overlap_threshold
-        self.score_thresh = score_thresh
-        self.test_topk_per_image = test_topk_per_image
-        self.merge_chunk_size = merge_chunk_size
+        if postprocessor is not None and postprocessor.panoptic_on:
+            if num_classes == num_thing_classes:
+                raise ValueError(
+                    "panoptic output needs stuff classes (NUM_CLASSES > NUM_THING_CLASSES)"
+                )
         self.ignore_value = ignore_value
 
     @classmethod
@@ -122,7 +152,13 @@ class KNet(nn.Module):
                 f"MODEL.KNET.NUM_STAGES is {k.NUM_STAGES}"
             )
         auxiliary_head = None
-        if getattr(kernel_head, "is_semantic", False):
+        is_semantic = getattr(kernel_head, "is_semantic", False)
+        if is_semantic:
+            if k.TEST.PANOPTIC_ON or k.TEST.INSTANCE_ON or not k.TEST.SEMANTIC_ON:
+                raise ValueError(
+                    "Semantic K-Net only predicts sem_seg: set MODEL.KNET.TEST.SEMANTIC_ON True "
+                    "and MODEL.KNET.TEST.PANOPTIC_ON / INSTANCE_ON False"
+                )
             criterion = KNetSemanticCriterion(
                 init_weight=k.SEG_WEIGHT,
                 stage_loss_weights=k.STAGE_LOSS_WEIGHTS,
@@ -174,17 +210,10 @@ class KNet(nn.Module):
             "num_thing_classes": k.NUM_THING_CLASSES,
             "num_proposals": k.NUM_PROPOSALS,
             "size_divisibility": k.SIZE_DIVISIBILITY,
+            "channels_last": k.CHANNELS_LAST,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
-            "panoptic_on": k.TEST.PANOPTIC_ON,
-            "instance_on": k.TEST.INSTANCE_ON,
-            "semantic_on": k.TEST.SEMANTIC_ON,
-            "mask_threshold": k.TEST.MASK_THRESHOLD,
-            "instance_score_thresh": k.TEST.INSTANCE_SCORE_THRESH,
-            "overlap_threshold": k.TEST.OVERLAP_THRESHOLD,
-            "score_thresh": k.TEST.SCORE_THRESH,
-            "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
-            "merge_chunk_size": k.TEST.MERGE_CHUNK_SIZE,
+            "postprocessor": None if is_semantic else KNetPostProcessor(cfg),
             "ignore_value": ignore_value,
         }
 
@@ -193,10 +222,17 @@ class KNet(nn.Module):
         return self.pixel_mean.device
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Checked, normalised images padded to a batch (bottom/right, to a multiple of
+        ``size_divisibility``), channels-last when ``channels_last``."""
         images = [
-            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
+            (checked_image(x, i, self.pixel_mean).to(self.device) - self.pixel_mean)
+            / self.pixel_std
+            for i, x in enumerate(batched_inputs)
         ]
-        return ImageList.from_tensors(images, self.size_divisibility)
+        images = ImageList.from_tensors(images, self.size_divisibility)
+        if self.channels_last:
+            images.tensor = images.tensor.contiguous(memory_format=torch.channels_last)
+        return images
 
     def forward(self, batched_inputs: List[Dict]):
         """Training: dict of weighted losses. Inference: one dict per image with
@@ -251,22 +287,25 @@ class KNet(nn.Module):
         self, seg_logits: torch.Tensor, batched_inputs, images: ImageList
     ) -> List[Dict[str, torch.Tensor]]:
         """(B, K, h, w) logits -> per image {"sem_seg": (K, H, W) softmax probabilities} at the
-        output size: bilinear to the padded input, crop, bilinear to the output size."""
+        output size (see ``semantic_probabilities``)."""
+        return [
+            {"sem_seg": semantic_probabilities(seg_logits[i], geometry)}
+            for i, geometry in enumerate(self.output_geometries(batched_inputs, images))
+        ]
+
+    @staticmethod
+    def output_geometries(batched_inputs, images: ImageList) -> List[OutputGeometry]:
+        """Per image: the padded input size, its size inside it, and the requested output size
+        ("height"/"width" of the input dict, default the image size)."""
         padded_size = tuple(images.tensor.shape[-2:])
-        results = []
-        for i, x in enumerate(batched_inputs):
-            image_size = images.image_sizes[i]
-            logits = F.interpolate(
-                seg_logits[i : i + 1].float(),
-                size=padded_size,
-                mode="bilinear",
-                align_corners=False,
-            )[0]
-            height = x.get("height", image_size[0])
-            width = x.get("width", image_size[1])
-            logits = sem_seg_postprocess(logits, image_size, height, width)
-            results.append({"sem_seg": logits.softmax(dim=0)})
-        return results
+        geometries = []
+        for x, image_size in zip(batched_inputs, images.image_sizes):
+            output_size = (x.get("height", image_size[0]), x.get("width", image_size[1]))
+            same = tuple(output_size) == tuple(image_size)
+            geometries.append(
+                OutputGeometry(padded_size, image_size, None if same else output_size)
+            )
+        return geometries
 
     def prepare_targets(
         self, batched_inputs, padded_size, mask_size
@@ -316,60 +355,12 @@ class KNet(nn.Module):
         )[0]
 
     def inference(self, last_stage: Dict[str, torch.Tensor], batched_inputs, images: ImageList):
-        padded_size = tuple(images.tensor.shape[-2:])
-        results = []
-        for i, x in enumerate(batched_inputs):
-            image_size = images.image_sizes[i]
-            output_size = (x.get("height", image_size[0]), x.get("width", image_size[1]))
-            cls_logits = last_stage["cls_logits"][i]
-            mask_logits = last_stage["mask_logits"][i]
-            sizes = {
-                "padded_size": padded_size,
-                "image_size": image_size,
-                "output_size": output_size,
-            }
-            common = {
-                "num_thing_classes": self.num_thing_classes,
-                "num_proposals": self.num_proposals,
-            }
-            result = {}
-            if self.panoptic_on:
-                shared_masks = None
-                if self.instance_on:
-                    # The instance masks come from the same full-resolution maps as the merge.
-                    selected = select_instances(
-                        cls_logits,
-                        topk=self.test_topk_per_image,
-                        score_thresh=self.score_thresh,
-                        **common,
-                    )
-                    shared_masks = SelectedMasks(selected[2], self.mask_threshold, output_size)
-                result["panoptic_seg"] = panoptic_inference(
-                    cls_logits,
-                    mask_logits,
-                    instance_score_thresh=self.instance_score_thresh,
-                    overlap_threshold=self.overlap_threshold,
-                    mask_threshold=self.mask_threshold,
-                    chunk_size=self.merge_chunk_size,
-                    on_chunk=shared_masks,
-                    **common,
-                    **sizes,
+        """Per image, Detectron2's outputs from the last stage's predictions."""
+        return [
+            detectron2_outputs(
+                self.postprocessor(
+                    last_stage["cls_logits"][i], last_stage["mask_logits"][i], geometry
                 )
-                if shared_masks is not None:
-                    result["instances"] = build_instances(
-                        output_size, selected[0], selected[1], shared_masks.masks
-                    )
-            elif self.instance_on:
-                result["instances"] = instance_inference(
-                    cls_logits,
-                    mask_logits,
-                    topk=self.test_topk_per_image,
-                    score_thresh=self.score_thresh,
-                    mask_threshold=self.mask_threshold,
-                    **common,
-                    **sizes,
-                )
-            if self.semantic_on:
-                result["sem_seg"] = semantic_inference(cls_logits, mask_logits, **common, **sizes)
-            results.append(result)
-        return results
+            )
+            for i, geometry in enumerate(self.output_geometries(batched_inputs, images))
+        ]
