@@ -29,6 +29,13 @@ def add_knet_config(cfg: CN) -> None:
     # fails on any defect; "warn" turns panoptic segment-id mismatches into one warning with
     # counts (other defects still fail); "off" skips the checks.
     cfg.DATASETS.CHECK_GT = "error"
+    # Datasets registered from files (--dataset on the command line, or
+    # knet.data.datasets.register_custom_dataset): names of categories without annotations to
+    # leave out of the class list, e.g. ["_background_"] exported by labelling tools.
+    # MODEL.SEM_SEG_HEAD.NUM_CLASSES and MODEL.KNET.NUM_THING_CLASSES set to -1, or set neither in
+    # the config file nor on the command line, are taken from the training dataset
+    # (knet.data.dataset_classes).
+    cfg.DATASETS.DROP_CATEGORIES = []
 
     # ---------------------------------------------------------------- backbone
     # ResNet options of "build_knet_resnet_backbone" (semantic K-Net). Same names and meanings
@@ -157,6 +164,10 @@ def add_knet_config(cfg: CN) -> None:
     cfg.MODEL.KNET.TEST.SCORE_THRESH = None
     # kernels / classes resized to full resolution at once (memory vs speed)
     cfg.MODEL.KNET.TEST.MERGE_CHUNK_SIZE = 16
+    # Mixed-precision inference: the network (not the post-processing) runs under autocast in
+    # this dtype: "" (off, float32), "float16", "bfloat16" or "auto" (float16 on CUDA, bfloat16
+    # on the CPU); the demo's and the benchmark's --amp set "auto".
+    cfg.MODEL.KNET.TEST.AMP_DTYPE = ""
 
     # ---------------------------------------------------------------- mixed-precision training
     # Autocast dtype of SOLVER.AMP.ENABLED (knet.amp): "auto" (float16 on CUDA, bfloat16 on

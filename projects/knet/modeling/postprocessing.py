@@ -246,9 +246,9 @@ def panoptic_segments(
         table: {"category_id", "score", "isthing", "area"}, one (S,) row per segment id.
     """
     won, own = stats.won_area, stats.own_area
-    keep = (~is_thing | (scores >= thing_score_thresh)) & (won > 0) & (own > 0)
-    keep &= won.double() / own.clamp(min=1).double() >= overlap_threshold
-    order = torch.sort(scores, descending=True, stable=True).indices
+    owns_enough = won.double() / own.clamp(min=1).double() >= overlap_threshold
+    keep = (~is_thing | (scores >= thing_score_thresh)) & (won > 0) & (own > 0) & owns_enough
+    order = _descending_order(scores)
     kept_in_order = keep[order]
     ids_in_order = torch.cumsum(kept_in_order.int(), 0) * kept_in_order.int()
     segment_of_kernel = torch.zeros_like(ids_in_order).scatter(0, order, ids_in_order)
@@ -260,6 +260,17 @@ def panoptic_segments(
         "area": won[kernels],
     }
     return segment_of_kernel[stats.owner].int(), table
+
+
+def _descending_order(scores: Tensor) -> Tensor:
+    """Indices sorting ``scores`` (N,) descending, ties by index: a stable sort, written as
+    ranks from pairwise comparisons (N is a few hundred) so that every exporter keeps it."""
+    index = torch.arange(scores.shape[0], device=scores.device)
+    precedes = (scores[None, :] > scores[:, None]) | (
+        (scores[None, :] == scores[:, None]) & (index[None, :] < index[:, None])
+    )  # precedes[k, j]: kernel j comes before kernel k
+    rank = precedes.sum(1)
+    return torch.empty_like(index).scatter(0, rank, index)
 
 
 def segments_info_from_table(table: Dict[str, Tensor]) -> List[Dict]:

@@ -67,6 +67,19 @@ def checked_image(inputs: Dict, index: int, pixel_mean: torch.Tensor) -> torch.T
     return image.expand(3, -1, -1) if image.shape[0] == 1 else image
 
 
+def inference_amp_dtype(cfg) -> Optional[torch.dtype]:
+    """``MODEL.KNET.TEST.AMP_DTYPE``: "" (float32), "float16", "bfloat16" or "auto" (float16 on
+    CUDA, bfloat16 on the CPU)."""
+    name = cfg.MODEL.KNET.TEST.AMP_DTYPE
+    if name == "auto":
+        name = "float16" if cfg.MODEL.DEVICE.startswith("cuda") else "bfloat16"
+    if name not in ("", "float16", "bfloat16"):
+        raise ValueError(
+            f"MODEL.KNET.TEST.AMP_DTYPE must be '', 'auto', 'float16' or 'bfloat16', got {name!r}"
+        )
+    return getattr(torch, name) if name else None
+
+
 @META_ARCH_REGISTRY.register()
 class KNet(nn.Module):
     """K-Net: backbone -> pixel decoder -> iterative kernel head.
@@ -94,6 +107,7 @@ class KNet(nn.Module):
         num_proposals: int,
         size_divisibility: int,
         channels_last: bool = False,
+        amp_dtype: Optional[torch.dtype] = None,
         pixel_mean: List[float],
         pixel_std: List[float],
         postprocessor: Optional[KNetPostProcessor] = None,
@@ -129,6 +143,7 @@ class KNet(nn.Module):
         self.num_proposals = num_proposals
         self.size_divisibility = size_divisibility
         self.channels_last = channels_last
+        self.amp_dtype = amp_dtype
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         if postprocessor is not None and postprocessor.panoptic_on:
@@ -211,6 +226,7 @@ class KNet(nn.Module):
             "num_proposals": k.NUM_PROPOSALS,
             "size_divisibility": k.SIZE_DIVISIBILITY,
             "channels_last": k.CHANNELS_LAST,
+            "amp_dtype": inference_amp_dtype(cfg),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "postprocessor": None if is_semantic else KNetPostProcessor(cfg),
@@ -238,24 +254,34 @@ class KNet(nn.Module):
         """Training: dict of weighted losses. Inference: one dict per image with
         "panoptic_seg", "instances" and/or "sem_seg" (see ``MODEL.KNET.TEST``)."""
         images = self.preprocess_image(batched_inputs)
+        if not self.training:
+            return self.inference(self.predict(images.tensor), batched_inputs, images)
         features = self.backbone(images.tensor)
-        outputs = self.kernel_head(*self.pixel_decoder.forward_features(features))
+        outputs = self.kernel_head(*self.pixel_decoder(features))
         padded_size = images.tensor.shape[-2:]
         if self.is_semantic:
-            if self.training:
-                labels = self.prepare_semantic_targets(batched_inputs, padded_size)
-                aux_logits = None
-                if self.auxiliary_head is not None:
-                    aux_logits = self.auxiliary_head(features)
-                return self.criterion(outputs, labels, aux_logits)
-            return self.semantic_logits_inference(
-                outputs["stages"][-1]["seg_logits"], batched_inputs, images
-            )
-        if self.training:
-            mask_size = outputs["init"]["mask_logits"].shape[-2:]
-            targets = self.prepare_targets(batched_inputs, padded_size, mask_size)
-            return self.criterion(outputs, targets)
-        return self.inference(outputs["stages"][-1], batched_inputs, images)
+            labels = self.prepare_semantic_targets(batched_inputs, padded_size)
+            aux_logits = None
+            if self.auxiliary_head is not None:
+                aux_logits = self.auxiliary_head(features)
+            return self.criterion(outputs, labels, aux_logits)
+        mask_size = outputs["init"]["mask_logits"].shape[-2:]
+        targets = self.prepare_targets(batched_inputs, padded_size, mask_size)
+        return self.criterion(outputs, targets)
+
+    def predict(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The network in eval mode: (B, 3, H, W) normalised, padded images -> the last stage's
+        float32 predictions, "cls_logits" (B, N, K) and "mask_logits" (B, N, H/4, W/4) of
+        instance/panoptic K-Net, or "seg_logits" (B, K, h, w) of semantic K-Net.
+
+        With ``amp_dtype`` the network runs under autocast in that dtype (post-processing is
+        always float32)."""
+        with torch.autocast(
+            images.device.type, dtype=self.amp_dtype or torch.float32, enabled=bool(self.amp_dtype)
+        ):
+            features = self.backbone(images)
+            outputs = self.kernel_head(*self.pixel_decoder(features))
+        return {k: v.float() for k, v in outputs["stages"][-1].items() if v is not None}
 
     def prepare_semantic_targets(self, batched_inputs, padded_size) -> torch.Tensor:
         """(B, H, W) int64 labels of the padded batch; padding is ``ignore_value``."""
@@ -282,16 +308,6 @@ class KNet(nn.Module):
                 )
             labels[i, : sem_seg.shape[0], : sem_seg.shape[1]] = sem_seg
         return labels
-
-    def semantic_logits_inference(
-        self, seg_logits: torch.Tensor, batched_inputs, images: ImageList
-    ) -> List[Dict[str, torch.Tensor]]:
-        """(B, K, h, w) logits -> per image {"sem_seg": (K, H, W) softmax probabilities} at the
-        output size (see ``semantic_probabilities``)."""
-        return [
-            {"sem_seg": semantic_probabilities(seg_logits[i], geometry)}
-            for i, geometry in enumerate(self.output_geometries(batched_inputs, images))
-        ]
 
     @staticmethod
     def output_geometries(batched_inputs, images: ImageList) -> List[OutputGeometry]:
@@ -354,13 +370,18 @@ class KNet(nn.Module):
             masks[None], size=tuple(mask_size), mode="bilinear", align_corners=False
         )[0]
 
-    def inference(self, last_stage: Dict[str, torch.Tensor], batched_inputs, images: ImageList):
-        """Per image, Detectron2's outputs from the last stage's predictions."""
-        return [
-            detectron2_outputs(
-                self.postprocessor(
-                    last_stage["cls_logits"][i], last_stage["mask_logits"][i], geometry
+    def inference(self, predictions: Dict[str, torch.Tensor], batched_inputs, images: ImageList):
+        """Per image, Detectron2's outputs at its output size from ``predict``'s predictions:
+        ``KNetPostProcessor``'s, or semantic K-Net's "sem_seg" softmax probabilities."""
+        results = []
+        for i, geometry in enumerate(self.output_geometries(batched_inputs, images)):
+            if self.is_semantic:
+                results.append(
+                    {"sem_seg": semantic_probabilities(predictions["seg_logits"][i], geometry)}
                 )
+                continue
+            outputs = self.postprocessor(
+                predictions["cls_logits"][i], predictions["mask_logits"][i], geometry
             )
-            for i, geometry in enumerate(self.output_geometries(batched_inputs, images))
-        ]
+            results.append(detectron2_outputs(outputs))
+        return results

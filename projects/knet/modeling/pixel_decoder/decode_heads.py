@@ -58,9 +58,37 @@ def conv_module(
 
 def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Bilinear resize (``align_corners=False``) of (B, C, h, w) to (B, C, *size)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x  # interpolating to the same size is the identity
+    if tuple(x.shape[-2:]) == tuple(size) and not torch.jit.is_tracing():
+        # the identity; a trace must keep the resize, equal sizes may differ at other sizes
+        return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d`` to ``size`` x ``size``; in an ONNX export, written with an
+    integral image, as ONNX pools only with windows fixed at export time.
+
+    Output cell (i, j) is the mean over rows [floor(i h / s), ceil((i + 1) h / s)) and the
+    columns likewise, as PyTorch's adaptive pooling defines it.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.onnx.is_in_onnx_export():
+            return super().forward(x)
+        size = self.output_size
+        integral = F.pad(x.double().cumsum(2).cumsum(3), (1, 0, 1, 0))  # (B, C, h + 1, w + 1)
+        cells = torch.arange(size, device=x.device)
+        windows = []
+        for length in x.shape[-2:]:
+            windows.append(((cells * length) // size, ((cells + 1) * length + size - 1) // size))
+        (top, bottom), (left, right) = windows
+
+        def corner(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+            return integral.index_select(2, rows).index_select(3, cols)
+
+        sums = corner(bottom, right) - corner(top, right) - corner(bottom, left) + corner(top, left)
+        areas = (bottom - top)[:, None] * (right - left)[None, :]
+        return (sums / areas).to(x.dtype)
 
 
 def _select_features(
@@ -134,7 +162,7 @@ class PyramidPoolingModule(nn.ModuleList):
 
     def __init__(self, pool_scales: Sequence[int], in_channels: int, channels: int, norm: str):
         super().__init__(
-            nn.Sequential(nn.AdaptiveAvgPool2d(scale), conv_module(in_channels, channels, 1, norm))
+            nn.Sequential(AdaptiveAvgPool2d(scale), conv_module(in_channels, channels, 1, norm))
             for scale in pool_scales
         )
 

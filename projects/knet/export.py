@@ -1,0 +1,310 @@
+"""Export K-Net to TorchScript and ONNX, and run the exported files.
+
+K-Net has no boxes, no NMS and no matching at test time, so the whole model exports: the
+exported graph takes one uint8 image (3, H, W) of any size, in the config's ``INPUT.FORMAT``,
+normalises and pads it, runs the network and the post-processing of
+:mod:`knet.modeling.postprocessing` (the same functions as eager inference), and returns plain
+tensors at the input size (resizing the input is left to the caller, as Detectron2's exported
+models do):
+
+* panoptic: ``panoptic_seg`` (H, W) int32 segment ids and the segment table
+  ``segment_category_id`` (S,) int64, ``segment_score`` (S,), ``segment_isthing`` (S,) bool,
+  ``segment_area`` (S,) int64 (row i is segment id i + 1);
+* instance: ``pred_masks`` (M, H, W) bool, ``scores`` (M,), ``pred_classes`` (M,) int64,
+  ``pred_boxes`` (M, 4) XYXY;
+* semantic: ``sem_seg`` (K, H, W) float32 (class scores of instance/panoptic K-Net, softmax
+  probabilities of semantic K-Net).
+
+Which outputs a model has follows ``MODEL.KNET.TEST.{PANOPTIC,INSTANCE,SEMANTIC}_ON``.
+:class:`ExportedKNet` runs a file with TorchScript or ONNX Runtime and returns the same dict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from typing import Dict, Iterator, List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.onnx import symbolic_helper
+
+from .modeling.postprocessing import OutputGeometry, semantic_probabilities
+
+__all__ = [
+    "ONNX_OPSET",
+    "ExportedKNet",
+    "KNetExportModule",
+    "compare_outputs",
+    "export_onnx",
+    "export_torchscript",
+    "lowest_onnx_opset",
+]
+
+# The lowest ONNX opset the graph exports to and ONNX Runtime runs: scatter-add with a reduction
+# (the segment areas) needs 16, deformable convolutions (DeformConv) 19.
+ONNX_OPSET = 16
+DEFORM_CONV_OPSET = 19
+METADATA_FILE = "knet.json"  # extra file of a TorchScript export / metadata key in ONNX
+# output name -> its dynamic axes, by output (the order of the exported tuple)
+PANOPTIC_OUTPUTS = {
+    "panoptic_seg": {0: "height", 1: "width"},
+    "segment_category_id": {0: "segments"},
+    "segment_score": {0: "segments"},
+    "segment_isthing": {0: "segments"},
+    "segment_area": {0: "segments"},
+}
+INSTANCE_OUTPUTS = {
+    "pred_masks": {0: "instances", 1: "height", 2: "width"},
+    "scores": {0: "instances"},
+    "pred_classes": {0: "instances"},
+    "pred_boxes": {0: "instances"},
+}
+SEMANTIC_OUTPUTS = {"sem_seg": {1: "height", 2: "width"}}
+
+
+class KNetExportModule(nn.Module):
+    """A K-Net model (``knet.modeling.KNet``, eval mode) as a function of one uint8 image.
+
+    ``forward(image)``: (3, H, W) uint8 in ``INPUT.FORMAT`` -> a tuple of tensors named by
+    ``output_names`` (see the module docstring), at the input size.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.eval()
+        self.output_names: List[str] = []
+        post = model.postprocessor
+        for enabled, outputs in (
+            (post is not None and post.panoptic_on, PANOPTIC_OUTPUTS),
+            (post is not None and post.instance_on, INSTANCE_OUTPUTS),
+            (post is None or post.semantic_on, SEMANTIC_OUTPUTS),
+        ):
+            self.output_names += list(outputs) if enabled else []
+        if not self.output_names:
+            raise ValueError("the model has no output enabled (MODEL.KNET.TEST.*_ON)")
+        self.eval()  # (exporters restore the mode they found, recursively)
+
+    def forward(self, image: Tensor) -> Tuple[Tensor, ...]:
+        model = self.model
+        height, width = image.shape[1], image.shape[2]
+        x = (image.float() - model.pixel_mean) / model.pixel_std
+        padded = (height, width)
+        divisor = model.size_divisibility
+        if divisor > 0:
+            padded = (
+                (height + divisor - 1) // divisor * divisor,
+                (width + divisor - 1) // divisor * divisor,
+            )
+            x = F.pad(x, (0, padded[1] - width, 0, padded[0] - height))
+        x = x[None]
+        if model.channels_last:  # as eager inference (ONNX has no memory formats)
+            x = x.contiguous(memory_format=torch.channels_last)
+        predictions = model.predict(x)
+        geometry = OutputGeometry(padded, (height, width))
+        if model.is_semantic:
+            outputs = {"sem_seg": semantic_probabilities(predictions["seg_logits"][0], geometry)}
+        else:
+            outputs = model.postprocessor(
+                predictions["cls_logits"][0], predictions["mask_logits"][0], geometry
+            )
+        return tuple(outputs[name] for name in self.output_names)
+
+    def metadata(self, cfg) -> Dict:
+        """What a runner needs besides the graph: outputs, input format, test resizing."""
+        return {
+            "output_names": self.output_names,
+            "input_format": cfg.INPUT.FORMAT,
+            "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
+            "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
+            "dataset": cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "",
+        }
+
+
+@contextlib.contextmanager
+def _exportable() -> Iterator[None]:
+    """No fused attention kernel (``aten::_native_multi_head_attention`` has no ONNX form)
+    and no autograd while exporting."""
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # the tracer's notes on Python values: the sizes that matter are traced (checked by
+            # running the result at other sizes), the rest (class counts, flags) is constant
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+
+
+def export_torchscript(
+    module: KNetExportModule, sample_image: Tensor, path: str, metadata: Dict, method: str
+) -> str:
+    """Trace (``method="tracing"``) or script ``module`` and save it with its metadata."""
+    with _exportable():
+        if method == "tracing":
+            exported = torch.jit.trace(module, (sample_image,), check_trace=False)
+        elif method == "scripting":
+            exported = torch.jit.script(module)
+        else:
+            raise ValueError(f"export method must be 'tracing' or 'scripting', got {method!r}")
+    _makedirs_for(path)
+    torch.jit.save(exported, path, _extra_files={METADATA_FILE: json.dumps(metadata)})
+    return path
+
+
+def lowest_onnx_opset(module: nn.Module) -> int:
+    """The lowest opset ``module`` exports to: 19 with deformable convolutions, else 16."""
+    from .modeling.backbone.deform_conv import DeformConv
+
+    deformable = any(isinstance(m, DeformConv) for m in module.modules())
+    return DEFORM_CONV_OPSET if deformable else ONNX_OPSET
+
+
+@symbolic_helper.parse_args("v", "v", "v", "v", "v", "i", "i", "i", "i", "i", "i", "i", "i", "b")
+def _deform_conv2d_symbolic(
+    g,
+    x,
+    weight,
+    offset,
+    mask,
+    bias,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dil_h,
+    dil_w,
+    groups,
+    offset_groups,
+    use_mask,
+):
+    """``torchvision::deform_conv2d`` as ONNX DeformConv (same offset layout: (dy, dx) per
+    kernel position and offset group)."""
+    inputs = [x, weight, offset, bias] + ([mask] if use_mask else [])
+    return g.op(
+        "DeformConv",
+        *inputs,
+        dilations_i=[dil_h, dil_w],
+        group_i=groups,
+        kernel_shape_i=symbolic_helper._get_tensor_sizes(weight)[2:],
+        offset_group_i=offset_groups,
+        pads_i=[pad_h, pad_w, pad_h, pad_w],
+        strides_i=[stride_h, stride_w],
+    )
+
+
+def export_onnx(
+    module: KNetExportModule,
+    sample_image: Tensor,
+    path: str,
+    metadata: Dict,
+    opset: int | None = None,
+) -> str:
+    """Export ``module`` to ONNX (traced, dynamic image height and width) at ``opset``
+    (default: the lowest that works, ``lowest_onnx_opset``), check it with ``onnx.checker``
+    and store ``metadata`` in the model's metadata."""
+    import onnx
+
+    lowest = lowest_onnx_opset(module)
+    opset = lowest if opset is None else opset
+    if opset < lowest:
+        # below 16 the exporter writes scatter-add (the segment areas) without its reduction:
+        # the graph would run and give wrong panoptic segments
+        raise ValueError(f"this model exports to ONNX opset {lowest} or newer, got {opset}")
+    torch.onnx.register_custom_op_symbolic(
+        "torchvision::deform_conv2d", _deform_conv2d_symbolic, DEFORM_CONV_OPSET
+    )
+
+    axes = {**PANOPTIC_OUTPUTS, **INSTANCE_OUTPUTS, **SEMANTIC_OUTPUTS}
+    dynamic_axes = {"image": {1: "height", 2: "width"}}
+    dynamic_axes.update({name: axes[name] for name in module.output_names})
+    _makedirs_for(path)
+    with _exportable():
+        torch.onnx.export(
+            module,
+            (sample_image,),
+            path,
+            input_names=["image"],
+            output_names=module.output_names,
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            dynamo=False,
+        )
+    model = onnx.load(path)
+    onnx.helper.set_model_props(model, {METADATA_FILE: json.dumps(metadata)})
+    onnx.save(model, path)
+    onnx.checker.check_model(path)
+    return path
+
+
+def _makedirs_for(path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+
+class ExportedKNet:
+    """Runs an exported K-Net file (``.ts``/``.pt``: TorchScript; ``.onnx``: ONNX Runtime).
+
+    ``exported(image)`` with a (3, H, W) uint8 tensor or array in ``metadata["input_format"]``
+    returns {output name: CPU tensor}; ``knet.modeling.postprocessing.detectron2_outputs``
+    turns that into Detectron2's outputs.
+    """
+
+    def __init__(self, path: str, num_threads: int = 0):
+        self.path = path
+        if path.endswith(".onnx"):
+            import onnxruntime
+
+            options = onnxruntime.SessionOptions()
+            if num_threads > 0:
+                options.intra_op_num_threads = num_threads
+            self.session = onnxruntime.InferenceSession(
+                path, options, providers=["CPUExecutionProvider"]
+            )
+            props = self.session.get_modelmeta().custom_metadata_map
+            self.metadata = json.loads(props[METADATA_FILE])
+            self.module = None
+        else:
+            extra = {METADATA_FILE: ""}
+            self.module = torch.jit.load(path, map_location="cpu", _extra_files=extra)
+            self.metadata = json.loads(extra[METADATA_FILE])
+            self.session = None
+
+    @property
+    def output_names(self) -> Sequence[str]:
+        return self.metadata["output_names"]
+
+    def __call__(self, image) -> Dict[str, Tensor]:
+        if self.session is not None:
+            array = image.numpy() if isinstance(image, Tensor) else np.asarray(image)
+            values = self.session.run(None, {"image": np.ascontiguousarray(array, np.uint8)})
+            return {name: torch.from_numpy(v) for name, v in zip(self.output_names, values)}
+        tensor = (
+            image if isinstance(image, Tensor) else torch.from_numpy(np.ascontiguousarray(image))
+        )
+        with torch.no_grad():
+            values = self.module(tensor)
+        return dict(zip(self.output_names, values))
+
+
+def compare_outputs(got: Dict[str, Tensor], expected: Dict[str, Tensor]) -> Dict[str, float]:
+    """Per output name: the largest absolute difference of floating-point outputs, the share
+    of differing elements of integer and boolean ones (id maps, masks, classes); ``inf`` where
+    the shapes differ (e.g. a segment more or less)."""
+    report = {}
+    for name, value in expected.items():
+        other = got[name]
+        if other.shape != value.shape:
+            report[name] = float("inf")
+        elif value.numel() == 0:
+            report[name] = 0.0
+        elif value.is_floating_point():
+            report[name] = float((other.float() - value.float()).abs().max())
+        else:
+            report[name] = float((other != value).float().mean())
+    return report

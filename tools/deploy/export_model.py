@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""Export a K-Net model to TorchScript or ONNX (Detectron2's ``export_model.py`` options).
+
+    python tools/deploy/export_model.py --config-file \\
+        configs/coco/panoptic-segmentation/knet_R50_bs16_1x.yaml --format onnx \\
+        --output output/export --sample-image photo.jpg --opts MODEL.WEIGHTS model.pth
+
+writes ``output/export/model.onnx`` (or ``model.ts``): a graph from one uint8 image (3, H, W) of
+any size in the config's ``INPUT.FORMAT`` to plain tensors at that size, preprocessing and
+post-processing included (see ``knet.export``). The sample image (default: a synthetic one) is
+resized as the test loader resizes (``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``), traced with,
+and then run by the exported file, whose outputs are compared with the eager model's.
+
+Export methods: ``tracing`` (TorchScript and ONNX; sizes stay dynamic). ``scripting`` is
+refused with the reason: Detectron2's backbones are not scriptable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+import numpy as np
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
+
+import knet  # noqa: F401  (registers the model; safe weight loading)
+from knet.data.dataset_mappers import read_image_checked
+from knet.engine import get_knet_cfg
+from knet.export import (
+    ExportedKNet,
+    KNetExportModule,
+    compare_outputs,
+    export_onnx,
+    export_torchscript,
+)
+
+logger = logging.getLogger("knet.export")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
+    parser.add_argument(
+        "--export-method", choices=["tracing", "scripting"], default="tracing", help="(tracing)"
+    )
+    parser.add_argument("--sample-image", help="image to trace with (default: synthetic)")
+    parser.add_argument("--output", default="output/export", help="output folder")
+    parser.add_argument("--opset", type=int, help="ONNX opset (default: the lowest that works)")
+    parser.add_argument(
+        "--opts", nargs=argparse.REMAINDER, default=[], help="config overrides (KEY VALUE ...)"
+    )
+    return parser.parse_args(argv)
+
+
+def sample_image(cfg, path: str | None) -> torch.Tensor:
+    """(3, H, W) uint8 in ``INPUT.FORMAT``, resized like the test loader."""
+    if path:
+        image = read_image_checked(path, cfg.INPUT.FORMAT, "sample image")
+    else:
+        rng = np.random.default_rng(0)
+        image = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    image = resize.get_transform(image).apply_image(image)
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def export(args: argparse.Namespace) -> str:
+    """Export the model of ``args`` and check the file; returns its path."""
+    if args.export_method == "scripting":
+        raise SystemExit(
+            "--export-method scripting is not supported: Detectron2's ResNet/FPN backbones "
+            "cannot be compiled by torch.jit.script (their stages are a Python list); use "
+            "--export-method tracing, which keeps image sizes dynamic"
+        )
+    cfg = get_knet_cfg(args.config_file, list(args.opts) + ["MODEL.DEVICE", "cpu"])
+    cfg.freeze()
+    model = build_model(cfg).eval()
+    if cfg.MODEL.WEIGHTS:
+        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    else:
+        logger.warning("MODEL.WEIGHTS is empty: exporting randomly initialised weights")
+    module = KNetExportModule(model)
+    image = sample_image(cfg, args.sample_image)
+    metadata = module.metadata(cfg)
+    if args.format == "onnx":
+        path = export_onnx(
+            module, image, os.path.join(args.output, "model.onnx"), metadata, args.opset
+        )
+    else:
+        path = export_torchscript(
+            module, image, os.path.join(args.output, "model.ts"), metadata, args.export_method
+        )
+    with torch.no_grad():
+        expected = dict(zip(module.output_names, module(image)))
+    report = compare_outputs(ExportedKNet(path)(image), expected)
+    logger.info("Exported %s with outputs %s", path, ", ".join(module.output_names))
+    logger.info(
+        "Exported vs eager on the sample image %s (max abs difference of float outputs, share "
+        "of differing elements of the others): %s",
+        tuple(image.shape),
+        ", ".join(f"{k} {v:.3g}" for k, v in report.items()),
+    )
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logger(name="knet")
+    args = parse_args(argv)
+    print(export(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""Run an exported K-Net file (TorchScript or ONNX) on images and draw the results.
+
+    python tools/deploy/run_exported.py --model output/export/model.onnx \\
+        --input photo.jpg 'photos/*.jpg' --output output/vis
+
+Each image is read, resized as the model's config resizes test images (stored in the file) and
+passed to the exported graph through TorchScript (``.ts``) or ONNX Runtime (``.onnx``); the
+outputs are drawn at that size with Detectron2's ``Visualizer`` and the class names of the
+config's test dataset (``--dataset`` chooses another registered one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import sys
+import time
+from typing import List, Sequence
+
+import cv2
+import numpy as np
+import torch
+from detectron2.data import MetadataCatalog
+from detectron2.data import transforms as T
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.visualizer import Visualizer
+
+import knet  # noqa: F401  (registers the datasets whose class names are drawn)
+from knet.data.dataset_mappers import read_image_checked
+from knet.export import ExportedKNet
+from knet.modeling.postprocessing import detectron2_outputs
+
+logger = logging.getLogger("knet.export")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="model.ts or model.onnx")
+    parser.add_argument("--input", nargs="+", required=True, help="images or glob patterns")
+    parser.add_argument("--output", required=True, help="folder for the drawings")
+    parser.add_argument("--dataset", help="registered dataset whose class names are drawn")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: default)")
+    return parser.parse_args(argv)
+
+
+def expand(patterns: Sequence[str]) -> List[str]:
+    paths = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not matches:
+            raise FileNotFoundError(f"no image matches {pattern!r}")
+        paths += matches
+    return paths
+
+
+def draw(image_rgb: np.ndarray, outputs, metadata) -> np.ndarray:
+    """Panoptic segments if present, else instances, else the semantic argmax (RGB)."""
+    visualizer = Visualizer(image_rgb, metadata)
+    if "panoptic_seg" in outputs:
+        vis = visualizer.draw_panoptic_seg(*outputs["panoptic_seg"])
+    elif "instances" in outputs:
+        vis = visualizer.draw_instance_predictions(outputs["instances"])
+    else:
+        vis = visualizer.draw_sem_seg(outputs["sem_seg"].argmax(0))
+    return vis.get_image()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logger(name="knet")
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    exported = ExportedKNet(args.model, num_threads=args.threads)
+    meta = exported.metadata
+    metadata = MetadataCatalog.get(args.dataset or meta["dataset"] or "__unused")
+    resize = T.ResizeShortestEdge(meta["min_size_test"], meta["max_size_test"])
+    os.makedirs(args.output, exist_ok=True)
+    for path in expand(args.input):
+        image = read_image_checked(path, meta["input_format"], "image")
+        image = resize.get_transform(image).apply_image(image)
+        start = time.perf_counter()
+        outputs = detectron2_outputs(exported(np.ascontiguousarray(image.transpose(2, 0, 1))))
+        seconds = time.perf_counter() - start
+        rgb = image if meta["input_format"] == "RGB" else image[:, :, ::-1]
+        out_path = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
+        cv2.imwrite(out_path, draw(rgb, outputs, metadata)[:, :, ::-1])
+        logger.info(
+            "%s: %dx%d in %.2fs -> %s", path, image.shape[1], image.shape[0], seconds, out_path
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
