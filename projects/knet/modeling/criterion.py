@@ -9,6 +9,7 @@ from torch import nn
 
 from .losses import dice_loss, mask_bce_loss, rank_loss, weighted_focal_loss
 from .matcher import HungarianMatcher
+from .numerics import at_least_fp32, check_finite, named_tensors
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
@@ -33,6 +34,10 @@ class KNetCriterion(nn.Module):
     predictions of stage s-1 (stage 0 on the initial masks, without a class cost). Only the
     ``num_proposals`` thing kernels and the thing classes take part; the stuff kernel
     ``num_proposals + i`` is always paired with stuff class ``num_thing_classes + i``.
+
+    Numerics: the outputs are promoted to fp32 and the matching and losses run with autocast
+    off. Outputs are checked before matching and the loss terms after, so a diverged run raises
+    ``FloatingPointError`` naming the iteration and the first non-finite tensor.
     """
 
     def __init__(
@@ -76,8 +81,12 @@ class KNetCriterion(nn.Module):
         mask_logits: torch.Tensor,
         cls_logits: Optional[torch.Tensor],
         targets: List[Dict[str, torch.Tensor]],
+        name: str = "predictions",
     ) -> List[torch.Tensor]:
-        """Per image, (P,) int64: the GT index matched to each thing kernel, or -1."""
+        """Per image, (P,) int64: the GT index matched to each thing kernel, or -1.
+
+        ``name`` (which predictions are matched) is reported if a matching cost is not finite.
+        """
         p, t = self.num_proposals, self.num_thing_classes
         assignments = []
         for b, target in enumerate(targets):
@@ -86,6 +95,7 @@ class KNetCriterion(nn.Module):
                 target["masks"],
                 None if cls_logits is None else cls_logits[b, :p, :t].detach(),
                 target["labels"],
+                name=f"{name}, image {b}",
             )
             assigned = torch.full((p,), -1, dtype=torch.int64, device=mask_logits.device)
             assigned[rows] = cols
@@ -139,7 +149,7 @@ class KNetCriterion(nn.Module):
 
     def initial_losses(self, init: Dict[str, torch.Tensor], targets) -> Dict[str, torch.Tensor]:
         mask_logits = init["mask_logits"]
-        assignments = self.match(mask_logits, None, targets)
+        assignments = self.match(mask_logits, None, targets, "init")
         labels, positive, pos_masks = self.kernel_targets(assignments, targets, self.num_proposals)
         losses = self.mask_losses(mask_logits, positive, pos_masks, "rpn_")
         losses["rpn_loss_seg"] = self.seg_weight * self.semantic_loss(
@@ -181,10 +191,10 @@ class KNetCriterion(nn.Module):
         weights[p + stuff, t + stuff] = 1
         return weights
 
-    def stage_losses(self, stage, prev_masks, prev_cls, targets, prefix: str):
+    def stage_losses(self, stage, prev_masks, prev_cls, targets, prefix: str, prev_name: str):
         mask_logits, cls_logits = stage["mask_logits"], stage["cls_logits"]
         b, n, k = cls_logits.shape
-        assignments = self.match(prev_masks, prev_cls, targets)
+        assignments = self.match(prev_masks, prev_cls, targets, prev_name)
         labels, positive, pos_masks = self.kernel_targets(assignments, targets, n)
         num_pos = all_reduce_mean(positive.sum().float()).clamp(min=1.0)
         weights = self.label_weights(n, cls_logits.device).repeat(b, 1)
@@ -209,14 +219,28 @@ class KNetCriterion(nn.Module):
         Args:
             outputs: the kernel head's training output ("init" and one entry per stage).
             targets: one dict per image, see the class docstring.
+
+        Raises:
+            FloatingPointError: an output or a loss term is not finite (names it and the
+                iteration), e.g. ``stages[1].cls_logits`` or ``s1_loss_dice``.
         """
-        losses = self.initial_losses(outputs["init"], targets)
-        prev_masks, prev_cls = outputs["init"]["mask_logits"], None
-        for s, stage in enumerate(outputs["stages"]):
-            stage_losses = self.stage_losses(stage, prev_masks, prev_cls, targets, f"s{s}_")
-            weight = self.stage_loss_weights[s]
-            losses.update({k: v * weight for k, v in stage_losses.items()})
-            prev_masks, prev_cls = stage["mask_logits"], stage["cls_logits"]
+        # fp32 whatever autocast produced (the official code forces fp32 in its losses); in
+        # computation order, so that the first non-finite output is the one reported
+        outputs = at_least_fp32({"init": outputs["init"], "stages": outputs["stages"]})
+        check_finite(("output", named_tensors(outputs)))
+        device_type = outputs["init"]["mask_logits"].device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            losses = self.initial_losses(outputs["init"], targets)
+            prev_masks, prev_cls, prev_name = outputs["init"]["mask_logits"], None, "init"
+            for s, stage in enumerate(outputs["stages"]):
+                stage_losses = self.stage_losses(
+                    stage, prev_masks, prev_cls, targets, f"s{s}_", prev_name
+                )
+                weight = self.stage_loss_weights[s]
+                losses.update({k: v * weight for k, v in stage_losses.items()})
+                prev_masks, prev_cls = stage["mask_logits"], stage["cls_logits"]
+                prev_name = f"stages[{s}]"
+        check_finite(("loss term", losses.items()))
         return losses
 
     def __repr__(self) -> str:

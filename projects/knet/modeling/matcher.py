@@ -2,9 +2,12 @@
 
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
+
+from .numerics import raise_non_finite
 
 
 def focal_cost(
@@ -84,15 +87,22 @@ class HungarianMatcher(nn.Module):
         gt_masks: torch.Tensor,
         cls_logits: Optional[torch.Tensor] = None,
         gt_labels: Optional[torch.Tensor] = None,
+        name: str = "cost matrix",
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Returns (pred_indices, gt_indices), int64 on the predictions' device."""
+        """Returns (pred_indices, gt_indices), int64 on the predictions' device.
+
+        ``name`` identifies the predictions in the error raised for a non-finite cost.
+        """
         device = mask_logits.device
         if gt_masks.shape[0] == 0 or mask_logits.shape[0] == 0:
             empty = torch.empty(0, dtype=torch.int64, device=device)
             return empty, empty
         with torch.autocast(device_type=device.type, enabled=False):
             cost = self.cost_matrix(mask_logits, gt_masks, cls_logits, gt_labels)
-        rows, cols = linear_sum_assignment(cost.cpu().numpy())
+        cost = cost.cpu().numpy()
+        if not np.isfinite(cost).all():  # checked on the host copy scipy needs anyway
+            raise_non_finite(name, "matching cost")
+        rows, cols = linear_sum_assignment(cost)
         return (
             torch.as_tensor(rows, dtype=torch.int64, device=device),
             torch.as_tensor(cols, dtype=torch.int64, device=device),

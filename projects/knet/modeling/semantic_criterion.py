@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .losses import semantic_cross_entropy
+from .numerics import at_least_fp32, check_finite, named_tensors
 
 
 class KNetSemanticCriterion(nn.Module):
@@ -14,6 +15,9 @@ class KNetSemanticCriterion(nn.Module):
 
     Keys: ``loss_init_ce`` (decode head logits, ``init_weight``), ``s{i}_loss_ce`` (update stage
     i, ``stage_loss_weights[i]``) and ``loss_aux_ce`` (``aux_weight``, when aux logits are given).
+
+    Numerics as ``KNetCriterion``: fp32 losses with autocast off, and ``FloatingPointError``
+    naming the iteration and the first non-finite output or loss term.
     """
 
     def __init__(
@@ -44,20 +48,33 @@ class KNetSemanticCriterion(nn.Module):
                 {"seg_logits": (B, K, h, w)} per stage.
             labels: (B, H, W) int64 class ids, ``ignore_value`` for void and padding.
             aux_logits: (B, K, h', w') logits of the auxiliary head, or None.
+
+        Raises:
+            FloatingPointError: an output (e.g. ``stages[2].seg_logits``) or a loss term is
+                not finite; the message names it and the iteration.
         """
         stages = outputs["stages"]
         if len(stages) != len(self.stage_loss_weights):
             raise ValueError(
                 f"{len(stages)} stage outputs but {len(self.stage_loss_weights)} stage loss weights"
             )
-        losses = {
-            "loss_init_ce": self.init_weight
-            * self.cross_entropy(outputs["init"]["seg_logits"], labels)
-        }
-        for s, (stage, weight) in enumerate(zip(stages, self.stage_loss_weights)):
-            losses[f"s{s}_loss_ce"] = weight * self.cross_entropy(stage["seg_logits"], labels)
-        if aux_logits is not None:
-            losses["loss_aux_ce"] = self.aux_weight * self.cross_entropy(aux_logits, labels)
+        # fp32 whatever autocast produced, in computation order (see KNetCriterion.forward)
+        outputs = at_least_fp32(
+            {"init": outputs["init"], "stages": stages, "aux_logits": aux_logits}
+        )
+        with torch.autocast(device_type=labels.device.type, enabled=False):
+            losses = {
+                "loss_init_ce": self.init_weight
+                * self.cross_entropy(outputs["init"]["seg_logits"], labels)
+            }
+            for s, (stage, weight) in enumerate(zip(outputs["stages"], self.stage_loss_weights)):
+                losses[f"s{s}_loss_ce"] = weight * self.cross_entropy(stage["seg_logits"], labels)
+            if aux_logits is not None:
+                losses["loss_aux_ce"] = self.aux_weight * self.cross_entropy(
+                    outputs["aux_logits"], labels
+                )
+        # no matching here, so outputs and losses are checked together: one host sync
+        check_finite(("output", named_tensors(outputs)), ("loss term", losses.items()))
         return losses
 
     def extra_repr(self) -> str:
