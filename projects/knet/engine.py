@@ -1,5 +1,6 @@
 """Training entry points shared by ``train_net.py`` and the tools."""
 
+import functools
 import logging
 import os
 import weakref
@@ -13,6 +14,7 @@ from detectron2.engine import DefaultTrainer
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import JSONWriter
 
+from .amp import build_amp_trainer
 from .checkpoint import KNetCheckpointer
 from .config import add_knet_config
 from .data.checks import check_evaluation_dataset_once
@@ -29,12 +31,16 @@ class KNetTrainer(DefaultTrainer):
 
     Checkpoints hold the optimizer (and AMP grad scaler) state besides the iteration and the
     LR scheduler, and are written atomically, so ``--resume`` continues the same run.
+    ``SOLVER.AMP.ENABLED`` trains in mixed precision on CUDA and on CPU (see :mod:`knet.amp`).
     """
 
     def __init__(self, cfg):
-        # Detectron2 wraps the model with device_ids, which DDP rejects for CPU (gloo) training
+        # Detectron2 wraps the model with device_ids, which DDP rejects for CPU (gloo) training;
+        # its AMPTrainer is CUDA float16 only: SOLVER.AMP picks the step runner (knet.amp)
+        amp_trainer = functools.partial(build_amp_trainer, cfg)
         with mock.patch.object(detectron2.engine.defaults, "create_ddp_model", create_ddp_model):
-            super().__init__(cfg)
+            with mock.patch.object(detectron2.engine.defaults, "AMPTrainer", amp_trainer):
+                super().__init__(cfg)
 
     def build_hooks(self):
         # DefaultTrainer.__init__ calls this right after creating its checkpointer: swap in ours
