@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 TASK ?= panoptic
 
-.PHONY: venv test demo lint format toy-data benchmark clean-venv
+.PHONY: venv test demo lint format toy-data samples benchmark clean-venv
 
 venv:
 	@bash tools/setup_env.sh
@@ -21,6 +21,9 @@ demo: venv
 
 toy-data: venv
 	$(PY) tools/make_toy_dataset.py
+
+samples: venv
+	$(PY) tools/prepare_samples.py
 
 benchmark: venv
 	$(PY) tools/benchmark.py

@@ -31,7 +31,10 @@ def isolated_data_dirs(request: pytest.FixtureRequest, tmp_path_factory: pytest.
 
 @pytest.fixture(scope="session")
 def toy_root(isolated_data_dirs) -> str:
-    """The toy dataset folder (default size and seed), generated at most once per session."""
+    """The toy dataset folder (default size and seed), generated at most once per session.
+
+    Loading a ``knet_toy_*`` dataset never generates it: tests that load one use this fixture.
+    """
     from knet.data.datasets import ensure_toy_dataset
 
     return ensure_toy_dataset()
@@ -46,3 +49,26 @@ def shared_data_root() -> str:
     if not os.path.isdir(path):
         pytest.skip(f"shared data not found at {path}; set KNET_SHARED_DATA")
     return path
+
+
+def _prepared_sample(shared_data_root: str, folder: str, prepare) -> str:
+    if not os.path.isdir(os.path.join(shared_data_root, folder)):
+        pytest.skip(f"shared data not found at {shared_data_root}/{folder}; set KNET_SHARED_DATA")
+    return prepare()
+
+
+@pytest.fixture(scope="session")
+def prepared_coco_sample(isolated_data_dirs, shared_data_root) -> str:
+    """The COCO sample's derived files, prepared (into the test cache) at most once per session,
+    as ``tools/prepare_samples.py`` does; the ``coco_sample_*`` loaders never prepare them."""
+    from knet.data.datasets import prepare_coco_sample
+
+    return _prepared_sample(shared_data_root, "coco_panoptic_sample", prepare_coco_sample)
+
+
+@pytest.fixture(scope="session")
+def prepared_ade20k_sample(isolated_data_dirs, shared_data_root) -> str:
+    """The ADE20K sample's converted labels, prepared like ``prepared_coco_sample``."""
+    from knet.data.datasets import prepare_ade20k_sample
+
+    return _prepared_sample(shared_data_root, "ade20k_sample", prepare_ade20k_sample)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 from collections import Counter
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -17,6 +21,7 @@ from detectron2.data.datasets.builtin_meta import (
     _get_builtin_metadata,
 )
 from PIL import Image
+from scripts import load_script
 
 import knet  # noqa: F401  (registers the datasets)
 from knet.data.dataset_mappers import KNetPanopticDatasetMapper, KNetSemanticDatasetMapper
@@ -26,10 +31,15 @@ from knet.data.datasets import (
     TOY_NUM_THING_CLASSES,
     TOY_STUFF_CATEGORIES,
     TOY_THING_CATEGORIES,
+    builtin,
     generate_toy_dataset,
+    get_shared_data_root,
     get_toy_metadata,
     load_panoptic_json_with_sem_seg,
+    prepare_ade20k_sample,
     prepare_ade20k_sem_seg,
+    prepare_builtin_datasets,
+    prepare_coco_sample,
 )
 from knet.data.datasets.prepare import read_panoptic_png
 
@@ -48,19 +58,13 @@ def _load_json(path):
 
 
 @pytest.fixture(scope="module")
-def coco_sample(shared_data_root):
-    path = os.path.join(shared_data_root, "coco_panoptic_sample", "sample_data")
-    if not os.path.isdir(path):
-        pytest.skip(f"shared data not found at {path}; set KNET_SHARED_DATA")
-    return path
+def coco_sample(shared_data_root, prepared_coco_sample):
+    return os.path.join(shared_data_root, "coco_panoptic_sample", "sample_data")
 
 
 @pytest.fixture(scope="module")
-def ade_sample(shared_data_root):
-    path = os.path.join(shared_data_root, "ade20k_sample", "ADEChallengeData2016")
-    if not os.path.isdir(path):
-        pytest.skip(f"shared data not found at {path}; set KNET_SHARED_DATA")
-    return path
+def ade_sample(shared_data_root, prepared_ade20k_sample):
+    return os.path.join(shared_data_root, "ade20k_sample", "ADEChallengeData2016")
 
 
 # --------------------------------------------------------------------------- toy generation
@@ -370,6 +374,133 @@ def test_missing_shared_data_is_reported(tmp_path, monkeypatch):
         with pytest.raises(FileNotFoundError, match="KNET_SHARED_DATA") as e:
             DatasetCatalog.get(name)
         assert str(missing) in str(e.value)
+
+
+# --------------------------------------------------------------------------- nothing written
+BUILTIN = TOY_PANOPTIC + TOY_INSTANCES + TOY_SEMANTIC + COCO_SAMPLE + ADE_SAMPLE + COCO_FULL
+TOY_COMMAND = "`python tools/make_toy_dataset.py`"
+SAMPLES_COMMAND = "`python tools/prepare_samples.py`"
+# a fresh process: register (import knet), read every metadata field, load every dataset
+_FRESH_PROCESS = """
+import json, sys
+import knet
+from detectron2.data import DatasetCatalog, MetadataCatalog
+errors = {}
+for name in sys.argv[1:]:
+    MetadataCatalog.get(name).as_dict()  # path fields included
+    try:
+        DatasetCatalog.get(name)
+    except FileNotFoundError as e:
+        errors[name] = str(e)
+print(json.dumps(errors))
+"""
+
+
+def _files_under(root) -> list:
+    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files]
+
+
+def test_registration_metadata_and_loading_write_nothing(tmp_path):
+    shared = get_shared_data_root()
+    env = {
+        **os.environ,
+        "DETECTRON2_DATASETS": str(tmp_path / "datasets"),
+        "KNET_CACHE": str(tmp_path / "cache"),
+        "KNET_SHARED_DATA": shared,
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", _FRESH_PROCESS, *BUILTIN],
+        cwd=tmp_path,  # Detectron2's default datasets root is relative to it
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    errors = json.loads(run.stdout.splitlines()[-1])
+    assert sorted(errors) == sorted(BUILTIN)  # nothing could be loaded ...
+    assert _files_under(tmp_path) == []  # ... and nothing was generated or prepared
+    for name in TOY_PANOPTIC + TOY_INSTANCES + TOY_SEMANTIC:
+        assert TOY_COMMAND in errors[name] and str(tmp_path / "datasets") in errors[name]
+    for name in COCO_SAMPLE + ADE_SAMPLE:
+        if os.path.isdir(shared):  # the samples are there, their derived files are not
+            assert SAMPLES_COMMAND in errors[name] and str(tmp_path / "cache") in errors[name]
+        else:
+            assert "KNET_SHARED_DATA" in errors[name]
+    for name in COCO_FULL:
+        assert "prepare_coco_semantic_from_panoptic.py" in errors[name]
+
+
+def test_missing_or_stale_toy_dataset_names_the_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    meta = MetadataCatalog.get(TOY_PANOPTIC[1])
+    assert meta.panoptic_json == str(tmp_path / "knet_toy" / "panoptic_val.json")  # just a path
+    for name in TOY_PANOPTIC + TOY_INSTANCES + TOY_SEMANTIC:
+        with pytest.raises(FileNotFoundError, match=re.escape(TOY_COMMAND)) as e:
+            DatasetCatalog.get(name)
+        assert str(tmp_path / "knet_toy") in str(e.value)
+    assert os.listdir(tmp_path) == []
+
+    root = generate_toy_dataset(str(tmp_path), num_train=1, num_val=1, seed=0)
+    assert len(DatasetCatalog.get(TOY_SEMANTIC[0])) == 1
+    marker = os.path.join(root, "_COMPLETE.json")
+    with open(marker) as f:
+        params = json.load(f)
+    with open(marker, "w") as f:
+        json.dump({**params, "version": params["version"] - 1}, f)
+    with pytest.raises(FileNotFoundError, match="format version") as e:
+        DatasetCatalog.get(TOY_PANOPTIC[0])
+    assert TOY_COMMAND in str(e.value)
+
+
+def test_unprepared_or_stale_samples_name_the_command(tmp_path, monkeypatch, shared_data_root):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("KNET_CACHE", str(cache))
+    meta = MetadataCatalog.get(COCO_SAMPLE[0])
+    assert meta.sem_seg_root == str(
+        cache / "prepared" / "coco_panoptic_sample" / "panoptic_semseg_val"
+    )
+    for name in COCO_SAMPLE + ADE_SAMPLE:
+        with pytest.raises(FileNotFoundError, match=re.escape(SAMPLES_COMMAND)):
+            DatasetCatalog.get(name)
+    assert not cache.exists()
+
+    out = prepare_coco_sample()
+    assert len(DatasetCatalog.get(COCO_SAMPLE[0])) == 2
+    with open(os.path.join(out, "_COMPLETE.json"), "w") as f:
+        json.dump({"source": "an older copy of the sample"}, f)
+    with pytest.raises(FileNotFoundError, match="out of date"):
+        DatasetCatalog.get(COCO_SAMPLE[1])
+
+
+def test_prepare_samples_tool_and_the_demo_helper(tmp_path, monkeypatch, shared_data_root):
+    monkeypatch.setenv("KNET_CACHE", str(tmp_path / "cache"))
+    tool = load_script("tools/prepare_samples.py")
+    assert tool.main(["--only", "ade20k"]) == 0
+    assert len(DatasetCatalog.get(ADE_SAMPLE[0])) == 2
+    with pytest.raises(FileNotFoundError, match=re.escape(SAMPLES_COMMAND)):
+        DatasetCatalog.get(COCO_SAMPLE[0])  # --only: the other sample is left alone
+    assert tool.main([]) == 0
+    assert len(DatasetCatalog.get(COCO_SAMPLE[0])) == 2
+    marker = os.path.join(prepare_ade20k_sample(), "_COMPLETE.json")
+    mtime = os.stat(marker).st_mtime_ns
+    assert tool.main(["--only", "ade20k"]) == 0 and os.stat(marker).st_mtime_ns == mtime
+    assert tool.main(["--only", "ade20k", "--force"]) == 0
+    assert os.stat(marker).st_mtime_ns != mtime
+
+    # what the demo calls: toy generated, samples prepared, other names ignored
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
+    monkeypatch.setenv("KNET_CACHE", str(tmp_path / "cache2"))
+    small_toy = {"knet_toy": lambda: generate_toy_dataset(num_train=2, num_val=1)}
+    with mock.patch.dict(builtin._CREATORS, small_toy):  # the default size takes longer
+        done = prepare_builtin_datasets([TOY_PANOPTIC[0], TOY_SEMANTIC[1], ADE_SAMPLE[1], "other"])
+    assert sorted(done) == ["ade20k_sample", "knet_toy"]
+    assert len(DatasetCatalog.get(TOY_INSTANCES[0])) == 2 and DatasetCatalog.get(ADE_SAMPLE[1])
+    with pytest.raises(FileNotFoundError):
+        DatasetCatalog.get(COCO_SAMPLE[0])
+
+    monkeypatch.setenv("KNET_SHARED_DATA", str(tmp_path / "nowhere"))
+    assert tool.main([]) == 1  # the missing shared sample is reported, nothing is written
 
 
 def test_prepare_ade20k_label_shift(tmp_path):

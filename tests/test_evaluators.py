@@ -23,19 +23,13 @@ SHIFT = (3, -2)  # (rows, cols) roll applied to perturbed predictions
 
 
 @pytest.fixture(scope="module")
-def coco_sample(shared_data_root):
-    path = os.path.join(shared_data_root, "coco_panoptic_sample")
-    if not os.path.isdir(path):
-        pytest.skip(f"shared data not found at {path}; set KNET_SHARED_DATA")
-    return path
+def coco_sample(shared_data_root, prepared_coco_sample):
+    return os.path.join(shared_data_root, "coco_panoptic_sample")
 
 
 @pytest.fixture(scope="module")
-def ade_sample(shared_data_root):
-    path = os.path.join(shared_data_root, "ade20k_sample")
-    if not os.path.isdir(path):
-        pytest.skip(f"shared data not found at {path}; set KNET_SHARED_DATA")
-    return path
+def ade_sample(shared_data_root, prepared_ade20k_sample):
+    return os.path.join(shared_data_root, "ade20k_sample")
 
 
 # --------------------------------------------------------------------------- model-format outputs

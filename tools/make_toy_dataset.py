@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Generate K-Net's synthetic toy panoptic dataset into ``<root>/knet_toy``.
 
-The registered ``knet_toy_*`` datasets generate it automatically on first use; run this to
-(re)generate it explicitly, e.g. with another size or seed::
+The registered ``knet_toy_*`` datasets never generate it (loading them without it raises an
+error naming this command); run this once, or to regenerate it with another size or seed
+(``tools/run_demo.py`` runs it for the toy tasks)::
 
     python tools/make_toy_dataset.py                       # $DETECTRON2_DATASETS/knet_toy
     python tools/make_toy_dataset.py --root /data --num-train 1000 --seed 1 --force

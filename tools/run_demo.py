@@ -6,7 +6,8 @@
     python tools/run_demo.py --max-iter 200  # quicker, lower scores
     python tools/run_demo.py --opts SOLVER.IMS_PER_BATCH 8
 
-It generates the toy data if absent, trains with ``train_net.py``'s trainer, evaluates PQ, mask AP
+It creates the data its config needs first (generates the toy dataset, or prepares the shared
+sample, when absent or stale), trains with ``train_net.py``'s trainer, evaluates PQ, mask AP
 and mIoU on the validation split with Detectron2's evaluators, and writes into the output folder:
 ``metrics.json`` and TensorBoard events (Detectron2's writers), ``model_final.pth``,
 ``vis/*.png`` (ground truth | prediction, drawn with Detectron2's Visualizer), ``curves.png``
@@ -33,7 +34,7 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from tabulate import tabulate
 
-from knet.data.datasets.toy import ensure_toy_dataset
+from knet.data.datasets import prepare_builtin_datasets
 from knet.engine import KNetTrainer, get_knet_cfg
 
 TASK_CONFIGS = {
@@ -68,7 +69,9 @@ def build_cfg(args):
     cfg = get_knet_cfg(args.config_file or TASK_CONFIGS[args.task], args.opts)
     if args.max_iter:
         scale = args.max_iter / cfg.SOLVER.MAX_ITER
-        cfg.SOLVER.STEPS = tuple(int(s * scale) for s in cfg.SOLVER.STEPS)
+        # increasing and inside the run, as the LR schedule requires (short runs merge steps)
+        steps = {int(s * scale) for s in cfg.SOLVER.STEPS}
+        cfg.SOLVER.STEPS = tuple(sorted(s for s in steps if 0 < s < args.max_iter))
         cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, args.max_iter // 5)
         cfg.SOLVER.MAX_ITER = args.max_iter
         cfg.TEST.EVAL_PERIOD = max(args.max_iter // 3, 1)
@@ -171,9 +174,9 @@ def main(argv=None) -> int:
     # console + OUTPUT_DIR/log.txt
     setup_logger(output=cfg.OUTPUT_DIR, name="detectron2", abbrev_name="d2")
     setup_logger(output=cfg.OUTPUT_DIR, name="knet")
-    if any(name.startswith("knet_toy") for name in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST):
-        data_root = ensure_toy_dataset()  # also generated lazily on first use; here to time it
-        logger.info("toy dataset ready at %s (%.1f s)", data_root, time.time() - start)
+    # the only place where the demo's data is created: loading never generates or prepares it
+    for prefix, folder in prepare_builtin_datasets(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST).items():
+        logger.info("%s data ready at %s (%.1f s)", prefix, folder, time.time() - start)
     with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
         f.write(cfg.dump())
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)  # what Detectron2's default_setup does

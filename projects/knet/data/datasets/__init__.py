@@ -1,14 +1,21 @@
 """K-Net datasets: registration (on import), the toy generator and preparation helpers.
 
-Importing this package registers every dataset listed in :mod:`.builtin`; no file is read or
-generated until a dataset is loaded or a path field of its metadata is read.
+Importing this package registers every dataset listed in :mod:`.builtin`. Registration,
+metadata and loading never write files: the toy dataset is generated and the shared samples are
+prepared only by explicit calls (``tools/make_toy_dataset.py``, ``tools/prepare_samples.py``,
+``tools/run_demo.py``; :func:`prepare_builtin_datasets`), and a loader whose files are missing
+raises ``FileNotFoundError`` naming the command that creates them.
 """
 
 from . import builtin as _builtin
 from .builtin import (
+    SAMPLES_COMMAND,
     ade20k_sample_paths,
     coco_sample_paths,
     get_toy_metadata,
+    prepare_ade20k_sample,
+    prepare_builtin_datasets,
+    prepare_coco_sample,
     register_all,
     toy_paths,
 )
@@ -35,12 +42,14 @@ from .prepare import (
 )
 from .toy import (
     TOY_CATEGORIES,
+    TOY_COMMAND,
     TOY_NUM_CLASSES,
     TOY_NUM_THING_CLASSES,
     TOY_STUFF_CATEGORIES,
     TOY_THING_CATEGORIES,
     ensure_toy_dataset,
     generate_toy_dataset,
+    require_toy_dataset,
     toy_dataset_dir,
 )
 

@@ -1,4 +1,4 @@
-"""Registration of K-Net's datasets (runs on ``import knet``; generates or reads nothing).
+"""Registration of K-Net's datasets (runs on ``import knet``; reads and writes nothing).
 
 Registered names:
 
@@ -7,14 +7,18 @@ Registered names:
 * ``knet_toy_{train,val}``: toy instances (Detectron2 COCO format, ``evaluator_type="coco"``).
 * ``knet_toy_sem_seg_{train,val}``: toy semantic segmentation (``evaluator_type="sem_seg"``).
 * ``coco_sample_val_panoptic_with_sem_seg`` / ``coco_sample_val``: the 2 real COCO val images of
-  the shared sample (``$KNET_SHARED_DATA/coco_panoptic_sample``), semantic PNGs and instance json
-  derived into ``$KNET_CACHE/prepared`` on first use.
+  the shared sample (``$KNET_SHARED_DATA/coco_panoptic_sample``), with semantic PNGs and an
+  instance json derived into ``$KNET_CACHE/prepared`` by ``tools/prepare_samples.py``.
 * ``ade20k_sample_sem_seg_{train,val}``: the shared ADE20K street-scene sample, labels converted
-  into ``$KNET_CACHE/prepared`` on first use.
+  into ``$KNET_CACHE/prepared`` by ``tools/prepare_samples.py``.
 * ``coco_2017_{train,val}_panoptic_with_sem_seg``: full COCO, Mask2Former's layout (skipped if
   already registered, e.g. by Mask2Former).
 
-Paths in the metadata and in the loaders are resolved when used (see :mod:`.catalog`).
+As in Mask2Former, registration only records paths: registering, reading metadata (paths are
+resolved from the environment when read, see :mod:`.catalog`) and loading never generate or
+prepare files. A loader whose files are missing raises ``FileNotFoundError`` naming the command
+that creates them; :func:`prepare_builtin_datasets` runs those commands' functions for a list of
+dataset names (``tools/run_demo.py`` calls it).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, Iterable, List
 
 from detectron2.data.datasets import load_coco_json, load_sem_seg
 from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
@@ -34,21 +38,28 @@ from .panoptic import (
     get_panoptic_metadata,
     load_panoptic_json_with_sem_seg,
 )
-from .paths import file_lock, get_prepared_root, require_shared_path
+from .paths import file_lock, get_prepared_root, get_shared_data_root, require_shared_path
 from .prepare import (
     prepare_ade20k_sem_seg,
     prepare_instances_from_panoptic,
     prepare_semantic_from_panoptic,
 )
-from .toy import TOY_CATEGORIES, ensure_toy_dataset
+from .toy import TOY_CATEGORIES, ensure_toy_dataset, require_toy_dataset, toy_dataset_dir
 
 __all__ = [
+    "SAMPLES_COMMAND",
     "get_toy_metadata",
     "toy_paths",
     "coco_sample_paths",
     "ade20k_sample_paths",
+    "prepare_coco_sample",
+    "prepare_ade20k_sample",
+    "prepare_builtin_datasets",
     "register_all",
 ]
+
+# The command that prepares the shared samples' derived files (named when they are missing).
+SAMPLES_COMMAND = "python tools/prepare_samples.py"
 
 TOY_SPLITS = ("train", "val")
 ADE_SPLITS = {"train": "training", "val": "validation"}
@@ -66,8 +77,8 @@ def get_toy_metadata() -> Dict[str, Any]:
 
 
 def toy_paths(split: str) -> Dict[str, str]:
-    """Paths of toy ``split`` files; generates the toy dataset first if it is absent."""
-    root = ensure_toy_dataset()
+    """Paths of the toy ``split`` files under ``$DETECTRON2_DATASETS/knet_toy`` (not checked)."""
+    root = toy_dataset_dir()
     return {
         "image_root": os.path.join(root, split),
         "panoptic_root": os.path.join(root, f"panoptic_{split}"),
@@ -82,6 +93,7 @@ def _lazy(paths_fn: Callable[[], Dict[str, str]], keys: List[str]) -> Dict[str, 
 
 
 def _load_toy_panoptic(split: str) -> List[dict]:
+    require_toy_dataset()
     p = toy_paths(split)
     return load_panoptic_json_with_sem_seg(
         p["panoptic_json"],
@@ -93,11 +105,13 @@ def _load_toy_panoptic(split: str) -> List[dict]:
 
 
 def _load_toy_instances(split: str) -> List[dict]:
+    require_toy_dataset()
     p = toy_paths(split)
     return load_coco_json(p["json_file"], p["image_root"], dataset_name=f"knet_toy_{split}")
 
 
 def _load_toy_sem_seg(split: str) -> List[dict]:
+    require_toy_dataset()
     p = toy_paths(split)
     records = load_sem_seg(p["sem_seg_root"], p["image_root"], gt_ext="png", image_ext="jpg")
     with open(p["panoptic_json"]) as f:
@@ -151,21 +165,23 @@ def _source_stamp(path: str) -> Dict[str, Any]:
     return {"source": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _prepare_once(out_dir: str, stamp: Dict[str, Any], prepare: Callable[[str], None]) -> None:
+def _prepared(out_dir: str, stamp: Dict[str, Any]) -> bool:
+    """Whether ``out_dir`` holds a complete preparation of the source described by ``stamp``."""
+    try:
+        with open(os.path.join(out_dir, "_COMPLETE.json")) as f:
+            return json.load(f) == stamp
+    except (OSError, ValueError):
+        return False
+
+
+def _prepare_once(
+    out_dir: str, stamp: Dict[str, Any], prepare: Callable[[str], None], force: bool = False
+) -> None:
     """Run ``prepare(tmp_dir)`` and move the result to ``out_dir`` unless it is up to date."""
-    marker = os.path.join(out_dir, "_COMPLETE.json")
-
-    def up_to_date() -> bool:
-        try:
-            with open(marker) as f:
-                return json.load(f) == stamp
-        except (OSError, ValueError):
-            return False
-
-    if up_to_date():
+    if not force and _prepared(out_dir, stamp):
         return
     with file_lock(out_dir):
-        if up_to_date():
+        if not force and _prepared(out_dir, stamp):
             return
         tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -180,33 +196,72 @@ def _prepare_once(out_dir: str, stamp: Dict[str, Any], prepare: Callable[[str], 
             shutil.rmtree(tmp_dir, ignore_errors=True)  # only left over if prepare() failed
 
 
-def coco_sample_paths() -> Dict[str, str]:
-    """Paths of the shared COCO panoptic sample, preparing its derived files in the cache.
+def _require_prepared(out_dir: str, stamp: Dict[str, Any], what: str) -> None:
+    """Raise ``FileNotFoundError`` naming :data:`SAMPLES_COMMAND` unless ``out_dir`` is ready."""
+    if not _prepared(out_dir, stamp):
+        raise FileNotFoundError(
+            f"The files derived from {what} are missing or out of date in {out_dir}. Create them "
+            f"with `{SAMPLES_COMMAND}` (it writes into KNET_CACHE/prepared, here "
+            f"{get_prepared_root()})."
+        )
 
-    Raises:
-        FileNotFoundError: naming the missing folder and ``KNET_SHARED_DATA``.
-    """
-    sample = require_shared_path("coco_panoptic_sample", "sample_data")
-    pan_json = require_shared_path("coco_panoptic_sample", "sample_data", "panoptic_examples.json")
-    pan_root = require_shared_path("coco_panoptic_sample", "sample_data", "panoptic_examples")
-    out_dir = os.path.join(get_prepared_root(), "coco_panoptic_sample")
 
-    def prepare(tmp: str) -> None:
-        prepare_semantic_from_panoptic(pan_json, pan_root, os.path.join(tmp, "panoptic_semseg_val"))
-        prepare_instances_from_panoptic(pan_json, pan_root, os.path.join(tmp, "instances_val.json"))
-
-    _prepare_once(out_dir, _source_stamp(pan_json), prepare)
+def _coco_sample_dirs() -> Dict[str, str]:
     return {
-        "image_root": os.path.join(sample, "input_images"),
-        "panoptic_root": pan_root,
-        "panoptic_json": pan_json,
-        "sem_seg_root": os.path.join(out_dir, "panoptic_semseg_val"),
-        "json_file": os.path.join(out_dir, "instances_val.json"),
+        "source": os.path.join(get_shared_data_root(), "coco_panoptic_sample", "sample_data"),
+        "out_dir": os.path.join(get_prepared_root(), "coco_panoptic_sample"),
     }
 
 
+def coco_sample_paths() -> Dict[str, str]:
+    """Paths of the shared COCO panoptic sample and of its prepared files (not checked)."""
+    dirs = _coco_sample_dirs()
+    return {
+        "image_root": os.path.join(dirs["source"], "input_images"),
+        "panoptic_root": os.path.join(dirs["source"], "panoptic_examples"),
+        "panoptic_json": os.path.join(dirs["source"], "panoptic_examples.json"),
+        "sem_seg_root": os.path.join(dirs["out_dir"], "panoptic_semseg_val"),
+        "json_file": os.path.join(dirs["out_dir"], "instances_val.json"),
+    }
+
+
+def _coco_sample_stamp() -> Dict[str, Any]:
+    """Stamp of the shared COCO sample; raises ``FileNotFoundError`` (naming the path and
+    KNET_SHARED_DATA) if it is absent."""
+    require_shared_path("coco_panoptic_sample", "sample_data")
+    require_shared_path("coco_panoptic_sample", "sample_data", "panoptic_examples")
+    return _source_stamp(
+        require_shared_path("coco_panoptic_sample", "sample_data", "panoptic_examples.json")
+    )
+
+
+def prepare_coco_sample(force: bool = False) -> str:
+    """Derive the COCO sample's semantic PNGs and instance json into the cache (skipped when up
+    to date, unless ``force``); returns the prepared folder. Run by ``tools/prepare_samples.py``.
+    """
+    stamp, p = _coco_sample_stamp(), coco_sample_paths()
+
+    def prepare(tmp: str) -> None:
+        prepare_semantic_from_panoptic(
+            p["panoptic_json"], p["panoptic_root"], os.path.join(tmp, "panoptic_semseg_val")
+        )
+        prepare_instances_from_panoptic(
+            p["panoptic_json"], p["panoptic_root"], os.path.join(tmp, "instances_val.json")
+        )
+
+    out_dir = _coco_sample_dirs()["out_dir"]
+    _prepare_once(out_dir, stamp, prepare, force)
+    return out_dir
+
+
+def _require_coco_sample() -> Dict[str, str]:
+    """The sample's paths, once checked to exist and to be prepared."""
+    _require_prepared(_coco_sample_dirs()["out_dir"], _coco_sample_stamp(), "the COCO sample")
+    return coco_sample_paths()
+
+
 def _load_coco_sample() -> List[dict]:
-    p = coco_sample_paths()
+    p = _require_coco_sample()
     return load_panoptic_json_with_sem_seg(
         p["panoptic_json"],
         p["image_root"],
@@ -217,7 +272,7 @@ def _load_coco_sample() -> List[dict]:
 
 
 def _load_coco_sample_instances() -> List[dict]:
-    p = coco_sample_paths()
+    p = _require_coco_sample()
     return load_coco_json(p["json_file"], p["image_root"], dataset_name="coco_sample_val")
 
 
@@ -244,16 +299,43 @@ def _register_coco_sample() -> None:
     )
 
 
-def ade20k_sample_paths(split: str) -> Dict[str, str]:
-    """Paths of the shared ADE20K sample ``split`` ("train"/"val"), labels prepared in the cache."""
-    ade = require_shared_path("ade20k_sample", "ADEChallengeData2016")
-    out_dir = os.path.join(get_prepared_root(), "ade20k_sample", "ADEChallengeData2016")
-    stamp = {"source": os.path.abspath(ade), "files": sorted(_list_pngs(ade))}
-    _prepare_once(out_dir, stamp, lambda tmp: prepare_ade20k_sem_seg(ade, tmp))
+def _ade20k_sample_dirs() -> Dict[str, str]:
     return {
-        "image_root": os.path.join(ade, "images", ADE_SPLITS[split]),
-        "sem_seg_root": os.path.join(out_dir, "annotations_detectron2", ADE_SPLITS[split]),
+        "source": os.path.join(get_shared_data_root(), "ade20k_sample", "ADEChallengeData2016"),
+        "out_dir": os.path.join(get_prepared_root(), "ade20k_sample", "ADEChallengeData2016"),
     }
+
+
+def ade20k_sample_paths(split: str) -> Dict[str, str]:
+    """Paths of the shared ADE20K sample ``split`` ("train"/"val") and of its prepared labels
+    (not checked)."""
+    dirs = _ade20k_sample_dirs()
+    return {
+        "image_root": os.path.join(dirs["source"], "images", ADE_SPLITS[split]),
+        "sem_seg_root": os.path.join(dirs["out_dir"], "annotations_detectron2", ADE_SPLITS[split]),
+    }
+
+
+def _ade20k_sample_stamp() -> Dict[str, Any]:
+    """Stamp of the shared ADE20K sample; raises ``FileNotFoundError`` if it is absent."""
+    ade = require_shared_path("ade20k_sample", "ADEChallengeData2016")
+    return {"source": os.path.abspath(ade), "files": sorted(_list_pngs(ade))}
+
+
+def prepare_ade20k_sample(force: bool = False) -> str:
+    """Convert the ADE20K sample's labels into the cache (skipped when up to date, unless
+    ``force``); returns the prepared folder. Run by ``tools/prepare_samples.py``."""
+    stamp, dirs = _ade20k_sample_stamp(), _ade20k_sample_dirs()
+    prepare = lambda tmp: prepare_ade20k_sem_seg(dirs["source"], tmp)  # noqa: E731
+    _prepare_once(dirs["out_dir"], stamp, prepare, force)
+    return dirs["out_dir"]
+
+
+def _load_ade20k_sample(split: str) -> List[dict]:
+    stamp = _ade20k_sample_stamp()
+    _require_prepared(_ade20k_sample_dirs()["out_dir"], stamp, "the ADE20K sample")
+    p = ade20k_sample_paths(split)
+    return load_sem_seg(p["sem_seg_root"], p["image_root"], gt_ext="png", image_ext="jpg")
 
 
 def _list_pngs(ade: str) -> List[str]:
@@ -270,7 +352,7 @@ def _register_ade20k_sample() -> None:
         paths = lambda s=split: ade20k_sample_paths(s)  # noqa: E731
         register_dataset(
             f"ade20k_sample_sem_seg_{split}",
-            lambda p=paths: load_sem_seg(p()["sem_seg_root"], p()["image_root"], "png", "jpg"),
+            lambda s=split: _load_ade20k_sample(s),
             _lazy(paths, ["image_root", "sem_seg_root"]),
             stuff_classes=list(ADE20K_SEM_SEG_CATEGORIES),
             evaluator_type="sem_seg",
@@ -308,6 +390,29 @@ def _register_coco_full() -> None:
             **meta,
             **_PANOPTIC_EXTRA,
         )
+
+
+# --------------------------------------------------------------------------- explicit preparation
+_CREATORS: Dict[str, Callable[[], str]] = {
+    "knet_toy": ensure_toy_dataset,
+    "coco_sample": prepare_coco_sample,
+    "ade20k_sample": prepare_ade20k_sample,
+}
+
+
+def prepare_builtin_datasets(names: Iterable[str]) -> Dict[str, str]:
+    """Create the files of the built-in datasets among ``names`` (toy: generated, samples:
+    prepared; each skipped when up to date). Other names are left alone.
+
+    For the commands that create data (``tools/run_demo.py``); returns {prefix: folder} for the
+    datasets it created or found ready.
+    """
+    done: Dict[str, str] = {}
+    for name in names:
+        for prefix, create in _CREATORS.items():
+            if name.startswith(prefix) and prefix not in done:
+                done[prefix] = create()
+    return done
 
 
 def register_all() -> None:

@@ -4,8 +4,8 @@ Detectron2 stores dataset paths in ``MetadataCatalog`` as constants computed at 
 K-Net's datasets instead resolve path fields (``panoptic_json``, ``json_file``, ...) through a
 function each time they are read, so that ``DETECTRON2_DATASETS`` / ``KNET_SHARED_DATA`` /
 ``KNET_CACHE`` set after ``import knet`` are honoured consistently by the loaders (which also
-read them when called) and by the evaluators (which read the metadata), and so that derived files
-can be generated lazily the first time an evaluator asks for them.
+read them when called) and by the evaluators (which read the metadata). These functions only
+build paths: reading metadata never reads, generates or prepares a file.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class LazyMetadata(Metadata):
     """:class:`Metadata` whose registered path fields are computed on access.
 
     Behaves like Detectron2's ``Metadata`` (``get``, ``set``, ``hasattr`` all work); a lazy field
-    may raise ``FileNotFoundError`` when the data it points to is absent.
+    is a path computed from the environment, whether or not the file exists.
     """
 
     def __getattr__(self, key: str) -> Any:

@@ -47,8 +47,10 @@ __all__ = [
     "TOY_NUM_THING_CLASSES",
     "TOY_DEFAULT_NUM_IMAGES",
     "TOY_DEFAULT_SEED",
+    "TOY_COMMAND",
     "generate_toy_dataset",
     "ensure_toy_dataset",
+    "require_toy_dataset",
     "toy_dataset_dir",
 ]
 
@@ -72,6 +74,8 @@ TOY_DEFAULT_NUM_IMAGES = {"train": 300, "val": 50}
 TOY_DEFAULT_SEED = 0
 # Bump when the generator's output changes, so ensure_toy_dataset() regenerates stale copies.
 TOY_FORMAT_VERSION = 3
+# The command that creates the dataset; the loaders name it when the dataset is absent.
+TOY_COMMAND = "python tools/make_toy_dataset.py"
 
 _MARKER = "_COMPLETE.json"
 _SPLIT_CODE = {"train": 0, "val": 1}
@@ -367,11 +371,38 @@ def generate_toy_dataset(
     return out_dir
 
 
+def require_toy_dataset(root: str | None = None) -> str:
+    """Return ``<root>/knet_toy`` if a complete copy of the current format is there.
+
+    Reads one small file and never writes: the registered datasets call this before loading.
+
+    Raises:
+        FileNotFoundError: the dataset is absent, incomplete or stale; the message names the
+            folder and the command that creates it (:data:`TOY_COMMAND`).
+    """
+    out_dir = toy_dataset_dir(root)
+    marker = _read_marker(out_dir)
+    where = f"it writes into DETECTRON2_DATASETS, here {os.path.dirname(out_dir)}"
+    if marker is None:
+        raise FileNotFoundError(
+            f"Toy dataset not found in {out_dir}. Create it with `{TOY_COMMAND}` ({where}; a few "
+            "seconds), or run `make demo`, which creates it first."
+        )
+    if marker.get("version") != TOY_FORMAT_VERSION:
+        raise FileNotFoundError(
+            f"Toy dataset in {out_dir} has format version {marker.get('version')}, this code "
+            f"reads version {TOY_FORMAT_VERSION}. Regenerate it with `{TOY_COMMAND}` ({where})."
+        )
+    return out_dir
+
+
 def ensure_toy_dataset(root: str | None = None) -> str:
     """Return ``<root>/knet_toy``, generating it with the default parameters if it is absent.
 
-    A complete copy (any size or seed, e.g. made by ``tools/make_toy_dataset.py``) of the current
-    format version is kept as is. Cheap when present: one small file is read.
+    For the commands that create data (``tools/run_demo.py``, the tests' fixture); registration
+    and loading never call it. A complete copy (any size or seed, e.g. made by
+    ``tools/make_toy_dataset.py``) of the current format version is kept as is. Cheap when
+    present: one small file is read.
     """
     out_dir = toy_dataset_dir(root)
     marker = _read_marker(out_dir)
