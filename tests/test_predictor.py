@@ -1,6 +1,5 @@
-"""Inference through Detectron2's DefaultPredictor, the demo and the benchmark (toy model, CPU)."""
+"""Inference through Detectron2's DefaultPredictor and the demo (toy model, CPU)."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -232,44 +231,3 @@ def test_demo_cli_on_a_video(tmp_path):
     video.release()
     assert len(frames) == num_frames
     assert frames[0].shape == (h, w, 3)
-
-
-@pytest.mark.slow
-def test_benchmark_smoke(tmp_path):
-    json_path = tmp_path / "bench.json"
-    result = _run(
-        [
-            "tools/benchmark.py",
-            "--config-file",
-            TOY_CONFIG,
-            "--size",
-            "64x96",
-            "--warmup",
-            "0",
-            "--iters",
-            "1",
-            "--threads",
-            "1",
-            "--breakdown",
-            "--train",
-            "--batch-size",
-            "1",
-            "--output-json",
-            str(json_path),
-        ]
-    )
-    header = next(x for x in result.stdout.splitlines() if x.startswith("| measurement"))
-    assert "ratio" in header
-    assert "knet_R18_toy_panoptic (full model)" in result.stdout
-    assert "knet_R18_toy_panoptic: backbone alone" in result.stdout
-    assert "post-processing: panoptic" in result.stdout
-    results = json.loads(json_path.read_text())
-    names = [m["name"] for m in results["inference"]]
-    assert names[0] == "knet_R18_toy_panoptic (full model)"
-    floor = results["inference"][names.index("Detectron2 R50-FPN backbone (floor)")]
-    assert floor["ratio_to_backbone"] == pytest.approx(1.0)
-    # the ratios are the medians' ratios to the floor, which is timed in the same run
-    for m in results["inference"]:
-        assert m["ratio_to_backbone"] == pytest.approx(m["median_s"] / floor["median_s"])
-    assert all(m["median_s"] > 0 for m in results["inference"] + results["breakdown"])
-    assert results["train"]["median_s"] > 0
