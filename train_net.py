@@ -6,27 +6,82 @@
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS /path/to/model.pth
     python train_net.py --config-file ... --resume  # continue from OUTPUT_DIR/last_checkpoint
 
+Your own data, registered on the command line (datasets/README.md, "Your own data"):
+
+    python train_net.py --config-file configs/custom/knet_R18_instance_cpu.yaml \
+        --dataset my_dataset_train coco-instances train.json images/ \
+        --dataset my_dataset_val coco-instances val.json images/
+
+``--dataset NAME coco-instances JSON IMAGE_ROOT``, ``--dataset NAME coco-panoptic JSON PNG_DIR
+IMAGE_ROOT`` and ``--dataset NAME sem-seg IMAGE_DIR LABEL_DIR --classes CLASSES.txt
+[--ignore-label 255]`` register NAME (in every process of a multi-process run); class counts and
+outputs the config leaves unset come from the training dataset (``knet.data.dataset_classes``).
+
 Without a GPU, ``--num-gpus N`` starts N CPU processes (gloo) running the same code path.
+SIGTERM / SIGINT during training write a checkpoint, then the run exits (status 128 + signal);
+``--resume`` continues it.
 """
 
+import contextlib
 import logging
+import sys
 
 import detectron2.utils.comm as comm
 from detectron2.engine import default_argument_parser, default_setup, hooks
 from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
+from torch.multiprocessing import ProcessExitedException
 
 from knet.checkpoint import KNetCheckpointer
+from knet.checkpoint.weights import WeightsNotFoundError
+from knet.data.dataset_classes import (
+    DatasetClassError,
+    DatasetNotRegisteredError,
+    configure_for_datasets,
+    explicit_config_keys,
+)
+from knet.data.datasets.custom import (
+    DatasetArgumentError,
+    add_dataset_arguments,
+    parse_dataset_args,
+    register_dataset_specs,
+)
 from knet.distributed import launch
 from knet.engine import KNetTrainer as Trainer
 from knet.engine import get_knet_cfg
+from knet.preemption import PREEMPTION_SIGNALS, forward_signals_to_workers, interrupted_exit_code
+
+# errors whose message says all (no traceback): bad datasets, class counts, weights
+USER_ERRORS = (
+    DatasetArgumentError,
+    DatasetClassError,
+    DatasetNotRegisteredError,
+    WeightsNotFoundError,
+)
+
+
+def parse_args(argv=None):
+    """Detectron2's arguments plus ``--dataset`` groups (``args.dataset``: DatasetSpec list)."""
+    parser = default_argument_parser()
+    add_dataset_arguments(parser)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        argv, datasets = parse_dataset_args(argv)
+    except DatasetArgumentError as e:
+        parser.error(str(e))
+    args = parser.parse_args(argv)
+    args.dataset = datasets
+    return args
 
 
 def setup(args):
     cfg = get_knet_cfg(args.config_file, args.opts)
-    cfg.freeze()
-    default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="knet")
+    register_dataset_specs(args.dataset, cfg.DATASETS.DROP_CATEGORIES)
+    mode = "eval" if args.eval_only else "train"
+    configure_for_datasets(cfg, explicit_config_keys(args.config_file, args.opts), mode)
+    cfg.freeze()
+    default_setup(cfg, args)  # writes OUTPUT_DIR/config.yaml, with the class counts chosen
     return cfg
 
 
@@ -52,14 +107,30 @@ def main(args):
     return trainer.train()
 
 
+def run(args):
+    """``launch(main)``; a signalled multi-process run exits with the signal's status."""
+    spawns = args.num_gpus * args.num_machines > 1
+    with contextlib.ExitStack() as stack:
+        received = stack.enter_context(forward_signals_to_workers()) if spawns else []
+        try:
+            launch(
+                main,
+                args.num_gpus,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url=args.dist_url,
+                args=(args,),
+            )
+        except USER_ERRORS as e:
+            sys.exit(f"error: {e}")
+        except ProcessExitedException as e:
+            codes = {interrupted_exit_code(s) for s in PREEMPTION_SIGNALS}
+            if received or e.exit_code in codes:
+                sys.exit(interrupted_exit_code(received[0]) if received else e.exit_code)
+            raise
+
+
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = parse_args()
     logging.getLogger("knet").info("Command line arguments: %s", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    run(args)

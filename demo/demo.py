@@ -5,6 +5,13 @@
         [--confidence-threshold 0.5] [--opts MODEL.WEIGHTS model.pth MODEL.DEVICE cpu]
     python demo/demo.py --config-file CONFIG --video-input clip.mp4 --output clip_vis.mp4
     python demo/demo.py --config-file CONFIG --webcam
+
+A model trained on your own data: give the demo the dataset options of training, for the class
+names and the class counts (``--dataset NAME FORMAT PATH...``, see datasets/README.md)::
+
+    python demo/demo.py --config-file configs/custom/knet_R18_cpu_instance.yaml \
+        --dataset my_dataset_val coco-instances val.json images/ --input photos/ --output vis/ \
+        --opts MODEL.WEIGHTS output/my_dataset_instance_cpu/model_final.pth
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import argparse
 import glob
 import logging
 import os
+import sys
 import time
 from typing import List, Sequence
 
@@ -25,6 +33,12 @@ from detectron2.utils.logger import setup_logger
 
 # ``python demo/demo.py`` puts demo/ on sys.path, so the sibling module imports directly.
 from predictor import VisualizationDemo, build_demo_cfg, count_predictions
+
+from knet.data.datasets.custom import (
+    DatasetArgumentError,
+    add_dataset_arguments,
+    parse_dataset_args,
+)
 
 WINDOW_NAME = "K-Net"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -67,8 +81,27 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The demo's arguments; ``args.dataset`` holds the ``--dataset`` groups (DatasetSpec)."""
+    parser = get_parser()
+    add_dataset_arguments(parser)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        argv, datasets = parse_dataset_args(argv)
+    except DatasetArgumentError as e:
+        parser.error(str(e))
+    args = parser.parse_args(argv)
+    args.dataset = datasets
+    return args
+
+
 def setup_cfg(args: argparse.Namespace) -> CfgNode:
-    return build_demo_cfg(args.config_file, args.opts, args.confidence_threshold)
+    return build_demo_cfg(
+        args.config_file,
+        args.opts,
+        args.confidence_threshold,
+        datasets=getattr(args, "dataset", ()),
+    )
 
 
 def expand_inputs(patterns: Sequence[str]) -> List[str]:
@@ -201,7 +234,7 @@ def run_video(demo: VisualizationDemo, video_path: str, output: str | None) -> N
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = get_parser().parse_args(argv)
+    args = parse_args(argv)
     setup_logger(name="fvcore")
     setup_logger()
     setup_logger(name="knet")

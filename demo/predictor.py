@@ -2,7 +2,10 @@
 
 ``VisualizationDemo`` follows Detectron2's demo: a ``DefaultPredictor`` (or, with
 ``parallel=True``, an :class:`AsyncPredictor` with one worker process per GPU) plus
-``Visualizer`` / ``VideoVisualizer`` using the metadata of ``cfg.DATASETS.TEST[0]``.
+``Visualizer`` / ``VideoVisualizer`` using the metadata of the first registered dataset of
+``cfg.DATASETS.TEST`` and ``cfg.DATASETS.TRAIN`` (:func:`demo_metadata`): its class names and
+colours label the drawings. Datasets of your own are registered with ``datasets`` of
+:func:`build_demo_cfg` (the demo's ``--dataset`` options, as for training).
 """
 
 from __future__ import annotations
@@ -18,16 +21,25 @@ import cv2
 import numpy as np
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.catalog import Metadata
 from detectron2.engine.defaults import DefaultPredictor
 from detectron2.structures import Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
 
 import knet  # noqa: F401  (registers K-Net's meta-architecture and datasets)
+from knet.data.dataset_classes import configure_for_datasets, explicit_config_keys
+from knet.data.datasets.custom import DatasetSpec, register_dataset_specs
 from knet.engine import get_knet_cfg
 
-__all__ = ["AsyncPredictor", "VisualizationDemo", "build_demo_cfg", "count_predictions"]
+__all__ = [
+    "AsyncPredictor",
+    "VisualizationDemo",
+    "build_demo_cfg",
+    "count_predictions",
+    "demo_metadata",
+]
 
 logger = logging.getLogger("knet.demo")
 
@@ -36,8 +48,14 @@ def build_demo_cfg(
     config_file: str,
     opts: Sequence[str] = (),
     confidence_threshold: float | None = None,
+    datasets: Sequence[DatasetSpec] = (),
 ) -> CfgNode:
     """A frozen K-Net config for inference.
+
+    ``datasets`` (the ``--dataset`` options, :func:`knet.data.datasets.parse_dataset_args`) are
+    registered first, so that class counts the config leaves unset are taken from them and the
+    drawings name their classes (``knet.data.dataset_classes``, inference mode: datasets of the
+    config that are not registered are skipped).
 
     ``confidence_threshold`` (if given) sets both ``MODEL.KNET.TEST.INSTANCES_SCORE_THRESH``
     (instance output) and ``MODEL.KNET.TEST.PANOPTIC_THING_SCORE_THRESH`` (things in the panoptic
@@ -55,11 +73,23 @@ def build_demo_cfg(
             value,
         ]
     cfg = get_knet_cfg(config_file, threshold_opts + list(opts))
+    register_dataset_specs(datasets, cfg.DATASETS.DROP_CATEGORIES)
+    configure_for_datasets(cfg, explicit_config_keys(config_file, opts), mode="inference")
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.info("CUDA is not available: running on CPU (MODEL.DEVICE cpu).")
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     return cfg
+
+
+def demo_metadata(cfg: CfgNode) -> Metadata:
+    """The metadata of the first registered dataset of ``DATASETS.TEST`` then
+    ``DATASETS.TRAIN`` (empty metadata if none is: classes are then drawn as numbers)."""
+    registered = set(DatasetCatalog.list())
+    for name in list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN):
+        if name in registered:
+            return MetadataCatalog.get(name)
+    return MetadataCatalog.get("__unused")
 
 
 def count_predictions(predictions: Dict[str, Any]) -> str:
@@ -106,9 +136,7 @@ class VisualizationDemo:
             parallel: run the model in worker processes (one per GPU, or one on CPU) so that
                 video frames are predicted while earlier ones are drawn.
         """
-        self.metadata = MetadataCatalog.get(
-            cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
-        )
+        self.metadata = demo_metadata(cfg)
         self.cpu_device = torch.device("cpu")
         self.instance_mode = instance_mode
         self.parallel = parallel

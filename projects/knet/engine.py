@@ -18,10 +18,12 @@ from .amp import build_amp_trainer
 from .checkpoint import KNetCheckpointer
 from .config import add_knet_config
 from .data.checks import check_evaluation_dataset_once
+from .data.dataset_classes import configured_for_datasets
 from .data.dataset_mappers import build_test_mapper, build_train_mapper
 from .data.seeded_loader import SeededTrainLoader, iteration_seed
 from .distributed import create_ddp_model
 from .evaluation import build_evaluator
+from .preemption import with_preemption_checkpointer
 from .solver import build_optimizer
 from .test_time_augmentation import SemanticSegmentorWithTTA
 
@@ -35,6 +37,9 @@ class KNetTrainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
+        # class counts / outputs checked against the datasets before anything is built
+        # (knet.data.dataset_classes; -1 class counts are taken from the training dataset)
+        cfg = configured_for_datasets(cfg)
         # Detectron2 wraps the model with device_ids, which DDP rejects for CPU (gloo) training;
         # its AMPTrainer is CUDA float16 only: SOLVER.AMP picks the step runner (knet.amp)
         amp_trainer = functools.partial(build_amp_trainer, cfg)
@@ -48,7 +53,8 @@ class KNetTrainer(DefaultTrainer):
         self.checkpointer = KNetCheckpointer(
             self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
-        return super().build_hooks()
+        # SIGTERM / SIGINT write a checkpoint before exiting (knet.preemption)
+        return with_preemption_checkpointer(super().build_hooks(), self.checkpointer)
 
     def state_dict(self):
         state = super().state_dict()

@@ -78,15 +78,17 @@ def _log_incompatible_keys(self: DetectionCheckpointer, incompatible: Any) -> No
         return _log_incompatible_keys_detectron2(self, incompatible)
     path = getattr(self, "_knet_loading", "the checkpoint")
     shapes = {k: (tuple(c), tuple(m)) for k, c, m in incompatible.incorrect_shapes}
-    missing, unexpected = incompatible.missing_keys, incompatible.unexpected_keys
+    # fvcore drops the mis-shaped keys before loading, so they also come back as missing
+    missing = [k for k in incompatible.missing_keys if k not in shapes]
+    unexpected = incompatible.unexpected_keys
     unset = sorted(set(missing) | set(shapes))
     details = []
     if shapes:
-        examples = [f"{k}: {c} in the file, {m} in the model" for k, (c, m) in shapes.items()]
+        # every module, then one example (e.g. the classifiers after a change of class count)
+        key, (in_file, in_model) = next(iter(shapes.items()))
         details.append(
-            f"{len(shapes)} with another shape ({'; '.join(examples[:3])}"
-            + ("; ..." if len(examples) > 3 else "")
-            + ")"
+            f"{len(shapes)} with another shape ({_short_list(shapes)}; e.g. {key}: {in_file} "
+            f"in the file, {in_model} in the model)"
         )
     if missing:
         details.append(f"{len(missing)} not in the file ({_short_list(missing)})")

@@ -20,6 +20,12 @@ from .builtin import (
     toy_paths,
 )
 from .catalog import LazyMetadata, register_dataset
+from .custom import (
+    DatasetSpec,
+    parse_dataset_args,
+    register_custom_dataset,
+    register_dataset_specs,
+)
 from .panoptic import (
     coco_panoptic_metadata,
     coco_panoptic_with_sem_seg_paths,

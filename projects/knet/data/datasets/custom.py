@@ -1,0 +1,625 @@
+"""Register your own dataset from files: COCO instances, COCO panoptic or semantic label maps.
+
+One function for Python, :func:`register_custom_dataset`, and the same from the command line of
+``train_net.py`` and ``demo/demo.py`` (:func:`parse_dataset_args`)::
+
+    --dataset NAME coco-instances JSON IMAGE_ROOT
+    --dataset NAME coco-panoptic JSON PNG_DIR IMAGE_ROOT
+    --dataset NAME sem-seg IMAGE_DIR LABEL_DIR --classes CLASSES.txt [--ignore-label 255]
+                                                [--image-ext jpg] [--label-ext png]
+
+Each ``--dataset`` registers exactly ``NAME`` (as Detectron2's ``register_coco_instances`` does);
+register the training and the validation split under the names the config's
+``DATASETS.TRAIN`` / ``DATASETS.TEST`` use (the templates in ``configs/custom/`` use
+``my_dataset_train`` and ``my_dataset_val``).
+
+The records and metadata follow Detectron2's conventions, so training, the evaluators and the
+visualiser all work:
+
+* ``coco-instances``: Detectron2's ``register_coco_instances`` (records from ``load_coco_json``,
+  ``evaluator_type="coco"``), plus ``thing_classes``, ``thing_colors`` and
+  ``thing_dataset_id_to_contiguous_id`` computed from the json's categories at registration
+  (exactly as ``load_coco_json`` computes them), so that the class count is known before the
+  dataset is loaded.
+* ``coco-panoptic``: the records of Detectron2's ``load_coco_panoptic_json`` (``file_name``,
+  ``image_id``, ``pan_seg_file_name``, ``segments_info`` with contiguous ``category_id`` and
+  ``isthing``), with the image file names and sizes taken from the json's ``images`` (Detectron2's
+  loader assumes ``<png name>.jpg``), and the metadata of ``register_coco_panoptic``
+  (``evaluator_type="coco_panoptic_seg"``, ``panoptic_root``, ``panoptic_json``,
+  ``ignore_label=255``, ``label_divisor=1000``). Contiguous ids put the thing classes first, as
+  K-Net needs: ``thing_classes`` lists the things, ``stuff_classes`` all classes (see
+  :func:`knet.data.datasets.get_panoptic_metadata`). Evaluation reports PQ.
+* ``sem-seg``: Detectron2's ``load_sem_seg`` (label PNGs matched to images by relative path),
+  ``evaluator_type="sem_seg"``, ``stuff_classes`` from ``CLASSES.txt`` (line ``k``, counted from
+  0, names label value ``k``; a first line ``__ignore__``, as labelme writes it, is skipped),
+  ``ignore_label``.
+
+Categories with no annotation (for example the ``_background_`` class that labelling tools
+export into COCO json) are reported in one warning; ``drop_categories`` (the config key
+``DATASETS.DROP_CATEGORIES`` on the command line) leaves such categories out of the class list.
+Registration reads the json (or the class list) and checks that the folders exist; it writes no
+file.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.catalog import Metadata
+from detectron2.data.datasets import load_coco_json, load_sem_seg, register_coco_instances
+from detectron2.utils.colormap import colormap
+
+from .panoptic import get_panoptic_metadata
+from .prepare import load_json
+
+__all__ = [
+    "DATASET_FORMATS",
+    "DatasetArgumentError",
+    "DatasetSpec",
+    "add_dataset_arguments",
+    "dataset_usage",
+    "load_coco_panoptic",
+    "palette",
+    "parse_dataset_args",
+    "read_class_names",
+    "register_custom_dataset",
+    "register_dataset_specs",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# names under which labelling tools export a background category
+BACKGROUND_NAMES = {"_background_", "__background__", "background", "bg"}
+
+
+@dataclass(frozen=True)
+class _Format:
+    positional: Tuple[str, ...]  # metavars of the paths
+    options: Tuple[str, ...] = ()  # per-dataset options (each takes one value)
+    required: Tuple[str, ...] = ()
+
+
+DATASET_FORMATS: Dict[str, _Format] = {
+    "coco-instances": _Format(("JSON", "IMAGE_ROOT")),
+    "coco-panoptic": _Format(("JSON", "PNG_DIR", "IMAGE_ROOT")),
+    "sem-seg": _Format(
+        ("IMAGE_DIR", "LABEL_DIR"),
+        ("--classes", "--ignore-label", "--image-ext", "--label-ext"),
+        ("--classes",),
+    ),
+}
+_ALL_OPTIONS = sorted({o for f in DATASET_FORMATS.values() for o in f.options})
+
+
+class DatasetArgumentError(ValueError):
+    """A malformed ``--dataset`` option (the message says what was expected)."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One ``--dataset`` option: the arguments of :func:`register_custom_dataset`."""
+
+    name: str
+    format: str
+    paths: Tuple[str, ...]
+    options: Tuple[Tuple[str, Any], ...] = field(default=())  # keyword arguments, sorted
+
+    def register(self, drop_categories: Sequence[str] = ()) -> Metadata:
+        return register_custom_dataset(
+            self.name,
+            self.format,
+            *self.paths,
+            drop_categories=drop_categories,
+            **dict(self.options),
+        )
+
+
+def _usage(fmt: str) -> str:
+    spec = DATASET_FORMATS[fmt]
+    opts = " ".join(f"{o} {o[2:].replace('-', '_').upper()}" for o in spec.required)
+    optional = [o for o in spec.options if o not in spec.required]
+    extra = " ".join(f"[{o} {o[2:].replace('-', '_').upper()}]" for o in optional)
+    return " ".join(x for x in ("--dataset NAME", fmt, *spec.positional, opts, extra) if x)
+
+
+def dataset_usage() -> str:
+    """The accepted forms of ``--dataset``, one per line."""
+    return "\n".join(_usage(fmt) for fmt in DATASET_FORMATS)
+
+
+def parse_dataset_args(argv: Sequence[str]) -> Tuple[List[str], List[DatasetSpec]]:
+    """Take every ``--dataset NAME FORMAT PATH... [OPTION VALUE]...`` group out of ``argv``.
+
+    The number of paths depends on FORMAT (see the module docstring), so the groups can stand
+    anywhere on the command line, also among Detectron2's trailing ``KEY VALUE`` overrides.
+
+    Returns:
+        the remaining arguments (for ``argparse``) and the groups, in order.
+    Raises:
+        DatasetArgumentError: an unknown format, a missing path or option value, a repeated
+            name, or a per-dataset option outside a group that takes it.
+    """
+    rest: List[str] = []
+    specs: List[DatasetSpec] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--dataset="):
+            raise DatasetArgumentError("write --dataset NAME FORMAT PATH... without '='")
+        if token in _ALL_OPTIONS:
+            raise DatasetArgumentError(
+                f"{token} belongs to a dataset: write it right after the paths of its "
+                f"'--dataset NAME FORMAT ...' ({dataset_usage()})"
+            )
+        if token != "--dataset":
+            rest.append(token)
+            i += 1
+            continue
+        head = list(argv[i + 1 : i + 3])
+        if len(head) < 2 or any(t.startswith("--") for t in head):
+            raise DatasetArgumentError(
+                f"--dataset needs NAME and FORMAT; one of:\n{dataset_usage()}"
+            )
+        name, fmt = head
+        if fmt not in DATASET_FORMATS:
+            raise DatasetArgumentError(
+                f"--dataset {name}: unknown format {fmt!r}; one of: {', '.join(DATASET_FORMATS)}"
+            )
+        spec = DATASET_FORMATS[fmt]
+        i += 3
+        paths = list(argv[i : i + len(spec.positional)])
+        if len(paths) < len(spec.positional) or any(p.startswith("--") for p in paths):
+            raise DatasetArgumentError(f"--dataset {name} {fmt} expects: {_usage(fmt)}")
+        i += len(paths)
+        options: Dict[str, Any] = {}
+        while i < len(argv) and argv[i] in spec.options:
+            option = argv[i]
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise DatasetArgumentError(f"--dataset {name}: {option} needs a value")
+            value: Any = argv[i + 1]
+            if option == "--ignore-label":
+                try:
+                    value = int(value)
+                except ValueError:
+                    raise DatasetArgumentError(
+                        f"--dataset {name}: --ignore-label must be an integer, got {value!r}"
+                    ) from None
+            options[option[2:].replace("-", "_")] = value
+            i += 2
+        for option in spec.required:
+            if option[2:].replace("-", "_") not in options:
+                raise DatasetArgumentError(f"--dataset {name} {fmt} needs {option}: {_usage(fmt)}")
+        if any(s.name == name for s in specs):
+            raise DatasetArgumentError(f"--dataset {name} is given twice")
+        specs.append(DatasetSpec(name, fmt, tuple(paths), tuple(sorted(options.items()))))
+    return rest, specs
+
+
+def add_dataset_arguments(parser: Any) -> None:
+    """Document ``--dataset`` in ``parser``'s help (the groups are taken out of the command line
+    by :func:`parse_dataset_args` before ``parser`` sees it)."""
+    parser.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        metavar="NAME FORMAT PATH",
+        help="register a dataset under NAME (repeatable; DATASETS.TRAIN / DATASETS.TEST name "
+        "it): 'NAME coco-instances JSON IMAGE_ROOT', 'NAME coco-panoptic JSON PNG_DIR "
+        "IMAGE_ROOT' or 'NAME sem-seg IMAGE_DIR LABEL_DIR --classes CLASSES.txt "
+        "[--ignore-label 255] [--image-ext jpg] [--label-ext png]' (see datasets/README.md)",
+    )
+
+
+def register_dataset_specs(
+    specs: Sequence[DatasetSpec], drop_categories: Sequence[str] = ()
+) -> List[str]:
+    """Register every spec (see :func:`register_custom_dataset`); returns their names.
+
+    Raises:
+        DatasetArgumentError: naming the ``--dataset`` whose files or arguments are wrong.
+    """
+    for spec in specs:
+        try:
+            spec.register(drop_categories)
+        except (OSError, ValueError, KeyError) as e:
+            if isinstance(e, DatasetArgumentError):
+                raise
+            raise DatasetArgumentError(
+                f"--dataset {spec.name} {spec.format} {' '.join(spec.paths)}: {e}"
+            ) from e
+    return [s.name for s in specs]
+
+
+# ----------------------------------------------------------------------------- registration
+# name -> the arguments it was registered with (registering the same again is a no-op)
+_REGISTERED: Dict[str, Tuple[Any, ...]] = {}
+
+
+def register_custom_dataset(
+    name: str,
+    fmt: str,
+    *paths: str,
+    classes: Union[str, Sequence[str], None] = None,
+    ignore_label: int = 255,
+    image_ext: str | None = None,
+    label_ext: str = "png",
+    drop_categories: Sequence[str] = (),
+) -> Metadata:
+    """Register dataset ``name`` from files (see the module docstring for the formats).
+
+    Args:
+        name: the dataset name (what ``DATASETS.TRAIN`` / ``DATASETS.TEST`` refer to).
+        fmt: "coco-instances" (paths: JSON, IMAGE_ROOT), "coco-panoptic" (JSON, PNG_DIR,
+            IMAGE_ROOT) or "sem-seg" (IMAGE_DIR, LABEL_DIR).
+        classes: sem-seg only: a text file with one class name per line, or the list of names.
+        ignore_label: sem-seg only: the label value of unlabelled pixels.
+        image_ext, label_ext: sem-seg only: file extensions (default: the one extension of the
+            images in IMAGE_DIR; "png").
+        drop_categories: names of categories to leave out, when no annotation uses them (e.g.
+            "_background_"); ignored where absent.
+    Returns:
+        the dataset's metadata.
+    Raises:
+        FileNotFoundError: a file or folder does not exist (named in the message).
+        ValueError: bad arguments or annotations, or ``name`` already registered otherwise.
+    """
+    if fmt not in DATASET_FORMATS:
+        raise ValueError(f"unknown dataset format {fmt!r}; one of: {', '.join(DATASET_FORMATS)}")
+    expected = DATASET_FORMATS[fmt].positional
+    if len(paths) != len(expected):
+        raise ValueError(
+            f"{fmt} dataset {name!r} takes {len(expected)} paths: {', '.join(expected)}"
+        )
+    if fmt != "sem-seg" and (classes is not None or image_ext is not None):
+        raise ValueError(f"classes / image_ext are options of sem-seg datasets, not of {fmt}")
+    paths = tuple(os.fspath(p) for p in paths)
+    key = (fmt, paths, _hashable(classes), ignore_label, image_ext, label_ext)
+    key += (tuple(drop_categories),)
+    if name in _REGISTERED and _REGISTERED[name] == key:
+        return MetadataCatalog.get(name)
+    if name in DatasetCatalog.list():
+        raise ValueError(
+            f"a dataset named {name!r} is already registered"
+            + (" with other files" if name in _REGISTERED else "")
+            + "; register yours under another name"
+        )
+    if fmt == "coco-instances":
+        _register_coco_instances(name, *paths, drop_categories)
+    elif fmt == "coco-panoptic":
+        _register_coco_panoptic(name, *paths, drop_categories)
+    else:
+        _register_sem_seg(
+            name, *paths, classes, ignore_label, image_ext, label_ext, drop_categories
+        )
+    _REGISTERED[name] = key
+    return MetadataCatalog.get(name)
+
+
+def _hashable(classes: Union[str, Sequence[str], None]) -> Any:
+    return classes if classes is None or isinstance(classes, str) else tuple(classes)
+
+
+def palette(n: int) -> List[List[int]]:
+    """``n`` distinct RGB colours: Detectron2's colormap, then deterministic random colours."""
+    base = [[int(round(c)) for c in rgb] for rgb in colormap(rgb=True, maximum=255)]
+    if n <= len(base):
+        return base[:n]
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    extra = rng.integers(0, 256, size=(n - len(base), 3)).tolist()
+    return base + [[int(c) for c in rgb] for rgb in extra]
+
+
+def _require_dir(path: str, what: str) -> None:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what} not found (or not a folder): {path}")
+
+
+def _split_categories(
+    name: str,
+    source: str,
+    categories: Sequence[Mapping[str, Any]],
+    counts: Mapping[int, int],
+    drop_categories: Sequence[str],
+    what: str,
+) -> List[Mapping[str, Any]]:
+    """The categories to keep; report unused ones, drop the requested unused ones."""
+    drop = set(drop_categories)
+    dropped = [c for c in categories if c["name"] in drop]
+    used = [c for c in dropped if counts.get(int(c["id"]), 0)]
+    if used:
+        c = used[0]
+        raise ValueError(
+            f"Dataset {name!r}: cannot drop category {c['name']!r} (id {c['id']}): "
+            f"{counts[int(c['id'])]} {what} of {source} use it; only categories without "
+            "annotations can be dropped"
+        )
+    kept = [c for c in categories if c["name"] not in drop]
+    if not kept:
+        raise ValueError(f"Dataset {name!r}: no category left in {source}")
+    if dropped:
+        logger.info(
+            "Dataset %r: left out the categories without %s %s (DATASETS.DROP_CATEGORIES)",
+            name,
+            what,
+            ", ".join(f"{c['name']!r} (id {c['id']})" for c in dropped),
+        )
+    empty = [c for c in kept if not counts.get(int(c["id"]), 0)]
+    if empty:
+        names = [c["name"] for c in empty]
+        background = [n for n in names if n.lower() in BACKGROUND_NAMES]
+        logger.warning(
+            "Dataset %r: %d of %d categories have no %s in %s: %s.%s They count as classes "
+            'the model must learn; to leave them out, add DATASETS.DROP_CATEGORIES "%r" to '
+            "the command line (train and demo alike).",
+            name,
+            len(empty),
+            len(kept),
+            what,
+            source,
+            ", ".join(f"{c['name']!r} (id {c['id']})" for c in empty),
+            " A background class exported by the labelling tool?" if background else "",
+            names,
+        )
+    return kept
+
+
+def _register_coco_instances(
+    name: str, json_file: str, image_root: str, drop_categories: Sequence[str]
+) -> None:
+    data = load_json(json_file)
+    _require_dir(image_root, f"Image folder of {json_file}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"{json_file} has no {key!r} list: not a COCO instances json")
+    categories = sorted(data["categories"], key=lambda c: int(c["id"]))
+    if not categories:
+        raise ValueError(f"{json_file} has an empty 'categories' list")
+    counts = collections.Counter(int(a["category_id"]) for a in data["annotations"])
+    kept = _split_categories(name, json_file, categories, counts, drop_categories, "annotations")
+    # as detectron2's load_coco_json computes them (it sets the same values when loading)
+    colors = palette(len(kept))
+    metadata = {
+        "thing_classes": [c["name"] for c in kept],
+        "thing_colors": [list(c.get("color", colors[i])) for i, c in enumerate(kept)],
+        "thing_dataset_id_to_contiguous_id": {int(c["id"]): i for i, c in enumerate(kept)},
+    }
+    lacking = sum(1 for a in data["annotations"] if "area" not in a or "iscrowd" not in a)
+    if len(kept) == len(categories) and not lacking:
+        register_coco_instances(name, metadata, json_file, image_root)
+        return
+    # Without "json_file" in the metadata, Detectron2's COCOEvaluator evaluates against a COCO
+    # json that it converts from the records (with the kept categories, areas from the masks).
+    if lacking:
+        logger.info(
+            "Dataset %r: %d annotations of %s lack 'area' or 'iscrowd'; mask AP is computed "
+            "against the COCO json Detectron2's COCOEvaluator converts from the records",
+            name,
+            lacking,
+            json_file,
+        )
+    id_map = metadata["thing_dataset_id_to_contiguous_id"]
+    DatasetCatalog.register(name, lambda: _load_coco_instances(json_file, image_root, id_map))
+    MetadataCatalog.get(name).set(image_root=image_root, evaluator_type="coco", **metadata)
+
+
+def _load_coco_instances(
+    json_file: str, image_root: str, id_map: Mapping[int, int]
+) -> List[Dict[str, Any]]:
+    """``load_coco_json`` with the category ids mapped by ``id_map`` (some categories left out)."""
+    records = load_coco_json(json_file, image_root, dataset_name=None)
+    for record in records:
+        for obj in record["annotations"]:
+            obj["category_id"] = id_map[int(obj["category_id"])]
+    return records
+
+
+def _ordered_panoptic_categories(
+    json_file: str, categories: Sequence[Mapping[str, Any]]
+) -> List[Dict[str, Any]]:
+    """Things first, then stuff (each in the json's order), with a colour each."""
+    for c in categories:
+        missing = [k for k in ("id", "name", "isthing") if k not in c]
+        if missing:
+            raise ValueError(f"{json_file}: category {c} lacks {missing}")
+    ordered = [c for c in categories if c["isthing"]] + [c for c in categories if not c["isthing"]]
+    colors = palette(len(ordered))
+    return [
+        {**c, "id": int(c["id"]), "color": list(c.get("color", colors[i]))}
+        for i, c in enumerate(ordered)
+    ]
+
+
+def _register_coco_panoptic(
+    name: str, json_file: str, png_dir: str, image_root: str, drop_categories: Sequence[str]
+) -> None:
+    data = load_json(json_file)
+    _require_dir(png_dir, f"Panoptic PNG folder of {json_file}")
+    _require_dir(image_root, f"Image folder of {json_file}")
+    for key in ("annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"{json_file} has no {key!r} list: not a COCO panoptic json")
+    categories = _ordered_panoptic_categories(json_file, data["categories"])
+    counts = collections.Counter(
+        int(s["category_id"]) for a in data["annotations"] for s in a.get("segments_info", [])
+    )
+    kept = _split_categories(name, json_file, categories, counts, drop_categories, "segments")
+    metadata = get_panoptic_metadata(kept)
+    DatasetCatalog.register(
+        name, lambda: load_coco_panoptic(json_file, image_root, png_dir, metadata)
+    )
+    # the metadata of detectron2's register_coco_panoptic (no instances json: PQ only)
+    MetadataCatalog.get(name).set(
+        panoptic_root=png_dir,
+        image_root=image_root,
+        panoptic_json=json_file,
+        evaluator_type="coco_panoptic_seg",
+        ignore_label=255,
+        label_divisor=1000,
+        **metadata,
+    )
+
+
+def load_coco_panoptic(
+    json_file: str, image_root: str, panoptic_root: str, metadata: Mapping[str, Any]
+) -> List[Dict[str, Any]]:
+    """Detectron2's ``load_coco_panoptic_json`` records, images named by the json's ``images``.
+
+    Raises:
+        ValueError: an annotation whose image or segment category is not in the json / metadata.
+        FileNotFoundError: the first record's image or PNG does not exist.
+    """
+    data = load_json(json_file)
+    thing_map = metadata["thing_dataset_id_to_contiguous_id"]
+    stuff_map = metadata["stuff_dataset_id_to_contiguous_id"]
+    images = {int(im["id"]): im for im in data.get("images", [])}
+    records = []
+    for ann in data["annotations"]:
+        image_id = int(ann["image_id"])
+        image = images.get(image_id)
+        if image is None:  # Detectron2's convention for COCO
+            image = {"file_name": os.path.splitext(ann["file_name"])[0] + ".jpg"}
+        segments = []
+        for seg in ann.get("segments_info", []):
+            seg = dict(seg)
+            cat = int(seg["category_id"])
+            if cat in thing_map:
+                seg["category_id"], seg["isthing"] = thing_map[cat], True
+            elif cat in stuff_map:
+                seg["category_id"], seg["isthing"] = stuff_map[cat], False
+            else:
+                raise ValueError(
+                    f"{json_file}: segment {seg.get('id')} of {ann['file_name']} has category_id "
+                    f"{cat}, which is not among the dataset's categories"
+                )
+            segments.append(seg)
+        record = {
+            "file_name": os.path.join(image_root, image["file_name"]),
+            "image_id": image_id,
+            "pan_seg_file_name": os.path.join(panoptic_root, ann["file_name"]),
+            "segments_info": segments,
+        }
+        if "height" in image and "width" in image:
+            record["height"], record["width"] = int(image["height"]), int(image["width"])
+        records.append(record)
+    if not records:
+        raise ValueError(f"{json_file} has no annotations")
+    for key in ("file_name", "pan_seg_file_name"):
+        if not os.path.isfile(records[0][key]):
+            raise FileNotFoundError(
+                f"{key} of the first annotation of {json_file} does not exist: {records[0][key]}"
+            )
+    logger.info("Loaded %d panoptic records from %s", len(records), json_file)
+    return records
+
+
+def read_class_names(classes: Union[str, Sequence[str]]) -> List[str]:
+    """Class names of a sem-seg dataset: a file with one name per line (line k names label value
+    k; a first line ``__ignore__``, as in labelme's labels.txt, is skipped) or a list."""
+    if not isinstance(classes, str):
+        names = [str(c) for c in classes]
+        source = "the class list"
+    else:
+        if not os.path.isfile(classes):
+            raise FileNotFoundError(f"Class list not found: {classes}")
+        with open(classes, encoding="utf-8") as f:
+            names = [line.strip() for line in f.read().splitlines()]
+        source = classes
+        while names and not names[-1]:
+            names.pop()
+        if names and names[0] == "__ignore__":
+            logger.info("%s: skipped the first line '__ignore__' (labelme's void label)", classes)
+            names = names[1:]
+    if not names:
+        raise ValueError(f"{source} names no class")
+    blank = [i for i, n in enumerate(names) if not n]
+    if blank:
+        raise ValueError(
+            f"{source}: class {blank[0]} has an empty name; give one name per line, the line "
+            "order being the label values 0, 1, 2, ..."
+        )
+    return names
+
+
+def _guess_image_ext(image_dir: str) -> str:
+    found = collections.Counter(
+        os.path.splitext(f)[1].lower()
+        for f in os.listdir(image_dir)
+        if f.lower().endswith(IMAGE_EXTENSIONS)
+    )
+    if not found:
+        raise ValueError(f"No image ({', '.join(IMAGE_EXTENSIONS)}) in {image_dir}")
+    if len(found) > 1:
+        raise ValueError(
+            f"{image_dir} holds images of several types ({', '.join(sorted(found))}); "
+            "choose one with --image-ext"
+        )
+    (ext,) = found
+    return ext[1:]
+
+
+def _register_sem_seg(
+    name: str,
+    image_dir: str,
+    label_dir: str,
+    classes: Union[str, Sequence[str], None],
+    ignore_label: int,
+    image_ext: str | None,
+    label_ext: str,
+    drop_categories: Sequence[str],
+) -> None:
+    if classes is None:
+        raise ValueError(f"sem-seg dataset {name!r} needs its class names (--classes FILE)")
+    _require_dir(image_dir, "Image folder")
+    _require_dir(label_dir, "Label folder")
+    names = read_class_names(classes)
+    droppable = [n for n in names if n in set(drop_categories)]
+    if droppable:
+        raise ValueError(
+            f"Dataset {name!r}: DATASETS.DROP_CATEGORIES names {droppable}, but the classes of a "
+            "sem-seg dataset are its label values: relabel the PNGs instead"
+        )
+    if not 0 <= ignore_label <= 65535 or ignore_label < len(names):
+        raise ValueError(
+            f"Dataset {name!r}: ignore label {ignore_label} must be >= the number of classes "
+            f"({len(names)}) and a valid PNG value"
+        )
+    image_ext = (image_ext or _guess_image_ext(image_dir)).lstrip(".")
+    label_ext = label_ext.lstrip(".")
+    DatasetCatalog.register(
+        name, lambda: _load_sem_seg_checked(label_dir, image_dir, label_ext, image_ext)
+    )
+    MetadataCatalog.get(name).set(
+        image_root=image_dir,
+        sem_seg_root=label_dir,
+        evaluator_type="sem_seg",
+        ignore_label=ignore_label,
+        stuff_classes=names,
+        stuff_colors=palette(len(names)),
+        stuff_dataset_id_to_contiguous_id={i: i for i in range(len(names))},
+    )
+
+
+def _load_sem_seg_checked(
+    label_dir: str, image_dir: str, label_ext: str, image_ext: str
+) -> List[Dict[str, Any]]:
+    """``load_sem_seg``, checking that each label file has the image's name (Detectron2 pairs
+    the sorted lists when both folders hold as many files)."""
+    records = load_sem_seg(label_dir, image_dir, gt_ext=label_ext, image_ext=image_ext)
+    for r in records:
+        image = os.path.splitext(os.path.relpath(r["file_name"], image_dir))[0]
+        label = os.path.splitext(os.path.relpath(r["sem_seg_file_name"], label_dir))[0]
+        if image != label:
+            raise ValueError(
+                f"{label_dir} and {image_dir} do not hold the same names: {r['sem_seg_file_name']}"
+                f" is paired with {r['file_name']}; every image needs a label file of the same "
+                "name"
+            )
+    return records

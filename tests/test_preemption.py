@@ -1,0 +1,131 @@
+"""SIGTERM / SIGINT during training write a checkpoint, then the run exits; --resume continues
+it to the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from custom_data import make_coco_instances
+
+from knet.preemption import PreemptionCheckpointer, TrainingInterrupted
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs/custom/knet_R18_cpu_instance.yaml")  # SEED 42
+TINY = [
+    "MODEL.KNET.NUM_PROPOSALS", "4",
+    "MODEL.KNET.NUM_STAGES", "1",
+    "MODEL.KNET.STAGE_LOSS_WEIGHTS", "[1.0]",
+    "INPUT.MIN_SIZE_TRAIN", "(64, 72)",
+    "INPUT.MAX_SIZE_TRAIN", "96",
+    "SOLVER.IMS_PER_BATCH", "2",
+    # constant LR after a 2-iteration warm-up: the same schedule whatever MAX_ITER is
+    "SOLVER.LR_SCHEDULER_NAME", "WarmupMultiStepLR",
+    "SOLVER.STEPS", "()",
+    "SOLVER.WARMUP_ITERS", "2",
+    "SOLVER.CHECKPOINT_PERIOD", "100000",
+    "DATALOADER.NUM_WORKERS", "1",  # a worker process, which gets the signal too
+    "DATASETS.TEST", "()",
+]  # fmt: skip
+
+
+def _train(data, out: Path, max_iter: int, *extra: str) -> subprocess.Popen:
+    json_file, images = data
+    cmd = [sys.executable, str(REPO / "train_net.py"), "--config-file", CONFIG, *extra]
+    cmd += ["--dataset", "my_dataset_train", "coco-instances", json_file, images]
+    cmd += [*TINY, "SOLVER.MAX_ITER", str(max_iter), "OUTPUT_DIR", str(out)]
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a batch job's
+    )
+
+
+def _finish(process: subprocess.Popen) -> str:
+    log, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, log[-3000:]
+    return log
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_resume_continues_exactly(tmp_path):
+    data = make_coco_instances(tmp_path / "data", "train", [0, 1, 2, 3])
+    reference = tmp_path / "uninterrupted"
+    _finish(_train(data, reference, 5))
+
+    # a long run, preempted the way schedulers do it: SIGTERM to the whole process group
+    out = tmp_path / "preempted"
+    process = _train(data, out, 100000)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "Starting training from iteration 0" in line:
+            break
+    time.sleep(1.5)
+    assert process.poll() is None, "".join(lines)[-3000:]
+    os.killpg(process.pid, signal.SIGTERM)
+    log = "".join(lines) + process.communicate(timeout=300)[0]
+    assert process.returncode == 128 + signal.SIGTERM, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    tag = (out / "last_checkpoint").read_text()
+    iteration = int(tag[len("model_") : -len(".pth")])
+    assert f"Received SIGTERM after iteration {iteration}: wrote" in log
+    assert iteration < 4, "the run was not interrupted early enough for this test"
+    checkpoint = torch.load(out / tag, weights_only=True)
+    assert checkpoint["iteration"] == iteration
+    assert "optimizer" in checkpoint["trainer"]["_trainer"]  # and the LR scheduler's state
+    assert checkpoint["trainer"]["hooks"]["LRScheduler"]["last_epoch"] == iteration + 1
+
+    log = _finish(_train(data, out, 5, "--resume"))
+    assert f"Starting training from iteration {iteration + 1}" in log
+    final = torch.load(out / "model_final.pth", weights_only=True)["model"]
+    final_ref = torch.load(reference / "model_final.pth", weights_only=True)["model"]
+    assert final.keys() == final_ref.keys()
+    assert all(torch.equal(final[k], final_ref[k]) for k in final)
+
+
+class _Checkpointer:
+    save_dir = "/nowhere"
+
+    def __init__(self):
+        self.saved = []
+
+    def has_checkpoint(self):
+        return False
+
+    def save(self, name, **kwargs):
+        self.saved.append((name, kwargs))
+
+
+def test_sigint_is_taken_after_the_step_and_handlers_are_restored():
+    checkpointer = _Checkpointer()
+    hook = PreemptionCheckpointer(checkpointer)
+    hook.trainer = SimpleNamespace(iter=7)
+    previous = signal.getsignal(signal.SIGINT)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    hook.before_train()
+    try:
+        hook.after_step()  # no signal yet: nothing happens
+        assert checkpointer.saved == []
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: no KeyboardInterrupt in the step
+        deadline = time.time() + 5
+        while not hook._received and time.time() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(TrainingInterrupted) as e:
+            hook.after_step()
+    finally:
+        hook.after_train()
+    assert e.value.code == 128 + signal.SIGINT and e.value.iteration == 7
+    assert checkpointer.saved == [("model_0000007", {"iteration": 7})]
+    assert signal.getsignal(signal.SIGINT) is previous
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
