@@ -88,6 +88,7 @@ class PreemptionCheckpointer(HookBase):
         self._received = 0
         self._previous: Dict[int, object] = {}
         self._old_mask = None
+        self._children: set = set()  # processes running before training
         self._waiter: threading.Thread | None = None
         self._stop = threading.Event()
         self._flag = None
@@ -111,6 +112,7 @@ class PreemptionCheckpointer(HookBase):
         for s in self.signals:
             self._previous[s] = signal.signal(s, self._handle)
         if hasattr(signal, "pthread_sigmask") and hasattr(signal, "sigtimedwait"):
+            self._children = set(multiprocessing.active_children())
             self._old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
             self._stop.clear()
             self._waiter = threading.Thread(target=self._wait, name="knet-signals", daemon=True)
@@ -136,7 +138,7 @@ class PreemptionCheckpointer(HookBase):
 
     def _stop_train_loader(self) -> None:
         """Shut the training data loader's workers down (training is over)."""
-        before = set(multiprocessing.active_children())
+        started = set(multiprocessing.active_children()) - self._children
         runner = getattr(self.trainer, "_trainer", self.trainer)
         iterator = getattr(runner, "_data_loader_iter_obj", None)
         if iterator is None:
@@ -145,7 +147,7 @@ class PreemptionCheckpointer(HookBase):
             iterator.close()
         if hasattr(iterator, "_shutdown_workers"):  # a torch DataLoader iterator
             iterator._shutdown_workers()
-        for child in before:
+        for child in started:  # worker processes forked during training, still running
             if child.daemon and child.is_alive():
                 child.join(timeout=5)
             if child.daemon and child.is_alive():
