@@ -2,7 +2,7 @@
 """K-Net demo: segment images, a video or a webcam stream and draw the results.
 
     python demo/demo.py --config-file CONFIG --input img1.jpg 'photos/*.jpg' --output vis/ \
-        [--confidence-threshold 0.5] [--opts MODEL.WEIGHTS model.pth MODEL.DEVICE cpu]
+        [--confidence-threshold 0.5] [--amp] [--opts MODEL.WEIGHTS model.pth MODEL.DEVICE cpu]
     python demo/demo.py --config-file CONFIG --video-input clip.mp4 --output clip_vis.mp4
     python demo/demo.py --config-file CONFIG --webcam
 
@@ -28,12 +28,12 @@ import cv2
 import numpy as np
 import tqdm
 from detectron2.config import CfgNode
-from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 
 # ``python demo/demo.py`` puts demo/ on sys.path, so the sibling module imports directly.
 from predictor import VisualizationDemo, build_demo_cfg, count_predictions
 
+from knet.data.dataset_mappers import read_image_checked
 from knet.data.datasets.custom import (
     DatasetArgumentError,
     add_dataset_arguments,
@@ -73,6 +73,12 @@ def get_parser() -> argparse.ArgumentParser:
         "MODEL.KNET.TEST.PANOPTIC_THING_SCORE_THRESH)",
     )
     parser.add_argument(
+        "--amp",
+        action="store_true",
+        help="mixed-precision inference (float16 on CUDA, bfloat16 on CPU; sets "
+        "MODEL.KNET.TEST.AMP_DTYPE auto)",
+    )
+    parser.add_argument(
         "--opts",
         default=[],
         nargs=argparse.REMAINDER,
@@ -96,9 +102,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def setup_cfg(args: argparse.Namespace) -> CfgNode:
+    amp = ["MODEL.KNET.TEST.AMP_DTYPE", "auto"] if args.amp else []
     return build_demo_cfg(
         args.config_file,
-        args.opts,
+        amp + list(args.opts),
         args.confidence_threshold,
         datasets=getattr(args, "dataset", ()),
     )
@@ -157,7 +164,8 @@ def image_output_paths(inputs: Sequence[str], output: str) -> List[str]:
 def run_images(demo: VisualizationDemo, paths: Sequence[str], output: str | None) -> None:
     out_paths = image_output_paths(paths, output) if output else [None] * len(paths)
     for path, out_path in zip(tqdm.tqdm(paths, disable=not output), out_paths):
-        img = read_image(path, format="BGR")
+        # grayscale and RGBA files become BGR; a corrupt file is an error naming it
+        img = read_image_checked(path, "BGR", "image")
         start = time.perf_counter()
         predictions, vis_output = demo.run_on_image(img)
         logger.info(

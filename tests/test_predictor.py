@@ -192,6 +192,38 @@ def test_demo_cli_on_a_folder(tmp_path):
 
 
 @pytest.mark.slow
+def test_demo_cli_converts_grayscale_and_rgba_files_and_runs_amp(tmp_path):
+    in_dir, out_dir = tmp_path / "images", tmp_path / "vis"
+    in_dir.mkdir()
+    bgr = _toy_like_image(97, 131)
+    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    assert cv2.imwrite(str(in_dir / "gray.png"), gray)
+    assert cv2.imwrite(str(in_dir / "rgba.png"), cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA))
+    (in_dir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 64)
+    args = ["demo/demo.py", "--config-file", TOY_CONFIG, "--output", str(out_dir), "--amp"]
+    random_weights = ["--opts", "MODEL.WEIGHTS", ""]
+    _run(
+        [
+            *args,
+            "--input",
+            str(in_dir / "gray.png"),
+            str(in_dir / "rgba.png"),
+            "--opts",
+            "MODEL.WEIGHTS",
+            "",
+        ]
+    )
+    for name in ("gray.png", "rgba.png"):
+        drawing = cv2.imread(str(out_dir / name))
+        assert drawing is not None and drawing.shape == (97, 131, 3)
+    broken = subprocess.run(
+        [sys.executable, *args, "--input", str(in_dir / "broken.png"), *random_weights],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert broken.returncode != 0 and "broken.png" in broken.stderr
+
+
+@pytest.mark.slow
 def test_demo_cli_on_a_video(tmp_path):
     video_path, out_path = tmp_path / "clip.mp4", tmp_path / "clip_vis.mp4"
     h, w, num_frames = 96, 128, 4

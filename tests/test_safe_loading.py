@@ -88,7 +88,7 @@ def test_demo_refuses_malicious_files(evil, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_train_net_refuses_malicious_files(evil, tmp_path):
+def test_train_net_refuses_malicious_files(evil, tmp_path, toy_root):
     marker, files = evil
     runs = {".pkl": ["--eval-only"], ".pth": []}  # evaluation and training load the weights
     for suffix, mode in runs.items():

@@ -68,7 +68,9 @@ def _exporting() -> bool:
     return torch.jit.is_tracing() or torch.jit.is_scripting()
 
 
-def resize_to_output(maps: Tensor, geometry: OutputGeometry, chunk_size: int = 0) -> Tensor:
+def resize_to_output(
+    maps: Tensor, geometry: OutputGeometry, chunk_size: int = 0, crop: bool = True
+) -> Tensor:
     """Resize maps predicted on the padded input to the output, as the official code does.
 
     (C, h, w) -> bilinear (align_corners=False) to ``padded_size`` -> crop to ``image_size``
@@ -78,6 +80,7 @@ def resize_to_output(maps: Tensor, geometry: OutputGeometry, chunk_size: int = 0
         maps: (C, h, w) floating-point maps at any stride of the padded input.
         chunk_size: > 0: resize that many channels at a time into one output tensor, so that
             only one chunk's padded-size maps exist at once (ignored when exporting).
+        crop: False: stop at the padded size, (C, H_pad, W_pad) (no second resize allowed).
     """
     if chunk_size > 0 and maps.shape[0] > chunk_size and not _exporting():
         out = maps.new_empty((maps.shape[0], *geometry.out_size))
@@ -87,6 +90,10 @@ def resize_to_output(maps: Tensor, geometry: OutputGeometry, chunk_size: int = 0
             )
         return out
     x = F.interpolate(maps[None], size=geometry.padded_size, mode="bilinear", align_corners=False)
+    if not crop:
+        if geometry.output_size is not None:
+            raise ValueError("an uncropped resize cannot also resize to another output size")
+        return x[0]
     x = x[:, :, : geometry.image_size[0], : geometry.image_size[1]]
     if geometry.output_size is not None:
         x = F.interpolate(x, size=geometry.output_size, mode="bilinear", align_corners=False)
@@ -188,32 +195,46 @@ def full_mask_statistics(
     """:func:`mask_statistics` from the full-resolution maps, ``chunk_size`` kernels at a time
     (the owner map is reduced on the fly)."""
     n = mask_logits.shape[0]
-    height, width = geometry.out_size
+    # Without a second resize the maps stay at the padded size, and the padding is cropped from
+    # the reductions (owner map, areas, masks) instead of from every chunk of maps.
+    crop_late = geometry.output_size is None
+    height, width = geometry.padded_size if crop_late else geometry.out_size
+    inside = None
+    if crop_late:
+        rows = torch.arange(height, device=mask_logits.device) < geometry.image_size[0]
+        cols = torch.arange(width, device=mask_logits.device) < geometry.image_size[1]
+        inside = rows[:, None] & cols[None, :]
+
+    def full_probs(logits: Tensor) -> Tensor:
+        return resize_to_output(logits.float().sigmoid(), geometry, crop=not crop_late)
+
     owner = won_area = own_area = mask_logits.new_zeros((0,), dtype=torch.int64)
     if scores is not None:
         best = mask_logits.new_full((height, width), -1.0, dtype=torch.float32)
         owner = mask_logits.new_zeros((height, width), dtype=torch.int64)
         areas = []
         for start in range(0, n, chunk_size):
-            chunk = mask_logits[start : start + chunk_size].float().sigmoid()
-            probs = resize_to_output(chunk, geometry)
-            areas.append((probs >= mask_threshold).flatten(1).sum(1))
-            chunk_best, chunk_owner = (probs * scores[start : start + chunk_size, None, None]).max(
-                0
-            )
+            probs = full_probs(mask_logits[start : start + chunk_size])
+            above = probs >= mask_threshold
+            areas.append((above if inside is None else above & inside).flatten(1).sum(1))
+            scored = probs * scores[start : start + chunk_size, None, None]
+            chunk_best, chunk_owner = scored.max(0)
             better = chunk_best > best  # strict: ties keep the earlier kernel, as argmax does
             best = torch.where(better, chunk_best, best)
             owner = torch.where(better, chunk_owner + start, owner)
+        if crop_late:
+            owner = owner[: geometry.image_size[0], : geometry.image_size[1]]
         won_area = _count(owner.flatten(), n)
         own_area = torch.cat(areas) * (won_area > 0)
     masks = mask_logits.new_zeros((0, height, width), dtype=torch.bool)
     if selected is not None:
         chunks = [
-            resize_to_output(mask_logits[selected[s : s + chunk_size]].float().sigmoid(), geometry)
-            > mask_threshold
+            full_probs(mask_logits[selected[s : s + chunk_size]]) > mask_threshold
             for s in range(0, selected.shape[0], chunk_size)
         ]
         masks = torch.cat([masks] + chunks)
+    if crop_late:
+        masks = masks[:, : geometry.image_size[0], : geometry.image_size[1]]
     return MaskStatistics(owner, won_area, own_area, masks)
 
 
