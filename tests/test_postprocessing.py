@@ -688,3 +688,44 @@ def test_semantic_probabilities_are_the_softmax_of_the_resized_logits(chunk_size
     ref = F.interpolate(ref, size=OUTPUT, mode="bilinear", align_corners=False)[0].softmax(0)
     assert got.shape == (K, *OUTPUT) and got.dtype == torch.float32
     torch.testing.assert_close(got, ref.float(), atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- exported graphs
+# Exported models resize the stride-4 maps by 4 to the padded input, which is the output: the
+# traceable tile-bounded statistics serve that geometry (tests/test_export.py runs them exported).
+EXPORT_CASES = {"even": ((48, 64), (192, 256)), "cropped": ((56, 80), (221, 317))}
+
+
+@pytest.mark.parametrize("name", sorted(EXPORT_CASES))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exported_statistics_agree_with_the_full_computation(name, seed):
+    from knet.modeling.export_mask_statistics import exported_mask_statistics
+
+    hw, image = EXPORT_CASES[name]
+    geometry = OutputGeometry((4 * hw[0], 4 * hw[1]), image)
+    cls_logits, mask_logits = trained_like(30, 5, hw, seed)
+    scores = kernel_scores_and_labels(cls_logits, 7, 30)[0]
+    selected = select_instances(cls_logits, 7, 30, topk=40, score_thresh=0.0)[2]
+    got = exported_mask_statistics(mask_logits, geometry, scores, selected, 0.5, factor=4)
+    ref = full_mask_statistics(mask_logits, geometry, scores, selected, 0.5)
+    assert_statistics_agree(got, ref)
+    assert int((ref.won_area > 0).sum()) > 3
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_exported_statistics_of_saturated_maps(half):
+    """Saturated maps: one candidate per tile and every threshold decided, so nothing is
+    evaluated (empty pair lists); with ``half``, the tiles along one edge are evaluated."""
+    from knet.modeling.export_mask_statistics import exported_mask_statistics
+
+    geometry = OutputGeometry((64, 96), (61, 90))
+    mask_logits = torch.full((6, 16, 24), 30.0)
+    if half:
+        mask_logits[2, :8] = -30.0
+    scores = torch.tensor([0.1, 0.2, 0.9, 0.3, 0.4, 0.5])
+    selected = torch.tensor([2, 2, 5])
+    got = exported_mask_statistics(mask_logits, geometry, scores, selected, 0.5, factor=4)
+    ref = full_mask_statistics(mask_logits, geometry, scores, selected, 0.5)
+    assert torch.equal(got.owner, ref.owner) and torch.equal(got.won_area, ref.won_area)
+    assert torch.equal(got.own_area, ref.own_area)
+    assert torch.equal(got.selected_masks, ref.selected_masks)

@@ -78,11 +78,15 @@ def resize_to_output(
 
     Args:
         maps: (C, h, w) floating-point maps at any stride of the padded input.
-        chunk_size: > 0: resize that many channels at a time into one output tensor, so that
-            only one chunk's padded-size maps exist at once (ignored when exporting).
+        chunk_size: > 0: with a second resize, resize that many channels at a time into one
+            output tensor, so that only one chunk's padded-size maps exist at once (ignored
+            when exporting).
         crop: False: stop at the padded size, (C, H_pad, W_pad) (no second resize allowed).
     """
-    if chunk_size > 0 and maps.shape[0] > chunk_size and not _exporting():
+    # Chunks bound the padded-size maps that a second resize consumes; without one, the
+    # crop of a single resize is the output itself (no copy).
+    chunked = chunk_size > 0 and maps.shape[0] > chunk_size and geometry.output_size is not None
+    if chunked and not _exporting():
         out = maps.new_empty((maps.shape[0], *geometry.out_size))
         for start in range(0, maps.shape[0], chunk_size):
             out[start : start + chunk_size] = resize_to_output(
@@ -174,8 +178,15 @@ def mask_statistics(
     the low-resolution maps leave the result open; otherwise, or when that is not cheaper, the
     maps are computed chunk by chunk here.
     """
+    if _exporting() and geometry.output_size is None:
+        # (imported here: those modules build on this one)
+        from .export_mask_statistics import exported_mask_statistics
+
+        factor = geometry.padded_size[0] // mask_logits.shape[1]
+        return exported_mask_statistics(
+            mask_logits, geometry, scores, selected, mask_threshold, factor
+        )
     if mask_logits.device.type == "cpu" and not _exporting():
-        # (imported here: that module builds on this one)
         from .tiled_mask_statistics import tiled_mask_statistics
 
         stats = tiled_mask_statistics(mask_logits, geometry, scores, selected, mask_threshold)
@@ -306,15 +317,16 @@ def segments_info_from_table(table: Dict[str, Tensor]) -> List[Dict]:
 def masks_to_boxes(masks: Tensor) -> Tensor:
     """(M, H, W) bool -> (M, 4) float32 XYXY extents, ``x1 = max x + 1`` as Detectron2's
     ``BitMasks.get_bounding_boxes``; all zeros for an empty mask."""
+    # (a max over uint8 is many times faster than any() over bool on the CPU)
+    pixels = masks.to(torch.uint8) if _exporting() else masks.view(torch.uint8)
     boxes = []
     for dim in (1, 2):  # columns (x) first, then rows (y)
-        hit = masks.any(dim=dim)  # (M, W) or (M, H)
-        size = hit.shape[1]
-        first = hit.int().argmax(1)
-        last = size - 1 - hit.flip(1).int().argmax(1)
+        hit = pixels.amax(dim=dim)  # (M, W) or (M, H), 1 where the mask has a pixel
+        first = hit.argmax(1)
+        last = hit.shape[1] - 1 - hit.flip(1).argmax(1)
         boxes.append((first, last + 1))
     (x0, x1), (y0, y1) = boxes
-    nonempty = masks.flatten(1).any(1)
+    nonempty = hit.amax(1) > 0
     return (torch.stack([x0, y0, x1, y1], 1) * nonempty[:, None]).float()
 
 
