@@ -42,8 +42,7 @@ from knet.data.dataset_classes import (
 )
 from knet.data.datasets.custom import (
     DatasetArgumentError,
-    add_dataset_arguments,
-    parse_dataset_args,
+    parse_args_with_datasets,
     register_dataset_specs,
 )
 from knet.distributed import launch
@@ -62,16 +61,7 @@ USER_ERRORS = (
 
 def parse_args(argv=None):
     """Detectron2's arguments plus ``--dataset`` groups (``args.dataset``: DatasetSpec list)."""
-    parser = default_argument_parser()
-    add_dataset_arguments(parser)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        argv, datasets = parse_dataset_args(argv)
-    except DatasetArgumentError as e:
-        parser.error(str(e))
-    args = parser.parse_args(argv)
-    args.dataset = datasets
-    return args
+    return parse_args_with_datasets(default_argument_parser(), argv)
 
 
 def setup(args):

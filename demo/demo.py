@@ -20,7 +20,6 @@ import argparse
 import glob
 import logging
 import os
-import sys
 import time
 from typing import List, Sequence
 
@@ -35,9 +34,7 @@ from predictor import VisualizationDemo, build_demo_cfg, count_predictions
 
 from knet.data.dataset_mappers import read_image_checked
 from knet.data.datasets.custom import (
-    DatasetArgumentError,
-    add_dataset_arguments,
-    parse_dataset_args,
+    parse_args_with_datasets,
 )
 
 WINDOW_NAME = "K-Net"
@@ -89,16 +86,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The demo's arguments; ``args.dataset`` holds the ``--dataset`` groups (DatasetSpec)."""
-    parser = get_parser()
-    add_dataset_arguments(parser)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        argv, datasets = parse_dataset_args(argv)
-    except DatasetArgumentError as e:
-        parser.error(str(e))
-    args = parser.parse_args(argv)
-    args.dataset = datasets
-    return args
+    return parse_args_with_datasets(get_parser(), argv)
 
 
 def setup_cfg(args: argparse.Namespace) -> CfgNode:

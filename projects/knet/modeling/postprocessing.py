@@ -173,10 +173,11 @@ def mask_statistics(
         selected: (M,) kernel indices whose thresholded masks are wanted (None: none).
         chunk_size: kernels resized at once (bounds memory to chunk x H_out x W_out floats).
 
-    On the CPU (eager) the tile-pruned computation of :mod:`.tiled_mask_statistics` gives the
-    same statistics up to floating-point rounding, evaluating the maps only where bounds from
-    the low-resolution maps leave the result open; otherwise, or when that is not cheaper, the
-    maps are computed chunk by chunk here.
+    The maps are evaluated only where bounds from the low-resolution maps leave the result open:
+    on the CPU by :mod:`.tiled_mask_statistics` (any geometry), in exported graphs by
+    :mod:`.export_mask_statistics` (the output is the padded input, cropped). Both give the
+    statistics of the full maps up to floating-point rounding; otherwise (GPU, or where the
+    bounds would not pay off) :func:`full_mask_statistics` computes the full maps in chunks.
     """
     if _exporting() and geometry.output_size is None:
         # (imported here: those modules build on this one)

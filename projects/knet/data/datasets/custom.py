@@ -46,6 +46,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
@@ -54,7 +55,7 @@ from detectron2.data.catalog import Metadata
 from detectron2.data.datasets import load_coco_json, load_sem_seg, register_coco_instances
 from detectron2.utils.colormap import colormap
 
-from .panoptic import get_panoptic_metadata
+from .panoptic import get_panoptic_metadata, load_panoptic_json_with_sem_seg
 from .prepare import load_json
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "dataset_usage",
     "load_coco_panoptic",
     "palette",
+    "parse_args_with_datasets",
     "parse_dataset_args",
     "read_class_names",
     "register_custom_dataset",
@@ -214,6 +216,21 @@ def add_dataset_arguments(parser: Any) -> None:
         "IMAGE_ROOT' or 'NAME sem-seg IMAGE_DIR LABEL_DIR --classes CLASSES.txt "
         "[--ignore-label 255] [--image-ext jpg] [--label-ext png]' (see datasets/README.md)",
     )
+
+
+def parse_args_with_datasets(parser: Any, argv: Sequence[str] | None = None) -> Any:
+    """``parser.parse_args`` of ``argv`` (default ``sys.argv[1:]``) with ``--dataset`` in its
+    help and the ``--dataset`` groups taken out first, as ``args.dataset`` (DatasetSpec list);
+    a malformed group is a usage error of ``parser``."""
+    add_dataset_arguments(parser)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        argv, datasets = parse_dataset_args(argv)
+    except DatasetArgumentError as e:
+        parser.error(str(e))
+    args = parser.parse_args(argv)
+    args.dataset = datasets
+    return args
 
 
 def register_dataset_specs(
@@ -470,54 +487,9 @@ def _register_coco_panoptic(
 def load_coco_panoptic(
     json_file: str, image_root: str, panoptic_root: str, metadata: Mapping[str, Any]
 ) -> List[Dict[str, Any]]:
-    """Detectron2's ``load_coco_panoptic_json`` records, images named by the json's ``images``.
-
-    Raises:
-        ValueError: an annotation whose image or segment category is not in the json / metadata.
-        FileNotFoundError: the first record's image or PNG does not exist.
-    """
-    data = load_json(json_file)
-    thing_map = metadata["thing_dataset_id_to_contiguous_id"]
-    stuff_map = metadata["stuff_dataset_id_to_contiguous_id"]
-    images = {int(im["id"]): im for im in data.get("images", [])}
-    records = []
-    for ann in data["annotations"]:
-        image_id = int(ann["image_id"])
-        image = images.get(image_id)
-        if image is None:  # Detectron2's convention for COCO
-            image = {"file_name": os.path.splitext(ann["file_name"])[0] + ".jpg"}
-        segments = []
-        for seg in ann.get("segments_info", []):
-            seg = dict(seg)
-            cat = int(seg["category_id"])
-            if cat in thing_map:
-                seg["category_id"], seg["isthing"] = thing_map[cat], True
-            elif cat in stuff_map:
-                seg["category_id"], seg["isthing"] = stuff_map[cat], False
-            else:
-                raise ValueError(
-                    f"{json_file}: segment {seg.get('id')} of {ann['file_name']} has category_id "
-                    f"{cat}, which is not among the dataset's categories"
-                )
-            segments.append(seg)
-        record = {
-            "file_name": os.path.join(image_root, image["file_name"]),
-            "image_id": image_id,
-            "pan_seg_file_name": os.path.join(panoptic_root, ann["file_name"]),
-            "segments_info": segments,
-        }
-        if "height" in image and "width" in image:
-            record["height"], record["width"] = int(image["height"]), int(image["width"])
-        records.append(record)
-    if not records:
-        raise ValueError(f"{json_file} has no annotations")
-    for key in ("file_name", "pan_seg_file_name"):
-        if not os.path.isfile(records[0][key]):
-            raise FileNotFoundError(
-                f"{key} of the first annotation of {json_file} does not exist: {records[0][key]}"
-            )
-    logger.info("Loaded %d panoptic records from %s", len(records), json_file)
-    return records
+    """Detectron2's ``load_coco_panoptic_json`` records, images named by the json's ``images``
+    (:func:`~.panoptic.load_panoptic_json_with_sem_seg` without semantic PNGs)."""
+    return load_panoptic_json_with_sem_seg(json_file, image_root, panoptic_root, None, metadata)
 
 
 def read_class_names(classes: Union[str, Sequence[str]]) -> List[str]:

@@ -58,7 +58,7 @@ def load_panoptic_json_with_sem_seg(
     json_file: str,
     image_root: str,
     panoptic_root: str,
-    sem_seg_root: str,
+    sem_seg_root: str | None,
     metadata: Mapping[str, Any],
 ) -> List[Dict[str, Any]]:
     """Load a COCO panoptic json into Detectron2 records (see the module docstring).
@@ -67,7 +67,8 @@ def load_panoptic_json_with_sem_seg(
         json_file: COCO panoptic json (``images``, ``annotations`` with ``segments_info``).
         image_root: folder of the images (file names from the json's ``images``).
         panoptic_root: folder of the RGB panoptic PNGs.
-        sem_seg_root: folder of the semantic PNGs (same file names as the panoptic PNGs).
+        sem_seg_root: folder of the semantic PNGs (same file names as the panoptic PNGs), or
+            None: records without "sem_seg_file_name".
         metadata: dict with ``thing_dataset_id_to_contiguous_id`` and
             ``stuff_dataset_id_to_contiguous_id`` (the latter covering all classes).
     Raises:
@@ -113,9 +114,10 @@ def load_panoptic_json_with_sem_seg(
             "file_name": os.path.join(image_root, img_name),
             "image_id": image_id,
             "pan_seg_file_name": os.path.join(panoptic_root, png_name),
-            "sem_seg_file_name": os.path.join(sem_seg_root, png_name),
             "segments_info": segments,
         }
+        if sem_seg_root is not None:
+            record["sem_seg_file_name"] = os.path.join(sem_seg_root, png_name)
         if img and "height" in img and "width" in img:
             record["height"], record["width"] = int(img["height"]), int(img["width"])
         records.append(record)
@@ -126,7 +128,7 @@ def load_panoptic_json_with_sem_seg(
     # any later missing or unreadable file by name.
     first = records[0]
     for key in ("file_name", "pan_seg_file_name", "sem_seg_file_name"):
-        if not os.path.isfile(first[key]):
+        if key in first and not os.path.isfile(first[key]):
             raise FileNotFoundError(
                 f"{key} of the first record of {json_file} does not exist: {first[key]}"
             )
