@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-inputs=(requirements.txt requirements-nodeps.txt constraints.txt pyproject.toml
+inputs=(requirements.txt requirements-export.txt requirements-nodeps.txt constraints.txt pyproject.toml
         tools/install_detectron2.py tools/setup_env.sh)
 hash=$(cat "${inputs[@]}" | sha256sum | cut -c1-16)
 stamp="$VENV/.knet-install-$hash"
@@ -32,6 +32,7 @@ pip_install -c constraints.txt pip setuptools wheel
 # torch first: Detectron2's sdist imports it while pip prepares its metadata.
 pip_install -c constraints.txt torch torchvision
 pip_install -r requirements.txt -c constraints.txt
+pip_install -r requirements-export.txt -c constraints.txt
 pip_install --no-deps -r requirements-nodeps.txt
 "$py" tools/install_detectron2.py
 pip_install --no-deps --no-build-isolation -e .

@@ -141,10 +141,11 @@ def _owner_tiles(
     for k, r, c in _batches(pairs, pairs[:, 1] * cols.n + pairs[:, 2]):
         values = _tile_values(probs, k, r, c, rows, cols) * scores[k][:, None, None]
         tiles, slot = torch.unique_consecutive(r * cols.n + c, return_inverse=True)
+        index = slot[:, None, None].expand_as(values)
         top = values.new_full((tiles.shape[0], TILE, TILE), -1.0)
-        top.index_reduce_(0, slot, values, "amax")
+        top.scatter_reduce_(0, index, values, "amax")
         hit = torch.where(values == top[slot], k[:, None, None], n)  # first kernel at the max
-        first = hit.new_full(top.shape, n).index_reduce_(0, slot, hit, "amin")
+        first = hit.new_full(top.shape, n).scatter_reduce_(0, index, hit, "amin")
         owner[tiles // cols.n, :, tiles % cols.n, :] = first
     return owner
 
