@@ -29,7 +29,6 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.onnx import symbolic_helper
 
@@ -91,21 +90,9 @@ class KNetExportModule(nn.Module):
 
     def forward(self, image: Tensor) -> Tuple[Tensor, ...]:
         model = self.model
-        height, width = image.shape[1], image.shape[2]
-        x = (image.float() - model.pixel_mean) / model.pixel_std
-        padded = (height, width)
-        divisor = model.size_divisibility
-        if divisor > 0:
-            padded = (
-                (height + divisor - 1) // divisor * divisor,
-                (width + divisor - 1) // divisor * divisor,
-            )
-            x = F.pad(x, (0, padded[1] - width, 0, padded[0] - height))
-        x = x[None]
-        if model.channels_last:  # as eager inference (ONNX has no memory formats)
-            x = x.contiguous(memory_format=torch.channels_last)
-        predictions = model.predict(x)
-        geometry = OutputGeometry(padded, (height, width))
+        images = model.preprocess_image([{"image": image}])  # normalise, pad (traced sizes)
+        predictions = model.predict(images.tensor)
+        geometry = OutputGeometry(tuple(images.tensor.shape[-2:]), tuple(image.shape[-2:]))
         if model.is_semantic:
             outputs = {"sem_seg": semantic_probabilities(predictions["seg_logits"][0], geometry)}
         else:
