@@ -44,8 +44,7 @@ INSTANCE_CPU = str(CUSTOM / "knet_R18_cpu_instance.yaml")
 PANOPTIC_CPU = str(CUSTOM / "knet_R18_cpu_panoptic.yaml")
 SEMANTIC_CPU = str(CUSTOM / "knet_upernet_R18_cpu_semantic.yaml")
 COCO_INSTANCE = str(REPO / "configs/coco/instance-segmentation/knet_R50_bs16_1x.yaml")
-TINY = [
-    "MODEL.KNET.NUM_PROPOSALS", "4",
+SHORT_RUN = [
     "MODEL.KNET.NUM_STAGES", "1",
     "MODEL.KNET.STAGE_LOSS_WEIGHTS", "[1.0]",
     "INPUT.MIN_SIZE_TRAIN", "(64, 72)",
@@ -59,21 +58,8 @@ TINY = [
     "DATALOADER.NUM_WORKERS", "0",
     "TEST.EVAL_PERIOD", "0",
 ]  # fmt: skip
-TINY_SEMANTIC = [
-    "MODEL.KNET.NUM_STAGES", "1",
-    "MODEL.KNET.STAGE_LOSS_WEIGHTS", "[1.0]",
-    "INPUT.MIN_SIZE_TRAIN", "(64, 72)",
-    "INPUT.MAX_SIZE_TRAIN", "96",
-    "INPUT.CROP.SIZE", "(64, 64)",
-    "INPUT.MIN_SIZE_TEST", "64",
-    "INPUT.MAX_SIZE_TEST", "96",
-    "SOLVER.IMS_PER_BATCH", "2",
-    "SOLVER.MAX_ITER", "3",
-    "SOLVER.WARMUP_ITERS", "1",
-    "SOLVER.CHECKPOINT_PERIOD", "1000",
-    "DATALOADER.NUM_WORKERS", "0",
-    "TEST.EVAL_PERIOD", "0",
-]  # fmt: skip
+TINY = ["MODEL.KNET.NUM_PROPOSALS", "4", *SHORT_RUN]
+TINY_SEMANTIC = ["INPUT.CROP.SIZE", "(64, 64)", *SHORT_RUN]
 DROP_BACKGROUND = ["DATASETS.DROP_CATEGORIES", "['_background_']"]
 
 
