@@ -312,7 +312,7 @@ def head_opts(channels: int, ffn_channels: int, num_proposals: int = 100) -> Lis
     c = str(channels)
     return [
         "MODEL.FPN.OUT_CHANNELS", c, "MODEL.SEM_SEG_HEAD.CONVS_DIM", c,
-        "MODEL.KNET.HIDDEN_DIM", c, "MODEL.KNET.UPDATOR_DIM", c,
+        "MODEL.KNET.UPDATOR_DIM", c,
         "MODEL.KNET.DIM_FEEDFORWARD", str(ffn_channels),
         "MODEL.KNET.NUM_PROPOSALS", str(num_proposals),
     ]  # fmt: skip

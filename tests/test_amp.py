@@ -17,7 +17,7 @@ from detectron2.utils.events import EventStorage
 
 from knet.amp import AutocastTrainer, amp_dtype, build_amp_trainer
 from knet.engine import KNetTrainer, get_knet_cfg
-from knet.modeling.matcher import HungarianMatcher
+from knet.modeling.criterion.matcher import HungarianMatcher
 from knet.solver import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,6 +180,60 @@ def test_semantic_model_bfloat16_step():
         if p.requires_grad and (p.grad is None or not bool(p.grad.isfinite().all()))
     ]
     assert bad == []
+
+
+# ----------------------------------------------------------------------------- inference
+def output_dtypes(result) -> dict:
+    """The dtypes of Detectron2's outputs of one image."""
+    dtypes = {}
+    if "panoptic_seg" in result:
+        dtypes["panoptic_seg"] = result["panoptic_seg"][0].dtype
+    if "instances" in result:
+        inst = result["instances"]
+        dtypes.update(masks=inst.pred_masks.dtype, boxes=inst.pred_boxes.tensor.dtype)
+        dtypes.update(scores=inst.scores.dtype, classes=inst.pred_classes.dtype)
+    if "sem_seg" in result:
+        dtypes["sem_seg"] = result["sem_seg"].dtype
+    return dtypes
+
+
+@pytest.mark.parametrize(
+    "config", ["knet_R18_toy_panoptic.yaml", "knet_upernet_R18_toy_semantic.yaml"]
+)
+def test_inference_under_autocast_returns_float32_outputs(config):
+    """As Detectron2's model tests check under autocast: with ``MODEL.KNET.TEST.AMP_DTYPE`` the
+    network runs in bfloat16 and the outputs keep their float32 / int32 / bool dtypes; inside a
+    caller's autocast region a float32 model stays float32 and gives its float32 results."""
+    torch.manual_seed(0)
+    cfg = get_knet_cfg(
+        str(REPO / "configs/toy" / config), ["MODEL.KNET.TEST.AMP_DTYPE", "bfloat16"]
+    )
+    model = build_model(cfg).eval()
+    decoder_dtypes = []
+    model.pixel_decoder.register_forward_hook(lambda m, i, out: decoder_dtypes.append(out[0].dtype))
+    image = panoptic_sample(72, 88, seed=3)["image"]
+    with torch.no_grad():
+        amp = model([{"image": image}])[0]
+        model.amp_dtype = None
+        fp32 = model([{"image": image}])[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outer = model([{"image": image}])[0]
+    assert decoder_dtypes == [torch.bfloat16, torch.float32, torch.float32]
+    expected = {
+        "panoptic_seg": torch.int32,
+        "masks": torch.bool,
+        "boxes": torch.float32,
+        "scores": torch.float32,
+        "classes": torch.int64,
+        "sem_seg": torch.float32,
+    }
+    dtypes = output_dtypes(fp32)
+    assert dtypes and dtypes == {k: expected[k] for k in dtypes}
+    assert output_dtypes(amp) == output_dtypes(outer) == dtypes
+    if "sem_seg" in fp32:
+        torch.testing.assert_close(outer["sem_seg"], fp32["sem_seg"], rtol=1e-5, atol=1e-6)
+    if "panoptic_seg" in fp32:
+        assert torch.equal(outer["panoptic_seg"][0], fp32["panoptic_seg"][0])
 
 
 @pytest.mark.slow

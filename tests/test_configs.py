@@ -7,6 +7,7 @@ import torch
 from detectron2.modeling import build_model
 
 from knet.engine import get_knet_cfg
+from knet.modeling import SemanticKNet
 from knet.modeling.backbone.deform_conv import DeformBottleneckBlock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,16 +41,19 @@ def test_config_merges_and_builds(config):
     model = build_model(cfg)
     head = model.kernel_head
     initial = head.initial_head
-    assert initial.init_kernels.weight.shape[:2] == (k.NUM_PROPOSALS, k.HIDDEN_DIM)
+    assert initial.init_kernels.weight.shape[:2] == (
+        k.NUM_PROPOSALS,
+        cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM,
+    )
     assert initial.conv_seg.out_channels == num_classes
     assert initial.num_stuff_classes == num_classes - k.NUM_THING_CLASSES
     assert len(head.stages) == k.NUM_STAGES
     for stage in head.stages:
         assert stage.fc_cls.out_features == num_classes
-        assert stage.attention.embed_dim == k.HIDDEN_DIM
+        assert stage.attention.embed_dim == cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM
         assert stage.attention.num_heads == k.NHEADS
         assert stage.ffn[0].out_features == k.DIM_FEEDFORWARD
-    assert model.num_thing_classes == model.criterion.num_thing_classes == k.NUM_THING_CLASSES
+    assert model.criterion.num_thing_classes == k.NUM_THING_CLASSES
     assert model.criterion.stage_loss_weights == list(k.STAGE_LOSS_WEIGHTS)
     assert model.postprocessor.panoptic_on == k.TEST.PANOPTIC_ON
     assert model.postprocessor.instance_on == k.TEST.INSTANCE_ON
@@ -83,7 +87,7 @@ def test_coco_configs_follow_official_recipe(config):
     panoptic = config in COCO_PANOPTIC
     assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == (133 if panoptic else 80)
     assert k.NUM_THING_CLASSES == 80
-    assert k.NUM_PROPOSALS == 100 and k.NUM_STAGES == 3 and k.HIDDEN_DIM == 256
+    assert k.NUM_PROPOSALS == 100 and k.NUM_STAGES == 3 and cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM == 256
     assert k.RANK_WEIGHT == (0.1 if panoptic else 0.0)
     assert k.TEST.PANOPTIC_ON == panoptic and k.TEST.INSTANCE_ON
     assert (k.CLASS_WEIGHT, k.MASK_WEIGHT, k.DICE_WEIGHT) == (2.0, 1.0, 4.0)
@@ -166,12 +170,12 @@ def test_semantic_config_merges_builds_and_infers(config):
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     head = model.kernel_head
-    assert model.is_semantic and k.KERNEL_HEAD_NAME == "KNetSemanticKernelHead"
-    assert head.conv_seg.weight.shape == (num_classes, k.HIDDEN_DIM, 1, 1)
+    assert isinstance(model, SemanticKNet) and k.KERNEL_HEAD_NAME == "KNetSemanticKernelHead"
+    assert head.conv_seg.weight.shape == (num_classes, cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM, 1, 1)
     assert len(head.stages) == k.NUM_STAGES == 3
     for stage in head.stages:
         assert not hasattr(stage, "fc_cls") and stage.hard_mask_threshold is None
-        assert stage.attention.embed_dim == k.HIDDEN_DIM == cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM
+        assert stage.attention.embed_dim == cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM
         assert stage.kernel_update_conv.fc_layer.in_features == k.UPDATOR_DIM
     aux = model.auxiliary_head
     assert aux.conv_seg.out_channels == num_classes
@@ -270,11 +274,6 @@ def test_stage_loss_weights_length_mismatch():
 def test_num_thing_classes_out_of_range(num_thing):
     with pytest.raises(ValueError, match="NUM_THING_CLASSES"):
         build_toy(["MODEL.KNET.NUM_THING_CLASSES", num_thing])
-
-
-def test_convs_dim_must_equal_hidden_dim():
-    with pytest.raises(ValueError, match="CONVS_DIM"):
-        build_toy(["MODEL.SEM_SEG_HEAD.CONVS_DIM", "32"])
 
 
 def test_panoptic_output_needs_stuff_classes():

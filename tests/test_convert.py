@@ -83,7 +83,7 @@ def coco_shapes() -> Dict[str, Dict[str, tuple]]:
     return {task: shapes_of(config) for task, config in CONFIGS.items()}
 
 
-# Explicit pairs from the spec tables: (official key, our key).
+# Explicit pairs (official key, our key) of the released R-50 checkpoints (ZwwWayne/K-Net).
 SPOT_CHECKS = [
     ("backbone.conv1.weight", "backbone.bottom_up.stem.conv1.weight"),
     ("backbone.bn1.running_var", "backbone.bottom_up.stem.conv1.norm.running_var"),

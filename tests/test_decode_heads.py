@@ -15,13 +15,12 @@ from detectron2.layers import ShapeSpec
 from torch import nn
 
 from knet.engine import get_knet_cfg
+from knet.modeling.auxiliary_head import AuxiliaryFCNHead, build_auxiliary_head
 from knet.modeling.pixel_decoder import (
-    AuxiliaryFCNHead,
     KNetASPPHead,
     KNetFCNHead,
     KNetPSPHead,
     KNetUPerHead,
-    build_auxiliary_head,
     build_pixel_decoder,
 )
 

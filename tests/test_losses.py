@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from knet.modeling.criterion import KNetCriterion
-from knet.modeling.losses import dice_loss, mask_bce_loss, rank_loss, weighted_focal_loss
-from knet.modeling.matcher import HungarianMatcher
+from knet.modeling.criterion.losses import dice_loss, mask_bce_loss, rank_loss, weighted_focal_loss
+from knet.modeling.criterion.matcher import HungarianMatcher
 
 ALPHA, GAMMA = 0.25, 2.0
 # A small panoptic problem: 3 thing kernels, 2 thing + 2 stuff classes, 5 kernels in total.
@@ -105,11 +105,7 @@ def make_criterion(num_classes=K, num_thing=T, num_proposals=P, num_stages=2, ra
         num_classes=num_classes,
         num_thing_classes=num_thing,
         num_proposals=num_proposals,
-        class_weight=2.0,
-        mask_weight=1.0,
-        dice_weight=4.0,
-        rank_weight=rank_weight,
-        seg_weight=1.0,
+        weight_dict={"cls": 2.0, "mask": 1.0, "dice": 4.0, "rank": rank_weight, "seg": 1.0},
         stage_loss_weights=[1.0] * num_stages,
     )
 

@@ -192,7 +192,7 @@ def test_semantic_mapper(records):
     assert torch.equal(flipped["image"], out["image"].flip(-1))
 
 
-def test_semantic_mapper_from_config_crop_pad_color(records, cfg):
+def test_semantic_mapper_from_config_crop_color(records, cfg):
     rec = records["semantic"]
     cfg.INPUT.DATASET_MAPPER_NAME = "knet_semantic"
     cfg.INPUT.CROP.ENABLED = True
@@ -200,19 +200,13 @@ def test_semantic_mapper_from_config_crop_pad_color(records, cfg):
     cfg.INPUT.CROP.SIZE = (150, 120)
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 0.75
     cfg.INPUT.COLOR_AUG_SSD = True
-    cfg.INPUT.SIZE_DIVISIBILITY = 64
     mapper = build_train_mapper(cfg)
     names = [type(a).__name__ for a in mapper.augmentations.augs]
     assert names[0] == "ResizeShortestEdge" and names[-1] == "RandomFlip"
     assert "RandomCrop_CategoryAreaConstraint" in names
     out = mapper(rec)
-    assert out["image"].shape == (3, 192, 128) and out["sem_seg"].shape == (192, 128)
-    assert bool((out["sem_seg"][150:] == 255).all()) and bool(
-        (out["sem_seg"][:, 120:] == 255).all()
-    )
-    assert int(out["image"][:, 150:].abs().sum()) == 0 and int(out["image"][:, :, 120:].sum()) == 0
-    valid = out["sem_seg"][:150, :120]
-    assert set(valid.unique().tolist()) <= set(range(TOY_NUM_CLASSES)) | {255}
+    assert out["image"].shape == (3, 150, 120) and out["sem_seg"].shape == (150, 120)
+    assert set(out["sem_seg"].unique().tolist()) <= set(range(TOY_NUM_CLASSES)) | {255}
 
 
 def test_build_train_mapper_names(cfg):

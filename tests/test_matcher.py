@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from knet.modeling.matcher import HungarianMatcher, dice_cost, focal_cost, mask_cost
+from knet.modeling.criterion.matcher import HungarianMatcher, dice_cost, focal_cost, mask_cost
 
 ALPHA, GAMMA, EPS_FOCAL, EPS_DICE = 0.25, 2.0, 1e-12, 1e-3
 

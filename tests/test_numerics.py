@@ -12,10 +12,9 @@ from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage
 
 from knet.engine import get_knet_cfg
-from knet.modeling.criterion import KNetCriterion
-from knet.modeling.matcher import HungarianMatcher
-from knet.modeling.numerics import at_least_fp32, check_finite, finite_flag, named_tensors
-from knet.modeling.semantic_criterion import KNetSemanticCriterion
+from knet.modeling.criterion import KNetCriterion, KNetSemanticCriterion
+from knet.modeling.criterion.matcher import HungarianMatcher
+from knet.modeling.criterion.numerics import at_least_fp32, check_finite, finite_flag, named_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 # 3 thing kernels, 2 thing + 2 stuff classes (5 kernels), 8x8 masks, 2 update stages
@@ -40,7 +39,7 @@ def panoptic_criterion(class_weight=2.0):
         num_classes=K,
         num_thing_classes=T,
         num_proposals=P,
-        class_weight=class_weight,
+        weight_dict={"cls": class_weight},
         stage_loss_weights=[1.0, 1.0],
     )
 

@@ -154,7 +154,7 @@ def test_mmseg_swin_t_upernet_checkpoint(tmp_path):
     official = tame(official)
     opts = swin_opts(SWIN_T) + [
         "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "11", "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32",
-        "MODEL.SEM_SEG_HEAD.NORM", "BN", "MODEL.KNET.HIDDEN_DIM", "32",
+        "MODEL.SEM_SEG_HEAD.NORM", "BN",
         "MODEL.KNET.UPDATOR_DIM", "16", "MODEL.KNET.DIM_FEEDFORWARD", "64",
         "MODEL.KNET.NHEADS", "4", "MODEL.KNET.AUX_HEAD.CHANNELS", "16",
     ] + CPU  # fmt: skip

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import knet.modeling.tiled_mask_statistics as tiled
+import knet.modeling.postprocessing.tiled_mask_statistics as tiled
 from knet.modeling.postprocessing import (
     KNetPostProcessor,
     OutputGeometry,
@@ -126,13 +126,13 @@ def random_cls(n: int = N, k: int = K, seed: int = 0) -> torch.Tensor:
 
 
 def postprocess(cls_logits, mask_logits, sizes=None, num_thing=T, num_prop=P, **options):
-    """Detectron2 outputs of ``KNetPostProcessor`` with the outputs and options given."""
+    """Detectron2 outputs of ``KNetPostProcessor`` with the outputs and options given (the
+    kernels are ``num_prop`` thing kernels and one per stuff class)."""
+    assert cls_logits.shape[0] == num_prop + cls_logits.shape[1] - num_thing
     flags = {"panoptic_on": False, "instance_on": False, "semantic_on": False}
     flags.update({k: v for k, v in options.items() if k in flags})
     kwargs = {k: v for k, v in options.items() if k not in flags}
-    processor = KNetPostProcessor(
-        num_thing_classes=num_thing, num_proposals=num_prop, **flags, **kwargs
-    )
+    processor = KNetPostProcessor(num_thing_classes=num_thing, **flags, **kwargs)
     out = processor(cls_logits, mask_logits, geometry_of(sizes or SIZES))
     return detectron2_outputs(out)
 
@@ -699,7 +699,7 @@ EXPORT_CASES = {"even": ((48, 64), (192, 256)), "cropped": ((56, 80), (221, 317)
 @pytest.mark.parametrize("name", sorted(EXPORT_CASES))
 @pytest.mark.parametrize("seed", [0, 1])
 def test_exported_statistics_agree_with_the_full_computation(name, seed):
-    from knet.modeling.export_mask_statistics import exported_mask_statistics
+    from knet.modeling.postprocessing.export_mask_statistics import exported_mask_statistics
 
     hw, image = EXPORT_CASES[name]
     geometry = OutputGeometry((4 * hw[0], 4 * hw[1]), image)
@@ -716,7 +716,7 @@ def test_exported_statistics_agree_with_the_full_computation(name, seed):
 def test_exported_statistics_of_saturated_maps(half):
     """Saturated maps: one candidate per tile and every threshold decided, so nothing is
     evaluated (empty pair lists); with ``half``, the tiles along one edge are evaluated."""
-    from knet.modeling.export_mask_statistics import exported_mask_statistics
+    from knet.modeling.postprocessing.export_mask_statistics import exported_mask_statistics
 
     geometry = OutputGeometry((64, 96), (61, 90))
     mask_logits = torch.full((6, 16, 24), 30.0)

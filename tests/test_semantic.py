@@ -12,9 +12,10 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from knet.engine import get_knet_cfg
+from knet.modeling import SemanticKNet
+from knet.modeling.criterion import KNetSemanticCriterion
+from knet.modeling.criterion.losses import semantic_cross_entropy
 from knet.modeling.kernel_head import KernelUpdateHead, KNetSemanticKernelHead
-from knet.modeling.losses import semantic_cross_entropy
-from knet.modeling.semantic_criterion import KNetSemanticCriterion
 from knet.test_time_augmentation import SemanticSegmentorWithTTA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +184,7 @@ def test_semantic_stages_keep_pytorch_default_init():
 # ----------------------------------------------------------------------------- meta-arch
 def test_model_parts(semantic_model):
     model = semantic_model
-    assert model.is_semantic and model.auxiliary_head is not None
+    assert isinstance(model, SemanticKNet) and model.auxiliary_head is not None
     assert isinstance(model.kernel_head, KNetSemanticKernelHead)
     assert isinstance(model.criterion, KNetSemanticCriterion)
     assert model.kernel_head.conv_seg.out_channels == NUM_CLASSES
@@ -219,7 +220,7 @@ def test_all_ignore_labels_give_zero_losses(semantic_model):
 
 def test_padding_is_ignored_in_the_targets(semantic_model):
     batch = [sample(40, 50, seed=5), sample(56, 30, seed=6)]
-    labels = semantic_model.prepare_semantic_targets(batch, (64, 64))
+    labels = semantic_model.prepare_targets(batch, (64, 64))
     assert labels.shape == (2, 64, 64)
     assert torch.equal(labels[0, :40, :50], batch[0]["sem_seg"])
     assert (labels[0, 40:] == 255).all() and (labels[0, :, 50:] == 255).all()
@@ -316,8 +317,6 @@ def test_short_training_run_reduces_loss():
 class FakeSemanticModel(torch.nn.Module):
     """Probabilities read from the (augmented) image, resized to the requested output size:
     a flipped input gives a flipped output."""
-
-    is_semantic = True
 
     def forward(self, inputs):
         outs = []

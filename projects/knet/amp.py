@@ -12,7 +12,7 @@ float16 on CUDA, bfloat16 on CPU). The trainer that runs the steps is
 
 float16 on CPU is refused: CPU autocast's float16 coverage is partial and would need a CPU grad
 scaler. Whatever the dtype, K-Net keeps the group-feature sums, the matching costs and the losses
-in fp32 (see ``knet.modeling.numerics`` and the kernel heads).
+in fp32 (see ``knet.modeling.criterion.numerics`` and the kernel heads).
 """
 
 import time

@@ -24,7 +24,6 @@ def add_knet_config(cfg: CN) -> None:
     # Semantic crops: maximum share of one category in a crop (official ADE20K recipe: 0.75).
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
     cfg.INPUT.COLOR_AUG_SSD = False  # photometric distortion (semantic recipe)
-    cfg.INPUT.SIZE_DIVISIBILITY = -1  # pad in the mapper (semantic crops); -1: no padding
     # Ground truth of each test dataset is checked before inference (knet.data.checks): "error"
     # fails on any defect; "warn" turns panoptic segment-id mismatches into one warning with
     # counts (other defects still fail); "off" skips the checks.
@@ -85,6 +84,7 @@ def add_knet_config(cfg: CN) -> None:
     # ---------------------------------------------------------------- pixel decoder
     cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "KNetLocalizationFPN"
     cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    # width of the pixel decoder's outputs, hence of the kernels and the update stages
     cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 256
     cfg.MODEL.SEM_SEG_HEAD.NORM = "GN"
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 133
@@ -117,7 +117,6 @@ def add_knet_config(cfg: CN) -> None:
     cfg.MODEL.KNET.NUM_THING_CLASSES = 80  # classes 0..K-1 are things, the rest stuff
     cfg.MODEL.KNET.NUM_PROPOSALS = 100  # thing kernels (stuff kernels are added for panoptic)
     cfg.MODEL.KNET.NUM_STAGES = 3
-    cfg.MODEL.KNET.HIDDEN_DIM = 256
     cfg.MODEL.KNET.NHEADS = 8
     cfg.MODEL.KNET.DIM_FEEDFORWARD = 2048
     cfg.MODEL.KNET.DROPOUT = 0.0

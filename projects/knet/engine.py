@@ -23,6 +23,7 @@ from .data.dataset_mappers import build_test_mapper, build_train_mapper
 from .data.seeded_loader import SeededTrainLoader, iteration_seed
 from .distributed import create_ddp_model
 from .evaluation import build_evaluator
+from .modeling import SemanticKNet
 from .preemption import with_preemption_checkpointer
 from .solver import build_optimizer
 from .test_time_augmentation import SemanticSegmentorWithTTA
@@ -117,7 +118,7 @@ class KNetTrainer(DefaultTrainer):
     @classmethod
     def test_with_TTA(cls, cfg, model):
         """Evaluate with ``TEST.AUG`` (multi-scale + flip); semantic K-Net only."""
-        if not getattr(getattr(model, "module", model), "is_semantic", False):
+        if not isinstance(getattr(model, "module", model), SemanticKNet):
             raise ValueError(
                 "TEST.AUG is implemented for semantic K-Net (sem_seg outputs) only; "
                 "set TEST.AUG.ENABLED False for instance/panoptic models"

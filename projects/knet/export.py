@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.onnx import symbolic_helper
 
-from .modeling.postprocessing import OutputGeometry, semantic_probabilities
+from .modeling.postprocessing import OutputGeometry
 
 __all__ = [
     "ONNX_OPSET",
@@ -67,7 +67,8 @@ SEMANTIC_OUTPUTS = {"sem_seg": {1: "height", 2: "width"}}
 
 
 class KNetExportModule(nn.Module):
-    """A K-Net model (``knet.modeling.KNet``, eval mode) as a function of one uint8 image.
+    """A K-Net model (``knet.modeling.KNet`` or ``SemanticKNet``, eval mode) as a function of
+    one uint8 image.
 
     ``forward(image)``: (3, H, W) uint8 in ``INPUT.FORMAT`` -> a tuple of tensors named by
     ``output_names`` (see the module docstring), at the input size.
@@ -77,7 +78,7 @@ class KNetExportModule(nn.Module):
         super().__init__()
         self.model = model.eval()
         self.output_names: List[str] = []
-        post = model.postprocessor
+        post = getattr(model, "postprocessor", None)  # None: semantic K-Net (sem_seg only)
         for enabled, outputs in (
             (post is not None and post.panoptic_on, PANOPTIC_OUTPUTS),
             (post is not None and post.instance_on, INSTANCE_OUTPUTS),
@@ -93,12 +94,7 @@ class KNetExportModule(nn.Module):
         images = model.preprocess_image([{"image": image}])  # normalise, pad (traced sizes)
         predictions = model.predict(images.tensor)
         geometry = OutputGeometry(tuple(images.tensor.shape[-2:]), tuple(image.shape[-2:]))
-        if model.is_semantic:
-            outputs = {"sem_seg": semantic_probabilities(predictions["seg_logits"][0], geometry)}
-        else:
-            outputs = model.postprocessor(
-                predictions["cls_logits"][0], predictions["mask_logits"][0], geometry
-            )
+        outputs = model.postprocess(predictions, 0, geometry)
         return tuple(outputs[name] for name in self.output_names)
 
     def metadata(self, cfg) -> Dict:
@@ -153,36 +149,26 @@ def lowest_onnx_opset(module: nn.Module) -> int:
     return DEFORM_CONV_OPSET if deformable else ONNX_OPSET
 
 
-@symbolic_helper.parse_args("v", "v", "v", "v", "v", "i", "i", "i", "i", "i", "i", "i", "i", "b")
-def _deform_conv2d_symbolic(
-    g,
-    x,
-    weight,
-    offset,
-    mask,
-    bias,
-    stride_h,
-    stride_w,
-    pad_h,
-    pad_w,
-    dil_h,
-    dil_w,
-    groups,
-    offset_groups,
-    use_mask,
-):
+def _deform_conv2d_symbolic(g, x, weight, offset, mask, bias, *options):
     """``torchvision::deform_conv2d`` as ONNX DeformConv (same offset layout: (dy, dx) per
-    kernel position and offset group)."""
-    inputs = [x, weight, offset, bias] + ([mask] if use_mask else [])
+    kernel position and offset group). ``options``: stride, padding and dilation (h, w),
+    groups and offset groups (ints), then whether ``mask`` is used (bool)."""
+    *ints, use_mask = options
+    sh, sw, ph, pw, dh, dw, groups, offset_groups = (
+        symbolic_helper._parse_arg(v, "i") for v in ints
+    )
+    inputs = [x, weight, offset, bias]
+    if symbolic_helper._parse_arg(use_mask, "b"):
+        inputs.append(mask)
     return g.op(
         "DeformConv",
         *inputs,
-        dilations_i=[dil_h, dil_w],
+        dilations_i=[dh, dw],
         group_i=groups,
         kernel_shape_i=symbolic_helper._get_tensor_sizes(weight)[2:],
         offset_group_i=offset_groups,
-        pads_i=[pad_h, pad_w, pad_h, pad_w],
-        strides_i=[stride_h, stride_w],
+        pads_i=[ph, pw, ph, pw],
+        strides_i=[sh, sw],
     )
 
 

@@ -58,6 +58,7 @@ OUTPUT_KEYS = {
 OUTPUT_NAMES = {"panoptic": "panoptic_seg", "instance": "instances", "semantic": "sem_seg"}
 KINDS = {"coco": "instance", "coco_panoptic_seg": "panoptic", "sem_seg": "semantic"}
 MAPPERS = {"instance": "knet_instance", "panoptic": "knet_panoptic", "semantic": "knet_semantic"}
+META_ARCHITECTURES = {"instance": "KNet", "panoptic": "KNet", "semantic": "SemanticKNet"}
 # what a model trained on each kind of data predicts, and (no test dataset) computes by default
 PRODUCIBLE = {
     "instance": ("instance",),
@@ -211,16 +212,6 @@ def _is_auto(cfg: CfgNode, key: str, explicit: FrozenSet[str] | None) -> bool:
     return explicit is not None and key not in explicit
 
 
-def _semantic_head(cfg: CfgNode) -> bool | None:
-    from ..modeling.kernel_head import KERNEL_HEAD_REGISTRY
-
-    try:
-        head = KERNEL_HEAD_REGISTRY.get(cfg.MODEL.KNET.KERNEL_HEAD_NAME)
-    except KeyError:
-        return None
-    return bool(getattr(head, "is_semantic", False))
-
-
 def _has_field(name: str, key: str) -> bool:
     """Whether the metadata of ``name`` has ``key`` (a path field whose files are missing
     counts: the evaluator reports that)."""
@@ -272,7 +263,7 @@ def configure_for_datasets(
     """
     if mode not in ("train", "eval", "inference"):
         raise ValueError(f"mode must be 'train', 'eval' or 'inference', not {mode!r}")
-    if cfg.MODEL.META_ARCHITECTURE != "KNet":
+    if cfg.MODEL.META_ARCHITECTURE not in META_ARCHITECTURES.values():
         return None
     train, test = list(cfg.DATASETS.TRAIN), list(cfg.DATASETS.TEST)
     registered = set(DatasetCatalog.list())
@@ -306,18 +297,12 @@ def configure_for_datasets(
         return None
 
     ref = infos[ref_name]
-    semantic_model = _semantic_head(cfg)
-    if semantic_model is not None and semantic_model != (ref.kind == "semantic"):
+    arch, needed = cfg.MODEL.META_ARCHITECTURE, META_ARCHITECTURES[ref.kind]
+    if arch != needed:
         raise DatasetClassError(
-            f"Dataset {ref.name!r} is {ref.kind} data but MODEL.KNET.KERNEL_HEAD_NAME is "
-            f"{cfg.MODEL.KNET.KERNEL_HEAD_NAME!r}, which "
-            + (
-                "predicts semantic segmentation only"
-                if semantic_model
-                else "needs instance or "
-                "panoptic data (semantic data needs 'KNetSemanticKernelHead')"
-            )
-            + f"; start from a {ref.kind} template in {TEMPLATES}"
+            f"Dataset {ref.name!r} is {ref.kind} data but MODEL.META_ARCHITECTURE is {arch!r} "
+            f"(kernel head {cfg.MODEL.KNET.KERNEL_HEAD_NAME!r}); {ref.kind} data needs {needed!r}: "
+            f"start from a {ref.kind} template in {TEMPLATES}"
         )
     if mode == "train":
         for name in train:
@@ -352,7 +337,7 @@ def configure_for_datasets(
             raise DatasetClassError(f"{key} is -1 but dataset {ref.name!r} does not determine it")
 
     for d in infos.values():
-        _check_dataset(cfg, d, ref, bool(semantic_model), auto, explicit)
+        _check_dataset(cfg, d, ref, arch == "SemanticKNet", auto, explicit)
 
     outputs = _configure_outputs(cfg, ref, [infos[n] for n in test if n in infos], explicit, mode)
     if not chosen and not outputs:
@@ -466,7 +451,7 @@ def _configure_outputs(
 def configured_for_datasets(cfg: CfgNode) -> CfgNode:
     """``cfg`` checked against its datasets for training, with class counts of ``-1`` filled in
     (a copy if anything changes; frozen if ``cfg`` was). Used by ``KNetTrainer``."""
-    if cfg.MODEL.META_ARCHITECTURE != "KNet":
+    if cfg.MODEL.META_ARCHITECTURE not in META_ARCHITECTURES.values():
         return cfg
     out = cfg.clone()
     out.defrost()

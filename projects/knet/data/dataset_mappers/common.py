@@ -7,7 +7,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 import torch
-from detectron2.config import CfgNode
+from detectron2.config import CfgNode, configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.utils.file_io import PathManager
@@ -91,14 +91,33 @@ class KNetDatasetMapperBase:
     """What every K-Net mapper (training and test) shares: augmentations, image format, the
     checked image read."""
 
+    @configurable
     def __init__(
-        self, is_train: bool, augmentations: List[T.Augmentation | T.Transform], image_format: str
+        self,
+        is_train: bool = True,
+        *,
+        augmentations: List[T.Augmentation | T.Transform],
+        image_format: str,
     ):
+        """
+        Args:
+            is_train: whether the mapper is used for training (only affects logging here).
+            augmentations: geometric augmentations applied to the image and its labels.
+            image_format: channel order for ``read_image`` ("BGR" or "RGB").
+        """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         mode = "training" if is_train else "inference"
         logger.info(f"[{self.__class__.__name__}] Augmentations used in {mode}: {augmentations}")
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, is_train: bool = True) -> Dict[str, Any]:
+        return {
+            "is_train": is_train,
+            "augmentations": build_augmentations(cfg, is_train),
+            "image_format": cfg.INPUT.FORMAT,
+        }
 
     def read_image(self, dataset_dict: Dict[str, Any]) -> np.ndarray:
         """The record's image in ``image_format``, checked against its height/width."""

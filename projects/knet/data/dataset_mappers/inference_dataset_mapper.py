@@ -14,7 +14,7 @@ from typing import Any, Dict, List
 from detectron2.config import CfgNode, configurable
 from detectron2.data import transforms as T
 
-from .common import KNetDatasetMapperBase, build_augmentations, image_to_tensor
+from .common import KNetDatasetMapperBase, image_to_tensor
 
 __all__ = ["KNetTestDatasetMapper"]
 
@@ -48,15 +48,11 @@ class KNetTestDatasetMapper(KNetDatasetMapperBase):
         """
         if is_train:
             raise ValueError("KNetTestDatasetMapper is for inference; use build_train_mapper")
-        super().__init__(is_train, augmentations, image_format)
+        super().__init__(is_train, augmentations=augmentations, image_format=image_format)
 
     @classmethod
     def from_config(cls, cfg: CfgNode, is_train: bool = False) -> Dict[str, Any]:
-        return {
-            "is_train": is_train,
-            "augmentations": build_augmentations(cfg, is_train=False),
-            "image_format": cfg.INPUT.FORMAT,
-        }
+        return super().from_config(cfg, is_train=False)
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         dataset_dict = copy.deepcopy(dataset_dict)  # it will be modified below

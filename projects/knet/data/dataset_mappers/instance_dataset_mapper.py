@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import torch
-from detectron2.config import CfgNode, configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Instances
 
-from .common import KNetDatasetMapperBase, build_augmentations, image_to_tensor
+from .common import KNetDatasetMapperBase, image_to_tensor
 
 __all__ = ["KNetInstanceDatasetMapper"]
 
@@ -27,30 +26,6 @@ class KNetInstanceDatasetMapper(KNetDatasetMapperBase):
          (N, H, W), one per non-crowd annotation whose mask is non-empty after augmentation,
      "height", "width", "file_name", "image_id": copied from the record}
     """
-
-    @configurable
-    def __init__(
-        self,
-        is_train: bool = True,
-        *,
-        augmentations: List[T.Augmentation | T.Transform],
-        image_format: str,
-    ):
-        """
-        Args:
-            is_train: whether the mapper is used for training (only affects logging here).
-            augmentations: geometric augmentations applied to the image and the masks.
-            image_format: channel order for ``read_image`` ("BGR" or "RGB").
-        """
-        super().__init__(is_train, augmentations, image_format)
-
-    @classmethod
-    def from_config(cls, cfg: CfgNode, is_train: bool = True) -> Dict[str, Any]:
-        return {
-            "is_train": is_train,
-            "augmentations": build_augmentations(cfg, is_train),
-            "image_format": cfg.INPUT.FORMAT,
-        }
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         dataset_dict = copy.deepcopy(dataset_dict)  # it will be modified below

@@ -15,7 +15,6 @@ from panopticapi.utils import rgb2id
 
 from .common import (
     KNetDatasetMapperBase,
-    build_augmentations,
     check_same_size,
     image_to_tensor,
     read_image_checked,
@@ -52,22 +51,16 @@ class KNetPanopticDatasetMapper(KNetDatasetMapperBase):
     ):
         """
         Args:
-            is_train: whether the mapper is used for training (only affects logging here).
-            augmentations: geometric augmentations applied to the image and panoptic PNG.
-            image_format: channel order for ``read_image`` ("BGR" or "RGB").
+            is_train, augmentations, image_format: see ``KNetDatasetMapperBase``.
             ignore_label: value of void pixels in ``sem_seg``.
         """
-        super().__init__(is_train, augmentations, image_format)
+        super().__init__(is_train, augmentations=augmentations, image_format=image_format)
         self.ignore_label = ignore_label
 
     @classmethod
     def from_config(cls, cfg: CfgNode, is_train: bool = True) -> Dict[str, Any]:
-        return {
-            "is_train": is_train,
-            "augmentations": build_augmentations(cfg, is_train),
-            "image_format": cfg.INPUT.FORMAT,
-            "ignore_label": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
-        }
+        ret = super().from_config(cfg, is_train)
+        return {**ret, "ignore_label": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE}
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         dataset_dict = copy.deepcopy(dataset_dict)  # it will be modified below

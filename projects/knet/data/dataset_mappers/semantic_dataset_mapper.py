@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from detectron2.config import CfgNode, configurable
+from detectron2.config import CfgNode
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
@@ -24,34 +23,11 @@ class KNetSemanticDatasetMapper(KNetDatasetMapperBase):
     """Map a semantic record to K-Net's training input::
 
         {"image": uint8 (3, H, W) tensor in ``image_format`` order,
-         "sem_seg": int64 (H, W) class ids, ``ignore_label`` for void,
+         "sem_seg": int64 (H, W) class ids (``MODEL.SEM_SEG_HEAD.IGNORE_VALUE`` for void),
          "height", "width", "file_name", "image_id" (if present): copied from the record}
 
-    With ``size_divisibility > 0`` the image (value 0) and ``sem_seg`` (``ignore_label``) are
-    padded at the bottom/right to the next multiple of ``size_divisibility``.
+    The model pads the batch (image 0, ``sem_seg`` the ignore value).
     """
-
-    @configurable
-    def __init__(
-        self,
-        is_train: bool = True,
-        *,
-        augmentations: List[T.Augmentation | T.Transform],
-        image_format: str,
-        ignore_label: int = 255,
-        size_divisibility: int = -1,
-    ):
-        """
-        Args:
-            is_train: whether the mapper is used for training (only affects logging here).
-            augmentations: augmentations applied to the image and the label map.
-            image_format: channel order for ``read_image`` ("BGR" or "RGB").
-            ignore_label: void label value in the label PNGs and in the padding.
-            size_divisibility: pad to a multiple of this (<= 0: no padding).
-        """
-        super().__init__(is_train, augmentations, image_format)
-        self.ignore_label = ignore_label
-        self.size_divisibility = size_divisibility
 
     @classmethod
     def from_config(cls, cfg: CfgNode, is_train: bool = True) -> Dict[str, Any]:
@@ -74,13 +50,7 @@ class KNetSemanticDatasetMapper(KNetDatasetMapperBase):
 
                 extra.append(ColorAugSSDTransform(img_format=cfg.INPUT.FORMAT))
             augs[1:1] = extra  # after the resize, before the flip
-        return {
-            "is_train": is_train,
-            "augmentations": augs,
-            "image_format": cfg.INPUT.FORMAT,
-            "ignore_label": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
-            "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
-        }
+        return {"is_train": is_train, "augmentations": augs, "image_format": cfg.INPUT.FORMAT}
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         dataset_dict = copy.deepcopy(dataset_dict)  # it will be modified below
@@ -97,15 +67,6 @@ class KNetSemanticDatasetMapper(KNetDatasetMapperBase):
 
         aug_input = T.AugInput(image, sem_seg=sem_seg)
         self.augmentations(aug_input)
-        image_t = image_to_tensor(aug_input.image)
-        sem_t = torch.as_tensor(aug_input.sem_seg.astype(np.int64))
-
-        if self.size_divisibility > 0:
-            h, w = sem_t.shape
-            pad = [0, (-w) % self.size_divisibility, 0, (-h) % self.size_divisibility]
-            image_t = F.pad(image_t, pad, value=0)
-            sem_t = F.pad(sem_t, pad, value=self.ignore_label)
-
-        dataset_dict["image"] = image_t
-        dataset_dict["sem_seg"] = sem_t
+        dataset_dict["image"] = image_to_tensor(aug_input.image)
+        dataset_dict["sem_seg"] = torch.as_tensor(aug_input.sem_seg.astype(np.int64))
         return dataset_dict

@@ -266,8 +266,8 @@ class SwinStage(nn.Module):
         window: int,
         drop_paths: Sequence[float],
         downsample: bool,
-        patch_norm: bool,
-        use_checkpoint: bool,
+        patch_norm: bool = True,
+        use_checkpoint: bool = False,
         **block_kwargs,
     ):
         super().__init__()
@@ -331,38 +331,31 @@ class SwinTransformer(Backbone):
         depths: Sequence[int] = (2, 2, 6, 2),
         num_heads: Sequence[int] = (3, 6, 12, 24),
         window_size: int = 7,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        qk_scale: Optional[float] = None,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.2,
-        ape: bool = False,
-        patch_norm: bool = True,
+        ape_size: int = 0,
         patch_size: int = 4,
-        pretrain_img_size: int = 224,
         in_chans: int = 3,
         out_features: Sequence[str] = FEATURE_NAMES,
-        use_checkpoint: bool = False,
+        **stage_kwargs,
     ):
         """
         Args:
             embed_dim: C, the width of res2 (96 Swin-T, 192 Swin-L).
             depths, num_heads: blocks and attention heads of each of the 4 stages.
             window_size: side of the attention windows (7 for the K-Net models).
-            mlp_ratio: MLP hidden width / block width.
-            qkv_bias, qk_scale: bias of the q|k|v projection; None: (C / heads)^-0.5.
-            drop_rate, attn_drop_rate: dropout after projections / on attention weights.
             drop_path_rate: stochastic depth of the last block, rising linearly from 0.
-            ape: add an absolute position embedding (learned at ``pretrain_img_size``,
-                resized bicubically to the patch grid).
-            patch_norm: LayerNorm after the patch embedding and in the patch merging.
+            ape_size: > 0: add an absolute position embedding learned at this image size,
+                resized bicubically to the patch grid (0: none).
             patch_size: side and stride of the patch embedding conv.
-            pretrain_img_size: image size of the absolute position embedding.
             in_chans: input channels.
             out_features: subset of res2-res5 to return.
-            use_checkpoint: recompute each block in the backward pass (activation
-                checkpointing: less training memory, about 20-30% slower).
+            stage_kwargs: options of every ``SwinStage`` and ``SwinBlock``:
+                ``patch_norm`` (LayerNorm after the patch embedding and in the patch merging,
+                default True), ``use_checkpoint`` (recompute each block in the backward pass:
+                less training memory, about 20-30% slower), ``mlp_ratio`` (MLP hidden width /
+                block width), ``qkv_bias`` and ``qk_scale`` (the q|k|v projection; None:
+                (C / heads)^-0.5), ``drop`` and ``attn_drop`` (dropout after projections, also
+                after the patch embedding / on attention weights).
         """
         super().__init__()
         if len(depths) != 4 or len(num_heads) != 4:
@@ -373,13 +366,14 @@ class SwinTransformer(Backbone):
         unknown = sorted(set(out_features) - set(FEATURE_NAMES))
         if unknown:
             raise ValueError(f"MODEL.SWIN.OUT_FEATURES: {unknown} not in {list(FEATURE_NAMES)}")
+        patch_norm = stage_kwargs.get("patch_norm", True)
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
         self.absolute_pos_embed = None
-        if ape:
-            grid = pretrain_img_size // patch_size
+        if ape_size > 0:
+            grid = ape_size // patch_size
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, embed_dim, grid, grid))
             nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
-        self.pos_drop = nn.Dropout(drop_rate)
+        self.pos_drop = nn.Dropout(stage_kwargs.get("drop", 0.0))
 
         total = sum(depths)
         # linear from 0 to drop_path_rate over all blocks (plain floats: builds on any device)
@@ -396,13 +390,7 @@ class SwinTransformer(Backbone):
                     window_size,
                     drop_paths=rates[start : start + depth],
                     downsample=i < 3,
-                    patch_norm=patch_norm,
-                    use_checkpoint=use_checkpoint,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    qk_scale=qk_scale,
-                    drop=drop_rate,
-                    attn_drop=attn_drop_rate,
+                    **stage_kwargs,
                 )
             )
         self._out_features = [f for f in FEATURE_NAMES if f in out_features]
@@ -451,17 +439,16 @@ def build_knet_swin_backbone(cfg, input_shape: ShapeSpec) -> SwinTransformer:
         depths=s.DEPTHS,
         num_heads=s.NUM_HEADS,
         window_size=s.WINDOW_SIZE,
+        drop_path_rate=s.DROP_PATH_RATE,
+        ape_size=s.PRETRAIN_IMG_SIZE if s.APE else 0,
+        patch_size=s.PATCH_SIZE,
+        in_chans=input_shape.channels,
+        out_features=s.OUT_FEATURES,
+        patch_norm=s.PATCH_NORM,
+        use_checkpoint=s.USE_CHECKPOINT,
         mlp_ratio=s.MLP_RATIO,
         qkv_bias=s.QKV_BIAS,
         qk_scale=s.QK_SCALE,
-        drop_rate=s.DROP_RATE,
-        attn_drop_rate=s.ATTN_DROP_RATE,
-        drop_path_rate=s.DROP_PATH_RATE,
-        ape=s.APE,
-        patch_norm=s.PATCH_NORM,
-        patch_size=s.PATCH_SIZE,
-        pretrain_img_size=s.PRETRAIN_IMG_SIZE,
-        in_chans=input_shape.channels,
-        out_features=s.OUT_FEATURES,
-        use_checkpoint=s.USE_CHECKPOINT,
+        drop=s.DROP_RATE,
+        attn_drop=s.ATTN_DROP_RATE,
     )

@@ -1,12 +1,12 @@
-"""Initial kernels and masks of K-Net (``ConvKernelHead`` in the official code)."""
+"""Initial kernels and masks of K-Net (``ConvKernelHead``, ZwwWayne/K-Net
+``knet/det/kernel_head.py``)."""
 
 from typing import Dict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..pixel_decoder.localization_fpn import conv_norm_relu
+from ..layers import conv_norm_relu
 from .kernel_update_head import bias_init_with_prob
 
 
@@ -38,8 +38,8 @@ class ConvKernelHead(nn.Module):
         self.num_classes = num_classes
         self.num_thing_classes = num_thing_classes
         self.hard_mask_threshold = hard_mask_threshold
-        self.loc_convs = nn.Sequential(conv_norm_relu(channels, channels, 1, norm))
-        self.seg_convs = nn.Sequential(conv_norm_relu(channels, channels, 1, norm))
+        self.loc_convs = nn.Sequential(conv_norm_relu(channels, channels, 1, norm, init_std=0.01))
+        self.seg_convs = nn.Sequential(conv_norm_relu(channels, channels, 1, norm, init_std=0.01))
         self.init_kernels = nn.Conv2d(channels, num_proposals, 1, bias=False)
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
         nn.init.normal_(self.init_kernels.weight, std=kernel_init_std)
@@ -91,10 +91,3 @@ class ConvKernelHead(nn.Module):
         stuff_kernels = stuff_kernels[None].expand(kernels.shape[0], -1, -1)
         stuff_masks = out["seg_logits"][:, self.num_thing_classes :]
         return torch.cat([kernels, stuff_kernels], dim=1), torch.cat([masks, stuff_masks], dim=1)
-
-
-def upsample_logits(logits: torch.Tensor, factor: int) -> torch.Tensor:
-    """Bilinear (align_corners=False) upsampling of (B, N, h, w) logits by an integer factor."""
-    if factor == 1:
-        return logits
-    return F.interpolate(logits, scale_factor=float(factor), mode="bilinear", align_corners=False)

@@ -1,4 +1,5 @@
-"""The K-Net kernel head: initial kernels followed by S kernel update stages."""
+"""The K-Net kernel head: initial kernels followed by S kernel update stages (``KernelIterHead``,
+ZwwWayne/K-Net ``knet/det/kernel_iter_head.py``)."""
 
 from typing import Dict, List
 
@@ -7,7 +8,8 @@ from detectron2.config import configurable
 from detectron2.utils.registry import Registry
 from torch import nn
 
-from .initial_kernel_head import ConvKernelHead, upsample_logits
+from ..layers import upsample
+from .initial_kernel_head import ConvKernelHead
 from .kernel_update_head import KernelUpdateHead, build_update_stages
 
 KERNEL_HEAD_REGISTRY = Registry("KNET_KERNEL_HEAD")
@@ -30,8 +32,6 @@ class KNetIterativeKernelHead(nn.Module):
     only the last stage is upsampled and returned.
     """
 
-    is_semantic = False
-
     @configurable
     def __init__(
         self,
@@ -49,14 +49,13 @@ class KNetIterativeKernelHead(nn.Module):
     def from_config(cls, cfg):
         k = cfg.MODEL.KNET
         num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-        channels = k.HIDDEN_DIM
-        if cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM != channels:
+        if not 0 < k.NUM_THING_CLASSES <= num_classes:
             raise ValueError(
-                f"MODEL.SEM_SEG_HEAD.CONVS_DIM ({cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM}) must equal "
-                f"MODEL.KNET.HIDDEN_DIM ({channels}): the kernels act on the decoder features"
+                f"MODEL.KNET.NUM_THING_CLASSES={k.NUM_THING_CLASSES} must be in "
+                f"[1, MODEL.SEM_SEG_HEAD.NUM_CLASSES={num_classes}]"
             )
         initial_head = ConvKernelHead(
-            channels=channels,
+            channels=cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM,
             num_proposals=k.NUM_PROPOSALS,
             num_classes=num_classes,
             num_thing_classes=k.NUM_THING_CLASSES,
@@ -93,11 +92,11 @@ class KNetIterativeKernelHead(nn.Module):
         for i, stage in enumerate(self.stages):
             kernels, masks, cls_logits = stage(features, kernels, masks)
             if self.training or i == len(self.stages) - 1:
-                stages.append({"cls_logits": cls_logits, "mask_logits": upsample_logits(masks, up)})
+                stages.append({"cls_logits": cls_logits, "mask_logits": upsample(masks, up)})
         out = {"stages": stages if self.training else stages[-1:]}
         if self.training:
             out["init"] = {
-                "mask_logits": upsample_logits(init["thing_masks"], up),
-                "seg_logits": upsample_logits(init["seg_logits"], up),
+                "mask_logits": upsample(init["thing_masks"], up),
+                "seg_logits": upsample(init["seg_logits"], up),
             }
         return out

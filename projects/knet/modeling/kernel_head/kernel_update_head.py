@@ -1,4 +1,5 @@
-"""One kernel update stage of K-Net (``KernelUpdateHead`` in the official code)."""
+"""One kernel update stage of K-Net (``KernelUpdateHead``, ZwwWayne/K-Net
+``knet/det/kernel_update_head.py`` and ``knet/seg/kernel_update_head.py``)."""
 
 import math
 from typing import List, Optional, Tuple
@@ -156,7 +157,7 @@ def build_update_stages(
     return [
         KernelUpdateHead(
             num_classes=num_classes,
-            channels=k.HIDDEN_DIM,
+            channels=cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM,
             num_heads=k.NHEADS,
             dim_feedforward=k.DIM_FEEDFORWARD,
             dropout=k.DROPOUT,

@@ -1,4 +1,5 @@
-"""The adaptive kernel update of K-Net (``KernelUpdator`` in the official code)."""
+"""The adaptive kernel update of K-Net (``KernelUpdator``, ZwwWayne/K-Net
+``knet/kernel_updator.py``)."""
 
 import torch
 from torch import nn

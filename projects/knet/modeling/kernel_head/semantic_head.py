@@ -1,4 +1,5 @@
-"""The semantic K-Net kernel head (``IterativeDecodeHead`` in the official/MMSeg code)."""
+"""The semantic K-Net kernel head (``IterativeDecodeHead``, ZwwWayne/K-Net
+``knet/seg/iter_decode_head.py``)."""
 
 from typing import Dict, List
 
@@ -24,8 +25,6 @@ class KNetSemanticKernelHead(nn.Module):
     resolution; losses and inference resize them.
     """
 
-    is_semantic = True
-
     @configurable
     def __init__(
         self,
@@ -43,6 +42,7 @@ class KNetSemanticKernelHead(nn.Module):
             dropout: Dropout2d before conv_seg (as in MMSeg's decode heads).
         """
         super().__init__()
+        self.num_classes = num_classes
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
         nn.init.normal_(self.conv_seg.weight, std=0.01)
@@ -56,19 +56,12 @@ class KNetSemanticKernelHead(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        k = cfg.MODEL.KNET
-        channels = cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM
-        if k.HIDDEN_DIM != channels:
-            raise ValueError(
-                f"MODEL.KNET.HIDDEN_DIM ({k.HIDDEN_DIM}) must equal MODEL.SEM_SEG_HEAD.CONVS_DIM "
-                f"({channels}): the semantic kernels are the decode head's classifier weights"
-            )
         stages = build_update_stages(cfg, num_classes=0, hard_mask_threshold=None)
         return {
-            "channels": channels,
+            "channels": cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM,
             "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
             "stages": stages,
-            "dropout": k.DECODE_HEAD.DROPOUT,
+            "dropout": cfg.MODEL.KNET.DECODE_HEAD.DROPOUT,
         }
 
     def forward(self, features: torch.Tensor) -> Dict:

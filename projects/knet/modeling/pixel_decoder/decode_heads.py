@@ -6,62 +6,26 @@ and the dropout in front of it belong to the kernel head. The modules below repr
 ``_forward_feature`` (bilinear resizes with ``align_corners=False`` to exact target sizes, so any
 input size works) and keep MMSeg's module names, so that converted checkpoints load directly:
 MMSeg's ``X.conv.weight`` / ``X.bn.*`` become ``X.weight`` / ``X.norm.*`` here.
-
-The auxiliary FCN head (trained with its own cross-entropy on a backbone feature) is here too.
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
-import fvcore.nn.weight_init as weight_init
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.layers import ShapeSpec
 from torch import nn
 
+from ..layers import conv_norm_relu, resize
 from .build import PIXEL_DECODER_REGISTRY
 
 __all__ = [
-    "conv_module",
     "PyramidPoolingModule",
     "KNetUPerHead",
     "KNetFCNHead",
     "KNetPSPHead",
     "KNetASPPHead",
-    "AuxiliaryFCNHead",
-    "build_auxiliary_head",
 ]
-
-
-def conv_module(
-    in_channels: int, out_channels: int, kernel_size: int, norm: str, dilation: int = 1
-) -> Conv2d:
-    """Conv -> norm -> ReLU with "same" padding, initialised like MMCV's ``ConvModule``.
-
-    The conv has a bias only without a norm. Weights are Kaiming-normal (fan_out, ReLU) with zero
-    bias; the norm keeps its default weight 1 / bias 0. State-dict keys: ``weight`` (and ``bias``
-    without a norm), ``norm.*``.
-    """
-    conv = Conv2d(
-        in_channels,
-        out_channels,
-        kernel_size,
-        padding=dilation * (kernel_size // 2),
-        dilation=dilation,
-        bias=not norm,
-        norm=get_norm(norm, out_channels),
-        activation=F.relu,
-    )
-    weight_init.c2_msra_fill(conv)
-    return conv
-
-
-def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinear resize (``align_corners=False``) of (B, C, h, w) to (B, C, *size)."""
-    if tuple(x.shape[-2:]) == tuple(size) and not torch.jit.is_tracing():
-        # the identity; a trace must keep the resize, equal sizes may differ at other sizes
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
@@ -156,13 +120,13 @@ class SingleInputDecodeHead(nn.Module):
 class PyramidPoolingModule(nn.ModuleList):
     """PSPNet's pyramid pooling (MMSeg ``PPM``).
 
-    Branch ``i`` is ``Sequential(AdaptiveAvgPool2d(scales[i]), 1x1 conv_module)``; state-dict keys
-    ``{i}.1.weight`` and ``{i}.1.norm.*``.
+    Branch ``i`` is ``Sequential(AdaptiveAvgPool2d(scales[i]), 1x1 conv_norm_relu)``; state-dict
+    keys ``{i}.1.weight`` and ``{i}.1.norm.*``.
     """
 
     def __init__(self, pool_scales: Sequence[int], in_channels: int, channels: int, norm: str):
         super().__init__(
-            nn.Sequential(AdaptiveAvgPool2d(scale), conv_module(in_channels, channels, 1, norm))
+            nn.Sequential(AdaptiveAvgPool2d(scale), conv_norm_relu(in_channels, channels, 1, norm))
             for scale in pool_scales
         )
 
@@ -174,7 +138,7 @@ class PyramidPoolingModule(nn.ModuleList):
         Returns:
             one (B, channels, h, w) map per pool scale, pooled then resized back to (h, w).
         """
-        return [_resize(branch(x), x.shape[-2:]) for branch in self]
+        return [resize(branch(x), x.shape[-2:]) for branch in self]
 
 
 @PIXEL_DECODER_REGISTRY.register()
@@ -215,16 +179,16 @@ class KNetUPerHead(nn.Module):
         self.out_channels = conv_dim
 
         self.psp_modules = PyramidPoolingModule(pool_scales, in_channels[-1], conv_dim, norm)
-        self.bottleneck = conv_module(
+        self.bottleneck = conv_norm_relu(
             in_channels[-1] + len(pool_scales) * conv_dim, conv_dim, 3, norm
         )
         self.lateral_convs = nn.ModuleList(
-            conv_module(c, conv_dim, 1, norm) for c in in_channels[:-1]
+            conv_norm_relu(c, conv_dim, 1, norm) for c in in_channels[:-1]
         )
         self.fpn_convs = nn.ModuleList(
-            conv_module(conv_dim, conv_dim, 3, norm) for _ in in_channels[:-1]
+            conv_norm_relu(conv_dim, conv_dim, 3, norm) for _ in in_channels[:-1]
         )
-        self.fpn_bottleneck = conv_module(len(in_channels) * conv_dim, conv_dim, 3, norm)
+        self.fpn_bottleneck = conv_norm_relu(len(in_channels) * conv_dim, conv_dim, 3, norm)
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
@@ -247,11 +211,11 @@ class KNetUPerHead(nn.Module):
         laterals = [conv(x) for conv, x in zip(self.lateral_convs, inputs[:-1])]
         laterals.append(self.bottleneck(torch.cat([x_top] + self.psp_modules(x_top), dim=1)))
         for i in range(len(laterals) - 1, 0, -1):
-            laterals[i - 1] = laterals[i - 1] + _resize(laterals[i], laterals[i - 1].shape[-2:])
+            laterals[i - 1] = laterals[i - 1] + resize(laterals[i], laterals[i - 1].shape[-2:])
         fpn_outs = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals[:-1])]
         fpn_outs.append(laterals[-1])
         size = fpn_outs[0].shape[-2:]
-        fpn_outs = [fpn_outs[0]] + [_resize(out, size) for out in fpn_outs[1:]]
+        fpn_outs = [fpn_outs[0]] + [resize(out, size) for out in fpn_outs[1:]]
         return (self.fpn_bottleneck(torch.cat(fpn_outs, dim=1)),)
 
     forward = forward_features
@@ -291,12 +255,12 @@ class KNetFCNHead(SingleInputDecodeHead):
             )
         self.convs = nn.Sequential(
             *(
-                conv_module(in_channels if i == 0 else conv_dim, conv_dim, 3, norm)
+                conv_norm_relu(in_channels if i == 0 else conv_dim, conv_dim, 3, norm)
                 for i in range(num_convs)
             )
         )  # empty Sequential = identity (MMSeg's num_convs=0)
         self.conv_cat = (
-            conv_module(in_channels + conv_dim, conv_dim, 3, norm) if concat_input else None
+            conv_norm_relu(in_channels + conv_dim, conv_dim, 3, norm) if concat_input else None
         )
 
     @classmethod
@@ -340,7 +304,9 @@ class KNetPSPHead(SingleInputDecodeHead):
         super().__init__(input_shape, conv_dim)
         in_channels = self.in_channels
         self.psp_modules = PyramidPoolingModule(pool_scales, in_channels, conv_dim, norm)
-        self.bottleneck = conv_module(in_channels + len(pool_scales) * conv_dim, conv_dim, 3, norm)
+        self.bottleneck = conv_norm_relu(
+            in_channels + len(pool_scales) * conv_dim, conv_dim, 3, norm
+        )
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
@@ -380,13 +346,13 @@ class KNetASPPHead(SingleInputDecodeHead):
         super().__init__(input_shape, conv_dim)
         in_channels = self.in_channels
         self.image_pool = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), conv_module(in_channels, conv_dim, 1, norm)
+            nn.AdaptiveAvgPool2d(1), conv_norm_relu(in_channels, conv_dim, 1, norm)
         )
         self.aspp_modules = nn.ModuleList(
-            conv_module(in_channels, conv_dim, 1 if d == 1 else 3, norm, dilation=d)
+            conv_norm_relu(in_channels, conv_dim, 1 if d == 1 else 3, norm, dilation=d)
             for d in dilations
         )
-        self.bottleneck = conv_module((len(dilations) + 1) * conv_dim, conv_dim, 3, norm)
+        self.bottleneck = conv_norm_relu((len(dilations) + 1) * conv_dim, conv_dim, 3, norm)
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
@@ -396,78 +362,6 @@ class KNetASPPHead(SingleInputDecodeHead):
         }
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [_resize(self.image_pool(x), x.shape[-2:])]
+        outs = [resize(self.image_pool(x), x.shape[-2:])]
         outs.extend(conv(x) for conv in self.aspp_modules)
         return self.bottleneck(torch.cat(outs, dim=1))
-
-
-class AuxiliaryFCNHead(KNetFCNHead):
-    """MMSeg's auxiliary ``FCNHead`` (no ``concat_input``) with its classifier.
-
-    The FCN feature of one backbone map, then ``dropout`` and the 1x1 ``conv_seg``
-    (N(0, 0.01) weights, zero bias). State-dict keys: ``convs.{i}.weight``, ``convs.{i}.norm.*``,
-    ``conv_seg.{weight,bias}``.
-    """
-
-    @configurable
-    def __init__(
-        self,
-        input_shape: Dict[str, ShapeSpec],
-        *,
-        channels: int,
-        norm: str,
-        num_convs: int,
-        num_classes: int,
-        dropout: float,
-    ):
-        """
-        Args:
-            input_shape: exactly one input feature (e.g. "res4").
-            channels: channels of the convs.
-            norm: Detectron2 norm name ("BN", "SyncBN", ...; "" for none).
-            num_convs: number of 3x3 convs.
-            num_classes: number of classifier outputs.
-            dropout: Dropout2d probability before the classifier.
-        """
-        super().__init__(
-            input_shape, conv_dim=channels, norm=norm, num_convs=num_convs, concat_input=False
-        )
-        self.dropout = nn.Dropout2d(dropout)
-        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
-        nn.init.normal_(self.conv_seg.weight, std=0.01)
-        nn.init.zeros_(self.conv_seg.bias)
-
-    @classmethod
-    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
-        aux = cfg.MODEL.KNET.AUX_HEAD
-        return {
-            "input_shape": _select_features(input_shape, [aux.IN_FEATURE], cls.__name__),
-            "channels": aux.CHANNELS,
-            "norm": cfg.MODEL.SEM_SEG_HEAD.NORM,
-            "num_convs": aux.NUM_CONVS,
-            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
-            "dropout": cfg.MODEL.KNET.DECODE_HEAD.DROPOUT,
-        }
-
-    def forward(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """
-        Args:
-            features: backbone maps containing the input, e.g. {"res4": (B, C, h, w)}.
-
-        Returns:
-            logits (B, num_classes, h, w) at the input's stride.
-        """
-        (feats,) = self.forward_features(features)
-        return self.conv_seg(self.dropout(feats))
-
-
-def build_auxiliary_head(cfg, input_shape: Dict[str, ShapeSpec]) -> Optional[AuxiliaryFCNHead]:
-    """The auxiliary FCN head, or None when ``MODEL.KNET.AUX_HEAD.LOSS_WEIGHT`` is 0.
-
-    Args:
-        cfg: a K-Net config.
-        input_shape: the backbone's ``output_shape()``.
-    """
-    if cfg.MODEL.KNET.AUX_HEAD.LOSS_WEIGHT == 0:
-        return None
-    return AuxiliaryFCNHead(cfg, input_shape)

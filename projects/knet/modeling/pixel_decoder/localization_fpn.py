@@ -1,40 +1,16 @@
-"""K-Net's "localization FPN" (``SemanticFPNWrapper`` in the official code)."""
+"""K-Net's "localization FPN" (``SemanticFPNWrapper``, ZwwWayne/K-Net
+``knet/det/semantic_fpn_wrapper.py``)."""
 
 from typing import Dict, List, Tuple
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.layers import ShapeSpec
 from torch import nn
 
+from ..layers import conv_norm_relu
 from .build import PIXEL_DECODER_REGISTRY
 from .position_encoding import PositionEmbeddingSine
-
-
-def conv_norm_relu(
-    in_channels: int, out_channels: int, kernel_size: int, norm: str, stride: int = 1
-) -> Conv2d:
-    """Conv (no bias: a norm follows) -> norm -> ReLU, initialised N(0, 0.01)."""
-    conv = Conv2d(
-        in_channels,
-        out_channels,
-        kernel_size,
-        stride=stride,
-        padding=kernel_size // 2,
-        bias=not norm,
-        norm=get_norm(norm, out_channels),
-        activation=F.relu,
-    )
-    nn.init.normal_(conv.weight, std=0.01)
-    if conv.bias is not None:
-        nn.init.zeros_(conv.bias)
-    return conv
-
-
-class Upsample2x(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
 
 
 @PIXEL_DECODER_REGISTRY.register()
@@ -73,20 +49,26 @@ class KNetLocalizationFPN(nn.Module):
 
         self.convs_all_levels = nn.ModuleList()
         level0 = nn.Sequential()
-        level0.add_module("conv0", conv_norm_relu(in_channels[0], conv_dim, 3, norm, stride=2))
+        level0.add_module(
+            "conv0", conv_norm_relu(in_channels[0], conv_dim, 3, norm, stride=2, init_std=0.01)
+        )
         self.convs_all_levels.append(level0)
         for level in range(1, 4):
             branch = nn.Sequential()
+            c_in = in_channels[level]
             for j in range(level):
                 branch.add_module(
                     f"conv{j}",
-                    conv_norm_relu(in_channels[level] if j == 0 else conv_dim, conv_dim, 3, norm),
+                    conv_norm_relu(c_in if j == 0 else conv_dim, conv_dim, 3, norm, init_std=0.01),
                 )
                 if j < level - 1:
-                    branch.add_module(f"upsample{j}", Upsample2x())
+                    branch.add_module(
+                        f"upsample{j}",
+                        nn.Upsample(scale_factor=2.0, mode="bilinear", align_corners=False),
+                    )
             self.convs_all_levels.append(branch)
-        self.conv_pred = conv_norm_relu(conv_dim, conv_dim, 1, norm)
-        self.aux_conv = conv_norm_relu(conv_dim, conv_dim, 1, norm)
+        self.conv_pred = conv_norm_relu(conv_dim, conv_dim, 1, norm, init_std=0.01)
+        self.aux_conv = conv_norm_relu(conv_dim, conv_dim, 1, norm, init_std=0.01)
         self.pe = (
             PositionEmbeddingSine(in_channels[3] // 2, normalize=True)
             if positional_encoding

@@ -1,10 +1,10 @@
-"""CPU accelerator of :func:`~.postprocessing.mask_statistics`: evaluate the full-resolution
+"""CPU accelerator of :func:`~.post_processor.mask_statistics`: evaluate the full-resolution
 mask probabilities only where they can change the result.
 
 Each full-resolution probability map is a linear resize of its stride-4 map, separable into a
 row operator and a column operator, ``P_n = R_rows p_n R_cols^T``, whose weights are >= 0 and sum
 to 1 per output pixel. Both operators are obtained by applying
-:func:`~.postprocessing.resize_to_output` to unit vectors, so they are the official resizing by
+:func:`~.post_processor.resize_to_output` to unit vectors, so they are the official resizing by
 construction. On a tile of the output, a map therefore lies between the minimum and maximum of
 its low-resolution values over the tile's support, and:
 
@@ -28,7 +28,7 @@ from typing import NamedTuple, Tuple
 import torch
 from torch import Tensor
 
-from .postprocessing import MaskStatistics, OutputGeometry, resize_to_output
+from .post_processor import MaskStatistics, OutputGeometry, resize_to_output
 
 __all__ = ["tiled_mask_statistics"]
 
@@ -187,7 +187,7 @@ def tiled_mask_statistics(
     selected: Tensor | None,
     mask_threshold: float,
 ) -> MaskStatistics | None:
-    """:func:`~.postprocessing.mask_statistics` by bounds on tiles, or None where the full
+    """:func:`~.post_processor.mask_statistics` by bounds on tiles, or None where the full
     computation is cheaper or the inputs are not finite."""
     n, h, w = mask_logits.shape
     probs = mask_logits.float().sigmoid()

@@ -1,4 +1,5 @@
-"""Losses of semantic K-Net: cross-entropy on the initial and every stage's logits."""
+"""Losses of semantic K-Net: cross-entropy on the initial and every stage's logits
+(ZwwWayne/K-Net ``knet/seg/iter_decode_head.py`` on MMSeg's ``BaseDecodeHead.losses``)."""
 
 from typing import Dict, Optional, Sequence
 

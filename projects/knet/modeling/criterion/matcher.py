@@ -1,4 +1,5 @@
-"""Hungarian matching of K-Net (``MaskHungarianAssigner`` with focal, dice and mask costs)."""
+"""Hungarian matching of K-Net (``MaskHungarianAssigner`` with focal, dice and mask costs,
+ZwwWayne/K-Net ``knet/det/mask_hungarian_assigner.py``)."""
 
 from typing import Optional, Tuple
 

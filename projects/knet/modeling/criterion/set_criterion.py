@@ -1,4 +1,6 @@
-"""Losses of K-Net: the initial head's and every update stage's, with Hungarian matching."""
+"""Losses of K-Net: the initial head's and every update stage's, with Hungarian matching
+(ZwwWayne/K-Net ``knet/det/kernel_iter_head.py`` ``forward_train``, ``kernel_update_head.py``
+``get_targets`` and ``loss``, ``kernel_head.py`` ``loss``)."""
 
 from typing import Dict, List, Optional, Sequence
 
@@ -20,6 +22,11 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
         value = value / world_size
     return value
+
+
+# The official loss weights: focal classification, mask BCE, dice, rank (stuff kernels) and the
+# initial head's semantic loss.
+LOSS_WEIGHTS = {"cls": 2.0, "mask": 1.0, "dice": 4.0, "rank": 0.1, "seg": 1.0}
 
 
 class KNetCriterion(nn.Module):
@@ -47,26 +54,30 @@ class KNetCriterion(nn.Module):
         num_classes: int,
         num_thing_classes: int,
         num_proposals: int,
-        class_weight: float = 2.0,
-        mask_weight: float = 1.0,
-        dice_weight: float = 4.0,
-        rank_weight: float = 0.1,
-        seg_weight: float = 1.0,
+        weight_dict: Optional[Dict[str, float]] = None,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         stage_loss_weights: Sequence[float] = (1.0, 1.0, 1.0),
         ignore_value: int = 255,
     ):
+        """
+        Args:
+            matcher: assigns thing kernels to thing targets.
+            num_classes, num_thing_classes, num_proposals: K, T and P (the kernel head's).
+            weight_dict: weights of the loss terms "cls", "mask", "dice", "rank" and "seg";
+                missing ones take the official ``LOSS_WEIGHTS``.
+            focal_alpha, focal_gamma: the focal classification loss.
+            stage_loss_weights: one factor per update stage.
+            ignore_value: the void label of the rank and semantic targets.
+        """
         super().__init__()
         self.matcher = matcher
         self.num_classes = num_classes
         self.num_thing_classes = num_thing_classes
         self.num_proposals = num_proposals
-        self.class_weight = class_weight
-        self.mask_weight = mask_weight
-        self.dice_weight = dice_weight
-        self.rank_weight = rank_weight
-        self.seg_weight = seg_weight
+        self.weight_dict = {**LOSS_WEIGHTS, **(weight_dict or {})}
+        if set(self.weight_dict) != set(LOSS_WEIGHTS):
+            raise ValueError(f"weight_dict keys must be in {sorted(LOSS_WEIGHTS)}")
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.stage_loss_weights = list(stage_loss_weights)
@@ -136,13 +147,13 @@ class KNetCriterion(nn.Module):
         pred = mask_logits[positive]
         tgt = torch.stack(pos_masks) if pos_masks else torch.zeros_like(pred)
         losses = {
-            f"{prefix}loss_mask": self.mask_weight * mask_bce_loss(pred, tgt),
-            f"{prefix}loss_dice": self.dice_weight * dice_loss(pred, tgt),
+            f"{prefix}loss_mask": self.weight_dict["mask"] * mask_bce_loss(pred, tgt),
+            f"{prefix}loss_dice": self.weight_dict["dice"] * dice_loss(pred, tgt),
         }
-        if self.has_stuff_kernels and self.rank_weight > 0:
+        if self.has_stuff_kernels and self.weight_dict["rank"] > 0:
             b, _, h, w = mask_logits.shape
             rank_tgt = self.rank_targets(positive, pos_masks, (b, h, w))
-            losses[f"{prefix}loss_rank"] = self.rank_weight * rank_loss(
+            losses[f"{prefix}loss_rank"] = self.weight_dict["rank"] * rank_loss(
                 mask_logits, rank_tgt, self.ignore_value
             )
         return losses
@@ -152,7 +163,7 @@ class KNetCriterion(nn.Module):
         assignments = self.match(mask_logits, None, targets, "init")
         labels, positive, pos_masks = self.kernel_targets(assignments, targets, self.num_proposals)
         losses = self.mask_losses(mask_logits, positive, pos_masks, "rpn_")
-        losses["rpn_loss_seg"] = self.seg_weight * self.semantic_loss(
+        losses["rpn_loss_seg"] = self.weight_dict["seg"] * self.semantic_loss(
             init["seg_logits"], labels, positive, pos_masks, targets
         )
         return {k.replace("rpn_loss_", "loss_rpn_"): v for k, v in losses.items()}
@@ -199,7 +210,7 @@ class KNetCriterion(nn.Module):
         num_pos = all_reduce_mean(positive.sum().float()).clamp(min=1.0)
         weights = self.label_weights(n, cls_logits.device).repeat(b, 1)
         losses = {
-            f"{prefix}loss_cls": self.class_weight
+            f"{prefix}loss_cls": self.weight_dict["cls"]
             * weighted_focal_loss(
                 cls_logits.reshape(b * n, k),
                 labels.flatten(),
@@ -247,7 +258,6 @@ class KNetCriterion(nn.Module):
         return (
             f"KNetCriterion(matcher={self.matcher!r}, num_classes={self.num_classes}, "
             f"num_thing_classes={self.num_thing_classes}, num_proposals={self.num_proposals}, "
-            f"weights(cls={self.class_weight}, mask={self.mask_weight}, dice="
-            f"{self.dice_weight}, rank={self.rank_weight}, seg={self.seg_weight}), "
+            f"weight_dict={self.weight_dict}, "
             f"stage_loss_weights={self.stage_loss_weights})"
         )

@@ -1,4 +1,4 @@
-"""Tile-bounded :func:`~.postprocessing.mask_statistics` for exported graphs.
+"""Tile-bounded :func:`~.post_processor.mask_statistics` for exported graphs.
 
 The same bounds as :mod:`.tiled_mask_statistics`, written with the operations TorchScript
 tracing and ONNX keep dynamic (no Python loop over data, no caches): exported models resize the
@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .postprocessing import MaskStatistics, OutputGeometry
+from ..layers import resize
+from .post_processor import MaskStatistics, OutputGeometry
 
 __all__ = ["exported_mask_statistics"]
 
@@ -38,7 +39,7 @@ def exported_mask_statistics(
     mask_threshold: float,
     factor: int,
 ) -> MaskStatistics:
-    """:func:`~.postprocessing.mask_statistics` of (N, h, w) logits upsampled by ``factor``
+    """:func:`~.post_processor.mask_statistics` of (N, h, w) logits upsampled by ``factor``
     to the padded size (h, w multiples of 8), the output being the image (no second resize)."""
     tile = CELLS * factor
     height, width = geometry.image_size
@@ -56,7 +57,7 @@ def exported_mask_statistics(
         c = cols[:, None] * CELLS + window
         patch = probs[kernels[:, None, None], r[:, :, None], c[:, None, :]]
         size = (factor * (CELLS + 2),) * 2  # x ``factor``, as the padded-size maps
-        up = F.interpolate(patch[:, None], size=size, mode="bilinear", align_corners=False)
+        up = resize(patch[:, None], size)
         return up[:, 0, factor : factor + tile, factor : factor + tile]
 
     def image(tiles: Tensor) -> Tensor:

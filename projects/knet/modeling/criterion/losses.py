@@ -1,8 +1,12 @@
-"""Loss functions of K-Net, in the exact forms of the official code (MMDet 2.17)."""
+"""Loss functions of K-Net, in the exact forms of the official code: ZwwWayne/K-Net
+``knet/det/dice_loss.py`` and ``knet/cross_entropy_loss.py``, MMDet 2.x
+``mmdet/models/losses/focal_loss.py``."""
 
 import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
+
+from ..layers import resize
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
@@ -71,8 +75,7 @@ def semantic_cross_entropy(
     pixels contribute 0; the sum is divided by all B*H*W pixels (``avg_non_ignore=False``, the
     official reduction) or by the non-ignored ones (0 when every pixel is ignored).
     """
-    if logits.shape[-2:] != labels.shape[-2:]:
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    logits = resize(logits, labels.shape[-2:])
     loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
     if not avg_non_ignore:
         return loss.mean()

@@ -10,7 +10,9 @@ the padded input. Every full-resolution map is made by :func:`resize_to_output`,
 where the official resizing is written: bilinear to the padded input size, crop to the image,
 bilinear to the output (original image) size. :func:`mask_statistics` computes what the outputs
 need from those maps, on the CPU through a tile-pruned equivalent
-(:mod:`.tiled_mask_statistics`).
+(:mod:`.tiled_mask_statistics`). The official code: ZwwWayne/K-Net
+``knet/det/kernel_iter_head.py`` (``get_panoptic``, ``merge_stuff_thing``, ``simple_test``) and
+``knet/det/kernel_update_head.py`` (``rescale_masks``, ``get_seg_masks``).
 """
 
 from __future__ import annotations
@@ -23,24 +25,8 @@ from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 from torch import Tensor, nn
 
-from ..config import test_option
-
-__all__ = [
-    "KNetPostProcessor",
-    "MaskStatistics",
-    "OutputGeometry",
-    "detectron2_outputs",
-    "full_mask_statistics",
-    "kernel_scores_and_labels",
-    "mask_statistics",
-    "masks_to_boxes",
-    "panoptic_segments",
-    "resize_to_output",
-    "segments_info_from_table",
-    "select_instances",
-    "semantic_probabilities",
-    "semantic_scores",
-]
+from ...config import test_option
+from ..layers import resize
 
 
 class OutputGeometry(NamedTuple):
@@ -93,14 +79,14 @@ def resize_to_output(
                 maps[start : start + chunk_size], geometry
             )
         return out
-    x = F.interpolate(maps[None], size=geometry.padded_size, mode="bilinear", align_corners=False)
+    x = resize(maps[None], geometry.padded_size)
     if not crop:
         if geometry.output_size is not None:
             raise ValueError("an uncropped resize cannot also resize to another output size")
         return x[0]
     x = x[:, :, : geometry.image_size[0], : geometry.image_size[1]]
     if geometry.output_size is not None:
-        x = F.interpolate(x, size=geometry.output_size, mode="bilinear", align_corners=False)
+        x = resize(x, geometry.output_size)
     return x[0]
 
 
@@ -388,7 +374,6 @@ class KNetPostProcessor(nn.Module):
         self,
         *,
         num_thing_classes: int,
-        num_proposals: int,
         panoptic_on: bool,
         instance_on: bool,
         semantic_on: bool,
@@ -401,7 +386,8 @@ class KNetPostProcessor(nn.Module):
     ):
         """
         Args:
-            num_thing_classes, num_proposals: T and P (kernels n >= P are the stuff kernels).
+            num_thing_classes: T. With K classes, the last K - T of the N kernels are the stuff
+                kernels, so the first P = N - (K - T) are the thing kernels.
             mask_threshold: binarisation of the mask probabilities (instances, own areas).
             thing_score_thresh, overlap_threshold: the panoptic merge's thresholds.
             instances_score_thresh, topk: the instance output's selection.
@@ -409,7 +395,6 @@ class KNetPostProcessor(nn.Module):
         """
         super().__init__()
         self.num_thing_classes = num_thing_classes
-        self.num_proposals = num_proposals
         self.panoptic_on = panoptic_on
         self.instance_on = instance_on
         self.semantic_on = semantic_on
@@ -425,7 +410,6 @@ class KNetPostProcessor(nn.Module):
         test = cfg.MODEL.KNET.TEST
         return {
             "num_thing_classes": cfg.MODEL.KNET.NUM_THING_CLASSES,
-            "num_proposals": cfg.MODEL.KNET.NUM_PROPOSALS,
             "panoptic_on": test.PANOPTIC_ON,
             "instance_on": test.INSTANCE_ON,
             "semantic_on": test.SEMANTIC_ON,
@@ -447,15 +431,16 @@ class KNetPostProcessor(nn.Module):
         """
         out: Dict[str, Tensor] = {}
         scores = labels = selected = None
+        num_proposals = cls_logits.shape[0] - (cls_logits.shape[1] - self.num_thing_classes)
         if self.panoptic_on:
             scores, labels = kernel_scores_and_labels(
-                cls_logits, self.num_thing_classes, self.num_proposals
+                cls_logits, self.num_thing_classes, num_proposals
             )
         if self.instance_on:
             inst_scores, inst_labels, selected = select_instances(
                 cls_logits,
                 self.num_thing_classes,
-                self.num_proposals,
+                num_proposals,
                 self.topk,
                 self.instances_score_thresh,
             )
@@ -480,7 +465,7 @@ class KNetPostProcessor(nn.Module):
                 mask_logits,
                 geometry,
                 self.num_thing_classes,
-                self.num_proposals,
+                num_proposals,
                 self.chunk_size,
             )
         return out

@@ -1,0 +1,217 @@
+"""What both K-Net meta-architectures share: input checks and normalisation, the network
+(backbone -> pixel decoder -> kernel head), mixed-precision inference and output geometries."""
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.modeling import Backbone, build_backbone
+from detectron2.structures import ImageList
+from torch import nn
+
+from ..kernel_head import build_kernel_head
+from ..pixel_decoder import build_pixel_decoder
+from ..postprocessing import OutputGeometry, detectron2_outputs
+
+__all__ = ["KNetBase", "checked_image", "inference_amp_dtype"]
+
+
+def checked_image(inputs: Dict, index: int, pixel_mean: torch.Tensor) -> torch.Tensor:
+    """``inputs["image"]`` after checks, as (3, H, W); a (1, H, W) grayscale image is broadcast.
+
+    The model takes unnormalised pixels of the range its ``PIXEL_MEAN`` is in (0-255 for every
+    shipped config); the commonest mistakes (channels last, RGBA, an empty image, NaNs, a float
+    image in [0, 1], an already normalised image) are reported instead of giving a silently
+    empty or wrong result. Skipped while tracing (the checks read values).
+    """
+    image = inputs.get("image") if isinstance(inputs, dict) else None
+    name = f"input {index}" + (f" ({inputs['file_name']})" if "file_name" in inputs else "")
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"{name}: 'image' must be a (3, H, W) tensor, got {type(image).__name__}")
+    if torch.jit.is_tracing():
+        return image
+    top = 255 if float(pixel_mean.max()) > 1 else 1
+    expected = f"expected a (3, H, W) tensor of 0-{top} pixel values in the config's INPUT.FORMAT"
+    if image.dim() != 3 or image.shape[0] not in (1, 3):
+        hint = ""
+        if image.dim() == 3 and image.shape[-1] in (1, 3, 4):
+            hint = " (an (H, W, C) array? use image.permute(2, 0, 1))"
+        if image.dim() == 3 and image.shape[0] == 4:
+            hint = " (RGBA? drop the alpha channel, e.g. cv2.cvtColor(img, cv2.COLOR_BGRA2BGR))"
+        raise ValueError(f"{name}: got an image of shape {tuple(image.shape)}; {expected}{hint}")
+    if image.shape[1] == 0 or image.shape[2] == 0:
+        raise ValueError(f"{name}: the image is empty ({tuple(image.shape)}); {expected}")
+    if image.dtype == torch.bool or image.is_complex():
+        raise ValueError(f"{name}: got a {image.dtype} image; {expected}")
+    if image.is_floating_point():
+        low, high = (float(v) for v in torch.aminmax(image))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"{name}: the image has NaN or infinite values; {expected}")
+        if low < 0 or high > top * 1.001:
+            raise ValueError(
+                f"{name}: pixel values range over [{low:.3g}, {high:.3g}]; {expected} (an image "
+                "normalised already, or of another bit depth?)"
+            )
+        if top == 255 and 0 < high <= 1:
+            raise ValueError(
+                f"{name}: pixel values range over [{low:.3g}, {high:.3g}]; {expected}: multiply "
+                "an image in [0, 1] by 255"
+            )
+    return image.expand(3, -1, -1) if image.shape[0] == 1 else image
+
+
+def inference_amp_dtype(cfg) -> Optional[torch.dtype]:
+    """``MODEL.KNET.TEST.AMP_DTYPE``: "" (float32), "float16", "bfloat16" or "auto" (float16 on
+    CUDA, bfloat16 on the CPU)."""
+    name = cfg.MODEL.KNET.TEST.AMP_DTYPE
+    if name == "auto":
+        name = "float16" if cfg.MODEL.DEVICE.startswith("cuda") else "bfloat16"
+    if name not in ("", "float16", "bfloat16"):
+        raise ValueError(
+            f"MODEL.KNET.TEST.AMP_DTYPE must be '', 'auto', 'float16' or 'bfloat16', got {name!r}"
+        )
+    return getattr(torch, name) if name else None
+
+
+class KNetBase(nn.Module):
+    """backbone -> pixel decoder -> kernel head, trained by ``criterion``.
+
+    Inputs follow Detectron2's contract: a list of dicts with "image" (C, H, W) in
+    ``INPUT.FORMAT`` (uint8 or float, unnormalised), optional "height"/"width" (output size) and
+    the training targets of the subclass. Subclasses define ``losses`` (training) and
+    ``postprocess`` (eval mode).
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        pixel_decoder: nn.Module,
+        kernel_head: nn.Module,
+        criterion: nn.Module,
+        size_divisibility: int,
+        pixel_mean: List[float],
+        pixel_std: List[float],
+        channels_last: bool = False,
+        amp_dtype: Optional[torch.dtype] = None,
+    ):
+        """
+        Args:
+            backbone, pixel_decoder, kernel_head: the three parts; the pixel decoder's outputs
+                are passed to the kernel head as positional args.
+            criterion: the training losses of the kernel head's outputs.
+            size_divisibility: images are padded (bottom/right) to a multiple of this.
+            pixel_mean, pixel_std: the input normalisation (``MODEL.PIXEL_MEAN/STD``).
+            channels_last: run the network on channels-last tensors.
+            amp_dtype: inference under autocast in this dtype (None: float32).
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.pixel_decoder = pixel_decoder
+        self.kernel_head = kernel_head
+        self.criterion = criterion
+        self.size_divisibility = size_divisibility
+        self.channels_last = channels_last
+        self.amp_dtype = amp_dtype
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg) -> Dict:
+        k = cfg.MODEL.KNET
+        if len(k.STAGE_LOSS_WEIGHTS) != k.NUM_STAGES:
+            raise ValueError(
+                f"MODEL.KNET.STAGE_LOSS_WEIGHTS has {len(k.STAGE_LOSS_WEIGHTS)} entries, "
+                f"MODEL.KNET.NUM_STAGES is {k.NUM_STAGES}"
+            )
+        backbone = build_backbone(cfg)
+        return {
+            "backbone": backbone,
+            "pixel_decoder": build_pixel_decoder(cfg, backbone.output_shape()),
+            "kernel_head": build_kernel_head(cfg),
+            "size_divisibility": k.SIZE_DIVISIBILITY,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "channels_last": k.CHANNELS_LAST,
+            "amp_dtype": inference_amp_dtype(cfg),
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Checked, normalised images padded to a batch (bottom/right, to a multiple of
+        ``size_divisibility``), channels-last when ``channels_last``."""
+        images = [
+            (checked_image(x, i, self.pixel_mean).to(self.device) - self.pixel_mean)
+            / self.pixel_std
+            for i, x in enumerate(batched_inputs)
+        ]
+        images = ImageList.from_tensors(images, self.size_divisibility)
+        if self.channels_last:
+            images.tensor = images.tensor.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def forward(self, batched_inputs: List[Dict]):
+        """Training: dict of weighted losses. Inference: one dict of Detectron2 outputs per
+        image, at its output size."""
+        images = self.preprocess_image(batched_inputs)
+        if not self.training:
+            predictions = self.predict(images.tensor)
+            # float32 post-processing, also inside a caller's autocast region
+            with torch.autocast(images.tensor.device.type, enabled=False):
+                return self.inference(predictions, batched_inputs, images)
+        features = self.backbone(images.tensor)
+        outputs = self.kernel_head(*self.pixel_decoder(features))
+        return self.losses(outputs, features, batched_inputs, images)
+
+    def predict(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The network in eval mode: (B, 3, H, W) normalised, padded images -> the last stage's
+        float32 predictions (see the kernel head).
+
+        With ``amp_dtype`` the network runs under autocast in that dtype (post-processing is
+        always float32)."""
+        with torch.autocast(
+            images.device.type, dtype=self.amp_dtype or torch.float32, enabled=bool(self.amp_dtype)
+        ):
+            features = self.backbone(images)
+            outputs = self.kernel_head(*self.pixel_decoder(features))
+        return {k: v.float() for k, v in outputs["stages"][-1].items() if v is not None}
+
+    @staticmethod
+    def output_geometries(batched_inputs, images: ImageList) -> List[OutputGeometry]:
+        """Per image: the padded input size, its size inside it, and the requested output size
+        ("height"/"width" of the input dict, default the image size)."""
+        padded_size = tuple(images.tensor.shape[-2:])
+        geometries = []
+        for x, image_size in zip(batched_inputs, images.image_sizes):
+            output_size = (x.get("height", image_size[0]), x.get("width", image_size[1]))
+            same = tuple(output_size) == tuple(image_size)
+            geometries.append(
+                OutputGeometry(padded_size, image_size, None if same else output_size)
+            )
+        return geometries
+
+    def losses(
+        self, outputs: Dict, features: Dict[str, torch.Tensor], batched_inputs, images: ImageList
+    ) -> Dict[str, torch.Tensor]:
+        """The weighted training losses of the kernel head's ``outputs``."""
+        raise NotImplementedError
+
+    def postprocess(
+        self, predictions: Dict[str, torch.Tensor], index: int, geometry: OutputGeometry
+    ) -> Dict[str, torch.Tensor]:
+        """The outputs of image ``index`` of ``predict``'s predictions, as tensors at the output
+        size of ``geometry`` (the exported graphs return these)."""
+        raise NotImplementedError
+
+    def inference(
+        self, predictions: Dict[str, torch.Tensor], batched_inputs, images: ImageList
+    ) -> List[Dict]:
+        """Per image, Detectron2's outputs (``postprocess``'s, as Detectron2 structures)."""
+        geometries = self.output_geometries(batched_inputs, images)
+        return [
+            detectron2_outputs(self.postprocess(predictions, i, g))
+            for i, g in enumerate(geometries)
+        ]
