@@ -32,6 +32,7 @@ import knet  # noqa: F401  (registers K-Net's meta-architecture and datasets)
 from knet.data.dataset_classes import configure_for_datasets, explicit_config_keys
 from knet.data.datasets.custom import DatasetSpec, register_dataset_specs
 from knet.engine import get_knet_cfg
+from knet.visualization import draw_predictions
 
 __all__ = [
     "AsyncPredictor",
@@ -157,19 +158,7 @@ class VisualizationDemo:
         """
         predictions = self.predictor(image)
         visualizer = Visualizer(image[:, :, ::-1], self.metadata, instance_mode=self.instance_mode)
-        vis_output = None
-        if "panoptic_seg" in predictions:
-            panoptic_seg, segments_info = predictions["panoptic_seg"]
-            vis_output = visualizer.draw_panoptic_seg(
-                panoptic_seg.to(self.cpu_device), segments_info
-            )
-        else:
-            if "sem_seg" in predictions:
-                labels = predictions["sem_seg"].argmax(dim=0).to(self.cpu_device)
-                vis_output = visualizer.draw_sem_seg(labels)
-            if "instances" in predictions:
-                instances = predictions["instances"].to(self.cpu_device)
-                vis_output = visualizer.draw_instance_predictions(predictions=instances)
+        vis_output = draw_predictions(visualizer, predictions)
         return predictions, vis_output
 
     @staticmethod

@@ -28,14 +28,14 @@ import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
-from detectron2.engine import DefaultPredictor
-from detectron2.utils.env import seed_all_rng
+from detectron2.engine import DefaultPredictor, default_setup
 from detectron2.utils.logger import setup_logger
-from detectron2.utils.visualizer import ColorMode, Visualizer
+from detectron2.utils.visualizer import Visualizer
 from tabulate import tabulate
 
 from knet.data.datasets import prepare_builtin_datasets
 from knet.engine import KNetTrainer, get_knet_cfg
+from knet.visualization import draw_predictions
 
 TASK_CONFIGS = {
     "panoptic": "configs/toy/knet_R18_toy_panoptic.yaml",
@@ -66,7 +66,7 @@ def parse_args(argv=None):
 
 
 def build_cfg(args):
-    cfg = get_knet_cfg(args.config_file or TASK_CONFIGS[args.task], args.opts)
+    cfg = get_knet_cfg(args.config_file, args.opts)
     if args.max_iter:
         scale = args.max_iter / cfg.SOLVER.MAX_ITER
         # increasing and inside the run, as the LR schedule requires (short runs merge steps)
@@ -90,21 +90,6 @@ def results_table(results: Dict[str, Dict[str, float]]) -> str:
     return tabulate(rows, headers=["task", "metric", "value"], tablefmt="github")
 
 
-def draw_ground_truth(record: Dict, image_rgb: np.ndarray, metadata) -> np.ndarray:
-    vis = Visualizer(image_rgb, metadata)
-    return vis.draw_dataset_dict(record).get_image()
-
-
-def draw_prediction(outputs: Dict, image_rgb: np.ndarray, metadata) -> np.ndarray:
-    vis = Visualizer(image_rgb, metadata, instance_mode=ColorMode.IMAGE)
-    if "panoptic_seg" in outputs:
-        panoptic_seg, segments_info = outputs["panoptic_seg"]
-        return vis.draw_panoptic_seg(panoptic_seg.cpu(), segments_info).get_image()
-    if "sem_seg" in outputs:
-        return vis.draw_sem_seg(outputs["sem_seg"].argmax(0).cpu()).get_image()
-    return vis.draw_instance_predictions(outputs["instances"].to("cpu")).get_image()
-
-
 def save_visualisations(cfg, weights: str, num: int) -> List[str]:
     """Ground truth | prediction for the first ``num`` validation images."""
     cfg = cfg.clone()
@@ -119,13 +104,9 @@ def save_visualisations(cfg, weights: str, num: int) -> List[str]:
     for record in DatasetCatalog.get(dataset)[:num]:
         bgr = read_image(record["file_name"], format="BGR")
         rgb = bgr[:, :, ::-1]
-        panel = np.concatenate(
-            [
-                draw_ground_truth(record, rgb, metadata),
-                draw_prediction(predictor(bgr), rgb, metadata),
-            ],
-            axis=1,
-        )
+        truth = Visualizer(rgb, metadata).draw_dataset_dict(record)
+        drawn = draw_predictions(Visualizer(rgb, metadata), predictor(bgr))
+        panel = np.concatenate([truth.get_image(), drawn.get_image()], axis=1)
         path = os.path.join(
             out_dir, os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png"
         )
@@ -169,17 +150,14 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.time()
+    args.config_file = args.config_file or TASK_CONFIGS[args.task]
     cfg = build_cfg(args)
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    # console + OUTPUT_DIR/log.txt
-    setup_logger(output=cfg.OUTPUT_DIR, name="detectron2", abbrev_name="d2")
+    # Detectron2's and K-Net's loggers (console + OUTPUT_DIR/log.txt), config.yaml, the seed
     setup_logger(output=cfg.OUTPUT_DIR, name="knet")
+    default_setup(cfg, args)
     # the only place where the demo's data is created: loading never generates or prepares it
     for prefix, folder in prepare_builtin_datasets(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST).items():
         logger.info("%s data ready at %s (%.1f s)", prefix, folder, time.time() - start)
-    with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
-        f.write(cfg.dump())
-    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)  # what Detectron2's default_setup does
     trainer = KNetTrainer(cfg)
     trainer.resume_or_load(resume=False)
     train_start = time.time()
@@ -197,7 +175,7 @@ def main(argv=None) -> int:
     total = time.time() - start
     summary = {
         "task": args.task,
-        "config": args.config_file or TASK_CONFIGS[args.task],
+        "config": args.config_file,
         "iterations": cfg.SOLVER.MAX_ITER,
         "train_seconds": round(train_time, 1),
         "total_seconds": round(total, 1),
