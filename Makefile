@@ -1,5 +1,6 @@
 # K-Net for Detectron2: common entry points. Every target installs what it needs first.
-#   make test                 run the test suite (creates .venv on first use)
+#   make test                 the fast tests: unit tests, about 2 minutes (creates .venv on first use)
+#   make test-all             every test: also training runs, tool runs, full-size models (CI)
 #   make demo                 the main job: train + evaluate K-Net on the built-in toy data (CPU)
 #   make demo TASK=semantic   the same for semantic K-Net (also: ade20k_sample, coco_sample_overfit)
 #   make lint / make format   ruff checks / formatting
@@ -8,12 +9,15 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 TASK ?= panoptic
 
-.PHONY: venv test demo lint format toy-data samples benchmark clean-venv
+.PHONY: venv test test-all demo lint format toy-data samples benchmark clean-venv
 
 venv:
 	@bash tools/setup_env.sh
 
 test: venv
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+test-all: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 demo: venv

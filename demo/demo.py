@@ -21,7 +21,7 @@ import glob
 import logging
 import os
 import time
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -99,9 +99,9 @@ def setup_cfg(args: argparse.Namespace) -> CfgNode:
     )
 
 
-def expand_inputs(patterns: Sequence[str]) -> List[str]:
+def expand_inputs(patterns: Sequence[str]) -> list[str]:
     """Paths, glob patterns and folders (their images, sorted) -> list of image paths."""
-    paths: List[str] = []
+    paths: list[str] = []
     for pattern in patterns:
         pattern = os.path.expanduser(pattern)
         if os.path.isdir(pattern):
@@ -129,7 +129,7 @@ def _is_folder_output(output: str, num_inputs: int) -> bool:
     )
 
 
-def image_output_paths(inputs: Sequence[str], output: str) -> List[str]:
+def image_output_paths(inputs: Sequence[str], output: str) -> list[str]:
     """Where to save the drawing of each input: ``output`` itself, or one file per input in the
     folder ``output`` named after the input (de-duplicated when two inputs share a name)."""
     if not _is_folder_output(output, len(inputs)):

@@ -15,7 +15,8 @@ import bisect
 import logging
 import multiprocessing as mp
 from collections import deque
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -64,7 +65,7 @@ def build_demo_cfg(
     applied before ``opts``, so an explicit ``--opts`` value for either key still wins.
     ``MODEL.DEVICE`` falls back to ``cpu`` when the config asks for CUDA and none is available.
     """
-    threshold_opts: List[str] = []
+    threshold_opts: list[str] = []
     if confidence_threshold is not None:
         value = str(float(confidence_threshold))
         threshold_opts = [
@@ -93,7 +94,7 @@ def demo_metadata(cfg: CfgNode) -> Metadata:
     return MetadataCatalog.get("__unused")
 
 
-def count_predictions(predictions: Dict[str, Any]) -> str:
+def count_predictions(predictions: dict[str, Any]) -> str:
     """A short human-readable summary of one image's outputs, e.g. ``"12 segments (5 things)"``."""
     parts = []
     if "panoptic_seg" in predictions:
@@ -108,9 +109,9 @@ def count_predictions(predictions: Dict[str, Any]) -> str:
     return ", ".join(parts) if parts else "no outputs"
 
 
-def _to_cpu(predictions: Dict[str, Any]) -> Dict[str, Any]:
+def _to_cpu(predictions: dict[str, Any]) -> dict[str, Any]:
     """Move one image's outputs to the CPU (panoptic tuple, Instances, tensors)."""
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for key, value in predictions.items():
         if key == "panoptic_seg":
             out[key] = (value[0].cpu(), value[1])
@@ -146,7 +147,7 @@ class VisualizationDemo:
         else:
             self.predictor = DefaultPredictor(cfg)
 
-    def run_on_image(self, image: np.ndarray) -> Tuple[Dict[str, Any], VisImage | None]:
+    def run_on_image(self, image: np.ndarray) -> tuple[dict[str, Any], VisImage | None]:
         """
         Args:
             image: (H, W, 3) uint8 image in BGR order (as read by OpenCV).
@@ -177,7 +178,7 @@ class VisualizationDemo:
         """
         video_visualizer = VideoVisualizer(self.metadata, self.instance_mode)
 
-        def draw(frame: np.ndarray, predictions: Dict[str, Any]) -> np.ndarray:
+        def draw(frame: np.ndarray, predictions: dict[str, Any]) -> np.ndarray:
             rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
             if "panoptic_seg" in predictions:
                 panoptic_seg, segments_info = predictions["panoptic_seg"]
@@ -247,7 +248,7 @@ class AsyncPredictor:
         ctx = mp.get_context("spawn")
         self.task_queue = ctx.Queue()
         self.result_queue = ctx.Queue()
-        self.workers: List[_PredictorWorker] = []
+        self.workers: list[_PredictorWorker] = []
         for i in range(num_workers):
             worker_cfg = cfg.clone()
             worker_cfg.defrost()
@@ -257,8 +258,8 @@ class AsyncPredictor:
             worker.start()
         self._next_put = 0
         self._next_get = 0
-        self._ready_ids: List[int] = []
-        self._ready: List[Dict[str, Any]] = []
+        self._ready_ids: list[int] = []
+        self._ready: list[dict[str, Any]] = []
         self._closed = False
         atexit.register(self.shutdown)
 
@@ -274,7 +275,7 @@ class AsyncPredictor:
         self.task_queue.put((self._next_put, image))
         self._next_put += 1
 
-    def get(self) -> Dict[str, Any]:
+    def get(self) -> dict[str, Any]:
         if len(self) == 0:
             raise RuntimeError("AsyncPredictor.get() called with no image queued")
         wanted = self._next_get
@@ -291,7 +292,7 @@ class AsyncPredictor:
             self._ready_ids.insert(pos, index)
             self._ready.insert(pos, result)
 
-    def __call__(self, image: np.ndarray) -> Dict[str, Any]:
+    def __call__(self, image: np.ndarray) -> dict[str, Any]:
         self.put(image)
         return self.get()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Tuple
 
 import numpy as np
 from PIL import Image
@@ -28,7 +27,7 @@ INSTANCE_CATEGORIES = [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]
 SEMANTIC_CLASSES = ["_background_", "sky", "grass", "cat"]  # label values 0..3
 
 
-def _boxes(index: int) -> List[Tuple[str, Tuple[int, int, int, int]]]:
+def _boxes(index: int) -> list[tuple[str, tuple[int, int, int, int]]]:
     """(class, (x0, y0, x1, y1)) of the things of image ``index`` (exclusive corners)."""
     rng = np.random.default_rng(index)
     boxes = []
@@ -40,7 +39,7 @@ def _boxes(index: int) -> List[Tuple[str, Tuple[int, int, int, int]]]:
     return boxes
 
 
-def _image(index: int) -> Tuple[np.ndarray, List[Tuple[str, Tuple[int, int, int, int]]]]:
+def _image(index: int) -> tuple[np.ndarray, list[tuple[str, tuple[int, int, int, int]]]]:
     img = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
     img[: HEIGHT // 2] = SKY
     img[HEIGHT // 2 :] = GRASS
@@ -51,7 +50,7 @@ def _image(index: int) -> Tuple[np.ndarray, List[Tuple[str, Tuple[int, int, int,
     return np.clip(img.astype(int) + noise, 0, 255).astype(np.uint8), boxes
 
 
-def _write_images(folder: Path, indices: List[int], ext: str = "jpg") -> Dict[int, list]:
+def _write_images(folder: Path, indices: list[int], ext: str = "jpg") -> dict[int, list]:
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
     for i in indices:
@@ -62,8 +61,8 @@ def _write_images(folder: Path, indices: List[int], ext: str = "jpg") -> Dict[in
 
 
 def make_coco_instances(
-    root: Path, split: str, indices: List[int], background: bool = False
-) -> Tuple[str, str]:
+    root: Path, split: str, indices: list[int], background: bool = False
+) -> tuple[str, str]:
     """COCO instances json (polygons) + image folder; returns (json, image_root).
 
     ``background`` adds a ``_background_`` category with id 0 and no annotation, as labelme's
@@ -102,7 +101,7 @@ def _id2rgb(ids: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def make_coco_panoptic(root: Path, split: str, indices: List[int]) -> Tuple[str, str, str]:
+def make_coco_panoptic(root: Path, split: str, indices: list[int]) -> tuple[str, str, str]:
     """COCO panoptic json + RGB PNGs + images; returns (json, png_dir, image_root)."""
     image_dir, png_dir = root / "images", root / f"panoptic_{split}"
     boxes = _write_images(image_dir, indices)
@@ -149,7 +148,7 @@ def make_coco_panoptic(root: Path, split: str, indices: List[int]) -> Tuple[str,
     return str(path), str(png_dir), str(image_dir)
 
 
-def make_sem_seg(root: Path, split: str, indices: List[int]) -> Tuple[str, str, str]:
+def make_sem_seg(root: Path, split: str, indices: list[int]) -> tuple[str, str, str]:
     """Images (png) + single-channel label PNGs + labelme-style labels.txt; returns (image_dir,
     label_dir, classes_file). Label values: 0 background strip, 1 sky, 2 grass, 3 cat, 255 void."""
     image_dir, label_dir = root / split / "images", root / split / "labels"

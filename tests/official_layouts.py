@@ -8,7 +8,7 @@ PSPNet / ASPP decode head, 39 tensors per update stage and the auxiliary FCN hea
 shapes are written from the published layouts, independently of the project's converter.
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from official_reference import mmdet_swin_state_dict
@@ -19,7 +19,7 @@ SWIN_SIZES = {
     "Swin-T": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
     "Swin-L": (192, (2, 2, 18, 2), (6, 12, 24, 48)),
 }
-SwinDims = Tuple[int, Sequence[int], Sequence[int]]  # embed dim, depths, heads
+SwinDims = tuple[int, Sequence[int], Sequence[int]]  # embed dim, depths, heads
 SEM_CHANNELS = {"upernet": 512, "fcn": 512, "psp": 512, "aspp": 512}
 GEN = "decode_head.kernel_generate_head"
 
@@ -32,7 +32,7 @@ class Writer:
     """
 
     def __init__(self, seed: int, lazy: bool = False):
-        self.sd: Dict[str, torch.Tensor] = {}
+        self.sd: dict[str, torch.Tensor] = {}
         self.gen = torch.Generator().manual_seed(seed)
         self.lazy = lazy
 
@@ -68,7 +68,7 @@ def write_resnet(
     base_width: int = 64,
     deep_stem: bool = False,
     dcn: bool = False,
-) -> List[int]:
+) -> list[int]:
     """torchvision / MMDet "pytorch"-style ResNet, or MMCV's ResNetV1c (``deep_stem``); DCNv1
     offsets (``conv2.conv_offset``) on the 3x3 convs of layer2-4. Returns the stage widths."""
     if deep_stem:
@@ -110,7 +110,7 @@ def write_resnet(
     return stage_out
 
 
-def write_swin(w: Writer, prefix: str, name: str, dims: Optional[SwinDims] = None) -> List[int]:
+def write_swin(w: Writer, prefix: str, name: str, dims: SwinDims | None = None) -> list[int]:
     """MMDet/MMSeg Swin (``patch_embed.projection``, ``stages``, ``norm0-3``) of the variant
     ``name``, or of ``dims`` = (embed dim, depths, heads): a narrow copy with the same key
     pattern. Returns the stage widths."""
@@ -123,8 +123,8 @@ def write_swin(w: Writer, prefix: str, name: str, dims: Optional[SwinDims] = Non
 
 
 def write_backbone(
-    w: Writer, backbone: str, base_width: int = 64, swin_dims: Optional[SwinDims] = None
-) -> List[int]:
+    w: Writer, backbone: str, base_width: int = 64, swin_dims: SwinDims | None = None
+) -> list[int]:
     """``backbone.*`` of a released checkpoint: "R-50", "R-101", "R-101-DCN", "R-50-V1c",
     "Swin-T", "Swin-L"."""
     if backbone.startswith("Swin"):
@@ -186,10 +186,10 @@ def make_official_state_dict(
     ffn_channels: int = 2048,
     num_proposals: int = 100,
     base_width: int = 64,
-    swin_dims: Optional[SwinDims] = None,
+    swin_dims: SwinDims | None = None,
     seed: int = 0,
     lazy: bool = False,
-) -> Dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor]:
     """An official instance/panoptic K-Net ``state_dict`` filled with random values.
 
     With the defaults every shape is the real one (C = 256); smaller ``channels``,
@@ -228,15 +228,15 @@ def make_mmseg_state_dict(
     backbone: str = "R-50-V1c",
     num_classes: int = 150,
     num_stages: int = 3,
-    channels: Optional[int] = None,
+    channels: int | None = None,
     updator_channels: int = 256,
     ffn_channels: int = 2048,
     base_width: int = 64,
-    aux_channels: Optional[int] = 256,
-    swin_dims: Optional[SwinDims] = None,
+    aux_channels: int | None = 256,
+    swin_dims: SwinDims | None = None,
     lazy: bool = True,
     seed: int = 0,
-) -> Dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor]:
     """A semantic K-Net ``state_dict`` of an MMSeg ADE20K model.
 
     Defaults give the real shapes: ResNetV1c-50 (or ``backbone`` "Swin-T"/"Swin-L"), a 512-wide
@@ -282,7 +282,7 @@ def make_mmseg_state_dict(
     return w.sd
 
 
-def make_released_checkpoint(entry, lazy: bool = True) -> Dict[str, object]:
+def make_released_checkpoint(entry, lazy: bool = True) -> dict[str, object]:
     """Full-size synthetic file of a model-zoo row (``knet.checkpoint.ModelZooEntry``):
     ``{"meta": {...}, "state_dict": ...}`` as ``torch.load`` returns the released files."""
     if entry.task == "semantic":
@@ -292,12 +292,12 @@ def make_released_checkpoint(entry, lazy: bool = True) -> Dict[str, object]:
 
     things = [c["name"] for c in COCO_CATEGORIES if c["isthing"]]
     stuff = [c["name"] for c in COCO_CATEGORIES if not c["isthing"]]
-    classes: Tuple[str, ...] = tuple(things + (stuff if entry.task == "panoptic" else []))
+    classes: tuple[str, ...] = tuple(things + (stuff if entry.task == "panoptic" else []))
     sd = make_official_state_dict(entry.backbone, num_classes=len(classes), lazy=lazy)
     return {"meta": {"CLASSES": classes}, "state_dict": sd}
 
 
-def tame(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def tame(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Scale every float weight of 2+ dims by 1/sqrt(fan in): N(0, 1) weights written by
     :class:`Writer` would blow activations up through deep networks (and push DCN offsets far
     outside the image); BN statistics and 1-d parameters are kept."""
@@ -307,7 +307,7 @@ def tame(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     }
 
 
-def head_opts(channels: int, ffn_channels: int, num_proposals: int = 100) -> List[str]:
+def head_opts(channels: int, ffn_channels: int, num_proposals: int = 100) -> list[str]:
     """Config overrides for the kernel heads of a narrow official K-Net (MMDet) checkpoint."""
     c = str(channels)
     return [
@@ -318,7 +318,7 @@ def head_opts(channels: int, ffn_channels: int, num_proposals: int = 100) -> Lis
     ]  # fmt: skip
 
 
-def resnet_opts(base_width: int) -> List[str]:
+def resnet_opts(base_width: int) -> list[str]:
     """Config overrides for a ResNet of the given stem / res2 bottleneck width."""
     return [
         "MODEL.RESNETS.STEM_OUT_CHANNELS", str(base_width),
@@ -327,7 +327,7 @@ def resnet_opts(base_width: int) -> List[str]:
     ]  # fmt: skip
 
 
-def swin_opts(dims: SwinDims) -> List[str]:
+def swin_opts(dims: SwinDims) -> list[str]:
     """Config overrides for a Swin of the given (embed dim, depths, heads)."""
     embed, depths, heads = dims
     return [

@@ -14,7 +14,7 @@ float64 inputs and compute in the dtype of the input.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,10 +22,10 @@ from torch import Tensor
 
 _LN_EPS = 1e-5  # torch.nn.LayerNorm default, used by both MMCV's "LN" and Microsoft's code
 
-IntPair = Union[int, Tuple[int, int]]
+IntPair = int | tuple[int, int]
 
 
-def _pair(value: IntPair) -> Tuple[int, int]:
+def _pair(value: IntPair) -> tuple[int, int]:
     if isinstance(value, int):
         return value, value
     first, second = value
@@ -130,17 +130,17 @@ def shifted_window_attention_mask(
 # Entry kinds used by the state-dict builders below.
 _LN_W, _LN_B, _WEIGHT, _BIAS, _TABLE, _FIXED = "ln_w", "ln_b", "weight", "bias", "table", "fixed"
 
-_Entry = Tuple[str, Tuple[int, ...], str, object]
+_Entry = tuple[str, tuple[int, ...], str, object]
 
 
-def _materialise(entries: Sequence[_Entry], seed: int, lazy: bool) -> Dict[str, Tensor]:
+def _materialise(entries: Sequence[_Entry], seed: int, lazy: bool) -> dict[str, Tensor]:
     """Turn (key, shape, kind, extra) entries into seeded float32 tensors.
 
     ``extra`` is the fan-in for ``weight`` entries and the fixed tensor for ``fixed``.
     Linear/conv weights use ``randn * 0.5 / sqrt(fan_in)`` so activations stay O(1).
     """
     gen = torch.Generator().manual_seed(seed)
-    out: Dict[str, Tensor] = {}
+    out: dict[str, Tensor] = {}
     for key, shape, kind, extra in entries:
         if kind == _FIXED:
             assert isinstance(extra, Tensor)
@@ -167,12 +167,12 @@ def _materialise(entries: Sequence[_Entry], seed: int, lazy: bool) -> Dict[str, 
     return out
 
 
-def _ln_entries(key: str, dim: int) -> List[_Entry]:
+def _ln_entries(key: str, dim: int) -> list[_Entry]:
     return [(key + ".weight", (dim,), _LN_W, None), (key + ".bias", (dim,), _LN_B, None)]
 
 
-def _linear_entries(key: str, d_in: int, d_out: int, bias: bool = True) -> List[_Entry]:
-    entries: List[_Entry] = [(key + ".weight", (d_out, d_in), _WEIGHT, d_in)]
+def _linear_entries(key: str, d_in: int, d_out: int, bias: bool = True) -> list[_Entry]:
+    entries: list[_Entry] = [(key + ".weight", (d_out, d_in), _WEIGHT, d_in)]
     if bias:
         entries.append((key + ".bias", (d_out,), _BIAS, None))
     return entries
@@ -192,7 +192,7 @@ def mmdet_swin_state_dict(
     seed: int = 0,
     lazy: bool = False,
     prefix: str = "backbone.",
-) -> Dict[str, Tensor]:
+) -> dict[str, Tensor]:
     """Seeded random weights with the keys/shapes of MMDetection 2.x ``SwinTransformer``.
 
     Mirrors ``SwinTransformer(...).state_dict()`` (``use_abs_pos_embed=False``), in the
@@ -217,7 +217,7 @@ def mmdet_swin_state_dict(
     single random element (the index buffers stay real).
     """
     num_stages = len(depths)
-    entries: List[_Entry] = [
+    entries: list[_Entry] = [
         (
             "patch_embed.projection.weight",
             (embed_dims, in_channels, patch_size, patch_size),
@@ -278,7 +278,7 @@ def microsoft_swin_state_dict(
     num_classes: int = 1000,
     seed: int = 0,
     lazy: bool = False,
-) -> Dict[str, Tensor]:
+) -> dict[str, Tensor]:
     """Seeded random weights with the keys/shapes of an original Microsoft Swin checkpoint.
 
     Matches the ``"model"`` dict of e.g. ``swin_tiny_patch4_window7_224.pth`` or (with
@@ -307,7 +307,7 @@ def microsoft_swin_state_dict(
     num_stages = len(depths)
     patch = 4
     res0 = img_size // patch
-    entries: List[_Entry] = [
+    entries: list[_Entry] = [
         ("patch_embed.proj.weight", (embed_dims, 3, patch, patch), _WEIGHT, 3 * patch * patch),
         ("patch_embed.proj.bias", (embed_dims,), _BIAS, None),
     ]
@@ -436,7 +436,7 @@ def _window_attention(
 
 
 def mmdet_swin_forward(
-    state_dict: Dict[str, Tensor],
+    state_dict: dict[str, Tensor],
     x: Tensor,
     embed_dims: int,
     depths: Sequence[int],
@@ -447,7 +447,7 @@ def mmdet_swin_forward(
     out_indices: Sequence[int] = (0, 1, 2, 3),
     patch_norm: bool = True,
     prefix: str = "backbone.",
-) -> List[Tensor]:
+) -> list[Tensor]:
     """Functional MMDetection 2.x ``SwinTransformer.forward`` in eval mode.
 
     Uses the keys produced by :func:`mmdet_swin_state_dict` (a missing ``qkv.bias`` means
@@ -498,7 +498,7 @@ def mmdet_swin_forward(
     if patch_norm:
         tokens = _layer_norm(tokens, get("patch_embed.norm.weight"), get("patch_embed.norm.bias"))
 
-    outputs: List[Tensor] = []
+    outputs: list[Tensor] = []
     num_stages = len(depths)
     for i in range(num_stages):
         for j in range(depths[i]):
@@ -670,8 +670,8 @@ def _batch_norm(x: Tensor, get, name: str) -> Tensor:
 
 
 def mmdet_resnet_forward(
-    state_dict: Dict[str, Tensor], x: Tensor, prefix: str = "backbone."
-) -> List[Tensor]:
+    state_dict: dict[str, Tensor], x: Tensor, prefix: str = "backbone."
+) -> list[Tensor]:
     """Functional MMDetection ``ResNet`` (``style="pytorch"``, eval mode, BN) forward.
 
     Bottleneck blocks when ``conv3`` keys exist, else basic blocks. The stride of a stage's
@@ -694,7 +694,7 @@ def mmdet_resnet_forward(
     out = F.conv2d(x, get("conv1.weight"), stride=2, padding=3)
     out = F.relu(_batch_norm(out, get, "bn1"))
     out = F.max_pool2d(out, 3, stride=2, padding=1)
-    features: List[Tensor] = []
+    features: list[Tensor] = []
     for layer in range(1, 5):
         block = 0
         while has(f"layer{layer}.{block}.conv1.weight"):

@@ -1,6 +1,6 @@
 """The semantic K-Net ResNet backbone: deep stem, dilated stages, strides and key names."""
 
-from typing import Dict, List, Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -43,12 +43,12 @@ def make_backbone(
     return build_backbone(get_knet_cfg(opts=opts)).eval()
 
 
-def _run(backbone: ResNet, shape=ODD_INPUT) -> Dict[str, torch.Tensor]:
+def _run(backbone: ResNet, shape=ODD_INPUT) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         return backbone(torch.randn(*shape))
 
 
-def _expected_size(size: int, strides: List[int]) -> int:
+def _expected_size(size: int, strides: list[int]) -> int:
     """Spatial size after convs/pools with padding k // 2 and the given strides."""
     for s in strides:
         size = (size - 1) // s + 1

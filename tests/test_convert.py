@@ -10,7 +10,6 @@ against mappings restated here from the published layouts (``SPOT_CHECKS``,
 import datetime
 import pickle
 import re
-from typing import Dict, List
 
 import pytest
 import torch
@@ -64,22 +63,22 @@ SMALL = dict(channels=32, ffn_channels=64, num_proposals=8, base_width=8)
 SMALL_OPTS = resnet_opts(8) + head_opts(32, 64, 8)
 
 
-def coco_classes(task: str) -> List[str]:
+def coco_classes(task: str) -> list[str]:
     return COCO_THINGS + (COCO_STUFF if task == "panoptic" else [])
 
 
-def shapes_of(config: str, opts=()) -> Dict[str, tuple]:
+def shapes_of(config: str, opts=()) -> dict[str, tuple]:
     return model_state_shapes(get_knet_cfg(str(REPO / config), opts))
 
 
 @pytest.fixture(scope="module")
-def official() -> Dict[str, Dict[str, torch.Tensor]]:
+def official() -> dict[str, dict[str, torch.Tensor]]:
     """Full-size synthetic official R50 state dicts, one per task."""
     return {task: make_official_state_dict(num_classes=n) for task, n in NUM_CLASSES.items()}
 
 
 @pytest.fixture(scope="module")
-def coco_shapes() -> Dict[str, Dict[str, tuple]]:
+def coco_shapes() -> dict[str, dict[str, tuple]]:
     return {task: shapes_of(config) for task, config in CONFIGS.items()}
 
 
@@ -521,13 +520,13 @@ SEM_DECODER_CONVS = {"upernet": 12, "fcn": 3, "psp": 5, "aspp": 6}  # ConvModule
 
 
 @pytest.fixture(scope="module")
-def mmseg() -> Dict[str, Dict[str, torch.Tensor]]:
+def mmseg() -> dict[str, dict[str, torch.Tensor]]:
     """Full-size (lazy) synthetic MMSeg K-Net state dicts, one per decode head."""
     return {head: make_mmseg_state_dict(head) for head in SEM_CONFIGS}
 
 
 @pytest.fixture(scope="module")
-def sem_shapes() -> Dict[str, Dict[str, tuple]]:
+def sem_shapes() -> dict[str, dict[str, tuple]]:
     """Model keys with BN batch counters (SyncBN configs)."""
     return {head: shapes_of(config) for head, config in SEM_CONFIGS.items()}
 
@@ -681,7 +680,7 @@ class _TorchvisionV1c(nn.Module):
         )
         del self.net.conv1, self.net.bn1, self.net.fc
 
-        def conv_bn_relu(cin: int, cout: int, stride: int) -> List[nn.Module]:
+        def conv_bn_relu(cin: int, cout: int, stride: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
         self.stem = nn.Sequential(
@@ -689,7 +688,7 @@ class _TorchvisionV1c(nn.Module):
         )
         _randomize_bn(self)
 
-    def state_dict_v1c(self) -> Dict[str, torch.Tensor]:
+    def state_dict_v1c(self) -> dict[str, torch.Tensor]:
         sd = {f"stem.{k}": v for k, v in self.stem.state_dict().items()}
         sd.update(self.net.state_dict())
         return sd

@@ -6,7 +6,7 @@ against itself.
 """
 
 import math
-from typing import Dict, List, Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -57,7 +57,7 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> None:
                 m.bias.copy_(torch.randn(n, generator=g) * 0.2)
 
 
-def random_features(shapes: Dict[str, ShapeSpec], sizes: Dict, batch: int = 2, seed: int = 1):
+def random_features(shapes: dict[str, ShapeSpec], sizes: dict, batch: int = 2, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return {
         k: torch.randn(batch, v.channels, *sizes[k], generator=g, dtype=torch.float64)
@@ -66,7 +66,7 @@ def random_features(shapes: Dict[str, ShapeSpec], sizes: Dict, batch: int = 2, s
 
 
 # ------------------------------------------------------------------ functional reference (MMSeg)
-def ref_conv_module(sd: Dict[str, torch.Tensor], prefix: str, x: torch.Tensor, dilation: int = 1):
+def ref_conv_module(sd: dict[str, torch.Tensor], prefix: str, x: torch.Tensor, dilation: int = 1):
     """MMCV ConvModule: conv ("same" padding) -> eval BN (if any) -> ReLU."""
     w = sd[f"{prefix}.weight"]
     pad = dilation * (w.shape[-1] // 2)
@@ -88,14 +88,14 @@ def ref_resize(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def ref_ppm(sd, prefix: str, x: torch.Tensor, scales: Sequence[int]) -> List[torch.Tensor]:
+def ref_ppm(sd, prefix: str, x: torch.Tensor, scales: Sequence[int]) -> list[torch.Tensor]:
     return [
         ref_resize(ref_conv_module(sd, f"{prefix}.{i}.1", F.adaptive_avg_pool2d(x, s)), x.shape[2:])
         for i, s in enumerate(scales)
     ]
 
 
-def ref_uper(sd, xs: List[torch.Tensor], scales: Sequence[int]) -> torch.Tensor:
+def ref_uper(sd, xs: list[torch.Tensor], scales: Sequence[int]) -> torch.Tensor:
     top = xs[-1]
     laterals = [ref_conv_module(sd, f"lateral_convs.{i}", x) for i, x in enumerate(xs[:-1])]
     laterals.append(
@@ -133,7 +133,7 @@ def ref_aspp(sd, x: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
     return ref_conv_module(sd, "bottleneck", torch.cat(outs, 1))
 
 
-def run_eval(model: nn.Module, feats: Dict[str, torch.Tensor]):
+def run_eval(model: nn.Module, feats: dict[str, torch.Tensor]):
     randomize_norms(model)
     model.double().eval()
     with torch.no_grad():
@@ -211,11 +211,11 @@ def test_aux_head_matches_reference():
 
 
 # ------------------------------------------------------------------ state_dict layout
-def _shapes(model: nn.Module) -> Dict[str, tuple]:
+def _shapes(model: nn.Module) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _r50_shapes(names: Sequence[str]) -> Dict[str, ShapeSpec]:
+def _r50_shapes(names: Sequence[str]) -> dict[str, ShapeSpec]:
     full = {
         "res2": ShapeSpec(channels=256, stride=4),
         "res3": ShapeSpec(channels=512, stride=8),
@@ -384,7 +384,7 @@ def test_aux_gradient_reaches_every_parameter():
         ("KNetASPPHead", KNetASPPHead, ["res5"]),
     ],
 )
-def test_registry_lookup(name: str, cls: type, in_features: List[str]):
+def test_registry_lookup(name: str, cls: type, in_features: list[str]):
     model = build_pixel_decoder(make_cfg(name, in_features), UPER_SHAPES)
     assert type(model) is cls
     assert model.out_channels == 16

@@ -6,8 +6,6 @@ DCNv1 sampling rule re-implemented by bilinear sampling (``official_reference``)
 layout, and a functional forward of the block assembled here from its state dict.
 """
 
-from typing import Dict
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -227,7 +225,7 @@ def _randomize_norms(block: nn.Module, gen: torch.Generator) -> None:
                 module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
 
 
-def _batch_norm(x, sd: Dict[str, torch.Tensor], name: str):
+def _batch_norm(x, sd: dict[str, torch.Tensor], name: str):
     return F.batch_norm(
         x,
         sd[f"{name}.running_mean"],
@@ -239,7 +237,7 @@ def _batch_norm(x, sd: Dict[str, torch.Tensor], name: str):
     )
 
 
-def _reference_block(sd: Dict[str, torch.Tensor], x, stride, stride_in_1x1, dilation):
+def _reference_block(sd: dict[str, torch.Tensor], x, stride, stride_in_1x1, dilation):
     """Detectron2's bottleneck forward, assembled from the state dict: the stride sits on the
     1x1 conv1 if ``stride_in_1x1`` else on the 3x3 conv2 (and on its offset conv)."""
     s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)

@@ -6,7 +6,6 @@ state-dict names only, so a wiring or naming mistake in a module shows up as a m
 """
 
 import math
-from typing import Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -38,16 +37,16 @@ def randomize_(module: nn.Module, seed: int, scale: float = 0.5) -> nn.Module:
     return module
 
 
-def params64(module: nn.Module) -> Dict[str, Tensor]:
+def params64(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().double() for k, v in module.state_dict().items()}
 
 
-def ref_linear(x: Tensor, p: Dict[str, Tensor], name: str) -> Tensor:
+def ref_linear(x: Tensor, p: dict[str, Tensor], name: str) -> Tensor:
     y = x @ p[f"{name}.weight"].T
     return y + p[f"{name}.bias"] if f"{name}.bias" in p else y
 
 
-def ref_layer_norm(x: Tensor, p: Dict[str, Tensor], name: str) -> Tensor:
+def ref_layer_norm(x: Tensor, p: dict[str, Tensor], name: str) -> Tensor:
     mean = x.mean(-1, keepdim=True)
     var = ((x - mean) ** 2).mean(-1, keepdim=True)
     return (x - mean) / torch.sqrt(var + LN_EPS) * p[f"{name}.weight"] + p[f"{name}.bias"]
@@ -62,7 +61,7 @@ def ref_group_norm(x: Tensor, weight: Tensor, bias: Tensor, groups: int = 32) ->
     return g.reshape(b, c, h, w) * weight[None, :, None, None] + bias[None, :, None, None]
 
 
-def ref_updator(p: Dict[str, Tensor], f: Tensor, k: Tensor, prefix: str = "") -> Tensor:
+def ref_updator(p: dict[str, Tensor], f: Tensor, k: Tensor, prefix: str = "") -> Tensor:
     """Spec 1.4 step 3 on rows: f group features (M, C_in), k kernels (M, C_in)."""
     c = p[f"{prefix}input_gate.weight"].shape[0]
     dyn = ref_linear(f, p, f"{prefix}dynamic_layer")
@@ -86,7 +85,7 @@ def ref_updator(p: Dict[str, Tensor], f: Tensor, k: Tensor, prefix: str = "") ->
     )
 
 
-def ref_mha(x: Tensor, p: Dict[str, Tensor], num_heads: int) -> Tensor:
+def ref_mha(x: Tensor, p: dict[str, Tensor], num_heads: int) -> Tensor:
     """Multi-head self-attention over the N kernels of each image; x (B, N, C)."""
     b, n, c = x.shape
     d = c // num_heads
@@ -102,19 +101,19 @@ def ref_mha(x: Tensor, p: Dict[str, Tensor], num_heads: int) -> Tensor:
     return ref_linear(torch.cat(outs, dim=-1), p, "attention.out_proj")
 
 
-def ref_fc_ln_relu(x: Tensor, p: Dict[str, Tensor], branch: str) -> Tensor:
+def ref_fc_ln_relu(x: Tensor, p: dict[str, Tensor], branch: str) -> Tensor:
     assert f"{branch}.0.bias" not in p  # the Linear before the LayerNorm has no bias
     return torch.relu(ref_layer_norm(x @ p[f"{branch}.0.weight"].T, p, f"{branch}.1"))
 
 
 def ref_update_head(
-    p: Dict[str, Tensor],
+    p: dict[str, Tensor],
     features: Tensor,
     kernels: Tensor,
     masks: Tensor,
     num_heads: int,
-    hard_threshold: Optional[float],
-) -> Dict[str, Tensor]:
+    hard_threshold: float | None,
+) -> dict[str, Tensor]:
     """Spec 1.4 steps 1-7. features (B, C, h, w), kernels (B, N, C), masks (B, N, h, w)."""
     b, n, c = kernels.shape
     w = p["feat_transform.weight"][:, :, 0, 0]
@@ -150,7 +149,7 @@ def ref_update_head(
     return result
 
 
-def capture(module: nn.Module, store: Dict[str, object], name: str):
+def capture(module: nn.Module, store: dict[str, object], name: str):
     """Forward hook storing (inputs, output) of ``module`` under ``name``."""
 
     def hook(_mod, inputs, output):
@@ -177,8 +176,8 @@ def test_kernel_updator_matches_formula():
 
 # ---------------------------------------------------------------------------- KernelUpdateHead
 def _update_head_case(
-    channels: int, updator_channels: int, num_classes: int, hard_threshold: Optional[float]
-) -> Tuple[KernelUpdateHead, Tensor, Tensor, Tensor]:
+    channels: int, updator_channels: int, num_classes: int, hard_threshold: float | None
+) -> tuple[KernelUpdateHead, Tensor, Tensor, Tensor]:
     head = KernelUpdateHead(
         num_classes=num_classes,
         channels=channels,
@@ -200,7 +199,7 @@ def _update_head_case(
 @pytest.mark.parametrize("hard_threshold", [0.5, None], ids=["hard", "softmax"])
 def test_update_head_matches_reference(hard_threshold):
     head, features, kernels, masks = _update_head_case(32, 32, 5, hard_threshold)
-    seen: Dict[str, object] = {}
+    seen: dict[str, object] = {}
     hooks = [
         capture(head.kernel_update_conv, seen, "updator"),
         capture(head.attention_norm, seen, "attention_norm"),
@@ -238,7 +237,7 @@ def test_update_head_matches_reference(hard_threshold):
 
 def test_group_features_are_a_hard_thresholded_sum():
     head, features, kernels, masks = _update_head_case(32, 32, 5, 0.5)
-    seen: Dict[str, object] = {}
+    seen: dict[str, object] = {}
     hook = capture(head.kernel_update_conv, seen, "updator")
     with torch.no_grad():
         head(features, kernels, masks)
@@ -259,7 +258,7 @@ def test_wide_kernels_are_chunked_through_a_shared_updator():
     """Official 512-channel semantic heads: 256-d updator applied to each half of the kernel."""
     head, features, kernels, masks = _update_head_case(64, 32, 0, None)
     assert not any(k.startswith(("cls_fcs", "fc_cls")) for k in head.state_dict())
-    seen: Dict[str, object] = {}
+    seen: dict[str, object] = {}
     hook = capture(head.kernel_update_conv, seen, "updator")
     with torch.no_grad():
         new_kernels, new_masks, cls = head(features, kernels, masks)
@@ -283,7 +282,7 @@ def test_wide_kernels_are_chunked_through_a_shared_updator():
 
 
 # ------------------------------------------------------------------------------ ConvKernelHead
-def ref_conv_gn_relu(x: Tensor, p: Dict[str, Tensor], name: str, stride: int = 1) -> Tensor:
+def ref_conv_gn_relu(x: Tensor, p: dict[str, Tensor], name: str, stride: int = 1) -> Tensor:
     assert f"{name}.bias" not in p  # no conv bias: GN follows
     w = p[f"{name}.weight"]
     y = F.conv2d(x, w, stride=stride, padding=w.shape[-1] // 2)
@@ -348,7 +347,7 @@ def test_iterative_head_passes_post_ffn_kernels_and_stride8_masks():
         for _ in range(3)
     ]
     head = KNetIterativeKernelHead(initial_head=initial, stages=stages, mask_upsample_stride=2)
-    seen: Dict[str, object] = {}
+    seen: dict[str, object] = {}
     hooks = [capture(initial, seen, "init")] + [
         capture(s, seen, f"s{i}") for i, s in enumerate(stages)
     ]
@@ -394,7 +393,7 @@ def ref_sine_encoding(b: int, h: int, w: int, num_feats: int, temperature: float
     x = not_mask.cumsum(2)
     y = y / (y[:, -1:, :] + 1e-6) * 2 * math.pi
     x = x / (x[:, :, -1:] + 1e-6) * 2 * math.pi
-    channels: List[Tensor] = []
+    channels: list[Tensor] = []
     for pos in (y, x):  # y first, then x
         for i in range(num_feats):
             freq = temperature ** (2 * (i // 2) / num_feats)
@@ -472,7 +471,7 @@ def test_localization_fpn_matches_manual_composition(positional_encoding):
 
 
 # --------------------------------------------------------------------------- initialisation
-def _fans(p: Tensor) -> Tuple[int, int]:
+def _fans(p: Tensor) -> tuple[int, int]:
     receptive = p[0][0].numel() if p.dim() > 2 else 1
     return p.shape[1] * receptive, p.shape[0] * receptive
 

@@ -10,8 +10,6 @@ functional re-implementation of MMDetection's Swin / ResNet + MMCV's DCNv1
 reference features, which must give identical results.
 """
 
-from typing import Dict, List
-
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -42,7 +40,7 @@ ALL_OUTPUTS = [
 ]  # fmt: skip
 
 
-def convert_and_load(checkpoint: Dict, config: str, opts: List[str], tmp_path) -> torch.nn.Module:
+def convert_and_load(checkpoint: dict, config: str, opts: list[str], tmp_path) -> torch.nn.Module:
     """Convert with the documented command, then load the file into the config's model."""
     src, dst = tmp_path / "official.pth", tmp_path / "converted.pth"
     torch.save(checkpoint, src)
@@ -60,7 +58,7 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got - expected).abs().max() / expected.abs().max()).item()
 
 
-def check_backbone(model, reference_forward, image: torch.Tensor) -> Dict[str, torch.Tensor]:
+def check_backbone(model, reference_forward, image: torch.Tensor) -> dict[str, torch.Tensor]:
     """Our backbone body vs the reference in float32 (1e-5 relative) and float64 (1e-10);
     returns the float64 reference features."""
     body = getattr(model.backbone, "bottom_up", model.backbone)
@@ -78,7 +76,7 @@ def check_backbone(model, reference_forward, image: torch.Tensor) -> Dict[str, t
     return results
 
 
-def outputs_on(model, image: torch.Tensor, features=None) -> Dict:
+def outputs_on(model, image: torch.Tensor, features=None) -> dict:
     """The model's outputs (float64), with the backbone body replaced by ``features``."""
     body = getattr(model.backbone, "bottom_up", model.backbone)
     if features is not None:
@@ -90,7 +88,7 @@ def outputs_on(model, image: torch.Tensor, features=None) -> Dict:
         body.__dict__.pop("forward", None)
 
 
-def assert_same_coco_outputs(ours: Dict, official: Dict) -> None:
+def assert_same_coco_outputs(ours: dict, official: dict) -> None:
     seg, segments = ours["panoptic_seg"]
     ref_seg, ref_segments = official["panoptic_seg"]
     assert len(segments) > 0  # non-trivial

@@ -8,8 +8,6 @@ map with a same-window constraint, no roll and no window partition). Sizes are t
 that every padding path runs.
 """
 
-from typing import Dict, List
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -207,7 +205,7 @@ def test_patch_merging_matches_mmdet(size, norm):
 
 
 # ---------------------------------------------------------------------- whole model, MMDet
-def load_mmdet(model: SwinTransformer, sd: Dict[str, torch.Tensor]) -> None:
+def load_mmdet(model: SwinTransformer, sd: dict[str, torch.Tensor]) -> None:
     converted, _ = rename_state_dict(sd, (Section("", "", SWIN_MMDET),))
     incompatible = model.load_state_dict(converted, strict=True)
     assert not incompatible.missing_keys and not incompatible.unexpected_keys
@@ -243,7 +241,7 @@ def test_swin_matches_mmdet_forward(window, qkv_bias, patch_norm, out_indices):
 
 
 # ---------------------------------------------------------------------- Microsoft layout
-def microsoft_to_mmdet(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def microsoft_to_mmdet(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Microsoft keys -> MMDet keys, restated from the two layouts (independent of the
     converter); patch merging from slice order (C (dy + 2 dx) + c) to unfold (4 c + 2 dy + dx)."""
     out = {}
@@ -375,7 +373,7 @@ def test_bad_shift_and_input_rank_are_rejected():
 
 def test_activation_checkpointing_gives_same_outputs_and_gradients(monkeypatch):
     # same computation recomputed: 1e-6 relative in float32 (equal in practice)
-    calls: List[int] = []
+    calls: list[int] = []
     original = torch.utils.checkpoint.checkpoint
 
     def counting(*args, **kwargs):

@@ -45,9 +45,10 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Any
 
 import cv2
 import numpy as np
@@ -75,7 +76,7 @@ EXPORT_SIZE = (480, 640)
 
 
 # --------------------------------------------------------------------------- arguments
-def parse_size(text: str) -> Tuple[int, int]:
+def parse_size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError as e:
@@ -129,7 +130,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- machine and input
-def machine_info(device: torch.device) -> Dict[str, Any]:
+def machine_info(device: torch.device) -> dict[str, Any]:
     import detectron2
 
     cpu = platform.processor() or platform.machine()
@@ -153,7 +154,7 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
     return info
 
 
-def benchmark_image(height: int, width: int) -> Tuple[np.ndarray, str]:
+def benchmark_image(height: int, width: int) -> tuple[np.ndarray, str]:
     """(H, W, 3) uint8 RGB: matplotlib's Grace Hopper photo if available, else noise."""
     try:
         from matplotlib import cbook
@@ -233,7 +234,7 @@ class PeakMemory:
 
 def measure(
     name: str, fn: Callable[[], Any], device: torch.device, args: argparse.Namespace
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Run ``fn`` ``--warmup`` times untimed, then ``--iters`` times timed."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     times = []
@@ -259,18 +260,18 @@ def measure(
 @contextmanager
 def part_timer(
     model: torch.nn.Module | None, device: torch.device
-) -> Iterator[Dict[str, List[float]]]:
+) -> Iterator[dict[str, list[float]]]:
     """Seconds spent in each top-level part of ``model`` while the block runs, from forward
     hooks (pre-hook to hook) on the parts every K-Net has (nothing timed for None)."""
     parts = ["backbone", "pixel_decoder", "kernel_head", "postprocessor"] if model else []
-    spent: Dict[str, List[float]] = defaultdict(list)
+    spent: dict[str, list[float]] = defaultdict(list)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     handles = []
     for name in parts:
         module = getattr(model, name, None)
         if module is None:
             continue
-        start: List[float] = []
+        start: list[float] = []
 
         def before(*_, start=start):
             sync()
@@ -348,7 +349,7 @@ def exported_runner(model, cfg, engine: str, folder: str, threads: int) -> Expor
 
 
 # --------------------------------------------------------------------------- accuracy of --amp
-def amp_differences(model, amp_model, photos: Sequence[str], input_format: str) -> Dict[str, Any]:
+def amp_differences(model, amp_model, photos: Sequence[str], input_format: str) -> dict[str, Any]:
     """Output differences of ``amp_model`` from ``model`` (float32) on photos (as
     ``DefaultPredictor`` feeds them, short side 800)."""
     from detectron2.data import transforms as T
@@ -383,7 +384,7 @@ def amp_differences(model, amp_model, photos: Sequence[str], input_format: str) 
 
 
 # --------------------------------------------------------------------------- training
-def training_batch(cfg, rgb: np.ndarray, batch_size: int) -> List[Dict[str, Any]]:
+def training_batch(cfg, rgb: np.ndarray, batch_size: int) -> list[dict[str, Any]]:
     """Synthetic panoptic-style ground truth: elliptical things over horizontal stuff bands."""
     num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
     num_things = cfg.MODEL.KNET.NUM_THING_CLASSES
@@ -420,7 +421,7 @@ def training_batch(cfg, rgb: np.ndarray, batch_size: int) -> List[Dict[str, Any]
     return batch
 
 
-def time_training(cfg, model, rgb, device, args) -> Dict[str, Any]:
+def time_training(cfg, model, rgb, device, args) -> dict[str, Any]:
     model.train()
     optimizer = build_optimizer(cfg, model)
     batch = training_batch(cfg, rgb, args.batch_size)
@@ -438,7 +439,7 @@ def time_training(cfg, model, rgb, device, args) -> Dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- benchmark
-def run(args: argparse.Namespace) -> Dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -446,7 +447,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         raise SystemExit("--device cuda requested but CUDA is not available")
     height, width = args.size
     rgb, source = benchmark_image(height, width)
-    results: Dict[str, Any] = {
+    results: dict[str, Any] = {
         "machine": machine_info(device),
         "settings": {
             "input": f"{height}x{width} ({source}), batch {args.batch_size}",
@@ -481,7 +482,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     return results
 
 
-def benchmark_model(config_file: str, first: bool, rgb, device, args, results: Dict) -> None:
+def benchmark_model(config_file: str, first: bool, rgb, device, args, results: dict) -> None:
     """Time one model (and, for the first, the breakdown, AMP, exported engines, training)."""
     cfg = model_cfg(config_file, args)
     model = build(cfg, args.weights if first else "")
@@ -532,7 +533,7 @@ def _repeat(fn: Callable[[Any], Any], value: Any, times: int) -> None:
         fn(value)
 
 
-def breakdown_rows(spent: Dict[str, List[float]], full: Dict, args) -> List[Dict[str, Any]]:
+def breakdown_rows(spent: dict[str, list[float]], full: dict, args) -> list[dict[str, Any]]:
     """Median seconds per part over the timed runs (the last ``--iters`` calls of each hook)."""
     rows = []
     for part, seconds in spent.items():
@@ -557,7 +558,7 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def format_report(results: Dict[str, Any]) -> str:
+def format_report(results: dict[str, Any]) -> str:
     info = list(results["machine"].items()) + list(results["settings"].items())
     for i, model in enumerate(results["models"]):
         info += [(f"model {i + 1}: {k}", v) for k, v in model.items()]

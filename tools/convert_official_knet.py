@@ -20,7 +20,6 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 from knet.checkpoint import (
     CheckpointKeyError,
@@ -38,7 +37,7 @@ from knet.engine import get_knet_cfg
 REPO = Path(__file__).resolve().parents[1]
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("input", help="official K-Net or MMSeg K-Net checkpoint (.pth)")
     parser.add_argument("output", help="converted file (.pth, or .pkl for numpy arrays)")
@@ -61,7 +60,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     checkpoint = load_checkpoint_file(args.input, allow_pickle=args.allow_pickle)
     try:

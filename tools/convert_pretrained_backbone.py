@@ -20,7 +20,6 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 from knet.checkpoint import (
     PRETRAINED_BACKBONES,
@@ -38,7 +37,7 @@ from knet.engine import get_knet_cfg
 REPO = Path(__file__).resolve().parents[1]
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("input", help="ImageNet weights (.pth)")
     parser.add_argument("output", help="converted file (.pkl or .pth)")

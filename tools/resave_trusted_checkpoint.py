@@ -11,7 +11,6 @@ it fully once and writes ``{"model": state_dict}`` (plus ``__author__``) that lo
 
 import argparse
 import sys
-from typing import List, Optional
 
 import numpy as np
 import torch
@@ -19,7 +18,7 @@ import torch
 from knet.checkpoint import load_checkpoint_file, save_detectron2_checkpoint, unwrap_state_dict
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("input", help="a trusted checkpoint (.pth/.pkl)")
     parser.add_argument("output", help="where to write the weights (.pth or .pkl)")

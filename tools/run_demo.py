@@ -21,7 +21,6 @@ import os
 import sys
 import time
 from collections import OrderedDict
-from typing import Dict, List
 
 import cv2
 import numpy as np
@@ -82,7 +81,7 @@ def build_cfg(args):
     return cfg
 
 
-def results_table(results: Dict[str, Dict[str, float]]) -> str:
+def results_table(results: dict[str, dict[str, float]]) -> str:
     rows = []
     for task, metrics in REPORTED_METRICS:
         if task in results:
@@ -90,7 +89,7 @@ def results_table(results: Dict[str, Dict[str, float]]) -> str:
     return tabulate(rows, headers=["task", "metric", "value"], tablefmt="github")
 
 
-def save_visualisations(cfg, weights: str, num: int) -> List[str]:
+def save_visualisations(cfg, weights: str, num: int) -> list[str]:
     """Ground truth | prediction for the first ``num`` validation images."""
     cfg = cfg.clone()
     cfg.defrost()

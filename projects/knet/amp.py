@@ -16,7 +16,7 @@ in fp32 (see ``knet.modeling.criterion.numerics`` and the kernel heads).
 """
 
 import time
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 from detectron2.engine import AMPTrainer, SimpleTrainer
@@ -65,7 +65,7 @@ class AutocastTrainer(SimpleTrainer):
         *,
         device_type: str,
         dtype: torch.dtype = torch.bfloat16,
-        grad_scaler: Optional[torch.amp.GradScaler] = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ):
         super().__init__(model, data_loader, optimizer)
         self.device_type = device_type
@@ -108,13 +108,13 @@ class AutocastTrainer(SimpleTrainer):
         else:
             self.optimizer.step()
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         if self.grad_scaler is not None:
             state["grad_scaler"] = self.grad_scaler.state_dict()
         return state
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         # a checkpoint of a float16 run holds a scaler state that bfloat16 does not need
         if self.grad_scaler is not None and "grad_scaler" in state_dict:

@@ -10,8 +10,9 @@ processes with exactly the code path of N GPUs.
 
 import logging
 import socket
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -74,7 +75,7 @@ def launch(
     num_gpus_per_machine: int,
     num_machines: int = 1,
     machine_rank: int = 0,
-    dist_url: Optional[str] = None,
+    dist_url: str | None = None,
     args: Sequence[Any] = (),
 ) -> None:
     """``detectron2.engine.launch`` with a CPU fallback: ``num_gpus_per_machine`` gloo processes.

@@ -1,7 +1,6 @@
 """Evaluators for K-Net outputs, chosen by the dataset's ``evaluator_type``."""
 
 import os
-from typing import Optional
 
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import (
@@ -13,9 +12,7 @@ from detectron2.evaluation import (
 )
 
 
-def build_evaluator(
-    cfg, dataset_name: str, output_folder: Optional[str] = None
-) -> DatasetEvaluator:
+def build_evaluator(cfg, dataset_name: str, output_folder: str | None = None) -> DatasetEvaluator:
     """Panoptic (PQ), instance (mask AP) and semantic (mIoU) evaluators.
 
     "coco_panoptic_seg" datasets get one evaluator per enabled ``MODEL.KNET.TEST.*_ON`` output;

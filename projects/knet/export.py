@@ -25,7 +25,7 @@ import contextlib
 import json
 import os
 import warnings
-from typing import Dict, Iterator, List, Sequence, Tuple
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ class KNetExportModule(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model.eval()
-        self.output_names: List[str] = []
+        self.output_names: list[str] = []
         post = getattr(model, "postprocessor", None)  # None: semantic K-Net (sem_seg only)
         for enabled, outputs in (
             (post is not None and post.panoptic_on, PANOPTIC_OUTPUTS),
@@ -89,7 +89,7 @@ class KNetExportModule(nn.Module):
             raise ValueError("the model has no output enabled (MODEL.KNET.TEST.*_ON)")
         self.eval()  # (exporters restore the mode they found, recursively)
 
-    def forward(self, image: Tensor) -> Tuple[Tensor, ...]:
+    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
         model = self.model
         images = model.preprocess_image([{"image": image}])  # normalise, pad (traced sizes)
         predictions = model.predict(images.tensor)
@@ -97,7 +97,7 @@ class KNetExportModule(nn.Module):
         outputs = model.postprocess(predictions, 0, geometry)
         return tuple(outputs[name] for name in self.output_names)
 
-    def metadata(self, cfg) -> Dict:
+    def metadata(self, cfg) -> dict:
         """What a runner needs besides the graph: outputs, input format, test resizing."""
         return {
             "output_names": self.output_names,
@@ -126,7 +126,7 @@ def _exportable() -> Iterator[None]:
 
 
 def export_torchscript(
-    module: KNetExportModule, sample_image: Tensor, path: str, metadata: Dict, method: str
+    module: KNetExportModule, sample_image: Tensor, path: str, metadata: dict, method: str
 ) -> str:
     """Trace (``method="tracing"``) or script ``module`` and save it with its metadata."""
     with _exportable():
@@ -176,7 +176,7 @@ def export_onnx(
     module: KNetExportModule,
     sample_image: Tensor,
     path: str,
-    metadata: Dict,
+    metadata: dict,
     opset: int | None = None,
 ) -> str:
     """Export ``module`` to ONNX (traced, dynamic image height and width) at ``opset``
@@ -252,7 +252,7 @@ class ExportedKNet:
     def output_names(self) -> Sequence[str]:
         return self.metadata["output_names"]
 
-    def __call__(self, image) -> Dict[str, Tensor]:
+    def __call__(self, image) -> dict[str, Tensor]:
         if self.session is not None:
             array = image.numpy() if isinstance(image, Tensor) else np.asarray(image)
             values = self.session.run(None, {"image": np.ascontiguousarray(array, np.uint8)})
@@ -265,7 +265,7 @@ class ExportedKNet:
         return dict(zip(self.output_names, values))
 
 
-def compare_outputs(got: Dict[str, Tensor], expected: Dict[str, Tensor]) -> Dict[str, float]:
+def compare_outputs(got: dict[str, Tensor], expected: dict[str, Tensor]) -> dict[str, float]:
     """Per output name: the largest absolute difference of floating-point outputs, the share
     of differing elements of integer and boolean ones (id maps, masks, classes); ``inf`` where
     the shapes differ (e.g. a segment more or less)."""

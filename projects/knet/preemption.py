@@ -25,7 +25,7 @@ import multiprocessing
 import os
 import signal
 import threading
-from typing import Dict, Iterator, List, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -86,7 +86,7 @@ class PreemptionCheckpointer(HookBase):
         self.checkpointer = checkpointer
         self.signals = tuple(signals)
         self._received = 0
-        self._previous: Dict[int, object] = {}
+        self._previous: dict[int, object] = {}
         self._old_mask = None
         self._children: set = set()  # processes running before training
         self._waiter: threading.Thread | None = None
@@ -187,10 +187,10 @@ class PreemptionCheckpointer(HookBase):
 @contextlib.contextmanager
 def forward_signals_to_workers(
     signals: Sequence[int] = PREEMPTION_SIGNALS,
-) -> Iterator[List[int]]:
+) -> Iterator[list[int]]:
     """In a process that launches training workers (``multiprocessing``), pass the signals it
     receives on to them; yields the list of signals received."""
-    received: List[int] = []
+    received: list[int] = []
 
     def forward(signum: int, frame) -> None:
         received.append(signum)
@@ -206,7 +206,7 @@ def forward_signals_to_workers(
             signal.signal(s, handler)
 
 
-def with_preemption_checkpointer(hooks: List[HookBase], checkpointer) -> List[HookBase]:
+def with_preemption_checkpointer(hooks: list[HookBase], checkpointer) -> list[HookBase]:
     """``hooks`` (Detectron2's default list) with a :class:`PreemptionCheckpointer` inserted
     before the first evaluation hook: after the LR scheduler and periodic checkpoint hooks."""
     from detectron2.engine.hooks import EvalHook

@@ -1,7 +1,7 @@
 """Optimizer of the official K-Net recipe: AdamW, backbone lr multiplier, global grad clip."""
 
 import logging
-from typing import Any, Dict, List
+from typing import Any
 
 import torch
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
@@ -24,8 +24,8 @@ def backbone_body_prefix(model: nn.Module) -> str:
 
 
 def split_backbone_body(
-    groups: List[Dict[str, Any]], model: nn.Module, multiplier: float
-) -> List[Dict[str, Any]]:
+    groups: list[dict[str, Any]], model: nn.Module, multiplier: float
+) -> list[dict[str, Any]]:
     """Split param groups so the backbone body's parameters get ``lr * multiplier``."""
     prefix = backbone_body_prefix(model)
     body = {id(p) for n, p in model.named_parameters() if n.startswith(prefix)}
@@ -53,7 +53,7 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """
     solver = cfg.SOLVER
     clip = solver.CLIP_GRADIENTS
-    params: List[Dict[str, Any]] = get_default_optimizer_params(
+    params: list[dict[str, Any]] = get_default_optimizer_params(
         model,
         base_lr=solver.BASE_LR,
         weight_decay=solver.WEIGHT_DECAY,

@@ -1,7 +1,6 @@
 """Test-time augmentation (multi-scale and horizontal flip) for semantic K-Net."""
 
 import copy
-from typing import Dict, List, Optional
 
 import torch
 from detectron2.data.transforms import HFlipTransform
@@ -38,20 +37,20 @@ class SemanticSegmentorWithTTA(nn.Module):
         self.tta_mapper = tta_mapper or DatasetMapperTTA(cfg)
         self.batch_size = batch_size
 
-    def __call__(self, batched_inputs: List[Dict]) -> List[Dict[str, torch.Tensor]]:
+    def __call__(self, batched_inputs: list[dict]) -> list[dict[str, torch.Tensor]]:
         """Same input and output format as the model's inference."""
         return [self._inference_one_image(self._with_size(x)) for x in batched_inputs]
 
     @staticmethod
-    def _with_size(x: Dict) -> Dict:
+    def _with_size(x: dict) -> dict:
         x = copy.copy(x)
         x.setdefault("height", x["image"].shape[1])
         x.setdefault("width", x["image"].shape[2])
         return x
 
-    def _inference_one_image(self, inputs: Dict) -> Dict[str, torch.Tensor]:
+    def _inference_one_image(self, inputs: dict) -> dict[str, torch.Tensor]:
         augmented = self.tta_mapper(inputs)
-        total: Optional[torch.Tensor] = None
+        total: torch.Tensor | None = None
         for start in range(0, len(augmented), self.batch_size):
             batch = augmented[start : start + self.batch_size]
             with torch.no_grad():

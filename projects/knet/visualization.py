@@ -1,6 +1,6 @@
 """K-Net's outputs drawn with Detectron2's ``Visualizer`` (the demo and the main job)."""
 
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 from detectron2.utils.visualizer import VisImage, Visualizer
@@ -8,7 +8,7 @@ from detectron2.utils.visualizer import VisImage, Visualizer
 __all__ = ["draw_predictions"]
 
 
-def draw_predictions(visualizer: Visualizer, predictions: Dict[str, Any]) -> Optional[VisImage]:
+def draw_predictions(visualizer: Visualizer, predictions: dict[str, Any]) -> VisImage | None:
     """Draw one image's outputs (Detectron2's format) on ``visualizer``'s image: the panoptic
     segmentation if present, else the semantic argmax and/or the instances over it; None when
     there is no output to draw."""

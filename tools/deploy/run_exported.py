@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 import time
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -46,7 +46,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def expand(patterns: Sequence[str]) -> List[str]:
+def expand(patterns: Sequence[str]) -> list[str]:
     paths = []
     for pattern in patterns:
         matches = sorted(glob.glob(os.path.expanduser(pattern)))

@@ -20,7 +20,8 @@ import glob
 import logging
 import os
 from collections import defaultdict
-from typing import Any, Dict, Iterable, List
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -37,7 +38,7 @@ class CheckpointMismatchError(RuntimeError):
     """A checkpoint loaded for evaluation leaves some of the model's parameters unset."""
 
 
-def _load_file(self: DetectionCheckpointer, filename: str) -> Dict[str, Any]:
+def _load_file(self: DetectionCheckpointer, filename: str) -> dict[str, Any]:
     """``DetectionCheckpointer._load_file`` with the restricted loader (same return format)."""
     self._knet_loading = filename
     data = load_weights_file(filename)
@@ -56,7 +57,7 @@ def _load_file(self: DetectionCheckpointer, filename: str) -> Dict[str, Any]:
 
 def _short_list(names: Iterable[str], limit: int = 6) -> str:
     """'a.b.weight, a.b.bias, ... (+N more)' grouped by module."""
-    groups: Dict[str, List[str]] = defaultdict(list)
+    groups: dict[str, list[str]] = defaultdict(list)
     for name in sorted(names):
         module, _, leaf = name.rpartition(".")
         groups[module].append(leaf)
@@ -148,7 +149,7 @@ class KNetCheckpointer(DetectionCheckpointer):
             f.write(last_filename_basename)
         os.replace(f"{tag}.tmp{os.getpid()}", tag)
 
-    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
+    def resume_or_load(self, path: str, *, resume: bool = True) -> dict[str, Any]:
         if not (resume and self.has_checkpoint()):
             return self.load(path, checkpointables=[])
         tagged = self.get_checkpoint_file()

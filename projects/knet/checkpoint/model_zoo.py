@@ -7,7 +7,6 @@ semantic K-Net files (the official semantic weights were never released) under
 """
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 __all__ = ["ModelZooEntry", "MODEL_ZOO", "PRETRAINED_BACKBONES", "find_model_zoo_entry"]
 
@@ -43,11 +42,11 @@ class ModelZooEntry:
         return f"{base}/{folder}/{self.file}.pth"
 
     @property
-    def architecture(self) -> Tuple[str, str, str, int]:
+    def architecture(self) -> tuple[str, str, str, int]:
         return (self.task, self.backbone, self.decode_head, self.channels)
 
 
-MODEL_ZOO: Tuple[ModelZooEntry, ...] = (
+MODEL_ZOO: tuple[ModelZooEntry, ...] = (
     ModelZooEntry(
         "panoptic", "R-50", "1x", "PQ", 44.3,
         "knet_s3_r50_fpn_1x_coco-panoptic_20211017_151750-395fbcba",
@@ -132,7 +131,7 @@ class PretrainedBackbone:
     config: str  # a config whose backbone it fits (checked at conversion)
 
 
-PRETRAINED_BACKBONES: Tuple[PretrainedBackbone, ...] = (
+PRETRAINED_BACKBONES: tuple[PretrainedBackbone, ...] = (
     PretrainedBackbone(
         "R-50", "https://download.pytorch.org/models/resnet50-0676ba61.pth",
         "pretrained/R-50-torchvision.pkl", f"{COCO_PANOPTIC}/knet_R50_bs16_1x.yaml",
@@ -163,8 +162,8 @@ PRETRAINED_BACKBONES: Tuple[PretrainedBackbone, ...] = (
 
 
 def find_model_zoo_entry(
-    architecture: Tuple[str, str, str, int], file_name: str = ""
-) -> Optional[ModelZooEntry]:
+    architecture: tuple[str, str, str, int], file_name: str = ""
+) -> ModelZooEntry | None:
     """The released checkpoint with this architecture (task, backbone, decode head, kernel
     width); failing that, one with the same task, backbone and head (a narrower or wider
     variant, for which ``--opts`` adapt the config). The file name decides between

@@ -19,8 +19,9 @@ value, is an error.
 
 import pickle
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 
@@ -95,10 +96,10 @@ class CheckpointInfo:
     channels: int = 0  # kernel width
     num_classes: int = 0
     num_stages: int = 0
-    classes: Tuple[str, ...] = field(default_factory=tuple)  # meta["CLASSES"], if stored
+    classes: tuple[str, ...] = field(default_factory=tuple)  # meta["CLASSES"], if stored
 
     @property
-    def architecture(self) -> Tuple[str, str, str, int]:
+    def architecture(self) -> tuple[str, str, str, int]:
         """What :func:`knet.checkpoint.model_zoo.find_model_zoo_entry` matches on."""
         return (self.task, self.backbone, self.decode_head, self.channels)
 
@@ -110,7 +111,7 @@ class CheckpointInfo:
         )
 
 
-def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict]:
+def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
     """(state_dict, meta) of a bare state dict or of ``{"state_dict"|"model": sd, "meta": m}``."""
     meta: Mapping = {}
     for name in ("state_dict", "model"):
@@ -133,7 +134,7 @@ def _count(keys: Iterable[str], pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def describe_backbone(state_dict: Mapping[str, torch.Tensor]) -> Tuple[str, Tuple[Rule, ...]]:
+def describe_backbone(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, tuple[Rule, ...]]:
     """(name, rename rules) of a backbone state dict without prefix.
 
     ResNet (torchvision / MMDet names, MMCV ResNetV1c deep stem, DCNv1 offsets), Swin in the
@@ -160,7 +161,7 @@ def describe_backbone(state_dict: Mapping[str, torch.Tensor]) -> Tuple[str, Tupl
     return name, RESNET
 
 
-def _describe_swin(state_dict: Mapping[str, torch.Tensor]) -> Tuple[str, Tuple[Rule, ...]]:
+def _describe_swin(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, tuple[Rule, ...]]:
     """Swin in the MMDet/MMSeg layout (``patch_embed.projection``, ``stages``, ``w_msa``) or
     Microsoft's (``patch_embed.proj``, ``layers``); the window size is read from the bias
     table, (2 w - 1)^2 rows."""
@@ -175,7 +176,7 @@ def _describe_swin(state_dict: Mapping[str, torch.Tensor]) -> Tuple[str, Tuple[R
     return name + suffix, SWIN_MMDET if mmdet else SWIN_MICROSOFT
 
 
-def _strip(state_dict: Mapping[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+def _strip(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
@@ -233,8 +234,8 @@ def _convert(
     layout: Sequence[Section],
     model_shapes: Mapping[str, Sequence[int]],
     what: str,
-    may_miss: Optional[str] = None,
-) -> Dict[str, torch.Tensor]:
+    may_miss: str | None = None,
+) -> dict[str, torch.Tensor]:
     converted, origin = rename_state_dict(state_dict, layout)
     diff = check_against_model(converted, origin, model_shapes, may_miss)
     if not diff.ok:
@@ -244,7 +245,7 @@ def _convert(
 
 def convert_official_knet_state_dict(
     checkpoint: Mapping[str, Any], model_shapes: Mapping[str, Sequence[int]]
-) -> Dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor]:
     """Official K-Net (MMDetection) or MMSeg K-Net checkpoint -> this project's state dict.
 
     Args:
@@ -277,8 +278,8 @@ def body_prefix(model_shapes: Mapping[str, Sequence[int]]) -> str:
 
 
 def convert_pretrained_backbone(
-    checkpoint: Mapping[str, Any], model_shapes: Optional[Mapping[str, Sequence[int]]] = None
-) -> Tuple[Dict[str, torch.Tensor], str]:
+    checkpoint: Mapping[str, Any], model_shapes: Mapping[str, Sequence[int]] | None = None
+) -> tuple[dict[str, torch.Tensor], str]:
     """ImageNet weights -> backbone-body keys (``res2.0.conv1.weight``, ``layers.0.blocks...``).
 
     Torchvision ResNets, MMCV's ResNetV1c, Microsoft's Swin checkpoints (``{"model": ...}``)
@@ -307,7 +308,7 @@ def convert_pretrained_backbone(
     return _convert(sd, layout, body, what, may_miss=NOT_IN_IMAGENET_WEIGHTS), name
 
 
-def model_state_shapes(cfg) -> Dict[str, Tuple[int, ...]]:
+def model_state_shapes(cfg) -> dict[str, tuple[int, ...]]:
     """{key: shape} of the state dict of the model a config builds, without allocating it
     (built on the meta device)."""
     from detectron2.modeling import META_ARCH_REGISTRY
@@ -317,7 +318,7 @@ def model_state_shapes(cfg) -> Dict[str, Tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def check_coco_class_names(classes: Sequence[str]) -> List[str]:
+def check_coco_class_names(classes: Sequence[str]) -> list[str]:
     """Compare a checkpoint's class order with Detectron2's COCO contiguous ids.
 
     Args:
@@ -348,7 +349,7 @@ def check_coco_class_names(classes: Sequence[str]) -> List[str]:
     ]
 
 
-def load_checkpoint_file(path: str, allow_pickle: bool = False) -> Dict[str, Any]:
+def load_checkpoint_file(path: str, allow_pickle: bool = False) -> dict[str, Any]:
     """Read a checkpoint to convert, restricted to tensors and plain containers by default.
 
     Args:

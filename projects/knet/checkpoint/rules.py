@@ -10,8 +10,8 @@ with the same shape, and whether every model key was produced, is checked by
 """
 
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -33,7 +33,7 @@ __all__ = [
 MAX_KEYS_SHOWN = 20
 OPTIONAL_BUFFER = "num_batches_tracked"  # BN counters: kept where the model has them
 
-Replacement = Union[str, Callable[[re.Match], str], None]
+Replacement = str | Callable[[re.Match], str] | None
 
 
 class CheckpointKeyError(ValueError):
@@ -49,7 +49,7 @@ class Rule:
 
     pattern: str
     replacement: Replacement
-    transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Section:
 
     source: str
     target: str
-    rules: Tuple[Rule, ...] = ()
+    rules: tuple[Rule, ...] = ()
 
 
 def _format_keys(keys: Sequence[str], limit: int = MAX_KEYS_SHOWN) -> str:
@@ -70,7 +70,7 @@ def _format_keys(keys: Sequence[str], limit: int = MAX_KEYS_SHOWN) -> str:
 
 def rename_state_dict(
     state_dict: Mapping[str, torch.Tensor], layout: Sequence[Section]
-) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Apply a layout to every key.
 
     Returns:
@@ -80,11 +80,11 @@ def rename_state_dict(
     Raises:
         CheckpointKeyError: two keys map to the same name.
     """
-    out: Dict[str, torch.Tensor] = {}
-    origin: Dict[str, str] = {}
+    out: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
     for key, value in state_dict.items():
         section = next((s for s in layout if key.startswith(s.source)), Section("", ""))
-        new: Optional[str] = key[len(section.source) :]
+        new: str | None = key[len(section.source) :]
         for rule in section.rules:
             if re.search(rule.pattern, new):
                 if rule.replacement is None:
@@ -107,9 +107,9 @@ def rename_state_dict(
 class StateDictDiff:
     """Differences between converted weights and a model's state dict."""
 
-    unknown: List[str]  # "original key -> new key" of converted keys the model lacks
-    missing: List[str]  # model keys nothing was converted to
-    shape_mismatch: List[str]  # "key: converted (..) vs model (..)"
+    unknown: list[str]  # "original key -> new key" of converted keys the model lacks
+    missing: list[str]  # model keys nothing was converted to
+    shape_mismatch: list[str]  # "key: converted (..) vs model (..)"
 
     @property
     def ok(self) -> bool:
@@ -127,10 +127,10 @@ class StateDictDiff:
 
 
 def check_against_model(
-    converted: Dict[str, torch.Tensor],
+    converted: dict[str, torch.Tensor],
     origin: Mapping[str, str],
     model_shapes: Mapping[str, Sequence[int]],
-    may_miss: Optional[str] = None,
+    may_miss: str | None = None,
 ) -> StateDictDiff:
     """Compare converted weights with a model; drops BN counters the model does not have.
 
@@ -226,7 +226,7 @@ UPDATE_STAGE = (  # KernelUpdateHead: MMCV attention / FFN wrappers -> plain mod
 )
 
 
-def KNET_MMDET(backbone: Tuple[Rule, ...]) -> Tuple[Section, ...]:  # noqa: N802
+def KNET_MMDET(backbone: tuple[Rule, ...]) -> tuple[Section, ...]:  # noqa: N802
     """Official instance/panoptic K-Net (MMDetection 2.x) with the given backbone rules."""
     return (
         Section("backbone.", "backbone.bottom_up.", backbone),
@@ -248,7 +248,7 @@ def KNET_MMDET(backbone: Tuple[Rule, ...]) -> Tuple[Section, ...]:  # noqa: N802
     )
 
 
-def KNET_MMSEG(backbone: Tuple[Rule, ...]) -> Tuple[Section, ...]:  # noqa: N802
+def KNET_MMSEG(backbone: tuple[Rule, ...]) -> tuple[Section, ...]:  # noqa: N802
     """MMSeg / official semantic K-Net with the given backbone rules."""
     return (
         Section("backbone.", "backbone.", backbone),

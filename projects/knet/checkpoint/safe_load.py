@@ -17,7 +17,7 @@ import io
 import os
 import pickle
 import re
-from typing import Any, Dict
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ def _tensor_from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-_ALLOWED_GLOBALS: Dict[tuple, Any] = {
+_ALLOWED_GLOBALS: dict[tuple, Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("_codecs", "encode"): codecs.encode,  # how protocol-2 pickles store bytes
     ("numpy", "ndarray"): np.ndarray,

@@ -29,9 +29,10 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence, Set, Tuple
+from typing import Any
 
 import numpy as np
 from detectron2.config import CfgNode
@@ -67,7 +68,7 @@ _CATEGORY_KEYS = ("id", "isthing")
 _EXIF_ORIENTATION = 0x0112
 
 # (dataset name, mode, tasks) already checked by this process
-_CHECKED: Set[Tuple[str, str, Tuple[str, ...]]] = set()
+_CHECKED: set[tuple[str, str, tuple[str, ...]]] = set()
 
 
 class GroundTruthWarning(UserWarning):
@@ -81,8 +82,8 @@ class _FileResult:
     index: int
     file_name: str
     error: str | None = None
-    png_only: List[int] = field(default_factory=list)  # in the PNG, not in segments_info
-    json_only: List[int] = field(default_factory=list)  # in segments_info, not in the PNG
+    png_only: list[int] = field(default_factory=list)  # in the PNG, not in segments_info
+    json_only: list[int] = field(default_factory=list)  # in segments_info, not in the PNG
 
     @property
     def ids_mismatch(self) -> bool:
@@ -148,7 +149,7 @@ def check_evaluation_dataset(
     )
 
 
-def evaluation_tasks(cfg: CfgNode, dataset_name: str) -> Tuple[str, ...]:
+def evaluation_tasks(cfg: CfgNode, dataset_name: str) -> tuple[str, ...]:
     """The ground truth the evaluators of ``knet.evaluation.build_evaluator`` will read for
     ``dataset_name`` under ``cfg`` (``MODEL.KNET.TEST.*_ON`` for panoptic datasets)."""
     evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
@@ -195,7 +196,7 @@ def _num_workers() -> int:
 
 def _run_sharded(
     fn: Callable[[Any], _FileResult], items: Sequence[Any], stop: Callable[[_FileResult], bool]
-) -> Tuple[int, List[_FileResult]]:
+) -> tuple[int, list[_FileResult]]:
     """Apply ``fn`` to this rank's share of ``items`` in a thread pool (PIL and numpy release
     the GIL while decoding) and gather the bad results of all ranks.
 
@@ -222,7 +223,7 @@ def _run_sharded(
     )
 
 
-def _load_json(dataset_name: str, path: str | None, what: str) -> Dict[str, Any]:
+def _load_json(dataset_name: str, path: str | None, what: str) -> dict[str, Any]:
     if not path:
         raise ValueError(f"Ground truth of dataset {dataset_name!r}: the metadata has no {what}")
     if not PathManager.isfile(path):
@@ -257,13 +258,13 @@ def _read_error(e: Exception) -> str:
     return f"cannot be decoded ({type(cause).__name__}: {cause})" if cause else str(e)
 
 
-def _record_size(record: Mapping[str, Any]) -> Tuple[int, int] | None:
+def _record_size(record: Mapping[str, Any]) -> tuple[int, int] | None:
     if "height" in record and "width" in record:
         return int(record["height"]), int(record["width"])
     return None
 
 
-def _image_size(file_name: str) -> Tuple[int, int]:
+def _image_size(file_name: str) -> tuple[int, int]:
     """(height, width) of an image as ``read_image_checked`` returns it, from its header and
     EXIF orientation only (no pixel decoding)."""
     with PathManager.open(file_name, "rb") as f, Image.open(f) as image:
@@ -273,7 +274,7 @@ def _image_size(file_name: str) -> Tuple[int, int]:
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 
-def _size_error(label: np.ndarray, size: Tuple[int, int], what: str) -> str | None:
+def _size_error(label: np.ndarray, size: tuple[int, int], what: str) -> str | None:
     if label.shape[:2] == tuple(size):
         return None
     return (
@@ -283,7 +284,7 @@ def _size_error(label: np.ndarray, size: Tuple[int, int], what: str) -> str | No
 
 
 # --------------------------------------------------------------------------- panoptic
-def _panoptic_structure_problems(data: Mapping[str, Any]) -> List[str]:
+def _panoptic_structure_problems(data: Mapping[str, Any]) -> list[str]:
     """Missing keys and inconsistent ids of a COCO panoptic json (no file access)."""
     problems = []
     for key in ("annotations", "categories"):
@@ -326,7 +327,7 @@ def _panoptic_structure_problems(data: Mapping[str, Any]) -> List[str]:
     return problems
 
 
-def _load_panoptic_json(dataset_name: str, metadata: Any) -> Tuple[str, Dict[str, Any]]:
+def _load_panoptic_json(dataset_name: str, metadata: Any) -> tuple[str, dict[str, Any]]:
     """(path, content) of the dataset's panoptic json, whose structure is checked."""
     json_file = metadata.get("panoptic_json", None)
     data = _load_json(dataset_name, json_file, "panoptic json (metadata 'panoptic_json')")
@@ -363,7 +364,7 @@ def _check_panoptic(
         )
     # the image's (height, width): the json's images entry, else the record's height/width,
     # else (a file name) the image file's header, read by the worker
-    sizes: Dict[Any, Tuple[int, int] | str] = {
+    sizes: dict[Any, tuple[int, int] | str] = {
         r.get("image_id"): _record_size(r) or r["file_name"] for r in records
     }
     for im in data.get("images", []):
@@ -380,7 +381,7 @@ def _check_panoptic(
         for i, ann in enumerate(data["annotations"])
     ]
 
-    def check(item: Tuple[int, str, Any, Set[int]]) -> _FileResult:
+    def check(item: tuple[int, str, Any, set[int]]) -> _FileResult:
         index, path, size, segment_ids = item
         try:
             rgb = read_image_checked(path, "RGB", "panoptic PNG")
@@ -445,7 +446,7 @@ def _check_semantic(dataset_name: str, records: Sequence[Mapping[str, Any]]) -> 
         if "sem_seg_file_name" not in r:
             raise _fail(dataset_name, r["file_name"], "the record has no 'sem_seg_file_name'")
 
-    def check(item: Tuple[int, Mapping[str, Any]]) -> _FileResult:
+    def check(item: tuple[int, Mapping[str, Any]]) -> _FileResult:
         index, record = item
         path = record["sem_seg_file_name"]
         try:

@@ -27,8 +27,9 @@ trainer's own check), only ``-1`` means "from the dataset".
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Sequence, Tuple
+from typing import Any
 
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -86,7 +87,7 @@ class DatasetClasses:
 
     name: str
     kind: str  # "instance" | "panoptic" | "semantic"
-    class_names: Tuple[str, ...]
+    class_names: tuple[str, ...]
     num_thing_classes: int  # instance: all classes; semantic: 0
     ignore_label: int | None = None
 
@@ -181,7 +182,7 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> Iterable[str]:
             yield full
 
 
-def explicit_config_keys(config_file: str = "", opts: Sequence[str] = ()) -> FrozenSet[str]:
+def explicit_config_keys(config_file: str = "", opts: Sequence[str] = ()) -> frozenset[str]:
     """The keys (``"MODEL.SEM_SEG_HEAD.NUM_CLASSES"``, ...) that ``config_file`` (with its
     ``_BASE_`` files) and the ``KEY VALUE`` list ``opts`` set."""
     keys = set()
@@ -206,7 +207,7 @@ def _set(cfg: CfgNode, key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _is_auto(cfg: CfgNode, key: str, explicit: FrozenSet[str] | None) -> bool:
+def _is_auto(cfg: CfgNode, key: str, explicit: frozenset[str] | None) -> bool:
     if key in (NUM_CLASSES, NUM_THING_CLASSES) and _get(cfg, key) == AUTO:
         return True
     return explicit is not None and key not in explicit
@@ -232,7 +233,7 @@ def _evaluable(output: str, d: DatasetClasses) -> bool:
     return True
 
 
-def _expected_counts(d: DatasetClasses, ref: DatasetClasses) -> Dict[str, int]:
+def _expected_counts(d: DatasetClasses, ref: DatasetClasses) -> dict[str, int]:
     """The class-count keys dataset ``d`` determines, for a model trained on ``ref``'s kind."""
     if d.kind == "semantic":
         return {NUM_CLASSES: d.num_classes}
@@ -244,7 +245,7 @@ def _expected_counts(d: DatasetClasses, ref: DatasetClasses) -> Dict[str, int]:
 
 
 def configure_for_datasets(
-    cfg: CfgNode, explicit: FrozenSet[str] | None = None, mode: str = "train"
+    cfg: CfgNode, explicit: frozenset[str] | None = None, mode: str = "train"
 ) -> str | None:
     """Take the class counts and outputs of ``cfg`` from its datasets and check them (see the
     module docstring). ``cfg`` must not be frozen.
@@ -271,7 +272,7 @@ def configure_for_datasets(
     for name in required:
         if name not in registered:
             raise _not_registered(name)
-    infos: Dict[str, DatasetClasses] = {}
+    infos: dict[str, DatasetClasses] = {}
     for name in dict.fromkeys(train + test):
         if name in registered:
             info = dataset_classes(name, load=mode != "inference")
@@ -319,7 +320,7 @@ def configure_for_datasets(
                 f"templates in {TEMPLATES})"
             )
 
-    chosen: List[str] = []
+    chosen: list[str] = []
     for key, value in _expected_counts(ref, ref).items():
         if auto[key]:
             _set(cfg, key, value)
@@ -359,7 +360,7 @@ def _check_dataset(
     ref: DatasetClasses,
     semantic_model: bool,
     auto: Mapping[str, bool],
-    explicit: FrozenSet[str] | None,
+    explicit: frozenset[str] | None,
 ) -> None:
     if semantic_model and d.kind != "semantic":
         raise DatasetClassError(
@@ -409,9 +410,9 @@ def _configure_outputs(
     cfg: CfgNode,
     ref: DatasetClasses,
     tests: Sequence[DatasetClasses],
-    explicit: FrozenSet[str] | None,
+    explicit: frozenset[str] | None,
     mode: str,
-) -> List[str]:
+) -> list[str]:
     """Switch the outputs not set explicitly; check the others. Returns how they were chosen."""
     producible = PRODUCIBLE[ref.kind]
     chosen = []

@@ -15,7 +15,8 @@ Skipping to iteration ``i`` therefore replays only index arithmetic, and a run r
 receives exactly the batches an uninterrupted run would.
 """
 
-from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ def iteration_seed(seed: int, iteration: int, slot: int = -1) -> int:
 
 def seeded_batches(
     orientations: Sequence[bool], batch_size: int, seed: int, start_iter: int = 0
-) -> Iterator[List[int]]:
+) -> Iterator[list[int]]:
     """Global batches of record indices, from iteration ``start_iter`` on (infinite).
 
     Args:
@@ -44,7 +45,7 @@ def seeded_batches(
         seed: the run's seed.
         start_iter: the first batch to yield; earlier ones are computed and dropped.
     """
-    buckets: Dict[bool, List[int]] = {True: [], False: []}
+    buckets: dict[bool, list[int]] = {True: [], False: []}
     iteration, epoch = 0, 0
     while True:
         for index in np.random.default_rng([seed, epoch]).permutation(len(orientations)):
@@ -61,14 +62,14 @@ def seeded_batches(
 class _SeededMapDataset(torch.utils.data.Dataset):
     """``dataset[(index, seed)]`` maps record ``index`` with the RNGs seeded by ``seed``."""
 
-    def __init__(self, records: List[Dict[str, Any]], mapper: Callable[[Dict], Any]):
+    def __init__(self, records: list[dict[str, Any]], mapper: Callable[[dict], Any]):
         self.records = records
         self.mapper = mapper
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, item: Tuple[int, int]) -> Any:
+    def __getitem__(self, item: tuple[int, int]) -> Any:
         index, seed = item
         seed_all_rng(seed)
         mapped = self.mapper(dict(self.records[index]))
@@ -87,7 +88,7 @@ class SeededTrainLoader:
     iterating starts the underlying ``DataLoader`` lazily, so nothing is prefetched before.
     """
 
-    def __init__(self, cfg, mapper: Callable[[Dict], Any]):
+    def __init__(self, cfg, mapper: Callable[[dict], Any]):
         self.records = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
         )
@@ -104,7 +105,7 @@ class SeededTrainLoader:
                 f"the number of processes ({world})"
             )
 
-    def _rank_batches(self) -> Iterator[List[Tuple[int, int]]]:
+    def _rank_batches(self) -> Iterator[list[tuple[int, int]]]:
         per_rank = self.batch_size // comm.get_world_size()
         first = comm.get_rank() * per_rank
         orientations = [self.group and r.get("width", 0) > r.get("height", 0) for r in self.records]
@@ -113,7 +114,7 @@ class SeededTrainLoader:
             slots = range(first, first + per_rank)
             yield [(batch[j], iteration_seed(self.seed, iteration, j)) for j in slots]
 
-    def __iter__(self) -> Iterator[List[Any]]:
+    def __iter__(self) -> Iterator[list[Any]]:
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=self._rank_batches(),

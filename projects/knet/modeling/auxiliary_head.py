@@ -1,8 +1,6 @@
 """The auxiliary FCN head of semantic K-Net, trained with its own cross-entropy on a backbone
 feature (MMSeg's ``auxiliary_head``; dropped at inference)."""
 
-from typing import Dict, Optional
-
 import torch
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
@@ -24,7 +22,7 @@ class AuxiliaryFCNHead(KNetFCNHead):
     @configurable
     def __init__(
         self,
-        input_shape: Dict[str, ShapeSpec],
+        input_shape: dict[str, ShapeSpec],
         *,
         channels: int,
         norm: str,
@@ -50,7 +48,7 @@ class AuxiliaryFCNHead(KNetFCNHead):
         nn.init.zeros_(self.conv_seg.bias)
 
     @classmethod
-    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+    def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]):
         aux = cfg.MODEL.KNET.AUX_HEAD
         return {
             "input_shape": _select_features(input_shape, [aux.IN_FEATURE], cls.__name__),
@@ -61,7 +59,7 @@ class AuxiliaryFCNHead(KNetFCNHead):
             "dropout": cfg.MODEL.KNET.DECODE_HEAD.DROPOUT,
         }
 
-    def forward(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """
         Args:
             features: backbone maps containing the input, e.g. {"res4": (B, C, h, w)}.
@@ -73,7 +71,7 @@ class AuxiliaryFCNHead(KNetFCNHead):
         return self.conv_seg(self.dropout(feats))
 
 
-def build_auxiliary_head(cfg, input_shape: Dict[str, ShapeSpec]) -> Optional[AuxiliaryFCNHead]:
+def build_auxiliary_head(cfg, input_shape: dict[str, ShapeSpec]) -> AuxiliaryFCNHead | None:
     """The auxiliary FCN head, or None when ``MODEL.KNET.AUX_HEAD.LOSS_WEIGHT`` is 0.
 
     Args:

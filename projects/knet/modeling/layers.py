@@ -1,6 +1,6 @@
 """Layers shared by the K-Net heads: conv -> norm -> ReLU, bilinear resizing and upsampling."""
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import fvcore.nn.weight_init as weight_init
 import torch
@@ -18,7 +18,7 @@ def conv_norm_relu(
     *,
     stride: int = 1,
     dilation: int = 1,
-    init_std: Optional[float] = None,
+    init_std: float | None = None,
 ) -> Conv2d:
     """Detectron2's ``Conv2d`` with a norm and ReLU, "same" padding; a bias only without a norm.
 

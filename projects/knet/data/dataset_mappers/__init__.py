@@ -7,7 +7,7 @@ behaviour with the same checked image read as training).
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from collections.abc import Callable
 
 from detectron2.config import CfgNode
 
@@ -17,7 +17,7 @@ from .instance_dataset_mapper import KNetInstanceDatasetMapper
 from .panoptic_dataset_mapper import KNetPanopticDatasetMapper
 from .semantic_dataset_mapper import KNetSemanticDatasetMapper
 
-MAPPERS: Dict[str, type] = {
+MAPPERS: dict[str, type] = {
     "knet_panoptic": KNetPanopticDatasetMapper,
     "knet_instance": KNetInstanceDatasetMapper,
     "knet_semantic": KNetSemanticDatasetMapper,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ def read_image_checked(file_name: str, image_format: str | None, what: str) -> n
         raise ValueError(f"Cannot read {what} {file_name}: {type(e).__name__}: {e}") from e
 
 
-def build_augmentations(cfg: CfgNode, is_train: bool) -> List[T.Augmentation]:
+def build_augmentations(cfg: CfgNode, is_train: bool) -> list[T.Augmentation]:
     """Detectron2's default resize (+ flip when training), preceded by ``T.RandomCrop`` when
     ``INPUT.CROP.ENABLED`` during training, like Detectron2's ``DatasetMapper``."""
     augs = utils.build_augmentation(cfg, is_train)
@@ -77,7 +77,7 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 def check_same_size(
-    label: np.ndarray, image: np.ndarray, label_file: str, dataset_dict: Dict[str, Any]
+    label: np.ndarray, image: np.ndarray, label_file: str, dataset_dict: dict[str, Any]
 ) -> None:
     """Raise ``ValueError`` naming both files if ``label`` and ``image`` sizes differ."""
     if label.shape[:2] != image.shape[:2]:
@@ -96,7 +96,7 @@ class KNetDatasetMapperBase:
         self,
         is_train: bool = True,
         *,
-        augmentations: List[T.Augmentation | T.Transform],
+        augmentations: list[T.Augmentation | T.Transform],
         image_format: str,
     ):
         """
@@ -112,14 +112,14 @@ class KNetDatasetMapperBase:
         logger.info(f"[{self.__class__.__name__}] Augmentations used in {mode}: {augmentations}")
 
     @classmethod
-    def from_config(cls, cfg: CfgNode, is_train: bool = True) -> Dict[str, Any]:
+    def from_config(cls, cfg: CfgNode, is_train: bool = True) -> dict[str, Any]:
         return {
             "is_train": is_train,
             "augmentations": build_augmentations(cfg, is_train),
             "image_format": cfg.INPUT.FORMAT,
         }
 
-    def read_image(self, dataset_dict: Dict[str, Any]) -> np.ndarray:
+    def read_image(self, dataset_dict: dict[str, Any]) -> np.ndarray:
         """The record's image in ``image_format``, checked against its height/width."""
         image = read_image_checked(dataset_dict["file_name"], self.image_format, "image")
         utils.check_image_size(dataset_dict, image)

@@ -9,7 +9,7 @@ mapper, so that training and evaluation read images the same way.
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List
+from typing import Any
 
 from detectron2.config import CfgNode, configurable
 from detectron2.data import transforms as T
@@ -37,7 +37,7 @@ class KNetTestDatasetMapper(KNetDatasetMapperBase):
         self,
         is_train: bool = False,
         *,
-        augmentations: List[T.Augmentation | T.Transform],
+        augmentations: list[T.Augmentation | T.Transform],
         image_format: str,
     ):
         """
@@ -51,10 +51,10 @@ class KNetTestDatasetMapper(KNetDatasetMapperBase):
         super().__init__(is_train, augmentations=augmentations, image_format=image_format)
 
     @classmethod
-    def from_config(cls, cfg: CfgNode, is_train: bool = False) -> Dict[str, Any]:
+    def from_config(cls, cfg: CfgNode, is_train: bool = False) -> dict[str, Any]:
         return super().from_config(cfg, is_train=False)
 
-    def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
+    def __call__(self, dataset_dict: dict[str, Any]) -> dict[str, Any]:
         dataset_dict = copy.deepcopy(dataset_dict)  # it will be modified below
         image = self.read_image(dataset_dict)  # checked decode + height/width check
         aug_input = T.AugInput(image)

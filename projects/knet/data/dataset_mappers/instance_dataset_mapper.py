@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Dict
+from typing import Any
 
 import torch
 from detectron2.data import detection_utils as utils
@@ -27,7 +27,7 @@ class KNetInstanceDatasetMapper(KNetDatasetMapperBase):
      "height", "width", "file_name", "image_id": copied from the record}
     """
 
-    def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
+    def __call__(self, dataset_dict: dict[str, Any]) -> dict[str, Any]:
         dataset_dict = copy.deepcopy(dataset_dict)  # it will be modified below
         image = self.read_image(dataset_dict)
 

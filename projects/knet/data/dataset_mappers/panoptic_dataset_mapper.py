@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Dict, List
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ class KNetPanopticDatasetMapper(KNetDatasetMapperBase):
         self,
         is_train: bool = True,
         *,
-        augmentations: List[T.Augmentation | T.Transform],
+        augmentations: list[T.Augmentation | T.Transform],
         image_format: str,
         ignore_label: int = 255,
     ):
@@ -58,11 +58,11 @@ class KNetPanopticDatasetMapper(KNetDatasetMapperBase):
         self.ignore_label = ignore_label
 
     @classmethod
-    def from_config(cls, cfg: CfgNode, is_train: bool = True) -> Dict[str, Any]:
+    def from_config(cls, cfg: CfgNode, is_train: bool = True) -> dict[str, Any]:
         ret = super().from_config(cfg, is_train)
         return {**ret, "ignore_label": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE}
 
-    def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
+    def __call__(self, dataset_dict: dict[str, Any]) -> dict[str, Any]:
         dataset_dict = copy.deepcopy(dataset_dict)  # it will be modified below
         image = self.read_image(dataset_dict)
 

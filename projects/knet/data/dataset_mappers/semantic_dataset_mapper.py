@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Dict
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ class KNetSemanticDatasetMapper(KNetDatasetMapperBase):
     """
 
     @classmethod
-    def from_config(cls, cfg: CfgNode, is_train: bool = True) -> Dict[str, Any]:
+    def from_config(cls, cfg: CfgNode, is_train: bool = True) -> dict[str, Any]:
         augs = utils.build_augmentation(cfg, is_train)  # resize (+ flip when training)
         if is_train:
             extra = []
@@ -52,7 +52,7 @@ class KNetSemanticDatasetMapper(KNetDatasetMapperBase):
             augs[1:1] = extra  # after the resize, before the flip
         return {"is_train": is_train, "augmentations": augs, "image_format": cfg.INPUT.FORMAT}
 
-    def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
+    def __call__(self, dataset_dict: dict[str, Any]) -> dict[str, Any]:
         dataset_dict = copy.deepcopy(dataset_dict)  # it will be modified below
         image = self.read_image(dataset_dict)
         if "sem_seg_file_name" not in dataset_dict:

@@ -26,7 +26,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Callable, Dict, Iterable, List
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from detectron2.data.datasets import load_coco_json, load_sem_seg
 from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
@@ -71,12 +72,12 @@ _PANOPTIC_EXTRA = {
 
 
 # --------------------------------------------------------------------------- toy
-def get_toy_metadata() -> Dict[str, Any]:
+def get_toy_metadata() -> dict[str, Any]:
     """Class metadata of the toy dataset (no files needed): Mask2Former panoptic convention."""
     return get_panoptic_metadata(TOY_CATEGORIES)
 
 
-def toy_paths(split: str) -> Dict[str, str]:
+def toy_paths(split: str) -> dict[str, str]:
     """Paths of the toy ``split`` files under ``$DETECTRON2_DATASETS/knet_toy`` (not checked)."""
     root = toy_dataset_dir()
     return {
@@ -88,11 +89,11 @@ def toy_paths(split: str) -> Dict[str, str]:
     }
 
 
-def _lazy(paths_fn: Callable[[], Dict[str, str]], keys: List[str]) -> Dict[str, Callable[[], str]]:
+def _lazy(paths_fn: Callable[[], dict[str, str]], keys: list[str]) -> dict[str, Callable[[], str]]:
     return {k: (lambda k=k: paths_fn()[k]) for k in keys}
 
 
-def _load_toy_panoptic(split: str) -> List[dict]:
+def _load_toy_panoptic(split: str) -> list[dict]:
     require_toy_dataset()
     p = toy_paths(split)
     return load_panoptic_json_with_sem_seg(
@@ -104,13 +105,13 @@ def _load_toy_panoptic(split: str) -> List[dict]:
     )
 
 
-def _load_toy_instances(split: str) -> List[dict]:
+def _load_toy_instances(split: str) -> list[dict]:
     require_toy_dataset()
     p = toy_paths(split)
     return load_coco_json(p["json_file"], p["image_root"], dataset_name=f"knet_toy_{split}")
 
 
-def _load_toy_sem_seg(split: str) -> List[dict]:
+def _load_toy_sem_seg(split: str) -> list[dict]:
     require_toy_dataset()
     p = toy_paths(split)
     records = load_sem_seg(p["sem_seg_root"], p["image_root"], gt_ext="png", image_ext="jpg")
@@ -160,12 +161,12 @@ def _register_toy() -> None:
 
 
 # --------------------------------------------------------------------------- shared samples
-def _source_stamp(path: str) -> Dict[str, Any]:
+def _source_stamp(path: str) -> dict[str, Any]:
     st = os.stat(path)
     return {"source": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _prepared(out_dir: str, stamp: Dict[str, Any]) -> bool:
+def _prepared(out_dir: str, stamp: dict[str, Any]) -> bool:
     """Whether ``out_dir`` holds a complete preparation of the source described by ``stamp``."""
     try:
         with open(os.path.join(out_dir, "_COMPLETE.json")) as f:
@@ -175,7 +176,7 @@ def _prepared(out_dir: str, stamp: Dict[str, Any]) -> bool:
 
 
 def _prepare_once(
-    out_dir: str, stamp: Dict[str, Any], prepare: Callable[[str], None], force: bool = False
+    out_dir: str, stamp: dict[str, Any], prepare: Callable[[str], None], force: bool = False
 ) -> None:
     """Run ``prepare(tmp_dir)`` and move the result to ``out_dir`` unless it is up to date."""
     if not force and _prepared(out_dir, stamp):
@@ -196,7 +197,7 @@ def _prepare_once(
             shutil.rmtree(tmp_dir, ignore_errors=True)  # only left over if prepare() failed
 
 
-def _require_prepared(out_dir: str, stamp: Dict[str, Any], what: str) -> None:
+def _require_prepared(out_dir: str, stamp: dict[str, Any], what: str) -> None:
     """Raise ``FileNotFoundError`` naming :data:`SAMPLES_COMMAND` unless ``out_dir`` is ready."""
     if not _prepared(out_dir, stamp):
         raise FileNotFoundError(
@@ -206,14 +207,14 @@ def _require_prepared(out_dir: str, stamp: Dict[str, Any], what: str) -> None:
         )
 
 
-def _coco_sample_dirs() -> Dict[str, str]:
+def _coco_sample_dirs() -> dict[str, str]:
     return {
         "source": os.path.join(get_shared_data_root(), "coco_panoptic_sample", "sample_data"),
         "out_dir": os.path.join(get_prepared_root(), "coco_panoptic_sample"),
     }
 
 
-def coco_sample_paths() -> Dict[str, str]:
+def coco_sample_paths() -> dict[str, str]:
     """Paths of the shared COCO panoptic sample and of its prepared files (not checked)."""
     dirs = _coco_sample_dirs()
     return {
@@ -225,7 +226,7 @@ def coco_sample_paths() -> Dict[str, str]:
     }
 
 
-def _coco_sample_stamp() -> Dict[str, Any]:
+def _coco_sample_stamp() -> dict[str, Any]:
     """Stamp of the shared COCO sample; raises ``FileNotFoundError`` (naming the path and
     KNET_SHARED_DATA) if it is absent."""
     require_shared_path("coco_panoptic_sample", "sample_data")
@@ -254,13 +255,13 @@ def prepare_coco_sample(force: bool = False) -> str:
     return out_dir
 
 
-def _require_coco_sample() -> Dict[str, str]:
+def _require_coco_sample() -> dict[str, str]:
     """The sample's paths, once checked to exist and to be prepared."""
     _require_prepared(_coco_sample_dirs()["out_dir"], _coco_sample_stamp(), "the COCO sample")
     return coco_sample_paths()
 
 
-def _load_coco_sample() -> List[dict]:
+def _load_coco_sample() -> list[dict]:
     p = _require_coco_sample()
     return load_panoptic_json_with_sem_seg(
         p["panoptic_json"],
@@ -271,7 +272,7 @@ def _load_coco_sample() -> List[dict]:
     )
 
 
-def _load_coco_sample_instances() -> List[dict]:
+def _load_coco_sample_instances() -> list[dict]:
     p = _require_coco_sample()
     return load_coco_json(p["json_file"], p["image_root"], dataset_name="coco_sample_val")
 
@@ -299,14 +300,14 @@ def _register_coco_sample() -> None:
     )
 
 
-def _ade20k_sample_dirs() -> Dict[str, str]:
+def _ade20k_sample_dirs() -> dict[str, str]:
     return {
         "source": os.path.join(get_shared_data_root(), "ade20k_sample", "ADEChallengeData2016"),
         "out_dir": os.path.join(get_prepared_root(), "ade20k_sample", "ADEChallengeData2016"),
     }
 
 
-def ade20k_sample_paths(split: str) -> Dict[str, str]:
+def ade20k_sample_paths(split: str) -> dict[str, str]:
     """Paths of the shared ADE20K sample ``split`` ("train"/"val") and of its prepared labels
     (not checked)."""
     dirs = _ade20k_sample_dirs()
@@ -316,7 +317,7 @@ def ade20k_sample_paths(split: str) -> Dict[str, str]:
     }
 
 
-def _ade20k_sample_stamp() -> Dict[str, Any]:
+def _ade20k_sample_stamp() -> dict[str, Any]:
     """Stamp of the shared ADE20K sample; raises ``FileNotFoundError`` if it is absent."""
     ade = require_shared_path("ade20k_sample", "ADEChallengeData2016")
     return {"source": os.path.abspath(ade), "files": sorted(_list_pngs(ade))}
@@ -331,14 +332,14 @@ def prepare_ade20k_sample(force: bool = False) -> str:
     return dirs["out_dir"]
 
 
-def _load_ade20k_sample(split: str) -> List[dict]:
+def _load_ade20k_sample(split: str) -> list[dict]:
     stamp = _ade20k_sample_stamp()
     _require_prepared(_ade20k_sample_dirs()["out_dir"], stamp, "the ADE20K sample")
     p = ade20k_sample_paths(split)
     return load_sem_seg(p["sem_seg_root"], p["image_root"], gt_ext="png", image_ext="jpg")
 
 
-def _list_pngs(ade: str) -> List[str]:
+def _list_pngs(ade: str) -> list[str]:
     out = []
     for split in ADE_SPLITS.values():
         d = os.path.join(ade, "annotations", split)
@@ -361,7 +362,7 @@ def _register_ade20k_sample() -> None:
 
 
 # --------------------------------------------------------------------------- full COCO
-def _load_coco_full(split: str) -> List[dict]:
+def _load_coco_full(split: str) -> list[dict]:
     p = coco_panoptic_with_sem_seg_paths(split)
     if not os.path.isdir(p["sem_seg_root"]):
         raise FileNotFoundError(
@@ -393,21 +394,21 @@ def _register_coco_full() -> None:
 
 
 # --------------------------------------------------------------------------- explicit preparation
-_CREATORS: Dict[str, Callable[[], str]] = {
+_CREATORS: dict[str, Callable[[], str]] = {
     "knet_toy": ensure_toy_dataset,
     "coco_sample": prepare_coco_sample,
     "ade20k_sample": prepare_ade20k_sample,
 }
 
 
-def prepare_builtin_datasets(names: Iterable[str]) -> Dict[str, str]:
+def prepare_builtin_datasets(names: Iterable[str]) -> dict[str, str]:
     """Create the files of the built-in datasets among ``names`` (toy: generated, samples:
     prepared; each skipped when up to date). Other names are left alone.
 
     For the commands that create data (``tools/run_demo.py``); returns {prefix: folder} for the
     datasets it created or found ready.
     """
-    done: Dict[str, str] = {}
+    done: dict[str, str] = {}
     for name in names:
         for prefix, create in _CREATORS.items():
             if name.startswith(prefix) and prefix not in done:

@@ -11,7 +11,8 @@ build paths: reading metadata never reads, generates or prepares a file.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, List, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
@@ -19,7 +20,7 @@ from detectron2.data.catalog import Metadata
 logger = logging.getLogger(__name__)
 
 # dataset name -> {metadata key -> zero-argument function returning its value}
-_LAZY_FIELDS: Dict[str, Dict[str, Callable[[], Any]]] = {}
+_LAZY_FIELDS: dict[str, dict[str, Callable[[], Any]]] = {}
 
 
 class LazyMetadata(Metadata):
@@ -35,7 +36,7 @@ class LazyMetadata(Metadata):
             return fields[key]()
         return super().__getattr__(key)
 
-    def as_dict(self) -> Dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         out = super().as_dict()
         for key, fn in _LAZY_FIELDS.get(self.__dict__.get("name", ""), {}).items():
             out[key] = fn()
@@ -44,7 +45,7 @@ class LazyMetadata(Metadata):
 
 def register_dataset(
     name: str,
-    loader: Callable[[], List[dict]],
+    loader: Callable[[], list[dict]],
     lazy_fields: Mapping[str, Callable[[], Any]],
     **static: Any,
 ) -> bool:

@@ -47,8 +47,9 @@ import collections
 import logging
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Any
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
@@ -82,12 +83,12 @@ BACKGROUND_NAMES = {"_background_", "__background__", "background", "bg"}
 
 @dataclass(frozen=True)
 class _Format:
-    positional: Tuple[str, ...]  # metavars of the paths
-    options: Tuple[str, ...] = ()  # per-dataset options (each takes one value)
-    required: Tuple[str, ...] = ()
+    positional: tuple[str, ...]  # metavars of the paths
+    options: tuple[str, ...] = ()  # per-dataset options (each takes one value)
+    required: tuple[str, ...] = ()
 
 
-DATASET_FORMATS: Dict[str, _Format] = {
+DATASET_FORMATS: dict[str, _Format] = {
     "coco-instances": _Format(("JSON", "IMAGE_ROOT")),
     "coco-panoptic": _Format(("JSON", "PNG_DIR", "IMAGE_ROOT")),
     "sem-seg": _Format(
@@ -109,8 +110,8 @@ class DatasetSpec:
 
     name: str
     format: str
-    paths: Tuple[str, ...]
-    options: Tuple[Tuple[str, Any], ...] = field(default=())  # keyword arguments, sorted
+    paths: tuple[str, ...]
+    options: tuple[tuple[str, Any], ...] = field(default=())  # keyword arguments, sorted
 
     def register(self, drop_categories: Sequence[str] = ()) -> Metadata:
         return register_custom_dataset(
@@ -135,7 +136,7 @@ def dataset_usage() -> str:
     return "\n".join(_usage(fmt) for fmt in DATASET_FORMATS)
 
 
-def parse_dataset_args(argv: Sequence[str]) -> Tuple[List[str], List[DatasetSpec]]:
+def parse_dataset_args(argv: Sequence[str]) -> tuple[list[str], list[DatasetSpec]]:
     """Take every ``--dataset NAME FORMAT PATH... [OPTION VALUE]...`` group out of ``argv``.
 
     The number of paths depends on FORMAT (see the module docstring), so the groups can stand
@@ -147,8 +148,8 @@ def parse_dataset_args(argv: Sequence[str]) -> Tuple[List[str], List[DatasetSpec
         DatasetArgumentError: an unknown format, a missing path or option value, a repeated
             name, or a per-dataset option outside a group that takes it.
     """
-    rest: List[str] = []
-    specs: List[DatasetSpec] = []
+    rest: list[str] = []
+    specs: list[DatasetSpec] = []
     i = 0
     while i < len(argv):
         token = argv[i]
@@ -179,7 +180,7 @@ def parse_dataset_args(argv: Sequence[str]) -> Tuple[List[str], List[DatasetSpec
         if len(paths) < len(spec.positional) or any(p.startswith("--") for p in paths):
             raise DatasetArgumentError(f"--dataset {name} {fmt} expects: {_usage(fmt)}")
         i += len(paths)
-        options: Dict[str, Any] = {}
+        options: dict[str, Any] = {}
         while i < len(argv) and argv[i] in spec.options:
             option = argv[i]
             if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
@@ -235,7 +236,7 @@ def parse_args_with_datasets(parser: Any, argv: Sequence[str] | None = None) -> 
 
 def register_dataset_specs(
     specs: Sequence[DatasetSpec], drop_categories: Sequence[str] = ()
-) -> List[str]:
+) -> list[str]:
     """Register every spec (see :func:`register_custom_dataset`); returns their names.
 
     Raises:
@@ -255,14 +256,14 @@ def register_dataset_specs(
 
 # ----------------------------------------------------------------------------- registration
 # name -> the arguments it was registered with (registering the same again is a no-op)
-_REGISTERED: Dict[str, Tuple[Any, ...]] = {}
+_REGISTERED: dict[str, tuple[Any, ...]] = {}
 
 
 def register_custom_dataset(
     name: str,
     fmt: str,
     *paths: str,
-    classes: Union[str, Sequence[str], None] = None,
+    classes: str | Sequence[str] | None = None,
     ignore_label: int = 255,
     image_ext: str | None = None,
     label_ext: str = "png",
@@ -318,11 +319,11 @@ def register_custom_dataset(
     return MetadataCatalog.get(name)
 
 
-def _hashable(classes: Union[str, Sequence[str], None]) -> Any:
+def _hashable(classes: str | Sequence[str] | None) -> Any:
     return classes if classes is None or isinstance(classes, str) else tuple(classes)
 
 
-def palette(n: int) -> List[List[int]]:
+def palette(n: int) -> list[list[int]]:
     """``n`` distinct RGB colours: Detectron2's colormap, then deterministic random colours."""
     base = [[int(round(c)) for c in rgb] for rgb in colormap(rgb=True, maximum=255)]
     if n <= len(base):
@@ -346,7 +347,7 @@ def _split_categories(
     counts: Mapping[int, int],
     drop_categories: Sequence[str],
     what: str,
-) -> List[Mapping[str, Any]]:
+) -> list[Mapping[str, Any]]:
     """The categories to keep; report unused ones, drop the requested unused ones."""
     drop = set(drop_categories)
     dropped = [c for c in categories if c["name"] in drop]
@@ -429,7 +430,7 @@ def _register_coco_instances(
 
 def _load_coco_instances(
     json_file: str, image_root: str, id_map: Mapping[int, int]
-) -> List[Dict[str, Any]]:
+) -> list[dict[str, Any]]:
     """``load_coco_json`` with the category ids mapped by ``id_map`` (some categories left out)."""
     records = load_coco_json(json_file, image_root, dataset_name=None)
     for record in records:
@@ -440,7 +441,7 @@ def _load_coco_instances(
 
 def _ordered_panoptic_categories(
     json_file: str, categories: Sequence[Mapping[str, Any]]
-) -> List[Dict[str, Any]]:
+) -> list[dict[str, Any]]:
     """Things first, then stuff (each in the json's order), with a colour each."""
     for c in categories:
         missing = [k for k in ("id", "name", "isthing") if k not in c]
@@ -486,13 +487,13 @@ def _register_coco_panoptic(
 
 def load_coco_panoptic(
     json_file: str, image_root: str, panoptic_root: str, metadata: Mapping[str, Any]
-) -> List[Dict[str, Any]]:
+) -> list[dict[str, Any]]:
     """Detectron2's ``load_coco_panoptic_json`` records, images named by the json's ``images``
     (:func:`~.panoptic.load_panoptic_json_with_sem_seg` without semantic PNGs)."""
     return load_panoptic_json_with_sem_seg(json_file, image_root, panoptic_root, None, metadata)
 
 
-def read_class_names(classes: Union[str, Sequence[str]]) -> List[str]:
+def read_class_names(classes: str | Sequence[str]) -> list[str]:
     """Class names of a sem-seg dataset: a file with one name per line (line k names label value
     k; a first line ``__ignore__``, as in labelme's labels.txt, is skipped) or a list."""
     if not isinstance(classes, str):
@@ -541,7 +542,7 @@ def _register_sem_seg(
     name: str,
     image_dir: str,
     label_dir: str,
-    classes: Union[str, Sequence[str], None],
+    classes: str | Sequence[str] | None,
     ignore_label: int,
     image_ext: str | None,
     label_ext: str,
@@ -581,7 +582,7 @@ def _register_sem_seg(
 
 def _load_sem_seg_checked(
     label_dir: str, image_dir: str, label_ext: str, image_ext: str
-) -> List[Dict[str, Any]]:
+) -> list[dict[str, Any]]:
     """``load_sem_seg``, checking that each label file has the image's name (Detectron2 pairs
     the sorted lists when both folders hold as many files)."""
     records = load_sem_seg(label_dir, image_dir, gt_ext=label_ext, image_ext=image_ext)

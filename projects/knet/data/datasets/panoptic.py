@@ -13,7 +13,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from typing import Any, Dict, List, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .paths import get_datasets_root
 from .prepare import contiguous_id_map, default_coco_categories, load_json
@@ -27,7 +28,7 @@ __all__ = [
 ]
 
 
-def get_panoptic_metadata(categories: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
+def get_panoptic_metadata(categories: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Mask2Former-style class metadata of a panoptic dataset.
 
     Args:
@@ -60,7 +61,7 @@ def load_panoptic_json_with_sem_seg(
     panoptic_root: str,
     sem_seg_root: str | None,
     metadata: Mapping[str, Any],
-) -> List[Dict[str, Any]]:
+) -> list[dict[str, Any]]:
     """Load a COCO panoptic json into Detectron2 records (see the module docstring).
 
     Args:
@@ -136,7 +137,7 @@ def load_panoptic_json_with_sem_seg(
     return records
 
 
-def coco_panoptic_with_sem_seg_paths(split: str) -> Dict[str, str]:
+def coco_panoptic_with_sem_seg_paths(split: str) -> dict[str, str]:
     """Paths of COCO 2017 ``split`` ("train" or "val") under ``$DETECTRON2_DATASETS/coco``."""
     coco = os.path.join(get_datasets_root(), "coco")
     return {
@@ -148,6 +149,6 @@ def coco_panoptic_with_sem_seg_paths(split: str) -> Dict[str, str]:
     }
 
 
-def coco_panoptic_metadata() -> Dict[str, Any]:
+def coco_panoptic_metadata() -> dict[str, Any]:
     """Class metadata of COCO panoptic (133 classes, 80 things first), Mask2Former style."""
     return get_panoptic_metadata(default_coco_categories())

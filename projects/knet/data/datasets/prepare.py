@@ -20,7 +20,8 @@ import json
 import logging
 import multiprocessing as mp
 import os
-from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -31,19 +32,19 @@ logger = logging.getLogger(__name__)
 IGNORE_LABEL = 255
 
 
-def default_coco_categories() -> List[Dict[str, Any]]:
+def default_coco_categories() -> list[dict[str, Any]]:
     """Detectron2's ``COCO_CATEGORIES`` (133 panoptic categories, things first)."""
     from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
     return [dict(c) for c in COCO_CATEGORIES]
 
 
-def contiguous_id_map(categories: Sequence[Mapping[str, Any]]) -> Dict[int, int]:
+def contiguous_id_map(categories: Sequence[Mapping[str, Any]]) -> dict[int, int]:
     """Map dataset category id -> contiguous id (the index in ``categories``)."""
     return {int(c["id"]): i for i, c in enumerate(categories)}
 
 
-def load_json(path: str) -> Dict[str, Any]:
+def load_json(path: str) -> dict[str, Any]:
     """Read a json file, raising errors that name the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"JSON file not found: {path}")
@@ -94,7 +95,7 @@ def semantic_from_panoptic(
     return out
 
 
-def mask_to_rle(mask: np.ndarray) -> Dict[str, Any]:
+def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
     """Encode an (H, W) bool mask as a COCO RLE with a ``str`` counts field (json-ready)."""
     rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
@@ -107,7 +108,7 @@ def thing_annotations_from_panoptic(
     image_id: int,
     thing_ids: Iterable[int],
     first_ann_id: int,
-) -> List[Dict[str, Any]]:
+) -> list[dict[str, Any]]:
     """COCO instance annotations (RLE) for the thing segments of one image.
 
     Segments with an empty mask in ``pan_ids`` are skipped. ``iscrowd`` is copied.
@@ -140,7 +141,7 @@ def _panoptic_png_path(panoptic_root: str, ann: Mapping[str, Any]) -> str:
     return os.path.join(panoptic_root, ann["file_name"])
 
 
-def _semantic_worker(args: Tuple[str, str, List[dict], Dict[int, int]]) -> str:
+def _semantic_worker(args: tuple[str, str, list[dict], dict[int, int]]) -> str:
     pan_path, out_path, segments_info, id_map = args
     sem = semantic_from_panoptic(read_panoptic_png(pan_path), segments_info, id_map)
     Image.fromarray(sem).save(out_path)
@@ -205,7 +206,7 @@ def instances_json_from_panoptic(
     panoptic_json: str,
     panoptic_root: str,
     categories: Sequence[Mapping[str, Any]] | None = None,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Build a COCO instance json dict (things only) from panoptic annotations.
 
     Args:
@@ -219,7 +220,7 @@ def instances_json_from_panoptic(
     data = load_json(panoptic_json)
     things = [c for c in categories if c.get("isthing", 0)]
     thing_ids = [int(c["id"]) for c in things]
-    anns: List[Dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
     for ann in data["annotations"]:
         if "segments_info" not in ann:
             raise ValueError(

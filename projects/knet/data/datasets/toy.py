@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import shutil
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import cv2
 import numpy as np
@@ -55,18 +55,18 @@ __all__ = [
 ]
 
 # Dataset ids deliberately differ from the contiguous ids (things 0..3, stuff 4..6).
-TOY_THING_CATEGORIES: List[Dict[str, Any]] = [
+TOY_THING_CATEGORIES: list[dict[str, Any]] = [
     {"id": 1, "name": "circle", "isthing": 1, "color": [220, 20, 60], "supercategory": "shape"},
     {"id": 2, "name": "rectangle", "isthing": 1, "color": [250, 170, 30], "supercategory": "shape"},
     {"id": 3, "name": "triangle", "isthing": 1, "color": [106, 0, 228], "supercategory": "shape"},
     {"id": 5, "name": "star", "isthing": 1, "color": [0, 226, 252], "supercategory": "shape"},
 ]
-TOY_STUFF_CATEGORIES: List[Dict[str, Any]] = [
+TOY_STUFF_CATEGORIES: list[dict[str, Any]] = [
     {"id": 10, "name": "sky", "isthing": 0, "color": [70, 130, 180], "supercategory": "scene"},
     {"id": 11, "name": "grass", "isthing": 0, "color": [152, 251, 152], "supercategory": "scene"},
     {"id": 12, "name": "wall", "isthing": 0, "color": [137, 54, 74], "supercategory": "scene"},
 ]
-TOY_CATEGORIES: List[Dict[str, Any]] = TOY_THING_CATEGORIES + TOY_STUFF_CATEGORIES
+TOY_CATEGORIES: list[dict[str, Any]] = TOY_THING_CATEGORIES + TOY_STUFF_CATEGORIES
 TOY_NUM_THING_CLASSES = len(TOY_THING_CATEGORIES)
 TOY_NUM_CLASSES = len(TOY_CATEGORIES)
 TOY_DIRNAME = "knet_toy"
@@ -194,7 +194,7 @@ def _paint_thing(img: np.ndarray, mask: np.ndarray, cat_id: int, rng: np.random.
     img[ys, xs] = color + tex.astype(np.float32)
 
 
-def _render(rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, List[Dict[str, Any]]]:
+def _render(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """Render one image.
 
     Returns:
@@ -206,7 +206,7 @@ def _render(rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, List[Dict
     # label: index into seg_ids (0 = void); painting a segment overwrites what it occludes
     label = np.zeros((h, w), np.int16)
     seg_ids, crowd = [0], [False]
-    counters: Dict[int, int] = {}
+    counters: dict[int, int] = {}
 
     def new_segment(cat_id: int, iscrowd: bool) -> int:
         counters[cat_id] = counters.get(cat_id, 0) + 1
@@ -320,7 +320,7 @@ def _write_split(out_dir: str, split: str, num_images: int, seed: int) -> None:
         json.dump({**common, "annotations": inst_anns, "categories": TOY_THING_CATEGORIES}, f)
 
 
-def _read_marker(out_dir: str) -> Dict[str, Any] | None:
+def _read_marker(out_dir: str) -> dict[str, Any] | None:
     try:
         with open(os.path.join(out_dir, _MARKER)) as f:
             return json.load(f)

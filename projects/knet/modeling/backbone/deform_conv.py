@@ -7,8 +7,6 @@ Detectron2's ``DeformBottleneckBlock`` (same parameter names: ``conv2_offset``, 
 with a pure-Python Detectron2 install.
 """
 
-from typing import Optional
-
 import fvcore.nn.weight_init as weight_init
 import torch
 from detectron2.layers import get_norm
@@ -39,7 +37,7 @@ class DeformConv(nn.Module):
         padding: int = 0,
         dilation: int = 1,
         groups: int = 1,
-        norm: Optional[nn.Module] = None,
+        norm: nn.Module | None = None,
     ):
         super().__init__()
         if in_channels % groups:
@@ -55,7 +53,7 @@ class DeformConv(nn.Module):
         nn.init.kaiming_uniform_(self.weight, nonlinearity="relu")
 
     def forward(
-        self, x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor] = None
+        self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """
         Args:

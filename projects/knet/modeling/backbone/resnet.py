@@ -6,8 +6,6 @@ stride 8 and use dilations 2 and 4 instead (MMSeg ``strides=(1, 2, 1, 1)``,
 ``dilations=(1, 1, 2, 4)``, ``contract_dilation=True``); UPerNet uses the plain strides.
 """
 
-from typing import List
-
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
@@ -27,7 +25,7 @@ NUM_BLOCKS_PER_STAGE = {
 STEM_TYPES = ("basic", "deeplab")
 
 
-def stage_dilations(num_blocks: int, dilation: int, contract_dilation: bool) -> List[int]:
+def stage_dilations(num_blocks: int, dilation: int, contract_dilation: bool) -> list[int]:
     """Dilation of each block's 3x3 conv in one stage.
 
     With ``contract_dilation`` (MMSeg ``contract_dilation=True``) the first block of a dilated

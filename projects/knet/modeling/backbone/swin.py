@@ -21,7 +21,7 @@ one; MMDet/MMSeg checkpoints are converted by ``knet.checkpoint`` (their patch m
 ``nn.Unfold`` channel order, which the converter permutes).
 """
 
-from typing import Dict, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -120,7 +120,7 @@ class WindowAttention(nn.Module):
         num_heads: int,
         window: int,
         qkv_bias: bool = True,
-        qk_scale: Optional[float] = None,
+        qk_scale: float | None = None,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
     ):
@@ -143,7 +143,7 @@ class WindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def forward(self, windows: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, windows: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """
         Args:
             windows: (B, nW, N, C) tokens of nW windows of N = window^2 tokens.
@@ -196,7 +196,7 @@ class SwinBlock(nn.Module):
         shift: int,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
-        qk_scale: Optional[float] = None,
+        qk_scale: float | None = None,
         drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
@@ -212,7 +212,7 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """
         Args:
             x: (B, H, W, C).
@@ -401,7 +401,7 @@ class SwinTransformer(Backbone):
             self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
         self.apply(_init_weights)
 
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, H, W) -> {"res{i+2}": (B, C * 2^i, ceil(H / 2^(i+2)), ceil(W / 2^(i+2)))}."""
         if x.dim() != 4:
             raise ValueError(f"SwinTransformer takes a (B, C, H, W) input, got {tuple(x.shape)}")

@@ -1,8 +1,6 @@
 """Hungarian matching of K-Net (``MaskHungarianAssigner`` with focal, dice and mask costs,
 ZwwWayne/K-Net ``knet/det/mask_hungarian_assigner.py``)."""
 
-from typing import Optional, Tuple
-
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -66,8 +64,8 @@ class HungarianMatcher(nn.Module):
         self,
         mask_logits: torch.Tensor,
         gt_masks: torch.Tensor,
-        cls_logits: Optional[torch.Tensor] = None,
-        gt_labels: Optional[torch.Tensor] = None,
+        cls_logits: torch.Tensor | None = None,
+        gt_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(N, H, W) logits, (G, H, W) soft targets [, (N, K) logits, (G,) labels] -> (N, G)."""
         probs = mask_logits.float().flatten(1).sigmoid()
@@ -86,10 +84,10 @@ class HungarianMatcher(nn.Module):
         self,
         mask_logits: torch.Tensor,
         gt_masks: torch.Tensor,
-        cls_logits: Optional[torch.Tensor] = None,
-        gt_labels: Optional[torch.Tensor] = None,
+        cls_logits: torch.Tensor | None = None,
+        gt_labels: torch.Tensor | None = None,
         name: str = "cost matrix",
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (pred_indices, gt_indices), int64 on the predictions' device.
 
         ``name`` identifies the predictions in the error raised for a non-finite cost.

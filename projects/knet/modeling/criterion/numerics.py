@@ -7,7 +7,8 @@ outputs and the loss terms with :func:`check_finite`, so that a diverged run sto
 the Hungarian matcher (where scipy would fail with an unrelated ``ValueError``).
 """
 
-from typing import Any, Iterable, List, Optional, Tuple
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from detectron2.utils.events import get_event_storage
@@ -22,7 +23,7 @@ __all__ = [
 ]
 
 
-def current_iteration() -> Optional[int]:
+def current_iteration() -> int | None:
     """The iteration of the active Detectron2 ``EventStorage``, or None outside training."""
     try:
         return int(get_event_storage().iter)
@@ -58,7 +59,7 @@ def finite_flag(tensor: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(low) & torch.isfinite(high)
 
 
-def check_finite(*groups: Tuple[str, Iterable[Tuple[str, Optional[torch.Tensor]]]]) -> None:
+def check_finite(*groups: tuple[str, Iterable[tuple[str, torch.Tensor | None]]]) -> None:
     """Raise ``FloatingPointError`` (see :func:`raise_non_finite`) if a tensor is not finite.
 
     Args:
@@ -80,12 +81,12 @@ def check_finite(*groups: Tuple[str, Iterable[Tuple[str, Optional[torch.Tensor]]
     raise_non_finite(name, kind)
 
 
-def named_tensors(tree: Any, prefix: str = "") -> List[Tuple[str, torch.Tensor]]:
+def named_tensors(tree: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
     """Tensors of nested dicts / lists with their paths, in order: ``{"stages": [{"cls_logits":
     t}]}`` -> ``[("stages[0].cls_logits", t)]``."""
     if isinstance(tree, torch.Tensor):
         return [(prefix, tree)]
-    out: List[Tuple[str, torch.Tensor]] = []
+    out: list[tuple[str, torch.Tensor]] = []
     if isinstance(tree, dict):
         for key, value in tree.items():
             out += named_tensors(value, f"{prefix}.{key}" if prefix else str(key))

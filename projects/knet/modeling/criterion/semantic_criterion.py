@@ -1,7 +1,7 @@
 """Losses of semantic K-Net: cross-entropy on the initial and every stage's logits
 (ZwwWayne/K-Net ``knet/seg/iter_decode_head.py`` on MMSeg's ``BaseDecodeHead.losses``)."""
 
-from typing import Dict, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -41,8 +41,8 @@ class KNetSemanticCriterion(nn.Module):
         return semantic_cross_entropy(logits, labels, self.ignore_value, self.avg_non_ignore)
 
     def forward(
-        self, outputs: Dict, labels: torch.Tensor, aux_logits: Optional[torch.Tensor] = None
-    ) -> Dict[str, torch.Tensor]:
+        self, outputs: dict, labels: torch.Tensor, aux_logits: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """
         Args:
             outputs: the semantic kernel head's training output: "init" {"seg_logits"} and one

@@ -2,7 +2,7 @@
 (ZwwWayne/K-Net ``knet/det/kernel_iter_head.py`` ``forward_train``, ``kernel_update_head.py``
 ``get_targets`` and ``loss``, ``kernel_head.py`` ``loss``)."""
 
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -54,7 +54,7 @@ class KNetCriterion(nn.Module):
         num_classes: int,
         num_thing_classes: int,
         num_proposals: int,
-        weight_dict: Optional[Dict[str, float]] = None,
+        weight_dict: dict[str, float] | None = None,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         stage_loss_weights: Sequence[float] = (1.0, 1.0, 1.0),
@@ -90,10 +90,10 @@ class KNetCriterion(nn.Module):
     def match(
         self,
         mask_logits: torch.Tensor,
-        cls_logits: Optional[torch.Tensor],
-        targets: List[Dict[str, torch.Tensor]],
+        cls_logits: torch.Tensor | None,
+        targets: list[dict[str, torch.Tensor]],
         name: str = "predictions",
-    ) -> List[torch.Tensor]:
+    ) -> list[torch.Tensor]:
         """Per image, (P,) int64: the GT index matched to each thing kernel, or -1.
 
         ``name`` (which predictions are matched) is reported if a matching cost is not finite.
@@ -113,7 +113,7 @@ class KNetCriterion(nn.Module):
             assignments.append(assigned)
         return assignments
 
-    def kernel_targets(self, assignments: List[torch.Tensor], targets, num_kernels: int):
+    def kernel_targets(self, assignments: list[torch.Tensor], targets, num_kernels: int):
         """Labels (B, N) (num_classes = background), positive mask (B, N) and the positives'
         target masks (num_pos, H, W) in row-major (image, kernel) order."""
         p, k = self.num_proposals, self.num_classes
@@ -134,7 +134,7 @@ class KNetCriterion(nn.Module):
             pos_masks += [m for _, m in sorted(kernel_masks, key=lambda x: x[0])]
         return labels, positive, pos_masks
 
-    def rank_targets(self, positive: torch.Tensor, pos_masks: List[torch.Tensor], shape):
+    def rank_targets(self, positive: torch.Tensor, pos_masks: list[torch.Tensor], shape):
         """(B, H, W) index of the last positive kernel whose target covers each pixel."""
         target = torch.full(shape, self.ignore_value, dtype=torch.int64, device=positive.device)
         i = 0
@@ -143,7 +143,7 @@ class KNetCriterion(nn.Module):
             i += 1
         return target
 
-    def mask_losses(self, mask_logits, positive, pos_masks, prefix: str) -> Dict[str, torch.Tensor]:
+    def mask_losses(self, mask_logits, positive, pos_masks, prefix: str) -> dict[str, torch.Tensor]:
         pred = mask_logits[positive]
         tgt = torch.stack(pos_masks) if pos_masks else torch.zeros_like(pred)
         losses = {
@@ -158,7 +158,7 @@ class KNetCriterion(nn.Module):
             )
         return losses
 
-    def initial_losses(self, init: Dict[str, torch.Tensor], targets) -> Dict[str, torch.Tensor]:
+    def initial_losses(self, init: dict[str, torch.Tensor], targets) -> dict[str, torch.Tensor]:
         mask_logits = init["mask_logits"]
         assignments = self.match(mask_logits, None, targets, "init")
         labels, positive, pos_masks = self.kernel_targets(assignments, targets, self.num_proposals)
@@ -224,8 +224,8 @@ class KNetCriterion(nn.Module):
         return losses
 
     def forward(
-        self, outputs: Dict, targets: List[Dict[str, torch.Tensor]]
-    ) -> Dict[str, torch.Tensor]:
+        self, outputs: dict, targets: list[dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
         """
         Args:
             outputs: the kernel head's training output ("init" and one entry per stage).

@@ -1,8 +1,6 @@
 """Initial kernels and masks of K-Net (``ConvKernelHead``, ZwwWayne/K-Net
 ``knet/det/kernel_head.py``)."""
 
-from typing import Dict
-
 import torch
 from torch import nn
 
@@ -52,7 +50,7 @@ class ConvKernelHead(nn.Module):
 
     def forward(
         self, loc_feature: torch.Tensor, sem_feature: torch.Tensor
-    ) -> Dict[str, torch.Tensor]:
+    ) -> dict[str, torch.Tensor]:
         """
         Args:
             loc_feature, sem_feature: (B, C, h, w) outputs of the pixel decoder.
@@ -82,7 +80,7 @@ class ConvKernelHead(nn.Module):
             "seg_logits": seg_logits,
         }
 
-    def with_stuff(self, out: Dict[str, torch.Tensor]):
+    def with_stuff(self, out: dict[str, torch.Tensor]):
         """Append the stuff kernels and masks: (B, P + K_stuff, C), (B, P + K_stuff, h, w)."""
         kernels, masks = out["thing_kernels"], out["thing_masks"]
         if self.num_stuff_classes == 0:

@@ -1,8 +1,6 @@
 """The K-Net kernel head: initial kernels followed by S kernel update stages (``KernelIterHead``,
 ZwwWayne/K-Net ``knet/det/kernel_iter_head.py``)."""
 
-from typing import Dict, List
-
 import torch
 from detectron2.config import configurable
 from detectron2.utils.registry import Registry
@@ -37,7 +35,7 @@ class KNetIterativeKernelHead(nn.Module):
         self,
         *,
         initial_head: ConvKernelHead,
-        stages: List[KernelUpdateHead],
+        stages: list[KernelUpdateHead],
         mask_upsample_stride: int = 2,
     ):
         super().__init__()
@@ -72,7 +70,7 @@ class KNetIterativeKernelHead(nn.Module):
             "mask_upsample_stride": k.MASK_UPSAMPLE_STRIDE,
         }
 
-    def forward(self, loc_feature: torch.Tensor, sem_feature: torch.Tensor) -> Dict:
+    def forward(self, loc_feature: torch.Tensor, sem_feature: torch.Tensor) -> dict:
         """
         Args:
             loc_feature, sem_feature: (B, C, h, w) pixel decoder outputs (stride 8).

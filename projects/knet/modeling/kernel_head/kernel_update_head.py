@@ -2,7 +2,6 @@
 ``knet/det/kernel_update_head.py`` and ``knet/seg/kernel_update_head.py``)."""
 
 import math
-from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -49,7 +48,7 @@ class KernelUpdateHead(nn.Module):
         updator_channels: int = 256,
         num_cls_fcs: int = 1,
         num_mask_fcs: int = 1,
-        hard_mask_threshold: Optional[float] = 0.5,
+        hard_mask_threshold: float | None = 0.5,
         xavier_init: bool = True,
     ):
         """
@@ -110,7 +109,7 @@ class KernelUpdateHead(nn.Module):
 
     def forward(
         self, features: torch.Tensor, kernels: torch.Tensor, mask_logits: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """
         Args:
             features: (B, C, h, w) the shared kernel-head feature F (same at every stage).
@@ -145,8 +144,8 @@ class KernelUpdateHead(nn.Module):
 
 
 def build_update_stages(
-    cfg, *, num_classes: int, hard_mask_threshold: Optional[float]
-) -> List[KernelUpdateHead]:
+    cfg, *, num_classes: int, hard_mask_threshold: float | None
+) -> list[KernelUpdateHead]:
     """``MODEL.KNET.NUM_STAGES`` unshared update stages configured by ``MODEL.KNET``.
 
     Args:

@@ -1,8 +1,6 @@
 """The semantic K-Net kernel head (``IterativeDecodeHead``, ZwwWayne/K-Net
 ``knet/seg/iter_decode_head.py``)."""
 
-from typing import Dict, List
-
 import torch
 from detectron2.config import configurable
 from torch import nn
@@ -31,7 +29,7 @@ class KNetSemanticKernelHead(nn.Module):
         *,
         channels: int,
         num_classes: int,
-        stages: List[KernelUpdateHead],
+        stages: list[KernelUpdateHead],
         dropout: float = 0.1,
     ):
         """
@@ -64,7 +62,7 @@ class KNetSemanticKernelHead(nn.Module):
             "dropout": cfg.MODEL.KNET.DECODE_HEAD.DROPOUT,
         }
 
-    def forward(self, features: torch.Tensor) -> Dict:
+    def forward(self, features: torch.Tensor) -> dict:
         """
         Args:
             features: (B, C, h, w) the decode head's pre-classifier feature.

@@ -2,7 +2,6 @@
 (backbone -> pixel decoder -> kernel head), mixed-precision inference and output geometries."""
 
 import math
-from typing import Dict, List, Optional
 
 import torch
 from detectron2.modeling import Backbone, build_backbone
@@ -16,7 +15,7 @@ from ..postprocessing import OutputGeometry, detectron2_outputs
 __all__ = ["KNetBase", "checked_image", "inference_amp_dtype"]
 
 
-def checked_image(inputs: Dict, index: int, pixel_mean: torch.Tensor) -> torch.Tensor:
+def checked_image(inputs: dict, index: int, pixel_mean: torch.Tensor) -> torch.Tensor:
     """``inputs["image"]`` after checks, as (3, H, W); a (1, H, W) grayscale image is broadcast.
 
     The model takes unnormalised pixels of the range its ``PIXEL_MEAN`` is in (0-255 for every
@@ -60,7 +59,7 @@ def checked_image(inputs: Dict, index: int, pixel_mean: torch.Tensor) -> torch.T
     return image.expand(3, -1, -1) if image.shape[0] == 1 else image
 
 
-def inference_amp_dtype(cfg) -> Optional[torch.dtype]:
+def inference_amp_dtype(cfg) -> torch.dtype | None:
     """``MODEL.KNET.TEST.AMP_DTYPE``: "" (float32), "float16", "bfloat16" or "auto" (float16 on
     CUDA, bfloat16 on the CPU)."""
     name = cfg.MODEL.KNET.TEST.AMP_DTYPE
@@ -90,10 +89,10 @@ class KNetBase(nn.Module):
         kernel_head: nn.Module,
         criterion: nn.Module,
         size_divisibility: int,
-        pixel_mean: List[float],
-        pixel_std: List[float],
+        pixel_mean: list[float],
+        pixel_std: list[float],
         channels_last: bool = False,
-        amp_dtype: Optional[torch.dtype] = None,
+        amp_dtype: torch.dtype | None = None,
     ):
         """
         Args:
@@ -117,7 +116,7 @@ class KNetBase(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
     @classmethod
-    def from_config(cls, cfg) -> Dict:
+    def from_config(cls, cfg) -> dict:
         k = cfg.MODEL.KNET
         if len(k.STAGE_LOSS_WEIGHTS) != k.NUM_STAGES:
             raise ValueError(
@@ -140,7 +139,7 @@ class KNetBase(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
-    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+    def preprocess_image(self, batched_inputs: list[dict]) -> ImageList:
         """Checked, normalised images padded to a batch (bottom/right, to a multiple of
         ``size_divisibility``), channels-last when ``channels_last``."""
         images = [
@@ -153,7 +152,7 @@ class KNetBase(nn.Module):
             images.tensor = images.tensor.contiguous(memory_format=torch.channels_last)
         return images
 
-    def forward(self, batched_inputs: List[Dict]):
+    def forward(self, batched_inputs: list[dict]):
         """Training: dict of weighted losses. Inference: one dict of Detectron2 outputs per
         image, at its output size."""
         images = self.preprocess_image(batched_inputs)
@@ -166,7 +165,7 @@ class KNetBase(nn.Module):
         outputs = self.kernel_head(*self.pixel_decoder(features))
         return self.losses(outputs, features, batched_inputs, images)
 
-    def predict(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """The network in eval mode: (B, 3, H, W) normalised, padded images -> the last stage's
         float32 predictions (see the kernel head).
 
@@ -180,7 +179,7 @@ class KNetBase(nn.Module):
         return {k: v.float() for k, v in outputs["stages"][-1].items() if v is not None}
 
     @staticmethod
-    def output_geometries(batched_inputs, images: ImageList) -> List[OutputGeometry]:
+    def output_geometries(batched_inputs, images: ImageList) -> list[OutputGeometry]:
         """Per image: the padded input size, its size inside it, and the requested output size
         ("height"/"width" of the input dict, default the image size)."""
         padded_size = tuple(images.tensor.shape[-2:])
@@ -194,21 +193,21 @@ class KNetBase(nn.Module):
         return geometries
 
     def losses(
-        self, outputs: Dict, features: Dict[str, torch.Tensor], batched_inputs, images: ImageList
-    ) -> Dict[str, torch.Tensor]:
+        self, outputs: dict, features: dict[str, torch.Tensor], batched_inputs, images: ImageList
+    ) -> dict[str, torch.Tensor]:
         """The weighted training losses of the kernel head's ``outputs``."""
         raise NotImplementedError
 
     def postprocess(
-        self, predictions: Dict[str, torch.Tensor], index: int, geometry: OutputGeometry
-    ) -> Dict[str, torch.Tensor]:
+        self, predictions: dict[str, torch.Tensor], index: int, geometry: OutputGeometry
+    ) -> dict[str, torch.Tensor]:
         """The outputs of image ``index`` of ``predict``'s predictions, as tensors at the output
         size of ``geometry`` (the exported graphs return these)."""
         raise NotImplementedError
 
     def inference(
-        self, predictions: Dict[str, torch.Tensor], batched_inputs, images: ImageList
-    ) -> List[Dict]:
+        self, predictions: dict[str, torch.Tensor], batched_inputs, images: ImageList
+    ) -> list[dict]:
         """Per image, Detectron2's outputs (``postprocess``'s, as Detectron2 structures)."""
         geometries = self.output_geometries(batched_inputs, images)
         return [

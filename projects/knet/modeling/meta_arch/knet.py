@@ -1,7 +1,5 @@
 """K-Net for instance and panoptic segmentation (``KNet``, ZwwWayne/K-Net ``knet/det/knet.py``)."""
 
-from typing import Dict, List
-
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
@@ -42,7 +40,7 @@ class KNet(KNetBase):
             )
 
     @classmethod
-    def from_config(cls, cfg) -> Dict:
+    def from_config(cls, cfg) -> dict:
         k = cfg.MODEL.KNET
         ret = super().from_config(cfg)
         head = ret["kernel_head"]
@@ -84,14 +82,14 @@ class KNet(KNetBase):
         ret["postprocessor"] = KNetPostProcessor(cfg, num_thing_classes=initial.num_thing_classes)
         return ret
 
-    def losses(self, outputs: Dict, features, batched_inputs, images: ImageList):
+    def losses(self, outputs: dict, features, batched_inputs, images: ImageList):
         mask_size = outputs["init"]["mask_logits"].shape[-2:]
         targets = self.prepare_targets(batched_inputs, images.tensor.shape[-2:], mask_size)
         return self.criterion(outputs, targets)
 
     def prepare_targets(
         self, batched_inputs, padded_size, mask_size
-    ) -> List[Dict[str, torch.Tensor]]:
+    ) -> list[dict[str, torch.Tensor]]:
         """Per image: soft thing and stuff masks at ``mask_size`` (the padded image / 4).
 
         Binary masks are zero-padded to the padded batch size, then bilinearly downsampled;
@@ -127,7 +125,7 @@ class KNet(KNetBase):
             )
         return targets
 
-    def postprocess(self, predictions: Dict[str, torch.Tensor], index: int, geometry):
+    def postprocess(self, predictions: dict[str, torch.Tensor], index: int, geometry):
         """``KNetPostProcessor``'s outputs of the last stage's "cls_logits" (N, K) and
         "mask_logits" (N, H/4, W/4) of image ``index``."""
         return self.postprocessor(

@@ -1,7 +1,5 @@
 """K-Net for semantic segmentation (ZwwWayne/K-Net ``knet/seg``, in MMSeg's ``EncoderDecoder``)."""
 
-from typing import Dict, Optional
-
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
@@ -31,7 +29,7 @@ class SemanticKNet(KNetBase):
         *,
         kernel_head: KNetSemanticKernelHead,
         criterion: KNetSemanticCriterion,
-        auxiliary_head: Optional[nn.Module] = None,
+        auxiliary_head: nn.Module | None = None,
         **kwargs,
     ):
         """
@@ -45,7 +43,7 @@ class SemanticKNet(KNetBase):
         self.auxiliary_head = auxiliary_head
 
     @classmethod
-    def from_config(cls, cfg) -> Dict:
+    def from_config(cls, cfg) -> dict:
         k = cfg.MODEL.KNET
         if k.TEST.PANOPTIC_ON or k.TEST.INSTANCE_ON or not k.TEST.SEMANTIC_ON:
             raise ValueError(
@@ -72,7 +70,7 @@ class SemanticKNet(KNetBase):
     def num_classes(self) -> int:
         return self.kernel_head.num_classes
 
-    def losses(self, outputs: Dict, features, batched_inputs, images: ImageList):
+    def losses(self, outputs: dict, features, batched_inputs, images: ImageList):
         labels = self.prepare_targets(batched_inputs, images.tensor.shape[-2:])
         aux_logits = None if self.auxiliary_head is None else self.auxiliary_head(features)
         return self.criterion(outputs, labels, aux_logits)
@@ -101,7 +99,7 @@ class SemanticKNet(KNetBase):
             labels[i, : sem_seg.shape[0], : sem_seg.shape[1]] = sem_seg
         return labels
 
-    def postprocess(self, predictions: Dict[str, torch.Tensor], index: int, geometry):
+    def postprocess(self, predictions: dict[str, torch.Tensor], index: int, geometry):
         """{"sem_seg": (K, H, W) softmax probabilities} of the last stage's "seg_logits"
         (K, h, w) of image ``index``."""
         return {"sem_seg": semantic_probabilities(predictions["seg_logits"][index], geometry)}

@@ -1,5 +1,3 @@
-from typing import Dict
-
 from detectron2.layers import ShapeSpec
 from detectron2.utils.registry import Registry
 from torch import nn
@@ -11,6 +9,6 @@ Selected by ``MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME`` and built as ``cls(cfg, in
 """
 
 
-def build_pixel_decoder(cfg, input_shape: Dict[str, ShapeSpec]) -> nn.Module:
+def build_pixel_decoder(cfg, input_shape: dict[str, ShapeSpec]) -> nn.Module:
     name = cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME
     return PIXEL_DECODER_REGISTRY.get(name)(cfg, input_shape)

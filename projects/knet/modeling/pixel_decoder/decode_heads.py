@@ -8,7 +8,7 @@ input size works) and keep MMSeg's module names, so that converted checkpoints l
 MMSeg's ``X.conv.weight`` / ``X.bn.*`` become ``X.weight`` / ``X.norm.*`` here.
 """
 
-from typing import Dict, List, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +56,8 @@ class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
 
 
 def _select_features(
-    input_shape: Dict[str, ShapeSpec], in_features: Sequence[str], owner: str
-) -> Dict[str, ShapeSpec]:
+    input_shape: dict[str, ShapeSpec], in_features: Sequence[str], owner: str
+) -> dict[str, ShapeSpec]:
     """Subset of ``input_shape`` named by ``in_features`` (in that order); errors name the gap."""
     missing = [f for f in in_features if f not in input_shape]
     if missing:
@@ -68,7 +68,7 @@ def _select_features(
     return {f: input_shape[f] for f in in_features}
 
 
-def _single_feature(input_shape: Dict[str, ShapeSpec], owner: str) -> Tuple[str, ShapeSpec]:
+def _single_feature(input_shape: dict[str, ShapeSpec], owner: str) -> tuple[str, ShapeSpec]:
     if len(input_shape) != 1:
         raise ValueError(
             f"{owner} expects exactly one input feature, got {list(input_shape)} "
@@ -77,7 +77,7 @@ def _single_feature(input_shape: Dict[str, ShapeSpec], owner: str) -> Tuple[str,
     return next(iter(input_shape.items()))
 
 
-def _decoder_config(cfg, input_shape: Dict[str, ShapeSpec], owner: str) -> Dict:
+def _decoder_config(cfg, input_shape: dict[str, ShapeSpec], owner: str) -> dict:
     """The constructor arguments every decode head takes from ``MODEL.SEM_SEG_HEAD``."""
     return {
         "input_shape": _select_features(input_shape, cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES, owner),
@@ -92,7 +92,7 @@ class SingleInputDecodeHead(nn.Module):
     Subclasses build their layers from ``self.in_channels`` and implement ``decode``.
     """
 
-    def __init__(self, input_shape: Dict[str, ShapeSpec], conv_dim: int):
+    def __init__(self, input_shape: dict[str, ShapeSpec], conv_dim: int):
         super().__init__()
         name, shape = _single_feature(input_shape, type(self).__name__)
         self.in_features = [name]
@@ -104,7 +104,7 @@ class SingleInputDecodeHead(nn.Module):
         """(B, in_channels, h, w) -> (B, conv_dim, h, w)."""
         raise NotImplementedError
 
-    def forward_features(self, features: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor]:
+    def forward_features(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:
         """
         Args:
             features: backbone maps containing the input, e.g. {"res5": (B, C, h, w)}.
@@ -130,7 +130,7 @@ class PyramidPoolingModule(nn.ModuleList):
             for scale in pool_scales
         )
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """
         Args:
             x: (B, in_channels, h, w).
@@ -153,7 +153,7 @@ class KNetUPerHead(nn.Module):
     @configurable
     def __init__(
         self,
-        input_shape: Dict[str, ShapeSpec],
+        input_shape: dict[str, ShapeSpec],
         *,
         conv_dim: int,
         norm: str,
@@ -191,13 +191,13 @@ class KNetUPerHead(nn.Module):
         self.fpn_bottleneck = conv_norm_relu(len(in_channels) * conv_dim, conv_dim, 3, norm)
 
     @classmethod
-    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+    def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]):
         return {
             **_decoder_config(cfg, input_shape, cls.__name__),
             "pool_scales": tuple(cfg.MODEL.KNET.DECODE_HEAD.POOL_SCALES),
         }
 
-    def forward_features(self, features: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor]:
+    def forward_features(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:
         """
         Args:
             features: backbone maps, e.g. {"res2": (B, C2, H/4, W/4), ..., "res5": (B, C5, H/32,
@@ -231,7 +231,7 @@ class KNetFCNHead(SingleInputDecodeHead):
     @configurable
     def __init__(
         self,
-        input_shape: Dict[str, ShapeSpec],
+        input_shape: dict[str, ShapeSpec],
         *,
         conv_dim: int,
         norm: str,
@@ -264,7 +264,7 @@ class KNetFCNHead(SingleInputDecodeHead):
         )
 
     @classmethod
-    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+    def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]):
         return {
             **_decoder_config(cfg, input_shape, cls.__name__),
             "num_convs": cfg.MODEL.KNET.DECODE_HEAD.NUM_CONVS,
@@ -288,7 +288,7 @@ class KNetPSPHead(SingleInputDecodeHead):
     @configurable
     def __init__(
         self,
-        input_shape: Dict[str, ShapeSpec],
+        input_shape: dict[str, ShapeSpec],
         *,
         conv_dim: int,
         norm: str,
@@ -309,7 +309,7 @@ class KNetPSPHead(SingleInputDecodeHead):
         )
 
     @classmethod
-    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+    def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]):
         return {
             **_decoder_config(cfg, input_shape, cls.__name__),
             "pool_scales": tuple(cfg.MODEL.KNET.DECODE_HEAD.POOL_SCALES),
@@ -330,7 +330,7 @@ class KNetASPPHead(SingleInputDecodeHead):
     @configurable
     def __init__(
         self,
-        input_shape: Dict[str, ShapeSpec],
+        input_shape: dict[str, ShapeSpec],
         *,
         conv_dim: int,
         norm: str,
@@ -355,7 +355,7 @@ class KNetASPPHead(SingleInputDecodeHead):
         self.bottleneck = conv_norm_relu((len(dilations) + 1) * conv_dim, conv_dim, 3, norm)
 
     @classmethod
-    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+    def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]):
         return {
             **_decoder_config(cfg, input_shape, cls.__name__),
             "dilations": tuple(cfg.MODEL.KNET.DECODE_HEAD.DILATIONS),

@@ -1,8 +1,6 @@
 """K-Net's "localization FPN" (``SemanticFPNWrapper``, ZwwWayne/K-Net
 ``knet/det/semantic_fpn_wrapper.py``)."""
 
-from typing import Dict, List, Tuple
-
 import torch
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
@@ -26,7 +24,7 @@ class KNetLocalizationFPN(nn.Module):
     @configurable
     def __init__(
         self,
-        input_shape: Dict[str, ShapeSpec],
+        input_shape: dict[str, ShapeSpec],
         *,
         conv_dim: int,
         norm: str,
@@ -77,7 +75,7 @@ class KNetLocalizationFPN(nn.Module):
         self.output_stride = 8
 
     @classmethod
-    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+    def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]):
         in_features = cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES
         return {
             "input_shape": {k: v for k, v in input_shape.items() if k in in_features},
@@ -87,8 +85,8 @@ class KNetLocalizationFPN(nn.Module):
         }
 
     def forward_features(
-        self, features: Dict[str, torch.Tensor]
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        self, features: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             features: backbone maps, e.g. {"p2": (B, C2, H/4, W/4), ..., "p5": (B, C5, H/32, W/32)}.
@@ -96,7 +94,7 @@ class KNetLocalizationFPN(nn.Module):
         Returns:
             loc_feature, sem_feature: both (B, conv_dim, H/8, W/8).
         """
-        maps: List[torch.Tensor] = [features[f] for f in self.in_features]
+        maps: list[torch.Tensor] = [features[f] for f in self.in_features]
         if self.pe is not None:
             maps[3] = maps[3] + self.pe(maps[3])
         fused = self.convs_all_levels[0](maps[0])

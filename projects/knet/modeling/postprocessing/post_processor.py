@@ -17,7 +17,7 @@ need from those maps, on the CPU through a tile-pruned equivalent
 
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Tuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +36,12 @@ class OutputGeometry(NamedTuple):
     top-left corner; output_size: (H_out, W_out), or None for the image size.
     """
 
-    padded_size: Tuple[int, int]
-    image_size: Tuple[int, int]
-    output_size: Tuple[int, int] | None = None
+    padded_size: tuple[int, int]
+    image_size: tuple[int, int]
+    output_size: tuple[int, int] | None = None
 
     @property
-    def out_size(self) -> Tuple[int, int]:
+    def out_size(self) -> tuple[int, int]:
         return self.image_size if self.output_size is None else self.output_size
 
     def axis(self, dim: int) -> OutputGeometry:
@@ -93,7 +93,7 @@ def resize_to_output(
 # ----------------------------------------------------------------------------- kernels
 def kernel_scores_and_labels(
     cls_logits: Tensor, num_thing_classes: int, num_proposals: int
-) -> Tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Per-kernel score and class, as the official merge reads them.
 
     (N, K) logits -> scores (N,) float32, labels (N,) int64: thing kernel n < P takes its best
@@ -109,7 +109,7 @@ def kernel_scores_and_labels(
 
 def select_instances(
     cls_logits: Tensor, num_thing_classes: int, num_proposals: int, topk: int, score_thresh: float
-) -> Tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """The official instance selection: top-k (thing kernel, thing class) pairs by
     ``sigmoid(logit)``, then those scoring >= ``score_thresh``; no mask rescoring.
 
@@ -252,7 +252,7 @@ def panoptic_segments(
     stats: MaskStatistics,
     thing_score_thresh: float,
     overlap_threshold: float,
-) -> Tuple[Tensor, Dict[str, Tensor]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """The official thing/stuff merge, decided for every kernel at once.
 
     Every pixel belongs to its owner. Kernel n is a segment when it is stuff or scores >=
@@ -292,7 +292,7 @@ def _descending_order(scores: Tensor) -> Tensor:
     return torch.empty_like(index).scatter(0, rank, index)
 
 
-def segments_info_from_table(table: Dict[str, Tensor]) -> List[Dict]:
+def segments_info_from_table(table: dict[str, Tensor]) -> list[dict]:
     """Detectron2's ``segments_info`` from a segment table (ids 1..S in row order)."""
     columns = {key: value.tolist() for key, value in table.items()}
     return [
@@ -406,7 +406,7 @@ class KNetPostProcessor(nn.Module):
         self.chunk_size = chunk_size
 
     @classmethod
-    def from_config(cls, cfg) -> Dict:
+    def from_config(cls, cfg) -> dict:
         test = cfg.MODEL.KNET.TEST
         return {
             "num_thing_classes": cfg.MODEL.KNET.NUM_THING_CLASSES,
@@ -423,13 +423,13 @@ class KNetPostProcessor(nn.Module):
 
     def forward(
         self, cls_logits: Tensor, mask_logits: Tensor, geometry: OutputGeometry
-    ) -> Dict[str, Tensor]:
+    ) -> dict[str, Tensor]:
         """
         Args:
             cls_logits: (N, K) and mask_logits: (N, h, w) of one image (last stage, stride 4).
             geometry: where the image lies in the padded input and the output size.
         """
-        out: Dict[str, Tensor] = {}
+        out: dict[str, Tensor] = {}
         scores = labels = selected = None
         num_proposals = cls_logits.shape[0] - (cls_logits.shape[1] - self.num_thing_classes)
         if self.panoptic_on:
@@ -471,10 +471,10 @@ class KNetPostProcessor(nn.Module):
         return out
 
 
-def detectron2_outputs(outputs: Dict[str, Tensor]) -> Dict:
+def detectron2_outputs(outputs: dict[str, Tensor]) -> dict:
     """Tensor outputs (of :class:`KNetPostProcessor` or an exported model) -> Detectron2's
     contract: "panoptic_seg" (id map, segments_info), "instances" (``Instances``), "sem_seg"."""
-    result: Dict = {}
+    result: dict = {}
     if "panoptic_seg" in outputs:
         table = {
             key[len("segment_") :]: value

@@ -23,7 +23,7 @@ off or the inputs are not finite.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Tuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -73,7 +73,7 @@ def _axis(low: int, geometry: OutputGeometry) -> _Axis:
     return _Axis(n, torch.minimum(positions, last[:, None]), weights, valid)
 
 
-def _bounds(probs: Tensor, rows: _Axis, cols: _Axis) -> Tuple[Tensor, Tensor]:
+def _bounds(probs: Tensor, rows: _Axis, cols: _Axis) -> tuple[Tensor, Tensor]:
     """(N, h, w) -> lower and upper bounds (N, n_rows, n_cols) of the full-resolution maps on
     each tile: min and max over the tile's support, widened by ``SLACK``."""
     block = probs[:, rows.support]  # (N, n_rows, L_rows, w)
@@ -120,7 +120,7 @@ def _valid_pixels(tile_rows: Tensor, tile_cols: Tensor, rows: _Axis, cols: _Axis
     return inside_rows[:, :, None] & inside_cols[:, None, :]
 
 
-def _image(tiles: Tensor, size: Tuple[int, int]) -> Tensor:
+def _image(tiles: Tensor, size: tuple[int, int]) -> Tensor:
     """(..., n_rows, TILE, n_cols, TILE) tiles -> (..., H, W) view of the image they tile."""
     *lead, n_rows, _, n_cols, _ = tiles.shape
     return tiles.view(*lead, n_rows * TILE, n_cols * TILE)[..., : size[0], : size[1]]
@@ -150,7 +150,7 @@ def _owner_tiles(
     return owner
 
 
-def _open(lower: Tensor, upper: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
+def _open(lower: Tensor, upper: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
     """Tiles entirely above ``threshold`` and tiles the bounds leave undecided."""
     above = lower > threshold
     return above, ~above & (upper >= threshold)
