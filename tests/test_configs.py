@@ -21,6 +21,11 @@ MASK_CONFIGS = [c for c in CONFIGS if c not in SEMANTIC]  # instance / panoptic 
 BLOCKS_IN_RES4 = {18: 2, 34: 6, 50: 6, 101: 23}
 
 
+def full_size_slow(configs):
+    """The configs, those of full-size models (ResNet-50/101, Swin) marked ``slow``."""
+    return [c if "R18" in c else pytest.param(c, marks=pytest.mark.slow) for c in configs]
+
+
 def load(config, opts=()):
     return get_knet_cfg(str(ROOT / config), ["MODEL.DEVICE", "cpu", *opts])
 
@@ -31,7 +36,7 @@ def test_configs_are_found():
     assert "configs/toy/knet_R18_toy_panoptic.yaml" in CONFIGS
 
 
-@pytest.mark.parametrize("config", MASK_CONFIGS)
+@pytest.mark.parametrize("config", full_size_slow(MASK_CONFIGS))
 def test_config_merges_and_builds(config):
     cfg = load(config)
     k = cfg.MODEL.KNET
@@ -140,6 +145,7 @@ def test_coco_configs_follow_official_recipe(config):
     assert cfg.INPUT.MAX_SIZE_TRAIN == 1333
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "config", ["configs/coco/panoptic-segmentation/knet_R50_bs16_1x.yaml",
                "configs/coco/instance-segmentation/knet_R50_bs16_1x.yaml"]
@@ -162,7 +168,7 @@ def test_coco_model_runs_inference(config):
 D8_HEADS = {"fcn": "KNetFCNHead", "pspnet": "KNetPSPHead", "deeplabv3": "KNetASPPHead"}
 
 
-@pytest.mark.parametrize("config", SEMANTIC)
+@pytest.mark.parametrize("config", full_size_slow(SEMANTIC))
 def test_semantic_config_merges_builds_and_infers(config):
     cfg = load(config)
     k = cfg.MODEL.KNET

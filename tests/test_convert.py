@@ -171,6 +171,7 @@ def test_conversion_maps_every_key(official, coco_shapes, task):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task,suffix", [("panoptic", ".pth"), ("instance", ".pkl")])
 def test_converted_weights_load_into_model(official, task, suffix, tmp_path):
     sd = official[task]
@@ -351,7 +352,7 @@ def _torchvision_res5(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return net.layer4(net.layer3(net.layer2(net.layer1(x))))
 
 
-@pytest.mark.parametrize("depth", [18, 50])
+@pytest.mark.parametrize("depth", [18, pytest.param(50, marks=pytest.mark.slow)])
 def test_torchvision_resnet_matches_detectron2_backbone(depth):
     torch.manual_seed(depth)
     net = _randomize_bn(getattr(torchvision.models, f"resnet{depth}")(weights=None))
@@ -381,6 +382,7 @@ def imagenet_resnet(depth: int, deep_stem: bool = False, lazy: bool = True):
     return w.sd
 
 
+@pytest.mark.slow
 def test_r101_imagenet_weights_fit_the_dcn_config(tmp_path):
     """torchvision's R-101 initialises R-101-DCN: everything but the (zero) offset convs;
     Detectron2 loads the prefix-free file into the FPN model by suffix matching."""
@@ -698,6 +700,7 @@ class _TorchvisionV1c(nn.Module):
         return self.net.layer4(self.net.layer3(self.net.layer2(self.net.layer1(x))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dilate", [False, True], ids=["R50", "R50-D8"])
 def test_v1c_weights_reproduce_the_reference(dilate):
     """torchvision's ``replace_stride_with_dilation`` also gives the first block of a dilated

@@ -400,6 +400,7 @@ def _files_under(root) -> list:
     return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files]
 
 
+@pytest.mark.slow
 def test_registration_metadata_and_loading_write_nothing(tmp_path):
     shared = get_shared_data_root()
     env = {

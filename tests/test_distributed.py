@@ -3,6 +3,7 @@
 import os
 import tempfile
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -22,6 +23,7 @@ def _worker(rank: int, world_size: int, init_file: str, results) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_all_reduce_mean_over_two_gloo_workers():
     world_size = 2
     with tempfile.TemporaryDirectory() as tmp:

@@ -355,6 +355,7 @@ def test_export_and_run_commands(fmt, suffix, tmp_path, shared_data_root):
     assert image is not None and image.shape[2] == 3
 
 
+@pytest.mark.slow
 def test_scripting_is_refused_with_the_reason(tmp_path):
     result = run_tool(
         "tools/deploy/export_model.py", "--config-file", TOY, "--export-method", "scripting",

@@ -145,6 +145,7 @@ def test_stage_package_from_the_pinned_sdist(installer, tmp_path):
     assert any((stage / "detectron2" / "model_zoo" / "configs").rglob("*.yaml"))
 
 
+@pytest.mark.slow
 def test_existing_install_is_kept_without_force():
     out = subprocess.run(
         [sys.executable, str(INSTALLER)], capture_output=True, text=True, timeout=120

@@ -277,6 +277,7 @@ def test_prepare_targets_downsamples_padded_masks(panoptic_model):
     assert sorted(target["stuff_labels"].tolist()) == [4, 6]
 
 
+@pytest.mark.slow
 def test_short_training_run_reduces_loss():
     # stem, res2 and res3 frozen to keep the run short; res4-5, FPN and heads are trained
     cfg, model = build(["MODEL.BACKBONE.FREEZE_AT", "3"], seed=1)

@@ -291,6 +291,7 @@ def test_auxiliary_head_is_rejected_for_panoptic_models():
         build_model(cfg)
 
 
+@pytest.mark.slow
 def test_short_training_run_reduces_loss():
     cfg, model = build(seed=1)
     model.train()
