@@ -3,10 +3,12 @@ it to the weights of an uninterrupted run."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -129,4 +131,32 @@ def test_sigint_is_taken_after_the_step_and_handlers_are_restored():
     assert e.value.code == 128 + signal.SIGINT and e.value.iteration == 7
     assert checkpointer.saved == [("model_0000007", {"iteration": 7})]
     assert signal.getsignal(signal.SIGINT) is previous
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
+
+
+def test_pools_forked_between_steps_can_be_terminated():
+    """The evaluation hooks run between steps: a process pool they fork (panopticapi's PQ) takes
+    the SIGTERM of its shutdown, while the step itself keeps the signals blocked."""
+    hook = PreemptionCheckpointer(_Checkpointer())
+    hook.trainer = SimpleNamespace(iter=3)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    hook.before_train()
+    try:
+        hook.before_step()
+        assert signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        hook.after_step()
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
+        pool = multiprocessing.get_context("fork").Pool(1)
+        assert pool.apply(abs, (-2,)) == 2
+        workers = list(pool._pool)
+        closer = threading.Thread(target=pool.terminate, daemon=True)
+        closer.start()
+        closer.join(timeout=20)
+        stuck = closer.is_alive()
+        for worker in workers:  # never leave a stuck worker behind
+            if worker.is_alive():
+                worker.kill()
+        assert not stuck, "terminating the pool waited on a worker that ignores SIGTERM"
+    finally:
+        hook.after_train()
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask

@@ -70,10 +70,12 @@ class PreemptionCheckpointer(HookBase):
     Put it after the LR scheduler hook (so that the checkpoint holds the scheduler state after
     the step, as the periodic checkpoints do) and before evaluation hooks.
 
-    During training a signal handler notes the signal; the signals are also blocked in the
-    training thread and taken by a helper thread (``sigtimedwait``), so that processes forked
-    meanwhile (data-loader workers, which PyTorch lets die on a SIGTERM from anyone but their
-    parent) inherit them blocked and survive a signal sent to the whole process group.
+    During training a signal handler notes the signal; during each step the signals are also
+    blocked in the training thread and taken by a helper thread (``sigtimedwait``), so that
+    processes forked in the step (data-loader workers, which PyTorch lets die on a SIGTERM from
+    anyone but their parent) inherit them blocked and survive a signal sent to the whole process
+    group. Between steps (the evaluation and writer hooks) they are unblocked, so that process
+    pools forked there (panopticapi's PQ evaluation) can be terminated.
     """
 
     def __init__(self, checkpointer, signals: Sequence[int] = PREEMPTION_SIGNALS):
@@ -162,9 +164,15 @@ class PreemptionCheckpointer(HookBase):
         dist.all_reduce(self._flag, op=dist.ReduceOp.MAX)
         return int(self._flag.item())
 
+    def before_step(self) -> None:
+        if self._waiter is not None:
+            signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+
     def after_step(self) -> None:
         signum = self._signal_received()
         if not signum:
+            if self._waiter is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, self._old_mask)
             return
         iteration = self.trainer.iter
         name = f"model_{iteration:07d}"
