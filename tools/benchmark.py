@@ -19,11 +19,11 @@ The floor, timed in the same run, is Detectron2's ResNet-50 + FPN backbone
 (``build_resnet_fpn_backbone`` with the settings of ``knet_R50_bs16_1x.yaml``) on the normalised,
 padded image in PyTorch's default (NCHW) layout; every ratio is to it. K-Net runs channels-last
 on the CPU (``MODEL.KNET.CHANNELS_LAST``), so the floor is timed channels-last too, for
-reference. ``--breakdown`` times the parts of the first model with forward hooks (backbone,
-pixel decoder, kernel head, post-processing) during the timed runs. ``--amp`` adds the model
-under ``MODEL.KNET.TEST.AMP_DTYPE auto`` and its output differences from float32 on the
-``--photos``. ``--train`` adds one training iteration (forward, backward, step) on synthetic
-ground truth.
+reference. ``--breakdown`` times the parts of the first model with forward hooks during the timed
+runs: ``backbone``, ``pixel_decoder``, ``kernel_head`` and ``postprocessor`` (those the model
+has). ``--amp`` adds the model under ``MODEL.KNET.TEST.AMP_DTYPE auto`` and its output
+differences from float32 on the ``--photos`` (through ``DefaultPredictor``). ``--train`` adds one
+training iteration (Detectron2's ``SimpleTrainer.run_step``) on synthetic ground truth.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above the allocation before the
 measurement; on CPU the peak resident set size (sampled every millisecond) above the RSS before
@@ -36,6 +36,7 @@ import argparse
 import ctypes
 import gc
 import glob
+import itertools
 import json
 import os
 import platform
@@ -53,12 +54,14 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data.detection_utils import read_image
+from detectron2.engine import DefaultPredictor, SimpleTrainer
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import build_model
 from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
 from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import EventStorage
+from fvcore.common.timer import Timer
+from fvcore.nn import parameter_count
 from tabulate import tabulate
 
 import knet  # noqa: F401  (registers K-Net's meta-architecture and datasets)
@@ -72,6 +75,8 @@ DEFAULT_CONFIG = os.path.join(
 )
 MIB = 1024.0**2
 OUTPUT_FLAGS = ("PANOPTIC_ON", "INSTANCE_ON", "SEMANTIC_ON")
+OUTPUT_NAMES = {"panoptic_seg": "panoptic", "instances": "instance", "sem_seg": "semantic"}
+PARTS = ("backbone", "pixel_decoder", "kernel_head", "postprocessor")  # timed by --breakdown
 EXPORT_SIZE = (480, 640)
 
 
@@ -160,7 +165,7 @@ def benchmark_image(height: int, width: int) -> tuple[np.ndarray, str]:
         from matplotlib import cbook
 
         path = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
-        rgb = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        rgb = read_image(str(path), format="RGB")
         return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_LINEAR), "grace_hopper.jpg"
     except (ImportError, OSError, ValueError, cv2.error):
         rng = np.random.default_rng(0)
@@ -232,21 +237,34 @@ class PeakMemory:
             self.peak = max(self._max - self._base, 0)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a timer reads the work done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def measure(
-    name: str, fn: Callable[[], Any], device: torch.device, args: argparse.Namespace
+    name: str,
+    fn: Callable[[], Any],
+    device: torch.device,
+    args: argparse.Namespace,
+    part_timers: dict[str, Timer] | None = None,
 ) -> dict[str, Any]:
-    """Run ``fn`` ``--warmup`` times untimed, then ``--iters`` times timed."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    """Run ``fn`` ``--warmup`` times untimed, then ``--iters`` times timed; ``part_timers``
+    (see :func:`timed_parts`) are reset to count the timed runs only."""
     times = []
     with PeakMemory(device) as memory:
         for _ in range(args.warmup):
             fn()
-        sync()
+        synchronize(device)
+        for timer in (part_timers or {}).values():
+            timer.reset()
+            timer.pause()
         for _ in range(args.iters):
-            start = time.perf_counter()
+            timer = Timer()
             fn()
-            sync()
-            times.append(time.perf_counter() - start)
+            synchronize(device)
+            times.append(timer.seconds())
     median = statistics.median(times)
     return {
         "name": name,
@@ -258,65 +276,55 @@ def measure(
 
 
 @contextmanager
-def part_timer(
-    model: torch.nn.Module | None, device: torch.device
-) -> Iterator[dict[str, list[float]]]:
-    """Seconds spent in each top-level part of ``model`` while the block runs, from forward
-    hooks (pre-hook to hook) on the parts every K-Net has (nothing timed for None)."""
-    parts = ["backbone", "pixel_decoder", "kernel_head", "postprocessor"] if model else []
-    spent: dict[str, list[float]] = defaultdict(list)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+def timed_parts(model: torch.nn.Module | None, device: torch.device) -> Iterator[dict[str, Timer]]:
+    """A paused fvcore ``Timer`` per part of ``model`` in :data:`PARTS` (those it has; none for
+    None), running from each forward pre-hook of the part to its forward hook while the block
+    runs: the seconds spent in every call of the part."""
+    timers: dict[str, Timer] = {}
     handles = []
-    for name in parts:
+    for name in PARTS if model is not None else ():
         module = getattr(model, name, None)
-        if module is None:
+        if not isinstance(module, torch.nn.Module):
             continue
-        start: list[float] = []
+        timer = timers[name] = Timer()
+        timer.pause()
 
-        def before(*_, start=start):
-            sync()
-            start.append(time.perf_counter())
+        def start(*_, timer: Timer = timer) -> None:
+            synchronize(device)
+            timer.resume()
 
-        def after(*_, start=start, name=name):
-            sync()
-            spent[name].append(time.perf_counter() - start.pop())
+        def stop(*_, timer: Timer = timer) -> None:
+            synchronize(device)
+            timer.pause()
 
-        handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+        handles += [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
     try:
-        yield spent
+        yield timers
     finally:
         for handle in handles:
             handle.remove()
 
 
 # --------------------------------------------------------------------------- models
-def model_cfg(config_file: str, args: argparse.Namespace, extra: Sequence[str] = ()):
+def model_cfg(config_file: str, args: argparse.Namespace, weights: str, extra: Sequence[str] = ()):
+    """The config of one model: ``--outputs``, ``--opts``, ``--device``, ``weights`` ("": random
+    initialisation), then ``extra``."""
     outputs = []
     if args.outputs != "as-shipped":
         wanted = f"{args.outputs.upper()}_ON"
         for flag in OUTPUT_FLAGS:
             outputs += [f"MODEL.KNET.TEST.{flag}", str(flag == wanted)]
-    opts = [*outputs, *args.opts, "MODEL.DEVICE", args.device, *extra]
+    opts = [*outputs, *args.opts, "MODEL.DEVICE", args.device, "MODEL.WEIGHTS", weights, *extra]
     cfg = get_knet_cfg(config_file, opts)
     cfg.freeze()
     return cfg
 
 
-def build(cfg, weights: str = "") -> torch.nn.Module:
+def build_predictor(cfg) -> DefaultPredictor:
+    """Detectron2's predictor of ``cfg`` (eval mode: weights that do not fit are an error); the
+    same random initialisation for every model of the same config."""
     torch.manual_seed(0)
-    model = build_model(cfg).eval()  # eval mode: weights that do not fit are an error
-    if weights:
-        DetectionCheckpointer(model).load(weights)
-    return model
-
-
-def enabled_outputs(model) -> str:
-    post = getattr(model, "postprocessor", None)
-    if post is None:
-        return "semantic"
-    flags = {"panoptic": post.panoptic_on, "instance": post.instance_on}
-    flags["semantic"] = post.semantic_on
-    return "+".join(name for name, on in flags.items() if on) or "none"
+    return DefaultPredictor(cfg)
 
 
 def floor_backbone(rgb: np.ndarray, device: torch.device, channels_last: bool):
@@ -349,19 +357,14 @@ def exported_runner(model, cfg, engine: str, folder: str, threads: int) -> Expor
 
 
 # --------------------------------------------------------------------------- accuracy of --amp
-def amp_differences(model, amp_model, photos: Sequence[str], input_format: str) -> dict[str, Any]:
-    """Output differences of ``amp_model`` from ``model`` (float32) on photos (as
-    ``DefaultPredictor`` feeds them, short side 800)."""
-    from detectron2.data import transforms as T
-
-    resize = T.ResizeShortestEdge(800, 1333)
+def amp_differences(
+    predictor: DefaultPredictor, amp_predictor: DefaultPredictor, photos: Sequence[str]
+) -> dict[str, Any]:
+    """Output differences of ``amp_predictor`` from ``predictor`` (float32) on photos."""
     rows = defaultdict(list)
     for path in photos:
-        rgb = cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)
-        rgb = resize.get_transform(rgb).apply_image(rgb)
-        inputs = [{"image": image_tensor(rgb, input_format)}]
-        with torch.no_grad():
-            ref, got = model(inputs)[0], amp_model(inputs)[0]
+        bgr = read_image(path, format="BGR")
+        ref, got = predictor(bgr), amp_predictor(bgr)
         if "panoptic_seg" in ref:
             rows["panoptic id map: pixels differing"].append(
                 float((ref["panoptic_seg"][0] != got["panoptic_seg"][0]).float().mean())
@@ -387,7 +390,8 @@ def amp_differences(model, amp_model, photos: Sequence[str], input_format: str) 
 def training_batch(cfg, rgb: np.ndarray, batch_size: int) -> list[dict[str, Any]]:
     """Synthetic panoptic-style ground truth: elliptical things over horizontal stuff bands."""
     num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-    num_things = cfg.MODEL.KNET.NUM_THING_CLASSES
+    # semantic configs keep the default thing count, which may exceed their class count
+    num_things = min(cfg.MODEL.KNET.NUM_THING_CLASSES, num_classes)
     height, width = rgb.shape[:2]
     yy, xx = np.mgrid[0:height, 0:width]
     batch = []
@@ -422,18 +426,13 @@ def training_batch(cfg, rgb: np.ndarray, batch_size: int) -> list[dict[str, Any]
 
 
 def time_training(cfg, model, rgb, device, args) -> dict[str, Any]:
-    model.train()
-    optimizer = build_optimizer(cfg, model)
+    """Detectron2's training step (forward, backward, optimizer step) on :func:`training_batch`."""
     batch = training_batch(cfg, rgb, args.batch_size)
-
-    def train_step() -> None:
-        with EventStorage(), torch.enable_grad():
-            total = sum(model(batch).values())
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-
-    result = measure(f"training iteration (batch {args.batch_size})", train_step, device, args)
+    # SimpleTrainer puts the model in training mode
+    trainer = SimpleTrainer(model, itertools.repeat(batch), build_optimizer(cfg, model))
+    name = f"training iteration (batch {args.batch_size})"
+    with EventStorage() as trainer.storage, torch.enable_grad():
+        result = measure(name, trainer.run_step, device, args)
     model.eval()
     return result
 
@@ -484,22 +483,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def benchmark_model(config_file: str, first: bool, rgb, device, args, results: dict) -> None:
     """Time one model (and, for the first, the breakdown, AMP, exported engines, training)."""
-    cfg = model_cfg(config_file, args)
-    model = build(cfg, args.weights if first else "")
+    cfg = model_cfg(config_file, args, args.weights if first else "")
+    predictor = build_predictor(cfg)
+    model = predictor.model
     name = os.path.splitext(os.path.basename(config_file))[0]
     image = image_tensor(rgb, cfg.INPUT.FORMAT).to(device)
     inputs = [{"image": image}] * args.batch_size
+    outputs: dict[str, None] = {}  # the output keys of the first image, in order
+
+    def record_outputs(_module, _inputs, results: list[dict]) -> None:
+        outputs.update(dict.fromkeys(results[0]))
+
+    handle = model.register_forward_hook(record_outputs)
+    with timed_parts(model if first and args.breakdown else None, device) as part_timers:
+        full = measure(f"{name}: eager", lambda: model(inputs), device, args, part_timers)
+    handle.remove()
     results["models"].append(
         {
             "config": os.path.relpath(config_file),
-            "outputs": enabled_outputs(model),
-            "params (M)": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            "outputs": "+".join(OUTPUT_NAMES.get(k, k) for k in outputs) or "none",
+            "params (M)": round(parameter_count(model)[""] / 1e6, 2),
         }
     )
-    with part_timer(model if first and args.breakdown else None, device) as spent:
-        full = measure(f"{name}: eager", lambda: model(inputs), device, args)
-    if first and args.breakdown:
-        results["breakdown"] = breakdown_rows(spent, full, args)
+    if part_timers:
+        results["breakdown"] = breakdown_rows(part_timers, full, args)
     images = model.preprocess_image(inputs).tensor
     results["inference"] += [
         full,
@@ -508,13 +515,14 @@ def benchmark_model(config_file: str, first: bool, rgb, device, args, results: d
     if not first:
         return
     if args.amp:
-        amp_cfg = model_cfg(config_file, args, ["MODEL.KNET.TEST.AMP_DTYPE", "auto"])
-        amp_model = build(amp_cfg, args.weights)
+        amp_cfg = model_cfg(config_file, args, args.weights, ["MODEL.KNET.TEST.AMP_DTYPE", "auto"])
+        amp_predictor = build_predictor(amp_cfg)
+        amp_model = amp_predictor.model
         amp_name = f"{name}: eager, {amp_model.amp_dtype} autocast"
         results["inference"].append(measure(amp_name, lambda: amp_model(inputs), device, args))
         photos = [p for pattern in args.photos for p in sorted(glob.glob(pattern))]
         if photos:
-            results["amp"] = amp_differences(model, amp_model, photos, cfg.INPUT.FORMAT)
+            results["amp"] = amp_differences(predictor, amp_predictor, photos)
     cpu_image = image.cpu()
     for engine in [e for e in args.engines if e != "eager"]:
         with tempfile.TemporaryDirectory() as folder:
@@ -533,12 +541,11 @@ def _repeat(fn: Callable[[Any], Any], value: Any, times: int) -> None:
         fn(value)
 
 
-def breakdown_rows(spent: dict[str, list[float]], full: dict, args) -> list[dict[str, Any]]:
-    """Median seconds per part over the timed runs (the last ``--iters`` calls of each hook)."""
+def breakdown_rows(part_timers: dict[str, Timer], full: dict, args) -> list[dict[str, Any]]:
+    """Seconds per timed run spent in each part (all its calls), and the rest of the model."""
     rows = []
-    for part, seconds in spent.items():
-        timed = seconds[-args.iters * (args.batch_size if part == "postprocessor" else 1) :]
-        per_run = sum(timed) / args.iters
+    for part, timer in part_timers.items():
+        per_run = timer.seconds() / args.iters
         rows.append(
             {"name": part, "median_s": per_run, "share_of_full": per_run / full["median_s"]}
         )
