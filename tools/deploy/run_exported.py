@@ -32,6 +32,7 @@ import knet  # noqa: F401  (registers the datasets whose class names are drawn)
 from knet.data.dataset_mappers import read_image_checked
 from knet.export import ExportedKNet
 from knet.modeling.postprocessing import detectron2_outputs
+from knet.visualization import draw_predictions
 
 logger = logging.getLogger("knet.export")
 
@@ -56,18 +57,6 @@ def expand(patterns: Sequence[str]) -> list[str]:
     return paths
 
 
-def draw(image_rgb: np.ndarray, outputs, metadata) -> np.ndarray:
-    """Panoptic segments if present, else instances, else the semantic argmax (RGB)."""
-    visualizer = Visualizer(image_rgb, metadata)
-    if "panoptic_seg" in outputs:
-        vis = visualizer.draw_panoptic_seg(*outputs["panoptic_seg"])
-    elif "instances" in outputs:
-        vis = visualizer.draw_instance_predictions(outputs["instances"])
-    else:
-        vis = visualizer.draw_sem_seg(outputs["sem_seg"].argmax(0))
-    return vis.get_image()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logger(name="knet")
     args = parse_args(argv)
@@ -86,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds = time.perf_counter() - start
         rgb = image if meta["input_format"] == "RGB" else image[:, :, ::-1]
         out_path = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
-        cv2.imwrite(out_path, draw(rgb, outputs, metadata)[:, :, ::-1])
+        drawing = draw_predictions(Visualizer(rgb, metadata), outputs).get_image()
+        cv2.imwrite(out_path, drawing[:, :, ::-1])
         logger.info(
             "%s: %dx%d in %.2fs -> %s", path, image.shape[1], image.shape[0], seconds, out_path
         )
