@@ -48,7 +48,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from functools import partial
 from typing import Any
 
 import cv2
@@ -528,17 +527,12 @@ def benchmark_model(config_file: str, first: bool, rgb, device, args, results: d
         with tempfile.TemporaryDirectory() as folder:
             runner = exported_runner(model.cpu(), cfg, engine, folder, args.threads)
             model.to(device)
-            calls = partial(_repeat, runner, cpu_image, args.batch_size)
+            calls = lambda run=runner: [run(cpu_image) for _ in range(args.batch_size)]
             results["inference"].append(
                 measure(f"{name}: {engine}", calls, torch.device("cpu"), args)
             )
     if args.train:
         results["train"] = time_training(cfg, model, rgb, device, args)
-
-
-def _repeat(fn: Callable[[Any], Any], value: Any, times: int) -> None:
-    for _ in range(times):
-        fn(value)
 
 
 def breakdown_rows(part_timers: dict[str, Timer], full: dict, args) -> list[dict[str, Any]]:
