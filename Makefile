@@ -15,10 +15,10 @@ venv:
 	@bash tools/setup_env.sh
 
 test: venv
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-all: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: venv
 	$(PY) tools/run_demo.py --task $(TASK)

@@ -69,4 +69,5 @@ def test_constraints_satisfy_the_requirements():
                 unpinned.append(dist)
             elif not req.specifier.contains(pins[dist], prereleases=True):
                 outside.append(f"{req} (constraints.txt: {pins[dist]})")
-    assert unpinned == [] and outside == []
+    assert unpinned == [], f"not pinned in constraints.txt: {unpinned}"
+    assert outside == [], f"pins outside the requirement: {outside}"
