@@ -3,7 +3,7 @@
 #   make test-all             every test: also training runs, tool runs, full-size models (CI)
 #   make demo                 the main job: train + evaluate K-Net on the built-in toy data (CPU)
 #   make demo TASK=semantic   the same for semantic K-Net (also: ade20k_sample, coco_sample_overfit)
-#   make lint / make format   ruff checks / formatting
+#   make lint / make format   ruff checks and the import contracts / formatting
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
@@ -35,6 +35,7 @@ benchmark: venv
 lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports
 
 format: venv
 	$(PY) -m ruff check --fix .

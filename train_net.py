@@ -15,7 +15,7 @@ Your own data, registered on the command line (datasets/README.md, "Your own dat
 ``--dataset NAME coco-instances JSON IMAGE_ROOT``, ``--dataset NAME coco-panoptic JSON PNG_DIR
 IMAGE_ROOT`` and ``--dataset NAME sem-seg IMAGE_DIR LABEL_DIR --classes CLASSES.txt
 [--ignore-label 255]`` register NAME (in every process of a multi-process run); class counts and
-outputs the config leaves unset come from the training dataset (``knet.data.dataset_classes``).
+outputs the config leaves unset come from the training dataset (``knet.engine.dataset_config``).
 
 Without a GPU, ``--num-gpus N`` starts N CPU processes (gloo) running the same code path.
 SIGTERM / SIGINT during training write a checkpoint, then the run exits (status 128 + signal);
@@ -32,23 +32,22 @@ from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
 from torch.multiprocessing import ProcessExitedException
 
-from knet.checkpoint import KNetCheckpointer
-from knet.checkpoint.weights import WeightsNotFoundError
-from knet.data.dataset_classes import (
-    DatasetClassError,
-    DatasetNotRegisteredError,
-    configure_for_datasets,
-    explicit_config_keys,
-)
-from knet.data.datasets.custom import (
+from knet.checkpoint import KNetCheckpointer, WeightsNotFoundError
+from knet.config import load_knet_config
+from knet.data import DatasetClassError, DatasetNotRegisteredError
+from knet.engine import KNetTrainer as Trainer
+from knet.engine import launch
+from knet.engine.arguments import (
     DatasetArgumentError,
     parse_args_with_datasets,
     register_dataset_specs,
 )
-from knet.distributed import launch
-from knet.engine import KNetTrainer as Trainer
-from knet.engine import get_knet_cfg
-from knet.preemption import PREEMPTION_SIGNALS, forward_signals_to_workers, interrupted_exit_code
+from knet.engine.dataset_config import configure_for_datasets
+from knet.engine.preemption import (
+    PREEMPTION_SIGNALS,
+    forward_signals_to_workers,
+    interrupted_exit_code,
+)
 
 # errors whose message says all (no traceback): bad datasets, class counts, weights
 USER_ERRORS = (
@@ -65,11 +64,11 @@ def parse_args(argv=None):
 
 
 def setup(args):
-    cfg = get_knet_cfg(args.config_file, args.opts)
+    cfg, explicit_keys = load_knet_config(args.config_file, args.opts)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="knet")
     register_dataset_specs(args.dataset, cfg.DATASETS.DROP_CATEGORIES)
     mode = "eval" if args.eval_only else "train"
-    configure_for_datasets(cfg, explicit_config_keys(args.config_file, args.opts), mode)
+    configure_for_datasets(cfg, explicit_keys, mode)
     cfg.freeze()
     default_setup(cfg, args)  # writes OUTPUT_DIR/config.yaml, with the class counts chosen
     return cfg

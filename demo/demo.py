@@ -33,7 +33,7 @@ from detectron2.utils.logger import setup_logger
 from predictor import VisualizationDemo, build_demo_cfg, count_predictions
 
 from knet.data.dataset_mappers import read_image_checked
-from knet.data.datasets.custom import (
+from knet.engine.arguments import (
     parse_args_with_datasets,
 )
 

@@ -30,9 +30,9 @@ from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
 
 import knet  # noqa: F401  (registers K-Net's meta-architecture and datasets)
-from knet.data.dataset_classes import configure_for_datasets, explicit_config_keys
-from knet.data.datasets.custom import DatasetSpec, register_dataset_specs
-from knet.engine import get_knet_cfg
+from knet.config import load_knet_config
+from knet.engine.arguments import DatasetSpec, register_dataset_specs
+from knet.engine.dataset_config import configure_for_datasets
 from knet.visualization import draw_predictions
 
 __all__ = [
@@ -56,7 +56,7 @@ def build_demo_cfg(
 
     ``datasets`` (the ``--dataset`` options, :func:`knet.data.datasets.parse_dataset_args`) are
     registered first, so that class counts the config leaves unset are taken from them and the
-    drawings name their classes (``knet.data.dataset_classes``, inference mode: datasets of the
+    drawings name their classes (``knet.engine.dataset_config``, inference mode: datasets of the
     config that are not registered are skipped).
 
     ``confidence_threshold`` (if given) sets both ``MODEL.KNET.TEST.INSTANCES_SCORE_THRESH``
@@ -74,9 +74,9 @@ def build_demo_cfg(
             "MODEL.KNET.TEST.PANOPTIC_THING_SCORE_THRESH",
             value,
         ]
-    cfg = get_knet_cfg(config_file, threshold_opts + list(opts))
+    cfg, explicit_keys = load_knet_config(config_file, threshold_opts + list(opts))
     register_dataset_specs(datasets, cfg.DATASETS.DROP_CATEGORIES)
-    configure_for_datasets(cfg, explicit_config_keys(config_file, opts), mode="inference")
+    configure_for_datasets(cfg, explicit_keys, mode="inference")
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.info("CUDA is not available: running on CPU (MODEL.DEVICE cpu).")
         cfg.MODEL.DEVICE = "cpu"

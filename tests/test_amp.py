@@ -15,10 +15,10 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage
 
-from knet.amp import AutocastTrainer, amp_dtype, build_amp_trainer
 from knet.engine import KNetTrainer, get_knet_cfg
+from knet.engine.amp import AutocastTrainer, amp_dtype, build_amp_trainer
+from knet.engine.solver import build_optimizer
 from knet.modeling.criterion.matcher import HungarianMatcher
-from knet.solver import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs/toy/knet_R18_toy_panoptic.yaml")
@@ -274,3 +274,42 @@ def test_cuda_amp_steps(tmp_path, toy_root, dtype):
     trainer.train()
     losses = [v for v, _ in trainer.storage.histories()["total_loss"].values()]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+
+
+# bfloat16 vs float32 outputs of the toy panoptic model (random weights), largest over the scenes.
+# Instances are compared index by index, as ranked by score: near-tied random-weight scores may
+# swap two instances, hence the looser mask tolerance.
+AMP_TOLERANCES = {
+    "panoptic id map: pixels differing": 0.01,
+    "instances: max score difference": 0.02,
+    "instances: mask pixels differing": 0.2,
+    "sem_seg: max abs difference": 0.1,
+    "sem_seg: argmax pixels differing": 0.05,
+}
+
+
+@pytest.mark.slow
+def test_bfloat16_inference_agrees_with_float32():
+    """``MODEL.KNET.TEST.AMP_DTYPE auto`` (bfloat16 on the CPU) through ``DefaultPredictor``
+    against float32 on two toy scenes: every output within :data:`AMP_TOLERANCES`."""
+    from detectron2.engine import DefaultPredictor
+    from make_toy_dataset import render_scene
+
+    predictors = []
+    for amp in ([], ["MODEL.KNET.TEST.AMP_DTYPE", "auto"]):
+        cfg = get_knet_cfg(CONFIG, ["MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TEST", "128", *amp])
+        torch.manual_seed(0)  # the same random weights for both
+        predictors.append(DefaultPredictor(cfg))
+    assert predictors[1].model.amp_dtype == torch.bfloat16
+    worst = dict.fromkeys(AMP_TOLERANCES, 0.0)
+    for seed in (0, 1):
+        bgr = render_scene(seed, (128, 170))[0][:, :, ::-1]
+        ref, got = (predictor(bgr) for predictor in predictors)
+        pan = (ref["panoptic_seg"][0] != got["panoptic_seg"][0]).float().mean()
+        scores = (ref["instances"].scores - got["instances"].scores).abs().max()
+        masks = (ref["instances"].pred_masks != got["instances"].pred_masks).float().mean()
+        sem = (ref["sem_seg"] - got["sem_seg"]).abs().max()
+        argmax = (ref["sem_seg"].argmax(0) != got["sem_seg"].argmax(0)).float().mean()
+        for key, value in zip(AMP_TOLERANCES, (pan, scores, masks, sem, argmax)):
+            worst[key] = max(worst[key], float(value))
+    assert all(worst[k] <= tol for k, tol in AMP_TOLERANCES.items()), worst

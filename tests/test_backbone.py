@@ -4,10 +4,10 @@ from collections.abc import Sequence
 
 import pytest
 import torch
-import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock, ResNet
+from references.resnet import resnet_v1c_stem
 
 from knet.engine import get_knet_cfg
 from knet.modeling.backbone.resnet import build_knet_resnet_backbone, stage_dilations
@@ -160,17 +160,9 @@ def test_deep_stem_matches_functional_reference():
     assert [tuple(c.weight.shape) for c in (stem.conv1, stem.conv2, stem.conv3)] == [
         (32, 3, 3, 3), (32, 32, 3, 3), (64, 32, 3, 3)
     ]  # fmt: skip
+    assert all(c.bias is None and c.norm.eps == 1e-5 for c in (stem.conv1, stem.conv2, stem.conv3))
     x = torch.randn(*ODD_INPUT)
-    ref = x
-    for conv, stride in ((stem.conv1, 2), (stem.conv2, 1), (stem.conv3, 1)):
-        assert conv.bias is None
-        n = conv.norm
-        ref = F.conv2d(ref, conv.weight, stride=stride, padding=1)
-        ref = F.batch_norm(
-            ref, n.running_mean, n.running_var, n.weight, n.bias, training=False, eps=n.eps
-        )
-        ref = F.relu(ref)
-    ref = F.max_pool2d(ref, kernel_size=3, stride=2, padding=1)
+    ref = resnet_v1c_stem(backbone.state_dict(), x)
     with torch.no_grad():
         out = stem(x)
     assert stem.stride == 4 and tuple(out.shape) == (1, 64, 25, 33)

@@ -12,15 +12,13 @@ TOY_CONFIG = str(REPO / "configs" / "toy" / "knet_R18_toy_panoptic.yaml")
 
 
 @pytest.mark.slow
-def test_benchmark_reports_engines_parts_amp_and_training(tmp_path, shared_data_root):
+def test_benchmark_reports_engines_parts_amp_and_training(tmp_path):
     pytest.importorskip("onnxruntime", reason="the onnx engine needs onnxruntime")
     json_path = tmp_path / "bench.json"
-    photos = str(Path(shared_data_root) / "coco_panoptic_sample/sample_data/input_images/*.jpg")
     cmd = [
         sys.executable, "tools/benchmark.py", "--config-file", TOY_CONFIG, "--size", "64x96",
         "--warmup", "1", "--iters", "2", "--threads", "1", "--breakdown", "--train",
-        "--engines", "eager", "torchscript", "onnx", "--amp", "--photos", photos,
-        "--output-json", str(json_path),
+        "--engines", "eager", "torchscript", "onnx", "--amp", "--output-json", str(json_path),
     ]  # fmt: skip
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -39,10 +37,7 @@ def test_benchmark_reports_engines_parts_amp_and_training(tmp_path, shared_data_
     assert {"backbone", "pixel_decoder", "kernel_head", "postprocessor"} <= set(parts)
     full = results["inference"][names.index("knet_R18_toy_panoptic: eager")]["median_s"]
     assert 0 < sum(v for k, v in parts.items() if not k.startswith("rest")) <= full * 1.2
-    assert (
-        results["amp"]["photos"] and 0 <= results["amp"]["panoptic id map: pixels differing"] <= 1
-    )
-    assert results["train"]["median_s"] > 0
+    assert results["train"]["median_s"] > 0 and len(results["train"]["times_s"]) == 2
     assert "| measurement" in result.stdout and "ratio to floor" in result.stdout
 
 

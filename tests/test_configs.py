@@ -27,7 +27,14 @@ def full_size_slow(configs):
 
 
 def load(config, opts=()):
-    return get_knet_cfg(str(ROOT / config), ["MODEL.DEVICE", "cpu", *opts])
+    cfg = get_knet_cfg(str(ROOT / config), ["MODEL.DEVICE", "cpu", *opts])
+    # the templates of configs/custom take their class counts from the data (-1): build them
+    # with COCO's, as train_net.py would for COCO-like data
+    if cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == -1:
+        cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 133
+    if cfg.MODEL.KNET.NUM_THING_CLASSES == -1:
+        cfg.MODEL.KNET.NUM_THING_CLASSES = 80
+    return cfg
 
 
 def test_configs_are_found():

@@ -1,7 +1,7 @@
 """Checkpoint conversion: released K-Net weights (MMDetection, MMSeg) and ImageNet backbones.
 
-The released files are not downloaded here: ``official_layouts`` writes synthetic ones with the
-keys and shapes of each official layout, independently of the converter. The conversion is
+The released files are not downloaded here: ``references.layouts`` writes synthetic ones with
+the keys and shapes of each official layout, independently of the converter. The conversion is
 checked against the model built from the matching config (every key and shape, both ways) and
 against mappings restated here from the published layouts (``SPOT_CHECKS``,
 ``expected_semantic_key``).
@@ -18,7 +18,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model, build_resnet_backbone
-from official_layouts import (
+from references.layouts import (
     GEN,
     Writer,
     head_opts,
@@ -30,7 +30,8 @@ from official_layouts import (
 from scripts import REPO, load_script
 from torch import nn
 
-from knet.checkpoint import (
+from knet.checkpoint import KNetCheckpointer
+from knet.conversion import (
     CheckpointKeyError,
     UnsupportedCheckpointError,
     check_coco_class_names,
@@ -134,7 +135,7 @@ SPOT_CHECKS = [
 
 # ----------------------------------------------------------------------------- generator
 @pytest.mark.parametrize("task,expected_mparams", [("instance", 13.97), ("panoptic", 14.03)])
-def test_generator_matches_spec_totals(official, task, expected_mparams):
+def test_generator_matches_published_totals(official, task, expected_mparams):
     sd = official[task]
     head = {k: v for k, v in sd.items() if not k.startswith("backbone.")}
     assert len(head) == 184
@@ -187,7 +188,7 @@ def test_converted_weights_load_into_model(official, task, suffix, tmp_path):
         on_disk = torch.load(path, map_location="cpu", weights_only=True)
         assert on_disk["matching_heuristics"] is False and set(on_disk["model"]) == set(converted)
 
-    checkpointer = DetectionCheckpointer(model)
+    checkpointer = KNetCheckpointer(model)
     incompatible = checkpointer._load_model(checkpointer._load_file(path))
     assert not incompatible.missing_keys and not incompatible.unexpected_keys
     assert not incompatible.incorrect_shapes
@@ -534,7 +535,7 @@ def sem_shapes() -> dict[str, dict[str, tuple]]:
 
 
 @pytest.mark.parametrize("head", list(SEM_CONFIGS))
-def test_mmseg_generator_matches_spec(mmseg, head):
+def test_mmseg_generator_matches_published_layout(mmseg, head):
     sd = mmseg[head]
     c = 512  # MMSeg's released heads are all 512 wide
     for s in range(3):

@@ -27,16 +27,13 @@ from scripts import load_script
 
 import knet  # noqa: F401  (registers the model)
 from knet.checkpoint import KNetCheckpointer
-from knet.data.dataset_classes import (
-    DatasetClassError,
-    DatasetNotRegisteredError,
-    configure_for_datasets,
-    dataset_classes,
-    explicit_config_keys,
-)
+from knet.config import load_knet_config
+from knet.data import DatasetClassError, DatasetNotRegisteredError
 from knet.data.datasets import register_custom_dataset
-from knet.data.datasets.custom import DatasetArgumentError, parse_dataset_args
+from knet.data.kinds import dataset_classes
 from knet.engine import KNetTrainer, get_knet_cfg
+from knet.engine.arguments import DatasetArgumentError, parse_dataset_args
+from knet.engine.dataset_config import configure_for_datasets
 
 REPO = Path(__file__).resolve().parents[1]
 CUSTOM = REPO / "configs" / "custom"
@@ -121,8 +118,8 @@ def register(data, kind: str, prefix: str, drop=()) -> None:
 def configured(config: str, prefix: str, opts=(), mode="train"):
     """``config`` with DATASETS naming ``{prefix}_{train,val}``, configured like train_net."""
     opts = ["DATASETS.TRAIN", f"('{prefix}_train',)", "DATASETS.TEST", f"('{prefix}_val',)", *opts]
-    cfg = get_knet_cfg(config, opts)
-    line = configure_for_datasets(cfg, explicit_config_keys(config, opts), mode)
+    cfg, explicit_keys = load_knet_config(config, opts)
+    line = configure_for_datasets(cfg, explicit_keys, mode)
     return cfg, line
 
 
@@ -301,8 +298,13 @@ def test_config_must_suit_the_kind_of_data(data):
         configured(SEMANTIC_CPU, "kind")
     with pytest.raises(DatasetNotRegisteredError, match="--dataset nowhere_train coco-instances"):
         configured(INSTANCE_CPU, "nowhere")
-    cfg, line = configured(INSTANCE_CPU, "nowhere", mode="inference")  # the demo: skipped
-    assert line is None and cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 133
+    # the demo skips datasets that are not registered; class counts left to the data then need
+    # the data (or numbers), never a silent default
+    with pytest.raises(DatasetClassError, match=r"NUM_CLASSES is -1.*register it \(--dataset\)"):
+        configured(INSTANCE_CPU, "nowhere", mode="inference")
+    opts = ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", "3", "MODEL.KNET.NUM_THING_CLASSES", "3"]
+    cfg, line = configured(INSTANCE_CPU, "nowhere", opts, mode="inference")
+    assert line is None and cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 3
 
 
 def test_trainer_checks_class_counts_before_building_anything(data, tmp_path):
@@ -336,7 +338,10 @@ def test_trainer_checks_class_counts_before_building_anything(data, tmp_path):
 )  # fmt: skip
 def test_missing_weights_name_where_they_come_from(weights, expected, monkeypatch, tmp_path):
     monkeypatch.setenv("FVCORE_CACHE", str(tmp_path))  # downloads (there are none) go here
-    cfg = get_knet_cfg(INSTANCE_CPU, ["MODEL.WEIGHTS", weights, "MODEL.KNET.NUM_PROPOSALS", "4"])
+    counts = ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", "133", "MODEL.KNET.NUM_THING_CLASSES", "80"]
+    cfg = get_knet_cfg(
+        INSTANCE_CPU, ["MODEL.WEIGHTS", weights, "MODEL.KNET.NUM_PROPOSALS", "4"] + counts
+    )
     with pytest.raises(FileNotFoundError) as e:
         DefaultPredictor(cfg)
     assert all(text in str(e.value) for text in expected), str(e.value)
@@ -348,6 +353,7 @@ def test_missing_weights_name_where_they_come_from(weights, expected, monkeypatc
 def test_fine_tuning_reports_the_class_specific_layers_in_one_line(tmp_path, knet_log):
     base = ["MODEL.KNET.NUM_PROPOSALS", "4", "MODEL.KNET.TEST.PANOPTIC_ON", "False"]
     source = build_model(get_knet_cfg(INSTANCE_CPU, base + ["MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+                                                            "80", "MODEL.KNET.NUM_THING_CLASSES",
                                                             "80"]))  # fmt: skip
     weights = tmp_path / "coco_like.pth"
     torch.save({"model": source.state_dict()}, weights)

@@ -19,13 +19,14 @@ from panopticapi.utils import id2rgb
 from PIL import Image
 
 from knet import add_knet_config
-from knet.data.checks import (
+from knet.data.dataset_mappers import KNetTestDatasetMapper, read_image_checked
+from knet.data.kinds import build_test_mapper
+from knet.evaluation import (
     GroundTruthWarning,
     check_evaluation_dataset,
     check_evaluation_dataset_once,
     evaluation_tasks,
 )
-from knet.data.dataset_mappers import KNetTestDatasetMapper, build_test_mapper, read_image_checked
 
 H, W = 24, 32  # size of the tiny ground-truth images
 

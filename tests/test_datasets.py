@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -20,8 +19,10 @@ from detectron2.data.datasets.builtin_meta import (
     COCO_CATEGORIES,
     _get_builtin_metadata,
 )
+from panoptic_conversion import prepare_ade20k_sem_seg, read_panoptic_png, semantic_from_panoptic
 from PIL import Image
-from scripts import load_script
+from prepare_samples import prepare_ade20k_sample, prepare_coco_sample, shared_data_root
+from scripts import REPO, load_script
 
 import knet  # noqa: F401  (registers the datasets)
 from knet.data.dataset_mappers import KNetPanopticDatasetMapper, KNetSemanticDatasetMapper
@@ -29,19 +30,14 @@ from knet.data.datasets import (
     TOY_CATEGORIES,
     TOY_NUM_CLASSES,
     TOY_NUM_THING_CLASSES,
-    TOY_STUFF_CATEGORIES,
-    TOY_THING_CATEGORIES,
-    builtin,
-    generate_toy_dataset,
-    get_shared_data_root,
-    get_toy_metadata,
+    get_panoptic_metadata,
     load_panoptic_json_with_sem_seg,
-    prepare_ade20k_sample,
-    prepare_ade20k_sem_seg,
-    prepare_builtin_datasets,
-    prepare_coco_sample,
+    require_toy_dataset,
 )
-from knet.data.datasets.prepare import read_panoptic_png
+from knet.data.datasets.panoptic import contiguous_id_map
+from knet.data.datasets.toy import TOY_STUFF_CATEGORIES, TOY_THING_CATEGORIES
+
+generate_toy_dataset = load_script("tools/make_toy_dataset.py").generate_toy_dataset
 
 SPLITS = ("train", "val")
 TOY_PANOPTIC = [f"knet_toy_{s}_panoptic_with_sem_seg" for s in SPLITS]
@@ -143,8 +139,6 @@ def test_toy_statistics(toy_root):
 
 
 def test_toy_files_are_consistent(toy_root):
-    from knet.data.datasets.prepare import contiguous_id_map, semantic_from_panoptic
-
     pan = _load_json(os.path.join(toy_root, "panoptic_train.json"))
     inst = _load_json(os.path.join(toy_root, "instances_train.json"))
     assert [a["id"] for a in inst["annotations"]] == list(range(1, len(inst["annotations"]) + 1))
@@ -197,7 +191,7 @@ def test_metadata_needs_no_files(tmp_path, monkeypatch):
 
 
 def test_toy_metadata_constants():
-    meta = get_toy_metadata()
+    meta = get_panoptic_metadata(TOY_CATEGORIES)
     assert TOY_NUM_CLASSES == 7 and TOY_NUM_THING_CLASSES == 4
     assert meta["thing_dataset_id_to_contiguous_id"] == {1: 0, 2: 1, 3: 2, 5: 3}
     assert meta["stuff_dataset_id_to_contiguous_id"] == {
@@ -238,11 +232,11 @@ def test_panoptic_metadata(name):
         assert (k, t) == (TOY_NUM_CLASSES, TOY_NUM_THING_CLASSES)
 
 
-def test_full_coco_is_lazy_and_reports_missing_files(tmp_path, monkeypatch):
-    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+def test_full_coco_is_lazy_and_reports_missing_files():
+    root = os.environ["DETECTRON2_DATASETS"]  # as registered on import (tests/conftest.py)
     meta = MetadataCatalog.get("coco_2017_val_panoptic_with_sem_seg")
-    assert meta.panoptic_json == str(tmp_path / "coco" / "annotations" / "panoptic_val2017.json")
-    assert meta.json_file == str(tmp_path / "coco" / "annotations" / "instances_val2017.json")
+    assert meta.panoptic_json == os.path.join(root, "coco", "annotations", "panoptic_val2017.json")
+    assert meta.json_file == os.path.join(root, "coco", "annotations", "instances_val2017.json")
     with pytest.raises(FileNotFoundError, match="panoptic_semseg_val2017"):
         DatasetCatalog.get("coco_2017_val_panoptic_with_sem_seg")
 
@@ -302,16 +296,6 @@ def test_toy_semantic_records(toy_root, split):
         assert (r["height"], r["width"]) == (p["height"], p["width"])
         sem = np.asarray(Image.open(r["sem_seg_file_name"]))
         assert sem.shape == (r["height"], r["width"])
-
-
-def test_loaders_read_environment_when_called(tmp_path, monkeypatch):
-    generate_toy_dataset(str(tmp_path), num_train=3, num_val=2, seed=1)
-    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
-    records = DatasetCatalog.get("knet_toy_val_panoptic_with_sem_seg")
-    assert len(records) == 2 and records[0]["file_name"].startswith(str(tmp_path))
-    assert len(DatasetCatalog.get("knet_toy_train")) == 3
-    meta = MetadataCatalog.get("knet_toy_val_panoptic_with_sem_seg")
-    assert meta.panoptic_root == str(tmp_path / "knet_toy" / "panoptic_val")
 
 
 # --------------------------------------------------------------------------- shared samples
@@ -383,7 +367,9 @@ SAMPLES_COMMAND = "`python tools/prepare_samples.py`"
 # a fresh process: register (import knet), read every metadata field, load every dataset
 _FRESH_PROCESS = """
 import json, sys
-import knet
+sys.path.insert(0, sys.argv.pop(1))  # tools/, for the samples' datasets
+import prepare_samples  # imports knet, which registers the built-in datasets
+prepare_samples.register_samples()
 from detectron2.data import DatasetCatalog, MetadataCatalog
 errors = {}
 for name in sys.argv[1:]:
@@ -402,7 +388,7 @@ def _files_under(root) -> list:
 
 @pytest.mark.slow
 def test_registration_metadata_and_loading_write_nothing(tmp_path):
-    shared = get_shared_data_root()
+    shared = shared_data_root()
     env = {
         **os.environ,
         "DETECTRON2_DATASETS": str(tmp_path / "datasets"),
@@ -410,7 +396,7 @@ def test_registration_metadata_and_loading_write_nothing(tmp_path):
         "KNET_SHARED_DATA": shared,
     }
     run = subprocess.run(
-        [sys.executable, "-c", _FRESH_PROCESS, *BUILTIN],
+        [sys.executable, "-c", _FRESH_PROCESS, str(REPO / "tools"), *BUILTIN],
         cwd=tmp_path,  # Detectron2's default datasets root is relative to it
         env=env,
         capture_output=True,
@@ -432,35 +418,28 @@ def test_registration_metadata_and_loading_write_nothing(tmp_path):
         assert "prepare_coco_semantic_from_panoptic.py" in errors[name]
 
 
-def test_missing_or_stale_toy_dataset_names_the_command(tmp_path, monkeypatch):
-    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
-    meta = MetadataCatalog.get(TOY_PANOPTIC[1])
-    assert meta.panoptic_json == str(tmp_path / "knet_toy" / "panoptic_val.json")  # just a path
-    for name in TOY_PANOPTIC + TOY_INSTANCES + TOY_SEMANTIC:
-        with pytest.raises(FileNotFoundError, match=re.escape(TOY_COMMAND)) as e:
-            DatasetCatalog.get(name)
-        assert str(tmp_path / "knet_toy") in str(e.value)
+def test_missing_or_stale_toy_dataset_names_the_command(tmp_path):
+    # the registered loaders call this first (each of them: the fresh-process test above)
+    with pytest.raises(FileNotFoundError, match=re.escape(TOY_COMMAND)) as e:
+        require_toy_dataset(str(tmp_path))
+    assert str(tmp_path / "knet_toy") in str(e.value)
     assert os.listdir(tmp_path) == []
 
     root = generate_toy_dataset(str(tmp_path), num_train=1, num_val=1, seed=0)
-    assert len(DatasetCatalog.get(TOY_SEMANTIC[0])) == 1
+    assert require_toy_dataset(str(tmp_path)) == root
     marker = os.path.join(root, "_COMPLETE.json")
     with open(marker) as f:
         params = json.load(f)
     with open(marker, "w") as f:
         json.dump({**params, "version": params["version"] - 1}, f)
     with pytest.raises(FileNotFoundError, match="format version") as e:
-        DatasetCatalog.get(TOY_PANOPTIC[0])
+        require_toy_dataset(str(tmp_path))
     assert TOY_COMMAND in str(e.value)
 
 
 def test_unprepared_or_stale_samples_name_the_command(tmp_path, monkeypatch, shared_data_root):
     cache = tmp_path / "cache"
-    monkeypatch.setenv("KNET_CACHE", str(cache))
-    meta = MetadataCatalog.get(COCO_SAMPLE[0])
-    assert meta.sem_seg_root == str(
-        cache / "prepared" / "coco_panoptic_sample" / "panoptic_semseg_val"
-    )
+    monkeypatch.setenv("KNET_CACHE", str(cache))  # the loaders check the files of this cache
     for name in COCO_SAMPLE + ADE_SAMPLE:
         with pytest.raises(FileNotFoundError, match=re.escape(SAMPLES_COMMAND)):
             DatasetCatalog.get(name)
@@ -474,7 +453,7 @@ def test_unprepared_or_stale_samples_name_the_command(tmp_path, monkeypatch, sha
         DatasetCatalog.get(COCO_SAMPLE[1])
 
 
-def test_prepare_samples_tool_and_the_demo_helper(tmp_path, monkeypatch, shared_data_root):
+def test_prepare_samples_tool(tmp_path, monkeypatch, shared_data_root):
     monkeypatch.setenv("KNET_CACHE", str(tmp_path / "cache"))
     tool = load_script("tools/prepare_samples.py")
     assert tool.main(["--only", "ade20k"]) == 0
@@ -488,17 +467,6 @@ def test_prepare_samples_tool_and_the_demo_helper(tmp_path, monkeypatch, shared_
     assert tool.main(["--only", "ade20k"]) == 0 and os.stat(marker).st_mtime_ns == mtime
     assert tool.main(["--only", "ade20k", "--force"]) == 0
     assert os.stat(marker).st_mtime_ns != mtime
-
-    # what the demo calls: toy generated, samples prepared, other names ignored
-    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
-    monkeypatch.setenv("KNET_CACHE", str(tmp_path / "cache2"))
-    small_toy = {"knet_toy": lambda: generate_toy_dataset(num_train=2, num_val=1)}
-    with mock.patch.dict(builtin._CREATORS, small_toy):  # the default size takes longer
-        done = prepare_builtin_datasets([TOY_PANOPTIC[0], TOY_SEMANTIC[1], ADE_SAMPLE[1], "other"])
-    assert sorted(done) == ["ade20k_sample", "knet_toy"]
-    assert len(DatasetCatalog.get(TOY_INSTANCES[0])) == 2 and DatasetCatalog.get(ADE_SAMPLE[1])
-    with pytest.raises(FileNotFoundError):
-        DatasetCatalog.get(COCO_SAMPLE[0])
 
     monkeypatch.setenv("KNET_SHARED_DATA", str(tmp_path / "nowhere"))
     assert tool.main([]) == 1  # the missing shared sample is reported, nothing is written
@@ -546,7 +514,7 @@ def _write_and_load(root, data):
         str(root / "val"),
         str(root / "panoptic_val"),
         str(root / "semantic_val"),
-        get_toy_metadata(),
+        get_panoptic_metadata(TOY_CATEGORIES),
     )
 
 
@@ -573,10 +541,12 @@ def test_bad_invalid_json(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('{"annotations": [')
     with pytest.raises(ValueError, match="broken.json"):
-        load_panoptic_json_with_sem_seg(str(path), "i", "p", "s", get_toy_metadata())
+        load_panoptic_json_with_sem_seg(
+            str(path), "i", "p", "s", get_panoptic_metadata(TOY_CATEGORIES)
+        )
     with pytest.raises(FileNotFoundError, match="absent.json"):
         load_panoptic_json_with_sem_seg(
-            str(tmp_path / "absent.json"), "i", "p", "s", get_toy_metadata()
+            str(tmp_path / "absent.json"), "i", "p", "s", get_panoptic_metadata(TOY_CATEGORIES)
         )
 
 

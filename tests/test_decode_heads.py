@@ -1,8 +1,8 @@
 """Decode heads used as semantic K-Net pixel decoders, and the auxiliary FCN head.
 
 The numeric tests recompute each head's MMSeg 0.x ``_forward_feature`` equations in plain
-``torch.nn.functional`` from the module's state_dict, so they check the equations, not the module
-against itself.
+``torch.nn.functional`` from the module's state_dict (``references.mmseg``), so they check the
+equations, not the module against itself.
 """
 
 import math
@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
+from references.mmseg import ref_aspp, ref_fcn, ref_psp, ref_uper
 from torch import nn
 
 from knet.engine import get_knet_cfg
@@ -37,6 +38,7 @@ SINGLE_SIZE = (9, 13)
 
 def make_cfg(name: str, in_features: Sequence[str], conv_dim: int = 16, norm: str = "BN"):
     cfg = get_knet_cfg()
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 133
     cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = name
     cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = list(in_features)
     cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = conv_dim
@@ -63,74 +65,6 @@ def random_features(shapes: dict[str, ShapeSpec], sizes: dict, batch: int = 2, s
         k: torch.randn(batch, v.channels, *sizes[k], generator=g, dtype=torch.float64)
         for k, v in shapes.items()
     }
-
-
-# ------------------------------------------------------------------ functional reference (MMSeg)
-def ref_conv_module(sd: dict[str, torch.Tensor], prefix: str, x: torch.Tensor, dilation: int = 1):
-    """MMCV ConvModule: conv ("same" padding) -> eval BN (if any) -> ReLU."""
-    w = sd[f"{prefix}.weight"]
-    pad = dilation * (w.shape[-1] // 2)
-    y = F.conv2d(x, w, sd.get(f"{prefix}.bias"), padding=pad, dilation=dilation)
-    if f"{prefix}.norm.running_mean" in sd:
-        y = F.batch_norm(
-            y,
-            sd[f"{prefix}.norm.running_mean"],
-            sd[f"{prefix}.norm.running_var"],
-            sd[f"{prefix}.norm.weight"],
-            sd[f"{prefix}.norm.bias"],
-            training=False,
-            eps=1e-5,
-        )
-    return F.relu(y)
-
-
-def ref_resize(x: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-def ref_ppm(sd, prefix: str, x: torch.Tensor, scales: Sequence[int]) -> list[torch.Tensor]:
-    return [
-        ref_resize(ref_conv_module(sd, f"{prefix}.{i}.1", F.adaptive_avg_pool2d(x, s)), x.shape[2:])
-        for i, s in enumerate(scales)
-    ]
-
-
-def ref_uper(sd, xs: list[torch.Tensor], scales: Sequence[int]) -> torch.Tensor:
-    top = xs[-1]
-    laterals = [ref_conv_module(sd, f"lateral_convs.{i}", x) for i, x in enumerate(xs[:-1])]
-    laterals.append(
-        ref_conv_module(
-            sd, "bottleneck", torch.cat([top] + ref_ppm(sd, "psp_modules", top, scales), 1)
-        )
-    )
-    for i in range(len(laterals) - 1, 0, -1):
-        laterals[i - 1] = laterals[i - 1] + ref_resize(laterals[i], laterals[i - 1].shape[2:])
-    outs = [ref_conv_module(sd, f"fpn_convs.{i}", laterals[i]) for i in range(len(laterals) - 1)]
-    outs.append(laterals[-1])
-    outs = [outs[0]] + [ref_resize(o, outs[0].shape[2:]) for o in outs[1:]]
-    return ref_conv_module(sd, "fpn_bottleneck", torch.cat(outs, 1))
-
-
-def ref_fcn(sd, x: torch.Tensor, num_convs: int, concat_input: bool) -> torch.Tensor:
-    y = x
-    for i in range(num_convs):
-        y = ref_conv_module(sd, f"convs.{i}", y)
-    if concat_input:
-        y = ref_conv_module(sd, "conv_cat", torch.cat([x, y], 1))
-    return y
-
-
-def ref_psp(sd, x: torch.Tensor, scales: Sequence[int]) -> torch.Tensor:
-    return ref_conv_module(
-        sd, "bottleneck", torch.cat([x] + ref_ppm(sd, "psp_modules", x, scales), 1)
-    )
-
-
-def ref_aspp(sd, x: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
-    pooled = ref_conv_module(sd, "image_pool.1", x.mean(dim=(2, 3), keepdim=True))
-    outs = [ref_resize(pooled, x.shape[2:])]
-    outs += [ref_conv_module(sd, f"aspp_modules.{i}", x, d) for i, d in enumerate(dilations)]
-    return ref_conv_module(sd, "bottleneck", torch.cat(outs, 1))
 
 
 def run_eval(model: nn.Module, feats: dict[str, torch.Tensor]):

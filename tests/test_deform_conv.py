@@ -1,9 +1,10 @@
 """Deformable convolution on torchvision: ``DeformConv`` and ``DeformBottleneckBlock``.
 
 Every result is compared with a computation written independently of the product code: MMCV's
-DCNv1 sampling rule re-implemented by bilinear sampling (``official_reference``),
+DCNv1 sampling rule re-implemented by bilinear sampling (``references.mmcv``),
 ``torch.nn.functional.conv2d`` for zero offsets, Detectron2's own blocks for the state-dict
-layout, and a functional forward of the block assembled here from its state dict.
+layout, and a functional forward of the block assembled from its state dict
+(``references.resnet``).
 """
 
 import pytest
@@ -14,7 +15,8 @@ from detectron2.modeling.backbone.resnet import BottleneckBlock, ResNet
 from detectron2.modeling.backbone.resnet import (
     DeformBottleneckBlock as D2DeformBottleneckBlock,
 )
-from official_reference import mmcv_deform_conv2d
+from references.mmcv import mmcv_deform_conv2d
+from references.resnet import detectron2_deform_bottleneck
 from torch import nn
 
 from knet.modeling.backbone.deform_conv import DeformBottleneckBlock, DeformConv
@@ -225,38 +227,6 @@ def _randomize_norms(block: nn.Module, gen: torch.Generator) -> None:
                 module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
 
 
-def _batch_norm(x, sd: dict[str, torch.Tensor], name: str):
-    return F.batch_norm(
-        x,
-        sd[f"{name}.running_mean"],
-        sd[f"{name}.running_var"],
-        sd[f"{name}.weight"],
-        sd[f"{name}.bias"],
-        training=False,
-        eps=BN_EPS,
-    )
-
-
-def _reference_block(sd: dict[str, torch.Tensor], x, stride, stride_in_1x1, dilation):
-    """Detectron2's bottleneck forward, assembled from the state dict: the stride sits on the
-    1x1 conv1 if ``stride_in_1x1`` else on the 3x3 conv2 (and on its offset conv)."""
-    s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
-    out = F.relu(_batch_norm(F.conv2d(x, sd["conv1.weight"], stride=s1), sd, "conv1.norm"))
-    offset = F.conv2d(
-        out,
-        sd["conv2_offset.weight"],
-        sd["conv2_offset.bias"],
-        stride=s3,
-        padding=dilation,
-        dilation=dilation,
-    )
-    out = mmcv_deform_conv2d(out, offset, sd["conv2.weight"], s3, dilation, dilation)
-    out = F.relu(_batch_norm(out, sd, "conv2.norm"))
-    out = _batch_norm(F.conv2d(out, sd["conv3.weight"]), sd, "conv3.norm")
-    shortcut = _batch_norm(F.conv2d(x, sd["shortcut.weight"], stride=stride), sd, "shortcut.norm")
-    return F.relu(out + shortcut), offset
-
-
 @pytest.mark.parametrize("norm", ["BN", "FrozenBN"])
 @pytest.mark.parametrize("modulated", [False, True])
 def test_block_state_dict_matches_detectron2(norm, modulated):
@@ -344,7 +314,7 @@ def test_block_matches_functional_reference(stride_in_1x1, dilation, norm):
     x = torch.randn(2, 8, 9, 11, generator=gen, dtype=torch.float64)
     with torch.no_grad():
         out = block(x)
-    ref, offset = _reference_block(sd, x, 2, stride_in_1x1, dilation)
+    ref, offset = detectron2_deform_bottleneck(sd, x, 2, stride_in_1x1, dilation)
     assert offset.abs().max() > 1.5  # offsets of a few pixels, not a near-regular grid
     assert out.shape == ref.shape == (2, 16, 5, 6)
     _assert_close(out, ref, F64_TOL)  # float64, 1e-10

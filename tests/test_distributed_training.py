@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from knet.distributed import launch
+from knet.engine import launch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {

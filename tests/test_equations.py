@@ -1,8 +1,9 @@
 """K-Net modules against independent plain-torch computations of the published equations.
 
-Every reference below is written from the formulas (kernel update, group features, post-norm
-attention, FFN, branches, localization FPN, sine encoding), reading parameters by their
-state-dict names only, so a wiring or naming mistake in a module shows up as a mismatch.
+The references (``references.knet_heads``) are written from the formulas of the official code
+(kernel update, group features, post-norm attention, FFN, branches, localization FPN, sine
+encoding), reading parameters by their state-dict names only, so a wiring or naming mistake in a
+module shows up as a mismatch.
 """
 
 import math
@@ -11,6 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
+from references.knet_heads import (
+    ref_conv_gn_relu,
+    ref_sine_encoding,
+    ref_update_head,
+    ref_updator,
+)
 from torch import nn
 
 from knet.modeling.kernel_head import (
@@ -22,8 +29,6 @@ from knet.modeling.kernel_head import (
 from knet.modeling.pixel_decoder import KNetLocalizationFPN, PositionEmbeddingSine
 
 Tensor = torch.Tensor
-LN_EPS = 1e-5
-GN_EPS = 1e-5
 PRIOR_BIAS = -math.log(99.0)  # sigmoid(b) = 0.01
 
 
@@ -39,114 +44,6 @@ def randomize_(module: nn.Module, seed: int, scale: float = 0.5) -> nn.Module:
 
 def params64(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().double() for k, v in module.state_dict().items()}
-
-
-def ref_linear(x: Tensor, p: dict[str, Tensor], name: str) -> Tensor:
-    y = x @ p[f"{name}.weight"].T
-    return y + p[f"{name}.bias"] if f"{name}.bias" in p else y
-
-
-def ref_layer_norm(x: Tensor, p: dict[str, Tensor], name: str) -> Tensor:
-    mean = x.mean(-1, keepdim=True)
-    var = ((x - mean) ** 2).mean(-1, keepdim=True)
-    return (x - mean) / torch.sqrt(var + LN_EPS) * p[f"{name}.weight"] + p[f"{name}.bias"]
-
-
-def ref_group_norm(x: Tensor, weight: Tensor, bias: Tensor, groups: int = 32) -> Tensor:
-    b, c, h, w = x.shape
-    g = x.reshape(b, groups, c // groups * h * w)
-    g = (g - g.mean(-1, keepdim=True)) / torch.sqrt(
-        g.var(-1, unbiased=False, keepdim=True) + GN_EPS
-    )
-    return g.reshape(b, c, h, w) * weight[None, :, None, None] + bias[None, :, None, None]
-
-
-def ref_updator(p: dict[str, Tensor], f: Tensor, k: Tensor, prefix: str = "") -> Tensor:
-    """Spec 1.4 step 3 on rows: f group features (M, C_in), k kernels (M, C_in)."""
-    c = p[f"{prefix}input_gate.weight"].shape[0]
-    dyn = ref_linear(f, p, f"{prefix}dynamic_layer")
-    p_in, p_out = dyn[:, :c], dyn[:, c:]
-    inp = ref_linear(k, p, f"{prefix}input_layer")
-    i_in, i_out = inp[:, :c], inp[:, c:]
-    gate_feats = i_in * p_in
-    g_k = torch.sigmoid(
-        ref_layer_norm(
-            ref_linear(gate_feats, p, f"{prefix}input_gate"), p, f"{prefix}input_norm_in"
-        )
-    )
-    g_f = torch.sigmoid(
-        ref_layer_norm(ref_linear(gate_feats, p, f"{prefix}update_gate"), p, f"{prefix}norm_in")
-    )
-    fused = g_f * ref_layer_norm(p_out, p, f"{prefix}norm_out") + g_k * ref_layer_norm(
-        i_out, p, f"{prefix}input_norm_out"
-    )
-    return torch.relu(
-        ref_layer_norm(ref_linear(fused, p, f"{prefix}fc_layer"), p, f"{prefix}fc_norm")
-    )
-
-
-def ref_mha(x: Tensor, p: dict[str, Tensor], num_heads: int) -> Tensor:
-    """Multi-head self-attention over the N kernels of each image; x (B, N, C)."""
-    b, n, c = x.shape
-    d = c // num_heads
-    w, bias = p["attention.in_proj_weight"], p["attention.in_proj_bias"]
-    q = x @ w[:c].T + bias[:c]
-    k = x @ w[c : 2 * c].T + bias[c : 2 * c]
-    v = x @ w[2 * c :].T + bias[2 * c :]
-    heads = [slice(h * d, (h + 1) * d) for h in range(num_heads)]
-    outs = []
-    for s in heads:
-        att = torch.softmax(q[..., s] @ k[..., s].transpose(1, 2) / math.sqrt(d), dim=-1)
-        outs.append(att @ v[..., s])
-    return ref_linear(torch.cat(outs, dim=-1), p, "attention.out_proj")
-
-
-def ref_fc_ln_relu(x: Tensor, p: dict[str, Tensor], branch: str) -> Tensor:
-    assert f"{branch}.0.bias" not in p  # the Linear before the LayerNorm has no bias
-    return torch.relu(ref_layer_norm(x @ p[f"{branch}.0.weight"].T, p, f"{branch}.1"))
-
-
-def ref_update_head(
-    p: dict[str, Tensor],
-    features: Tensor,
-    kernels: Tensor,
-    masks: Tensor,
-    num_heads: int,
-    hard_threshold: float | None,
-) -> dict[str, Tensor]:
-    """Spec 1.4 steps 1-7. features (B, C, h, w), kernels (B, N, C), masks (B, N, h, w)."""
-    b, n, c = kernels.shape
-    w = p["feat_transform.weight"][:, :, 0, 0]
-    feats = torch.einsum("oc,bchw->bohw", w, features) + p["feat_transform.bias"][:, None, None]
-    if hard_threshold is None:
-        weights = torch.softmax(masks, dim=1)
-    else:
-        weights = (torch.sigmoid(masks) > hard_threshold).double()
-    group = torch.einsum("bnhw,bchw->bnc", weights, feats)  # a sum over pixels
-    cu = p["kernel_update_conv.input_gate.weight"].shape[0]
-    chunks = [slice(i, i + cu) for i in range(0, c, cu)]  # 2C-d kernels: halves share weights
-    updated = torch.cat(
-        [
-            ref_updator(
-                p,
-                group[..., s].reshape(-1, cu),
-                kernels[..., s].reshape(-1, cu),
-                "kernel_update_conv.",
-            ).reshape(b, n, cu)
-            for s in chunks
-        ],
-        dim=-1,
-    )
-    attended = ref_layer_norm(updated + ref_mha(updated, p, num_heads), p, "attention_norm")
-    hidden = torch.relu(ref_linear(attended, p, "ffn.0"))
-    out = ref_layer_norm(attended + ref_linear(hidden, p, "ffn.3"), p, "ffn_norm")
-    result = {"feats": feats, "group": group, "updated": updated, "attended": attended}
-    result["kernels"] = out
-    if "fc_cls.weight" in p:
-        result["cls"] = ref_linear(ref_fc_ln_relu(out, p, "cls_fcs"), p, "fc_cls")
-    mask_kernels = ref_linear(ref_fc_ln_relu(out, p, "mask_fcs"), p, "fc_mask")
-    result["masks"] = torch.einsum("bnc,bchw->bnhw", mask_kernels, feats)  # no bias
-    return result
 
 
 def capture(module: nn.Module, store: dict[str, object], name: str):
@@ -282,13 +179,6 @@ def test_wide_kernels_are_chunked_through_a_shared_updator():
 
 
 # ------------------------------------------------------------------------------ ConvKernelHead
-def ref_conv_gn_relu(x: Tensor, p: dict[str, Tensor], name: str, stride: int = 1) -> Tensor:
-    assert f"{name}.bias" not in p  # no conv bias: GN follows
-    w = p[f"{name}.weight"]
-    y = F.conv2d(x, w, stride=stride, padding=w.shape[-1] // 2)
-    return torch.relu(ref_group_norm(y, p[f"{name}.norm.weight"], p[f"{name}.norm.bias"]))
-
-
 @pytest.mark.parametrize("num_classes", [7, 4], ids=["panoptic", "instance"])
 def test_conv_kernel_head_matches_reference(num_classes):
     torch.manual_seed(0)
@@ -386,21 +276,6 @@ def test_iterative_head_passes_post_ffn_kernels_and_stride8_masks():
 
 
 # ------------------------------------------------------------------------- positional encoding
-def ref_sine_encoding(b: int, h: int, w: int, num_feats: int, temperature: float = 1e4) -> Tensor:
-    """DETR sine encoding with an all-ones (no padding) mask, channel by channel."""
-    not_mask = torch.ones(b, h, w, dtype=torch.float64)
-    y = not_mask.cumsum(1)
-    x = not_mask.cumsum(2)
-    y = y / (y[:, -1:, :] + 1e-6) * 2 * math.pi
-    x = x / (x[:, :, -1:] + 1e-6) * 2 * math.pi
-    channels: list[Tensor] = []
-    for pos in (y, x):  # y first, then x
-        for i in range(num_feats):
-            freq = temperature ** (2 * (i // 2) / num_feats)
-            channels.append(torch.sin(pos / freq) if i % 2 == 0 else torch.cos(pos / freq))
-    return torch.stack(channels, dim=1)
-
-
 @pytest.mark.parametrize("num_feats", [128, 16])
 def test_sine_position_encoding_matches_detr(num_feats):
     pe = PositionEmbeddingSine(num_feats, normalize=True)

@@ -14,10 +14,10 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, SemSegEvaluator
 from detectron2.structures import BitMasks, Instances
+from panoptic_conversion import read_panoptic_png
 from PIL import Image
 
 import knet  # noqa: F401  (registers the datasets)
-from knet.data.datasets.prepare import read_panoptic_png
 
 SHIFT = (3, -2)  # (rows, cols) roll applied to perturbed predictions
 

@@ -9,18 +9,17 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
+from panoptic_conversion import read_panoptic_png
 from PIL import Image
 
 from knet import add_knet_config
 from knet.data.dataset_mappers import (
-    MAPPERS,
     KNetInstanceDatasetMapper,
     KNetPanopticDatasetMapper,
     KNetSemanticDatasetMapper,
-    build_train_mapper,
 )
 from knet.data.datasets import TOY_NUM_CLASSES, TOY_NUM_THING_CLASSES
-from knet.data.datasets.prepare import read_panoptic_png
+from knet.data.kinds import DATASET_KINDS, build_train_mapper, mapper_name
 
 FLIP = T.RandomFlip(prob=1.0)  # horizontal, always
 
@@ -210,7 +209,11 @@ def test_semantic_mapper_from_config_crop_color(records, cfg):
 
 
 def test_build_train_mapper_names(cfg):
-    assert set(MAPPERS) == {"knet_panoptic", "knet_instance", "knet_semantic"}
+    assert set(map(mapper_name, DATASET_KINDS)) == {
+        "knet_panoptic",
+        "knet_instance",
+        "knet_semantic",
+    }
     cfg.INPUT.DATASET_MAPPER_NAME = "mask_former_panoptic"
     with pytest.raises(ValueError, match="knet_instance, knet_panoptic, knet_semantic"):
         build_train_mapper(cfg)

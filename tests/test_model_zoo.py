@@ -1,24 +1,26 @@
 """The model zoo: each of the 14 released K-Net checkpoints converts into its config.
 
 For every row of ``MODEL_ZOO`` a full-size synthetic checkpoint with the real key names and
-shapes (stride-0 tensors: no memory) is written by ``official_layouts``; its architecture must
+shapes (stride-0 tensors: no memory) is written by ``references.layouts``; its architecture must
 be detected from the keys, select that row and config, and convert with no missing, unexpected
-or mis-shaped key against the model the config builds. README's table lists the same 14 rows.
+or mis-shaped key against the model the config builds. README's tables are the ones
+``knet.checkpoint.model_zoo`` generates, and ``import knet`` loads neither that table nor the
+converters (``knet.conversion``).
 """
 
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
-from official_layouts import make_released_checkpoint
+from references.layouts import make_released_checkpoint
 from scripts import REPO, load_script
 
-from knet.checkpoint import (
-    MODEL_ZOO,
-    PRETRAINED_BACKBONES,
+from knet.checkpoint.model_zoo import MODEL_ZOO, PRETRAINED_BACKBONES, find_model_zoo_entry
+from knet.conversion import (
     convert_official_knet_state_dict,
     describe_official_knet_state_dict,
-    find_model_zoo_entry,
     model_state_shapes,
 )
 from knet.engine import get_knet_cfg
@@ -53,10 +55,16 @@ def test_released_checkpoint_converts_into_its_config(entry):
     assert all(tuple(v.shape) == shapes[k] for k, v in converted.items())
 
 
-def test_readme_lists_every_checkpoint_with_its_config_and_command():
+def test_readme_lists_every_checkpoint_with_its_config_and_command(capsys):
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("## Model zoo") :]
     section = section[: section.index("\n## ", 4)]
+    # the tables are the generated ones, to the character
+    assert load_script("tools/convert_official_knet.py").main(["--markdown"]) == 0
+    for table in capsys.readouterr().out.strip().split("\n\n"):
+        lines = section[section.index(table.split("\n")[0]) :].split("\n")
+        in_readme = "\n".join(lines[: next(i for i, x in enumerate(lines) if x[:1] != "|")])
+        assert in_readme == table, "paste `python tools/convert_official_knet.py --markdown`"
     for entry in MODEL_ZOO:
         row = next((line for line in section.splitlines() if entry.file in line), None)
         assert row is not None, f"{entry.file} missing from README's model zoo"
@@ -86,3 +94,11 @@ def test_1x_and_3x_files_of_one_architecture_select_their_own_config():
     assert find_model_zoo_entry(arch, "renamed.pth") == one_x
     assert find_model_zoo_entry(("panoptic", "R-50", "", 32)) == one_x  # narrower: same row
     assert find_model_zoo_entry(("panoptic", "R-18", "", 256)) is None
+
+
+def test_import_knet_loads_neither_the_converters_nor_the_model_zoo():
+    offline = "('knet.conversion', 'knet.checkpoint.model_zoo')"
+    code = f"import sys, knet; print([m for m in sys.modules if m.startswith({offline})])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

@@ -5,16 +5,15 @@ R-101-DCN with non-zero offsets, MMSeg Swin-T UPerNet), narrowed but with the re
 is converted with ``tools/convert_official_knet.py``, loaded into the model its config builds,
 and compared with the official computation: the backbone features with an independent
 functional re-implementation of MMDetection's Swin / ResNet + MMCV's DCNv1
-(``official_reference``), to 1e-5 relative in float32 and 1e-10 in float64; the final outputs
-(panoptic map and segments, instances, semantic probabilities) with the same model run on the
-reference features, which must give identical results.
+(``references.resnet``, ``references.swin``), to 1e-5 relative in float32 and 1e-10 in float64;
+the final outputs (panoptic map and segments, instances, semantic probabilities) with the same
+model run on the reference features, which must give identical results.
 """
 
 import pytest
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
-from official_layouts import (
+from references.layouts import (
     head_opts,
     make_mmseg_state_dict,
     make_official_state_dict,
@@ -22,10 +21,12 @@ from official_layouts import (
     swin_opts,
     tame,
 )
-from official_reference import mmdet_resnet_forward, mmdet_swin_forward
+from references.resnet import mmdet_resnet_forward
+from references.swin import mmdet_swin_forward
 from scripts import REPO, load_script
 
-from knet.checkpoint import load_checkpoint_file
+from knet.checkpoint import KNetCheckpointer
+from knet.conversion import load_checkpoint_file
 from knet.engine import get_knet_cfg
 
 PANOPTIC = "configs/coco/panoptic-segmentation"
@@ -47,7 +48,7 @@ def convert_and_load(checkpoint: dict, config: str, opts: list[str], tmp_path) -
     cli = load_script("tools/convert_official_knet.py")
     assert cli.main([str(src), str(dst), "--config-file", str(REPO / config), "--opts", *opts]) == 0
     model = build_model(get_knet_cfg(str(REPO / config), opts)).eval()
-    checkpointer = DetectionCheckpointer(model)
+    checkpointer = KNetCheckpointer(model)
     incompatible = checkpointer._load_model(checkpointer._load_file(str(dst)))
     assert not incompatible.missing_keys and not incompatible.unexpected_keys
     assert not incompatible.incorrect_shapes

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import knet.modeling.postprocessing.tiled_mask_statistics as tiled
+import knet.modeling.postprocessing.statistics as statistics
 from knet.modeling.postprocessing import (
     KNetPostProcessor,
     OutputGeometry,
@@ -156,16 +156,16 @@ def run_instance(cls_logits, mask_logits, topk=100, score_thresh=0.0, sizes=None
 @pytest.fixture
 def always_tiled(monkeypatch):
     """The tiled path runs even where the full maps would be cheaper (small test maps)."""
-    monkeypatch.setattr(tiled, "MAX_EVALUATED_SHARE", float("inf"))
+    monkeypatch.setattr(statistics, "MAX_EVALUATED_SHARE", float("inf"))
 
 
 @pytest.fixture(params=["tiled", "full"])
 def path(request, monkeypatch):
     """Runs a test through the tiled CPU path and through the full computation."""
     if request.param == "tiled":
-        monkeypatch.setattr(tiled, "MAX_EVALUATED_SHARE", float("inf"))
+        monkeypatch.setattr(statistics, "MAX_EVALUATED_SHARE", float("inf"))
     else:
-        monkeypatch.setattr(tiled, "tiled_mask_statistics", lambda *args: None)
+        monkeypatch.setattr(statistics, "tiled_mask_statistics", lambda *args: None)
     return request.param
 
 
@@ -452,7 +452,7 @@ def test_tiled_statistics_agree_with_the_full_computation(name, seed, always_til
     cls_logits, mask_logits = trained_like(30, 5, hw, seed)
     scores = kernel_scores_and_labels(cls_logits, 7, 30)[0]
     selected = select_instances(cls_logits, 7, 30, topk=40, score_thresh=0.0)[2]
-    got = tiled.tiled_mask_statistics(mask_logits, geometry, scores, selected, 0.5)
+    got = statistics.tiled_mask_statistics(mask_logits, geometry, scores, selected, 0.5)
     ref = full_mask_statistics(mask_logits, geometry, scores, selected, 0.5, chunk_size=7)
     assert got is not None
     assert_statistics_agree(got, ref)
@@ -488,8 +488,8 @@ def test_tiled_statistics_of_scores_or_selection_alone(always_tiled):
     cls_logits, mask_logits = trained_like(30, 5, hw, seed=4)
     scores = kernel_scores_and_labels(cls_logits, 7, 30)[0]
     selected = torch.tensor([3, 3, 0, 29])
-    only_scores = tiled.tiled_mask_statistics(mask_logits, geometry, scores, None, 0.5)
-    only_masks = tiled.tiled_mask_statistics(mask_logits, geometry, None, selected, 0.5)
+    only_scores = statistics.tiled_mask_statistics(mask_logits, geometry, scores, None, 0.5)
+    only_masks = statistics.tiled_mask_statistics(mask_logits, geometry, None, selected, 0.5)
     ref = full_mask_statistics(mask_logits, geometry, scores, selected)
     assert only_scores.selected_masks.shape == (0, *geometry.out_size)
     assert only_masks.owner.numel() == 0 and only_masks.won_area.numel() == 0
@@ -511,7 +511,7 @@ def test_tiled_statistics_near_and_at_the_mask_threshold(threshold, always_tiled
     mask_logits[1, ::2] = logit + 3.0
     scores = torch.rand(8, generator=gen)
     selected = torch.arange(8)
-    got = tiled.tiled_mask_statistics(mask_logits, geometry, scores, selected, threshold)
+    got = statistics.tiled_mask_statistics(mask_logits, geometry, scores, selected, threshold)
     ref = full_mask_statistics(mask_logits, geometry, scores, selected, threshold)
     assert got is not None
     assert int((got.owner != ref.owner).sum()) <= MAX_DIFFERING * ref.owner.numel()
@@ -529,7 +529,7 @@ def test_tiled_path_hands_over_where_bounds_do_not_help():
     hw, geometry = TILED_CASES["same size"]
     mask_logits = torch.randn(20, *hw, generator=torch.Generator().manual_seed(7)) * 0.01
     scores = torch.full((20,), 0.5)
-    assert tiled.tiled_mask_statistics(mask_logits, geometry, scores, None, 0.5) is None
+    assert statistics.tiled_mask_statistics(mask_logits, geometry, scores, None, 0.5) is None
     got = mask_statistics(mask_logits, geometry, scores, None)
     ref = full_mask_statistics(mask_logits, geometry, scores, None)
     assert torch.equal(got.owner, ref.owner)
@@ -539,9 +539,14 @@ def test_tiled_path_hands_over_non_finite_logits():
     hw, geometry = TILED_CASES["cropped"]
     _, mask_logits = trained_like(30, 5, hw, seed=8)
     mask_logits[3, 4, 5] = float("nan")
-    assert tiled.tiled_mask_statistics(mask_logits, geometry, torch.rand(35), None, 0.5) is None
+    assert (
+        statistics.tiled_mask_statistics(mask_logits, geometry, torch.rand(35), None, 0.5) is None
+    )
     mask_logits[3, 4, 5] = float("inf")  # infinite logits are probabilities 0 or 1: fine
-    assert tiled.tiled_mask_statistics(mask_logits, geometry, torch.rand(35), None, 0.5) is not None
+    assert (
+        statistics.tiled_mask_statistics(mask_logits, geometry, torch.rand(35), None, 0.5)
+        is not None
+    )
 
 
 # ----------------------------------------------------------------------------- instance
@@ -699,14 +704,14 @@ EXPORT_CASES = {"even": ((48, 64), (192, 256)), "cropped": ((56, 80), (221, 317)
 @pytest.mark.parametrize("name", sorted(EXPORT_CASES))
 @pytest.mark.parametrize("seed", [0, 1])
 def test_exported_statistics_agree_with_the_full_computation(name, seed):
-    from knet.modeling.postprocessing.export_mask_statistics import exported_mask_statistics
-
     hw, image = EXPORT_CASES[name]
     geometry = OutputGeometry((4 * hw[0], 4 * hw[1]), image)
     cls_logits, mask_logits = trained_like(30, 5, hw, seed)
     scores = kernel_scores_and_labels(cls_logits, 7, 30)[0]
     selected = select_instances(cls_logits, 7, 30, topk=40, score_thresh=0.0)[2]
-    got = exported_mask_statistics(mask_logits, geometry, scores, selected, 0.5, factor=4)
+    got = statistics.tiled_mask_statistics(
+        mask_logits, geometry, scores, selected, 0.5, traced=True
+    )
     ref = full_mask_statistics(mask_logits, geometry, scores, selected, 0.5)
     assert_statistics_agree(got, ref)
     assert int((ref.won_area > 0).sum()) > 3
@@ -716,15 +721,15 @@ def test_exported_statistics_agree_with_the_full_computation(name, seed):
 def test_exported_statistics_of_saturated_maps(half):
     """Saturated maps: one candidate per tile and every threshold decided, so nothing is
     evaluated (empty pair lists); with ``half``, the tiles along one edge are evaluated."""
-    from knet.modeling.postprocessing.export_mask_statistics import exported_mask_statistics
-
     geometry = OutputGeometry((64, 96), (61, 90))
     mask_logits = torch.full((6, 16, 24), 30.0)
     if half:
         mask_logits[2, :8] = -30.0
     scores = torch.tensor([0.1, 0.2, 0.9, 0.3, 0.4, 0.5])
     selected = torch.tensor([2, 2, 5])
-    got = exported_mask_statistics(mask_logits, geometry, scores, selected, 0.5, factor=4)
+    got = statistics.tiled_mask_statistics(
+        mask_logits, geometry, scores, selected, 0.5, traced=True
+    )
     ref = full_mask_statistics(mask_logits, geometry, scores, selected, 0.5)
     assert torch.equal(got.owner, ref.owner) and torch.equal(got.won_area, ref.won_area)
     assert torch.equal(got.own_area, ref.own_area)

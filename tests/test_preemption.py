@@ -17,7 +17,7 @@ import pytest
 import torch
 from custom_data import make_coco_instances
 
-from knet.preemption import PreemptionCheckpointer, TrainingInterrupted
+from knet.engine.preemption import ClosableLoader, PreemptionCheckpointer, TrainingInterrupted
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs/custom/knet_R18_cpu_instance.yaml")  # SEED 42
@@ -108,6 +108,19 @@ class _Checkpointer:
 
     def save(self, name, **kwargs):
         self.saved.append((name, kwargs))
+
+
+def test_closing_the_loader_shuts_its_worker_processes_down():
+    before = set(multiprocessing.active_children())
+    loader = ClosableLoader(torch.utils.data.DataLoader(range(100), batch_size=2, num_workers=1))
+    iterator = iter(loader)
+    assert next(iterator).tolist() == [0, 1]
+    workers = set(multiprocessing.active_children()) - before
+    assert workers and all(w.is_alive() for w in workers)
+    loader.close()  # what the preemption hook does after training
+    assert not any(w.is_alive() for w in workers)  # shut down, not left for the hook to kill
+    with pytest.raises(StopIteration):
+        next(iterator)
 
 
 def test_sigint_is_taken_after_the_step_and_handlers_are_restored():

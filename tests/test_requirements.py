@@ -12,7 +12,9 @@ from packaging.utils import canonicalize_name
 REPO = Path(__file__).resolve().parents[1]
 PRODUCT = ["projects", "tools", "demo", "train_net.py"]
 REQUIREMENTS = ["requirements.txt", "requirements-export.txt", "requirements-nodeps.txt"]
-OWN = {"knet", "predictor"}  # the package, and demo/predictor.py imported by demo/demo.py
+# the package, demo/predictor.py (imported by demo/demo.py) and the tools' own modules, which
+# the scripts next to them import
+OWN = {"knet", "predictor"} | {p.stem for p in (REPO / "tools").glob("*.py")}
 # installed by tools/install_detectron2.py (not on PyPI); torch and torchvision: constraints.txt
 INSTALLED_APART = {"detectron2", "torch", "torchvision"}
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from knet.checkpoint import CorruptCheckpointError, KNetCheckpointer
-from knet.data.seeded_loader import iteration_seed, seeded_batches
+from knet.engine.seeded_loader import iteration_seed, seeded_batches
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs/toy/knet_R18_toy_panoptic.yaml")  # SEED 7

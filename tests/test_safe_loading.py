@@ -13,17 +13,18 @@ import numpy as np
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import DefaultPredictor
+from detectron2.engine import DefaultPredictor, defaults
 from scripts import load_script
 
-import knet  # noqa: F401  (installs the safe loading in DetectionCheckpointer)
+import knet  # noqa: F401  (DefaultPredictor builds a KNetCheckpointer from now on)
 from knet.checkpoint import (
     CheckpointMismatchError,
     CorruptCheckpointError,
+    KNetCheckpointer,
     UnsafeCheckpointError,
     load_weights_file,
-    save_detectron2_checkpoint,
 )
+from knet.conversion import save_detectron2_checkpoint
 from knet.engine import get_knet_cfg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +101,14 @@ def test_train_net_refuses_malicious_files(evil, tmp_path, toy_root):
     assert not marker.exists()
 
 
+def test_import_knet_changes_only_the_checkpointer_class_of_detectron2_defaults():
+    """The one hook: DefaultPredictor / DefaultTrainer build ours; Detectron2's class is intact."""
+    assert defaults.DetectionCheckpointer is KNetCheckpointer
+    for name in ("load", "_load_file", "_log_incompatible_keys"):
+        method = getattr(DetectionCheckpointer, name)
+        assert method.__module__.split(".")[0] in ("detectron2", "fvcore"), name
+
+
 def test_corrupt_and_empty_files_are_named(tmp_path, toy_state_dict):
     good = tmp_path / "good.pth"
     save_detectron2_checkpoint(toy_state_dict, str(good), author="test")
@@ -159,7 +168,7 @@ def test_fine_tuning_loads_what_fits_with_one_summary_line(tmp_path, toy_state_d
     torch.manual_seed(0)
     model = DefaultPredictor(_predictor_cfg("")).model.train()
     with caplog.at_level(logging.WARNING):
-        DetectionCheckpointer(model).load(str(path))
+        KNetCheckpointer(model).load(str(path))
     loaded = model.state_dict()
     assert all(torch.equal(loaded[k], weights[k]) for k in weights if k not in resized)
     assert all(torch.equal(loaded[k], toy_state_dict[k]) for k in resized)  # initialisation kept

@@ -12,11 +12,11 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from knet.engine import get_knet_cfg
+from knet.engine.tta import SemanticSegmentorWithTTA
 from knet.modeling import SemanticKNet
 from knet.modeling.criterion import KNetSemanticCriterion
 from knet.modeling.criterion.losses import semantic_cross_entropy
 from knet.modeling.kernel_head import KernelUpdateHead, KNetSemanticKernelHead
-from knet.test_time_augmentation import SemanticSegmentorWithTTA
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_SEMANTIC = str(ROOT / "configs/toy/knet_upernet_R18_toy_semantic.yaml")

@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
-from official_layouts import make_mmseg_state_dict
-from test_decode_heads import ref_aspp, ref_conv_module, ref_fcn, ref_psp, ref_uper
-from test_equations import ref_update_head
+from references.knet_heads import ref_update_head
+from references.layouts import make_mmseg_state_dict
+from references.mmcv import ref_conv_module
+from references.mmseg import ref_aspp, ref_fcn, ref_psp, ref_uper
 
-from knet.checkpoint import convert_official_knet_state_dict, save_detectron2_checkpoint
+from knet.checkpoint import KNetCheckpointer
+from knet.conversion import convert_official_knet_state_dict, save_detectron2_checkpoint
 from knet.engine import get_knet_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +66,7 @@ def converted_model(head: str, tmp_path):
     )
     path = str(tmp_path / f"knet_{head}.pth")
     save_detectron2_checkpoint(converted, path, author="test")
-    checkpointer = DetectionCheckpointer(model)
+    checkpointer = KNetCheckpointer(model)
     incompatible = checkpointer._load_model(checkpointer._load_file(path))
     assert not incompatible.missing_keys and not incompatible.unexpected_keys
     assert not incompatible.incorrect_shapes

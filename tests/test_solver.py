@@ -9,7 +9,7 @@ from detectron2.modeling import build_model
 from torch import nn
 
 from knet.engine import get_knet_cfg
-from knet.solver import build_optimizer
+from knet.engine.solver import build_optimizer
 
 TOY_CONFIG = str(Path(__file__).resolve().parents[1] / "configs/toy/knet_R18_toy_panoptic.yaml")
 SMALL = ["MODEL.KNET.NUM_PROPOSALS", "4", "SOLVER.BACKBONE_MULTIPLIER", "0.25"]

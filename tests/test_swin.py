@@ -1,22 +1,23 @@
 """Swin Transformer backbone (``knet.modeling.backbone.swin``) against the official computation.
 
-The reference is ``official_reference``: a functional re-implementation of MMDetection 2.x's
+The reference is ``references.swin``: a functional re-implementation of MMDetection 2.x's
 ``SwinTransformer`` (the backbone the released K-Net models were trained with), its index and
 mask buffers, Microsoft's index buffer and seeded state dicts in both checkpoint layouts. One
-block is also checked against a dense formulation written here (full attention over the padded
-map with a same-window constraint, no roll and no window partition). Sizes are tiny and odd so
+block is also checked against a dense formulation (full attention over the padded map with a
+same-window constraint, no roll and no window partition). Sizes are tiny and odd so
 that every padding path runs.
 """
 
 import pytest
 import torch
-import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN
-from official_reference import (
+from references.swin import (
+    dense_block,
     microsoft_relative_position_index,
     microsoft_swin_state_dict,
+    microsoft_to_mmdet,
     mmdet_patch_merging,
     mmdet_relative_position_index,
     mmdet_swin_forward,
@@ -25,8 +26,8 @@ from official_reference import (
 )
 from scripts import REPO
 
-from knet.checkpoint import convert_pretrained_backbone
-from knet.checkpoint.rules import SWIN_MMDET, Section, rename_state_dict, unfold_to_slice_order
+from knet.conversion import convert_pretrained_backbone
+from knet.conversion.rules import SWIN_MMDET, Section, rename_state_dict, unfold_to_slice_order
 from knet.engine import get_knet_cfg
 from knet.modeling.backbone.swin import (
     PatchMerging,
@@ -110,47 +111,6 @@ def test_window_partition_order_and_round_trip():
 
 
 # ---------------------------------------------------------------------- one block, dense
-def dense_block(block: SwinBlock, x: torch.Tensor) -> torch.Tensor:
-    """The block as full attention over the zero-padded map, in original coordinates.
-
-    Token p attends to token q iff both fall in the same window of the map rolled by -shift;
-    the bias uses their offset within that window, and -100 is added when exactly one of them
-    wrapped around (original row or column < shift).
-    """
-    b, h, w, c = x.shape
-    win, shift, heads = block.window, block.shift, block.attn.num_heads
-    hp, wp = h + (-h % win), w + (-w % win)
-    y = F.layer_norm(x, (c,), block.norm1.weight, block.norm1.bias)
-    y = F.pad(y, (0, 0, 0, wp - w, 0, hp - h)).reshape(b, hp * wp, c)
-    rows, cols = torch.meshgrid(torch.arange(hp), torch.arange(wp), indexing="ij")
-    rows, cols = rows.flatten(), cols.flatten()
-    ry, rx = (rows - shift) % hp, (cols - shift) % wp  # coordinates in the rolled map
-    same_window = (ry[:, None] // win == ry[None, :] // win) & (
-        rx[:, None] // win == rx[None, :] // win
-    )
-    wy, wx = rows < shift, cols < shift
-    other_region = (wy[:, None] != wy[None, :]) | (wx[:, None] != wx[None, :])
-    dy = (ry % win)[:, None] - (ry % win)[None, :] + win - 1
-    dx = (rx % win)[:, None] - (rx % win)[None, :] + win - 1
-    bias = block.attn.relative_position_bias_table[dy * (2 * win - 1) + dx]  # (L, L, heads)
-
-    d = c // heads
-    qkv = F.linear(y, block.attn.qkv.weight, block.attn.qkv.bias).view(b, -1, 3, heads, d)
-    q, k, v = qkv.unbind(2)  # (B, L, heads, d)
-    logits = torch.einsum("bphd,bqhd->bhpq", q, k) * d**-0.5 + bias.permute(2, 0, 1)
-    logits = logits + torch.where(other_region, -100.0, 0.0).to(x.dtype)
-    logits = logits.masked_fill(~same_window, float("-inf"))
-    out = torch.einsum("bhpq,bqhd->bphd", logits.softmax(-1), v).reshape(b, hp * wp, c)
-    out = F.linear(out, block.attn.proj.weight, block.attn.proj.bias)
-    x = x + out.view(b, hp, wp, c)[:, :h, :w]
-    z = F.layer_norm(x, (c,), block.norm2.weight, block.norm2.bias)
-    return x + F.linear(
-        F.gelu(F.linear(z, block.mlp.fc1.weight, block.mlp.fc1.bias)),
-        block.mlp.fc2.weight,
-        block.mlp.fc2.bias,
-    )
-
-
 @pytest.mark.parametrize("size", [(9, 11), (3, 2)])
 @pytest.mark.parametrize("shift", [0, 2])
 def test_swin_block_matches_dense_attention(size, shift):
@@ -241,24 +201,6 @@ def test_swin_matches_mmdet_forward(window, qkv_bias, patch_norm, out_indices):
 
 
 # ---------------------------------------------------------------------- Microsoft layout
-def microsoft_to_mmdet(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Microsoft keys -> MMDet keys, restated from the two layouts (independent of the
-    converter); patch merging from slice order (C (dy + 2 dx) + c) to unfold (4 c + 2 dy + dx)."""
-    out = {}
-    for key, value in sd.items():
-        if key.startswith(("head.", "norm.")) or key.endswith("attn_mask"):
-            continue
-        new = key.replace("patch_embed.proj.", "patch_embed.projection.")
-        new = new.replace("layers.", "stages.").replace(".attn.", ".attn.w_msa.")
-        new = new.replace(".mlp.fc1.", ".ffn.layers.0.0.").replace(".mlp.fc2.", ".ffn.layers.1.")
-        if ".downsample." in key:
-            c = value.shape[-1] // 4
-            perm = [(dy + 2 * dx) * c + ch for ch in range(c) for dy in (0, 1) for dx in (0, 1)]
-            value = value[..., perm]
-        out[new] = value
-    return out
-
-
 def test_microsoft_checkpoint_converts_and_matches_mmdet():
     # float64, 1e-10 relative
     dims = dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7)

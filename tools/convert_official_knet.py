@@ -9,7 +9,8 @@ The architecture (backbone: ResNet, ResNet-DCN or Swin; task; decode head) is re
 and the matching config of this project is chosen from the model zoo (README.md, "Model zoo");
 ``--config-file`` (with ``--opts``) selects another one, e.g. for a checkpoint trained with a
 different class count. The converted weights must fit the model built from that config key by
-key and shape by shape, or nothing is written.
+key and shape by shape, or nothing is written. ``--markdown`` prints README's model-zoo and
+ImageNet-weights tables from ``knet.checkpoint.model_zoo``, their one source.
 
 Exit status: 0 success, 1 the weights do not fit the config (or the class order differs from
 Detectron2's COCO ids), 2 the file is not a K-Net checkpoint this project can build.
@@ -21,13 +22,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from knet.checkpoint import (
+from knet.checkpoint.model_zoo import find_model_zoo_entry, markdown_tables
+from knet.conversion import (
     CheckpointKeyError,
     UnsupportedCheckpointError,
     check_coco_class_names,
     convert_official_knet_state_dict,
     describe_official_knet_state_dict,
-    find_model_zoo_entry,
     load_checkpoint_file,
     model_state_shapes,
     save_detectron2_checkpoint,
@@ -39,8 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("input", help="official K-Net or MMSeg K-Net checkpoint (.pth)")
-    parser.add_argument("output", help="converted file (.pth, or .pkl for numpy arrays)")
+    parser.add_argument("input", nargs="?", help="official K-Net or MMSeg K-Net checkpoint (.pth)")
+    parser.add_argument("output", nargs="?", help="converted file (.pth, or .pkl for numpy arrays)")
     parser.add_argument(
         "--config-file", default="", help="config to build the model from (default: model zoo)"
     )
@@ -55,13 +56,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="do not compare meta['CLASSES'] with Detectron2's COCO class order",
     )
     parser.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print README's tables (model zoo, ImageNet weights) instead of converting",
+    )
+    parser.add_argument(
         "--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ..."
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.markdown and not (args.input and args.output):
+        parser.error("the input and output files are required")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.markdown:
+        print("\n\n".join(markdown_tables()))
+        return 0
     checkpoint = load_checkpoint_file(args.input, allow_pickle=args.allow_pickle)
     try:
         info = describe_official_knet_state_dict(checkpoint)

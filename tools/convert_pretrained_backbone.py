@@ -21,8 +21,8 @@ import os
 import sys
 from pathlib import Path
 
-from knet.checkpoint import (
-    PRETRAINED_BACKBONES,
+from knet.checkpoint.model_zoo import PRETRAINED_BACKBONES
+from knet.conversion import (
     CheckpointKeyError,
     UnsupportedCheckpointError,
     convert_pretrained_backbone,

@@ -14,8 +14,9 @@ import argparse
 import logging
 import os
 
-from knet.data.datasets.paths import get_datasets_root
-from knet.data.datasets.prepare import prepare_ade20k_sem_seg
+from panoptic_conversion import prepare_ade20k_sem_seg
+
+from knet.data.datasets import get_datasets_root
 
 
 def main() -> None:

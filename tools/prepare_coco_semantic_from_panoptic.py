@@ -21,11 +21,12 @@ import logging
 import os
 import time
 
-from knet.data.datasets.paths import get_datasets_root
-from knet.data.datasets.prepare import (
+from panoptic_conversion import (
     prepare_instances_from_panoptic,
     prepare_semantic_from_panoptic,
 )
+
+from knet.data.datasets import get_datasets_root
 
 
 def main() -> None:

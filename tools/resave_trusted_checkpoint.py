@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import torch
 
-from knet.checkpoint import load_checkpoint_file, save_detectron2_checkpoint, unwrap_state_dict
+from knet.conversion import load_checkpoint_file, save_detectron2_checkpoint, unwrap_state_dict
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,9 +30,11 @@ from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor, default_setup
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
+from make_toy_dataset import ensure_toy_dataset  # run as a script: tools/ is on sys.path
+from prepare_samples import prepare_ade20k_sample, prepare_coco_sample, register_samples
 from tabulate import tabulate
 
-from knet.data.datasets import prepare_builtin_datasets
+from knet.data.datasets.toy import TOY_DIRNAME
 from knet.engine import KNetTrainer, get_knet_cfg
 from knet.visualization import draw_predictions
 
@@ -155,7 +157,15 @@ def main(argv=None) -> int:
     setup_logger(output=cfg.OUTPUT_DIR, name="knet")
     default_setup(cfg, args)
     # the only place where the demo's data is created: loading never generates or prepares it
-    for prefix, folder in prepare_builtin_datasets(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST).items():
+    register_samples()
+    names = cfg.DATASETS.TRAIN + cfg.DATASETS.TEST
+    creators = {
+        TOY_DIRNAME: ensure_toy_dataset,
+        "coco_sample": prepare_coco_sample,
+        "ade20k_sample": prepare_ade20k_sample,
+    }
+    ready = {p: create() for p, create in creators.items() if any(n.startswith(p) for n in names)}
+    for prefix, folder in ready.items():
         logger.info("%s data ready at %s (%.1f s)", prefix, folder, time.time() - start)
     trainer = KNetTrainer(cfg)
     trainer.resume_or_load(resume=False)

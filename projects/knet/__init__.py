@@ -1,18 +1,17 @@
 """K-Net: Towards Unified Image Segmentation (NeurIPS 2021), as a Detectron2 project.
 
 Importing the package registers its datasets (``knet.data``) and its model parts in Detectron2's
-registries (``knet.modeling``), and makes Detectron2's ``DetectionCheckpointer`` read weight files
-without running code from them (``knet.checkpoint.checkpointer``) and name, for a weights file
-that is missing or cannot be downloaded, where it comes from (``knet.checkpoint.weights``).
+registries (``knet.modeling``), and makes Detectron2's ``DefaultPredictor`` and ``DefaultTrainer``
+build a :class:`knet.checkpoint.KNetCheckpointer`, which reads weight files without running code
+from them (:func:`knet.checkpoint.use_knet_checkpointer_in_detectron2_defaults`). The converters
+of released checkpoints (``knet.conversion``) are not imported.
 """
 
 # Importing these registers the datasets and the model parts.
 from . import data, modeling  # noqa: F401
-from .checkpoint.checkpointer import install_safe_loading
-from .checkpoint.weights import install_weights_check
+from .checkpoint import use_knet_checkpointer_in_detectron2_defaults
 from .config import add_knet_config
 
-install_safe_loading()
-install_weights_check()
+use_knet_checkpointer_in_detectron2_defaults()
 
 __all__ = ["add_knet_config"]

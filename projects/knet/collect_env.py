@@ -6,6 +6,9 @@ python -m knet.collect_env
 import importlib.metadata
 import importlib.util
 import json
+import os
+import platform
+from typing import Any
 
 from tabulate import tabulate
 
@@ -32,6 +35,32 @@ def has_compiled_ops() -> bool:
     except ImportError:
         return False
     return True
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """What timings depend on: CPU model, usable CPUs, torch threads, versions, load, device."""
+    import detectron2
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cpus available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0,
+        "torch threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "detectron2": detectron2.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+    }
+    if hasattr(os, "getloadavg"):
+        info["load average (1 min) at start"] = round(os.getloadavg()[0], 2)
+    if torch.device(device).type == "cuda":
+        info["device name"] = torch.cuda.get_device_name(device)
+    return info
 
 
 def collect_knet_env() -> str:

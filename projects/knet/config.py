@@ -5,6 +5,8 @@ specific values. Key names follow Mask2Former where they mean the same thing.
 """
 
 import logging
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 from detectron2.config import CfgNode as CN
 
@@ -19,7 +21,7 @@ RENAMED_KEYS = {
 def add_knet_config(cfg: CN) -> None:
     """Add the K-Net keys to a Detectron2 config (call before ``merge_from_file``)."""
     # ---------------------------------------------------------------- data
-    # "knet_panoptic", "knet_instance" or "knet_semantic" (see knet.data.dataset_mappers)
+    # "knet_panoptic", "knet_instance" or "knet_semantic" (see knet.data.kinds)
     cfg.INPUT.DATASET_MAPPER_NAME = "knet_panoptic"
     # Semantic crops: maximum share of one category in a crop (official ADE20K recipe: 0.75).
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
@@ -31,9 +33,6 @@ def add_knet_config(cfg: CN) -> None:
     # Datasets registered from files (--dataset on the command line, or
     # knet.data.datasets.register_custom_dataset): names of categories without annotations to
     # leave out of the class list, e.g. ["_background_"] exported by labelling tools.
-    # MODEL.SEM_SEG_HEAD.NUM_CLASSES and MODEL.KNET.NUM_THING_CLASSES set to -1, or set neither in
-    # the config file nor on the command line, are taken from the training dataset
-    # (knet.data.dataset_classes).
     cfg.DATASETS.DROP_CATEGORIES = []
 
     # ---------------------------------------------------------------- backbone
@@ -87,7 +86,9 @@ def add_knet_config(cfg: CN) -> None:
     # width of the pixel decoder's outputs, hence of the kernels and the update stages
     cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 256
     cfg.MODEL.SEM_SEG_HEAD.NORM = "GN"
-    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 133
+    # -1: taken from the training dataset (knet.engine.dataset_config), the one way to say so; the
+    # COCO, ADE20K and toy configs set their numbers
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = -1
     cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 255
 
     # ---------------------------------------------------------------- semantic K-Net (ADE20K)
@@ -114,7 +115,7 @@ def add_knet_config(cfg: CN) -> None:
 
     # ---------------------------------------------------------------- K-Net
     cfg.MODEL.KNET.KERNEL_HEAD_NAME = "KNetIterativeKernelHead"
-    cfg.MODEL.KNET.NUM_THING_CLASSES = 80  # classes 0..K-1 are things, the rest stuff
+    cfg.MODEL.KNET.NUM_THING_CLASSES = -1  # classes 0..K-1 are things, the rest stuff; -1: data
     cfg.MODEL.KNET.NUM_PROPOSALS = 100  # thing kernels (stuff kernels are added for panoptic)
     cfg.MODEL.KNET.NUM_STAGES = 3
     cfg.MODEL.KNET.NHEADS = 8
@@ -169,7 +170,7 @@ def add_knet_config(cfg: CN) -> None:
     cfg.MODEL.KNET.TEST.AMP_DTYPE = ""
 
     # ---------------------------------------------------------------- mixed-precision training
-    # Autocast dtype of SOLVER.AMP.ENABLED (knet.amp): "auto" (float16 on CUDA, bfloat16 on
+    # Autocast dtype of SOLVER.AMP.ENABLED (knet.engine.amp): "auto" (float16 on CUDA, bfloat16 on
     # CPU), "float16" (CUDA only, Detectron2's AMPTrainer with a grad scaler) or "bfloat16"
     # (CUDA or CPU, no grad scaler). Group-feature sums, matching costs and losses stay fp32.
     cfg.SOLVER.AMP.DTYPE = "auto"
@@ -185,3 +186,38 @@ def test_option(cfg: CN, name: str):
             )
             return test[former]
     return test[name]
+
+
+def _leaf_keys(tree: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _leaf_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def load_knet_config(config_file: str = "", opts: Sequence[str] = ()) -> tuple[CN, frozenset[str]]:
+    """A Detectron2 config with the K-Net keys, merged from ``config_file`` (with its ``_BASE_``
+    files) and the ``KEY VALUE`` list ``opts``, and the keys these two set.
+
+    The YAML is parsed once. The keys tell ``knet.data.configure_for_datasets`` which outputs
+    and ignore value the user chose (a ``CfgNode`` cannot tell a default from a set value).
+    """
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_knet_config(cfg)
+    keys: set[str] = set()
+    if config_file:
+        loaded = CN.load_yaml_with_base(config_file, allow_unsafe=True)
+        # K-Net's configs are of the current Detectron2 config version: no upgrade to run
+        cfg.merge_from_other_cfg(CN(loaded))
+        keys.update(_leaf_keys(loaded))
+    cfg.merge_from_list(list(opts))
+    keys.update(str(k) for k in list(opts)[0::2])
+    return cfg, frozenset(keys)
+
+
+def get_knet_cfg(config_file: str = "", opts: Sequence[str] = ()) -> CN:
+    """A Detectron2 config with the K-Net keys, merged from ``config_file`` and ``opts``."""
+    return load_knet_config(config_file, opts)[0]

@@ -25,12 +25,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
-import knet  # noqa: F401  (registers the model; safe weight loading)
+import knet  # noqa: F401  (registers the model)
+from knet.checkpoint import KNetCheckpointer
 from knet.data.dataset_mappers import read_image_checked
 from knet.engine import get_knet_cfg
 from knet.export import (
@@ -86,7 +86,7 @@ def export(args: argparse.Namespace) -> str:
     cfg.freeze()
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        KNetCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     else:
         logger.warning("MODEL.WEIGHTS is empty: exporting randomly initialised weights")
     module = KNetExportModule(model)

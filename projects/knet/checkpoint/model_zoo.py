@@ -1,4 +1,9 @@
-"""The released K-Net checkpoints and the config of this project that each one loads into.
+"""The released K-Net checkpoints, the ImageNet weights the configs start from, and the config
+of this project that each one loads into: the one source of README's tables ("Model zoo",
+"ImageNet weights for training"; ``python tools/convert_official_knet.py --markdown`` prints
+them), of the converters' choice of config, and of the message naming where a missing
+``MODEL.WEIGHTS`` file comes from (the one use at run time: ``import knet`` does not load this
+module, :class:`knet.checkpoint.KNetCheckpointer` imports it to word that error).
 
 Official K-Net (instance / panoptic, MMDetection 2.x) files are under
 ``https://download.openmmlab.com/mim-example/knet/det/knet/<config>/<file>.pth``; MMSeg's
@@ -6,15 +11,32 @@ semantic K-Net files (the official semantic weights were never released) under
 ``https://download.openmmlab.com/mmsegmentation/v0.5/knet/<config>/<file>.pth``.
 """
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["ModelZooEntry", "MODEL_ZOO", "PRETRAINED_BACKBONES", "find_model_zoo_entry"]
+__all__ = [
+    "MODEL_ZOO",
+    "PRETRAINED_BACKBONES",
+    "ModelZooEntry",
+    "PretrainedBackbone",
+    "find_model_zoo_entry",
+    "markdown_tables",
+    "weights_help",
+]
 
 KNET_URL = "https://download.openmmlab.com/mim-example/knet/det/knet"
 MMSEG_URL = "https://download.openmmlab.com/mmsegmentation/v0.5/knet"
 COCO_PANOPTIC = "configs/coco/panoptic-segmentation"
 COCO_INSTANCE = "configs/coco/instance-segmentation"
 ADE20K = "configs/ade20k/semantic-segmentation"
+_REPO = Path(__file__).resolve().parents[3]
+# Detectron2's own copies of the torchvision ImageNet ResNets (the COCO R-50 configs use them)
+_D2_IMAGENET = {
+    "detectron2://ImageNetPretrained/torchvision/R-50.pkl": "R-50",
+    "detectron2://ImageNetPretrained/torchvision/R-101.pkl": "R-101",
+}
+_HEAD_NAMES = {"fcn": "FCN", "psp": "PSPNet", "aspp": "DeepLabV3", "upernet": "UPerNet"}
 
 
 @dataclass(frozen=True)
@@ -22,7 +44,7 @@ class ModelZooEntry:
     """One released checkpoint.
 
     ``task``, ``backbone``, ``decode_head`` and ``channels`` are what
-    :func:`knet.checkpoint.describe_official_knet_state_dict` reads from its keys.
+    :func:`knet.conversion.describe_official_knet_state_dict` reads from its keys.
     """
 
     task: str  # "panoptic" | "instance" | "semantic"
@@ -38,12 +60,27 @@ class ModelZooEntry:
     @property
     def url(self) -> str:
         base = MMSEG_URL if self.task == "semantic" else KNET_URL
-        folder = self.file.rsplit("_", 2)[0]  # drop the "_<date>_<time>-<hash>" suffix
-        return f"{base}/{folder}/{self.file}.pth"
+        return f"{base}/{self.folder}/{self.file}.pth"
+
+    @property
+    def folder(self) -> str:
+        """The file name without its "_<date>_<time>-<hash>" suffix (the config's name)."""
+        return self.file.rsplit("_", 2)[0]
 
     @property
     def architecture(self) -> tuple[str, str, str, int]:
         return (self.task, self.backbone, self.decode_head, self.channels)
+
+
+@dataclass(frozen=True)
+class PretrainedBackbone:
+    """ImageNet weights the configs start from: source file, the converted file the configs
+    name in ``MODEL.WEIGHTS`` (written by ``tools/convert_pretrained_backbone.py``)."""
+
+    backbone: str
+    url: str
+    converted: str
+    config: str  # a config whose backbone it fits (checked at conversion)
 
 
 MODEL_ZOO: tuple[ModelZooEntry, ...] = (
@@ -120,17 +157,6 @@ MODEL_ZOO: tuple[ModelZooEntry, ...] = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class PretrainedBackbone:
-    """ImageNet weights the configs start from: source file, the converted file the configs
-    name in ``MODEL.WEIGHTS`` (written by ``tools/convert_pretrained_backbone.py``)."""
-
-    backbone: str
-    url: str
-    converted: str
-    config: str  # a config whose backbone it fits (checked at conversion)
-
-
 PRETRAINED_BACKBONES: tuple[PretrainedBackbone, ...] = (
     PretrainedBackbone(
         "R-50", "https://download.pytorch.org/models/resnet50-0676ba61.pth",
@@ -171,6 +197,89 @@ def find_model_zoo_entry(
     matches = [e for e in MODEL_ZOO if e.architecture == architecture]
     matches = matches or [e for e in MODEL_ZOO if e.architecture[:3] == architecture[:3]]
     for entry in matches:
-        if file_name.startswith(entry.file.rsplit("_", 2)[0]):
+        if file_name.startswith(entry.folder):
             return entry
     return matches[0] if matches else None
+
+
+def _file_name(url: str) -> str:
+    return url.rsplit("/", 1)[-1]
+
+
+def _link(url: str, text: str = "") -> str:
+    return f"[{text or _file_name(url)}]({url})"
+
+
+def markdown_tables() -> tuple[str, str]:
+    """README's two tables: (model zoo, ImageNet weights for training)."""
+    zoo = [
+        "| task | backbone | schedule | published | file | config |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in MODEL_ZOO:
+        head = f" + {_HEAD_NAMES[e.decode_head]}" if e.decode_head else ""
+        result = f"{e.result:.{2 if e.metric == 'mIoU' else 1}f}"  # as published
+        config = _link(e.config, Path(e.config).stem)
+        zoo.append(
+            f"| {e.task} | {e.backbone}{head} | {e.schedule} | {e.metric} {result} | "
+            f"{_link(e.url)} | {config} |"
+        )
+    backbones = ["| backbone | source | converted file |", "|---|---|---|"]
+    backbones += [
+        f"| {b.backbone} | {_link(b.url)} | `{b.converted}` |" for b in PRETRAINED_BACKBONES
+    ]
+    return "\n".join(zoo), "\n".join(backbones)
+
+
+def _tool(name: str) -> str:
+    path = _REPO / "tools" / name
+    if not path.is_file():
+        return f"tools/{name}"
+    try:
+        return os.path.relpath(path)
+    except ValueError:  # another drive (Windows)
+        return str(path)
+
+
+def _backbone_steps(entry: PretrainedBackbone, target: str) -> str:
+    return (
+        f"download {entry.url} and convert it with\n"
+        f"    python {_tool('convert_pretrained_backbone.py')} {_file_name(entry.url)} {target}\n"
+        "(README.md, 'ImageNet weights for training')"
+    )
+
+
+def weights_help(path: str) -> str:
+    """Where the weights file ``path`` comes from and the one command that makes it: for the
+    files of README's tables the URL to download and the converter's command line; for any
+    other file, the two converters."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    # a URL's file is converted into a local file, which MODEL.WEIGHTS then names
+    target = os.path.join("pretrained", os.path.basename(path)) if "://" in path else path
+    then = f", then set MODEL.WEIGHTS {target}" if target != path else ""
+    if path in _D2_IMAGENET:
+        entry = next(b for b in PRETRAINED_BACKBONES if b.backbone == _D2_IMAGENET[path])
+        return (
+            f"It is Detectron2's copy of the torchvision {entry.backbone} ImageNet weights. "
+            f"Without access to it, {_backbone_steps(entry, entry.converted)}, then set "
+            f"MODEL.WEIGHTS {entry.converted}."
+        )
+    for entry in PRETRAINED_BACKBONES:
+        if os.path.basename(entry.converted) == os.path.basename(path):
+            steps = _backbone_steps(entry, target)
+            return f"It is the {entry.backbone} ImageNet backbone: {steps}{then}."
+    for zoo in MODEL_ZOO:
+        if stem == zoo.file or (stem and zoo.file.startswith(stem + "_")):
+            return (
+                f"It is the released K-Net checkpoint {zoo.file} ({zoo.task}, {zoo.backbone}, "
+                f"{zoo.schedule}, {zoo.metric} {zoo.result}): download {zoo.url} and convert it "
+                f"with\n    python {_tool('convert_official_knet.py')} {zoo.file}.pth {target}\n"
+                f"(README.md, 'Model zoo'){then}."
+            )
+    return (
+        "A released K-Net checkpoint or an ImageNet backbone? README.md gives their URLs ('Model "
+        "zoo', 'ImageNet weights for training'); convert the download with\n"
+        f"    python {_tool('convert_official_knet.py')} FILE.pth {target}    (K-Net checkpoints)\n"
+        f"    python {_tool('convert_pretrained_backbone.py')} FILE.pth {target}    (ImageNet "
+        f"backbones){then}."
+    )

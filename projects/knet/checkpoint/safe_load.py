@@ -6,9 +6,9 @@ arrays and plain containers (dict, list, tuple, str, numbers); anything else is 
 :class:`UnsafeCheckpointError` naming the file and the offending global. A file that cannot be
 decoded at all (empty, truncated, not a checkpoint) raises :class:`CorruptCheckpointError`.
 
-:func:`load_weights_file` is what Detectron2's ``DetectionCheckpointer`` uses once ``knet`` is
-imported (see :mod:`knet.checkpoint.checkpointer`), so the trainer, ``--eval-only``,
-``DefaultPredictor`` and the demo all read weights this way.
+:func:`load_weights_file` is how :class:`knet.checkpoint.KNetCheckpointer` reads files, so the
+trainer, ``--eval-only``, ``DefaultPredictor`` (once ``knet`` is imported) and the demo all read
+weights this way.
 """
 
 import codecs

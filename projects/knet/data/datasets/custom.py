@@ -1,7 +1,7 @@
 """Register your own dataset from files: COCO instances, COCO panoptic or semantic label maps.
 
 One function for Python, :func:`register_custom_dataset`, and the same from the command line of
-``train_net.py`` and ``demo/demo.py`` (:func:`parse_dataset_args`)::
+``train_net.py`` and ``demo/demo.py`` (``knet.engine.arguments``)::
 
     --dataset NAME coco-instances JSON IMAGE_ROOT
     --dataset NAME coco-panoptic JSON PNG_DIR IMAGE_ROOT
@@ -46,9 +46,8 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -56,23 +55,9 @@ from detectron2.data.catalog import Metadata
 from detectron2.data.datasets import load_coco_json, load_sem_seg, register_coco_instances
 from detectron2.utils.colormap import colormap
 
-from .panoptic import get_panoptic_metadata, load_panoptic_json_with_sem_seg
-from .prepare import load_json
+from .panoptic import get_panoptic_metadata, load_json, load_panoptic_json_with_sem_seg
 
-__all__ = [
-    "DATASET_FORMATS",
-    "DatasetArgumentError",
-    "DatasetSpec",
-    "add_dataset_arguments",
-    "dataset_usage",
-    "load_coco_panoptic",
-    "palette",
-    "parse_args_with_datasets",
-    "parse_dataset_args",
-    "read_class_names",
-    "register_custom_dataset",
-    "register_dataset_specs",
-]
+__all__ = ["DATASET_FORMATS", "DatasetFormat", "register_custom_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,206 +66,26 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 BACKGROUND_NAMES = {"_background_", "__background__", "background", "bg"}
 
 
-@dataclass(frozen=True)
-class _Format:
-    positional: tuple[str, ...]  # metavars of the paths
-    options: tuple[str, ...] = ()  # per-dataset options (each takes one value)
-    required: tuple[str, ...] = ()
-
-
-DATASET_FORMATS: dict[str, _Format] = {
-    "coco-instances": _Format(("JSON", "IMAGE_ROOT")),
-    "coco-panoptic": _Format(("JSON", "PNG_DIR", "IMAGE_ROOT")),
-    "sem-seg": _Format(
-        ("IMAGE_DIR", "LABEL_DIR"),
-        ("--classes", "--ignore-label", "--image-ext", "--label-ext"),
-        ("--classes",),
-    ),
-}
-_ALL_OPTIONS = sorted({o for f in DATASET_FORMATS.values() for o in f.options})
-
-
-class DatasetArgumentError(ValueError):
-    """A malformed ``--dataset`` option (the message says what was expected)."""
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """One ``--dataset`` option: the arguments of :func:`register_custom_dataset`."""
-
-    name: str
-    format: str
-    paths: tuple[str, ...]
-    options: tuple[tuple[str, Any], ...] = field(default=())  # keyword arguments, sorted
-
-    def register(self, drop_categories: Sequence[str] = ()) -> Metadata:
-        return register_custom_dataset(
-            self.name,
-            self.format,
-            *self.paths,
-            drop_categories=drop_categories,
-            **dict(self.options),
-        )
-
-
-def _usage(fmt: str) -> str:
-    spec = DATASET_FORMATS[fmt]
-    opts = " ".join(f"{o} {o[2:].replace('-', '_').upper()}" for o in spec.required)
-    optional = [o for o in spec.options if o not in spec.required]
-    extra = " ".join(f"[{o} {o[2:].replace('-', '_').upper()}]" for o in optional)
-    return " ".join(x for x in ("--dataset NAME", fmt, *spec.positional, opts, extra) if x)
-
-
-def dataset_usage() -> str:
-    """The accepted forms of ``--dataset``, one per line."""
-    return "\n".join(_usage(fmt) for fmt in DATASET_FORMATS)
-
-
-def parse_dataset_args(argv: Sequence[str]) -> tuple[list[str], list[DatasetSpec]]:
-    """Take every ``--dataset NAME FORMAT PATH... [OPTION VALUE]...`` group out of ``argv``.
-
-    The number of paths depends on FORMAT (see the module docstring), so the groups can stand
-    anywhere on the command line, also among Detectron2's trailing ``KEY VALUE`` overrides.
-
-    Returns:
-        the remaining arguments (for ``argparse``) and the groups, in order.
-    Raises:
-        DatasetArgumentError: an unknown format, a missing path or option value, a repeated
-            name, or a per-dataset option outside a group that takes it.
-    """
-    rest: list[str] = []
-    specs: list[DatasetSpec] = []
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        if token.startswith("--dataset="):
-            raise DatasetArgumentError("write --dataset NAME FORMAT PATH... without '='")
-        if token in _ALL_OPTIONS:
-            raise DatasetArgumentError(
-                f"{token} belongs to a dataset: write it right after the paths of its "
-                f"'--dataset NAME FORMAT ...' ({dataset_usage()})"
-            )
-        if token != "--dataset":
-            rest.append(token)
-            i += 1
-            continue
-        head = list(argv[i + 1 : i + 3])
-        if len(head) < 2 or any(t.startswith("--") for t in head):
-            raise DatasetArgumentError(
-                f"--dataset needs NAME and FORMAT; one of:\n{dataset_usage()}"
-            )
-        name, fmt = head
-        if fmt not in DATASET_FORMATS:
-            raise DatasetArgumentError(
-                f"--dataset {name}: unknown format {fmt!r}; one of: {', '.join(DATASET_FORMATS)}"
-            )
-        spec = DATASET_FORMATS[fmt]
-        i += 3
-        paths = list(argv[i : i + len(spec.positional)])
-        if len(paths) < len(spec.positional) or any(p.startswith("--") for p in paths):
-            raise DatasetArgumentError(f"--dataset {name} {fmt} expects: {_usage(fmt)}")
-        i += len(paths)
-        options: dict[str, Any] = {}
-        while i < len(argv) and argv[i] in spec.options:
-            option = argv[i]
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                raise DatasetArgumentError(f"--dataset {name}: {option} needs a value")
-            value: Any = argv[i + 1]
-            if option == "--ignore-label":
-                try:
-                    value = int(value)
-                except ValueError:
-                    raise DatasetArgumentError(
-                        f"--dataset {name}: --ignore-label must be an integer, got {value!r}"
-                    ) from None
-            options[option[2:].replace("-", "_")] = value
-            i += 2
-        for option in spec.required:
-            if option[2:].replace("-", "_") not in options:
-                raise DatasetArgumentError(f"--dataset {name} {fmt} needs {option}: {_usage(fmt)}")
-        if any(s.name == name for s in specs):
-            raise DatasetArgumentError(f"--dataset {name} is given twice")
-        specs.append(DatasetSpec(name, fmt, tuple(paths), tuple(sorted(options.items()))))
-    return rest, specs
-
-
-def add_dataset_arguments(parser: Any) -> None:
-    """Document ``--dataset`` in ``parser``'s help (the groups are taken out of the command line
-    by :func:`parse_dataset_args` before ``parser`` sees it)."""
-    parser.add_argument(
-        "--dataset",
-        action="append",
-        default=[],
-        metavar="NAME FORMAT PATH",
-        help="register a dataset under NAME (repeatable; DATASETS.TRAIN / DATASETS.TEST name "
-        "it): 'NAME coco-instances JSON IMAGE_ROOT', 'NAME coco-panoptic JSON PNG_DIR "
-        "IMAGE_ROOT' or 'NAME sem-seg IMAGE_DIR LABEL_DIR --classes CLASSES.txt "
-        "[--ignore-label 255] [--image-ext jpg] [--label-ext png]' (see datasets/README.md)",
-    )
-
-
-def parse_args_with_datasets(parser: Any, argv: Sequence[str] | None = None) -> Any:
-    """``parser.parse_args`` of ``argv`` (default ``sys.argv[1:]``) with ``--dataset`` in its
-    help and the ``--dataset`` groups taken out first, as ``args.dataset`` (DatasetSpec list);
-    a malformed group is a usage error of ``parser``."""
-    add_dataset_arguments(parser)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        argv, datasets = parse_dataset_args(argv)
-    except DatasetArgumentError as e:
-        parser.error(str(e))
-    args = parser.parse_args(argv)
-    args.dataset = datasets
-    return args
-
-
-def register_dataset_specs(
-    specs: Sequence[DatasetSpec], drop_categories: Sequence[str] = ()
-) -> list[str]:
-    """Register every spec (see :func:`register_custom_dataset`); returns their names.
-
-    Raises:
-        DatasetArgumentError: naming the ``--dataset`` whose files or arguments are wrong.
-    """
-    for spec in specs:
-        try:
-            spec.register(drop_categories)
-        except (OSError, ValueError, KeyError) as e:
-            if isinstance(e, DatasetArgumentError):
-                raise
-            raise DatasetArgumentError(
-                f"--dataset {spec.name} {spec.format} {' '.join(spec.paths)}: {e}"
-            ) from e
-    return [s.name for s in specs]
-
-
 # ----------------------------------------------------------------------------- registration
 # name -> the arguments it was registered with (registering the same again is a no-op)
 _REGISTERED: dict[str, tuple[Any, ...]] = {}
 
 
 def register_custom_dataset(
-    name: str,
-    fmt: str,
-    *paths: str,
-    classes: str | Sequence[str] | None = None,
-    ignore_label: int = 255,
-    image_ext: str | None = None,
-    label_ext: str = "png",
-    drop_categories: Sequence[str] = (),
+    name: str, fmt: str, *paths: str, drop_categories: Sequence[str] = (), **options: Any
 ) -> Metadata:
-    """Register dataset ``name`` from files (see the module docstring for the formats).
+    """Register dataset ``name`` from files in format ``fmt`` (a key of
+    :data:`DATASET_FORMATS`; see the module docstring).
 
     Args:
         name: the dataset name (what ``DATASETS.TRAIN`` / ``DATASETS.TEST`` refer to).
         fmt: "coco-instances" (paths: JSON, IMAGE_ROOT), "coco-panoptic" (JSON, PNG_DIR,
             IMAGE_ROOT) or "sem-seg" (IMAGE_DIR, LABEL_DIR).
-        classes: sem-seg only: a text file with one class name per line, or the list of names.
-        ignore_label: sem-seg only: the label value of unlabelled pixels.
-        image_ext, label_ext: sem-seg only: file extensions (default: the one extension of the
-            images in IMAGE_DIR; "png").
         drop_categories: names of categories to leave out, when no annotation uses them (e.g.
             "_background_"); ignored where absent.
+        options: the format's options: sem-seg takes ``classes`` (a text file with one class
+            name per line, or the list of names), ``ignore_label`` (default 255),
+            ``image_ext`` (default: the one extension of the images) and ``label_ext`` ("png").
     Returns:
         the dataset's metadata.
     Raises:
@@ -289,16 +94,18 @@ def register_custom_dataset(
     """
     if fmt not in DATASET_FORMATS:
         raise ValueError(f"unknown dataset format {fmt!r}; one of: {', '.join(DATASET_FORMATS)}")
-    expected = DATASET_FORMATS[fmt].positional
-    if len(paths) != len(expected):
+    spec = DATASET_FORMATS[fmt]
+    if len(paths) != len(spec.positional):
         raise ValueError(
-            f"{fmt} dataset {name!r} takes {len(expected)} paths: {', '.join(expected)}"
+            f"{fmt} dataset {name!r} takes {len(spec.positional)} paths: "
+            + ", ".join(spec.positional)
         )
-    if fmt != "sem-seg" and (classes is not None or image_ext is not None):
-        raise ValueError(f"classes / image_ext are options of sem-seg datasets, not of {fmt}")
+    unknown = sorted(set(options) - {_keyword(o) for o in spec.options})
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not options of {fmt} datasets")
     paths = tuple(os.fspath(p) for p in paths)
-    key = (fmt, paths, _hashable(classes), ignore_label, image_ext, label_ext)
-    key += (tuple(drop_categories),)
+    options_key = tuple(sorted((k, _hashable(v)) for k, v in options.items()))
+    key = (fmt, paths, options_key, tuple(drop_categories))
     if name in _REGISTERED and _REGISTERED[name] == key:
         return MetadataCatalog.get(name)
     if name in DatasetCatalog.list():
@@ -307,20 +114,17 @@ def register_custom_dataset(
             + (" with other files" if name in _REGISTERED else "")
             + "; register yours under another name"
         )
-    if fmt == "coco-instances":
-        _register_coco_instances(name, *paths, drop_categories)
-    elif fmt == "coco-panoptic":
-        _register_coco_panoptic(name, *paths, drop_categories)
-    else:
-        _register_sem_seg(
-            name, *paths, classes, ignore_label, image_ext, label_ext, drop_categories
-        )
+    spec.register(name, *paths, drop_categories=drop_categories, **options)
     _REGISTERED[name] = key
     return MetadataCatalog.get(name)
 
 
-def _hashable(classes: str | Sequence[str] | None) -> Any:
-    return classes if classes is None or isinstance(classes, str) else tuple(classes)
+def _keyword(option: str) -> str:
+    return option[2:].replace("-", "_")
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list | tuple) else value
 
 
 def palette(n: int) -> list[list[int]]:
@@ -392,6 +196,7 @@ def _split_categories(
 def _register_coco_instances(
     name: str, json_file: str, image_root: str, drop_categories: Sequence[str]
 ) -> None:
+    """Detectron2's ``register_coco_instances``, with the class metadata set at once."""
     data = load_json(json_file)
     _require_dir(image_root, f"Image folder of {json_file}")
     for key in ("images", "annotations", "categories"):
@@ -458,6 +263,7 @@ def _ordered_panoptic_categories(
 def _register_coco_panoptic(
     name: str, json_file: str, png_dir: str, image_root: str, drop_categories: Sequence[str]
 ) -> None:
+    """Detectron2's ``register_coco_panoptic``, things first, images named by the json."""
     data = load_json(json_file)
     _require_dir(png_dir, f"Panoptic PNG folder of {json_file}")
     _require_dir(image_root, f"Image folder of {json_file}")
@@ -538,22 +344,15 @@ def _guess_image_ext(image_dir: str) -> str:
     return ext[1:]
 
 
-def _register_sem_seg(
-    name: str,
-    image_dir: str,
-    label_dir: str,
-    classes: str | Sequence[str] | None,
-    ignore_label: int,
-    image_ext: str | None,
-    label_ext: str,
-    drop_categories: Sequence[str],
-) -> None:
+def _sem_seg_metadata(
+    name: str, classes: str | Sequence[str] | None, ignore_label: int, drop: Sequence[str]
+) -> dict[str, Any]:
+    """The metadata of a label-map dataset (``evaluator_type="sem_seg"``) with the class names
+    of ``classes`` (see :func:`read_class_names`) and the ``ignore_label`` of void pixels."""
     if classes is None:
         raise ValueError(f"sem-seg dataset {name!r} needs its class names (--classes FILE)")
-    _require_dir(image_dir, "Image folder")
-    _require_dir(label_dir, "Label folder")
     names = read_class_names(classes)
-    droppable = [n for n in names if n in set(drop_categories)]
+    droppable = [n for n in names if n in set(drop)]
     if droppable:
         raise ValueError(
             f"Dataset {name!r}: DATASETS.DROP_CATEGORIES names {droppable}, but the classes of a "
@@ -564,20 +363,35 @@ def _register_sem_seg(
             f"Dataset {name!r}: ignore label {ignore_label} must be >= the number of classes "
             f"({len(names)}) and a valid PNG value"
         )
+    return {
+        "evaluator_type": "sem_seg",
+        "ignore_label": ignore_label,
+        "stuff_classes": names,
+        "stuff_colors": palette(len(names)),
+        "stuff_dataset_id_to_contiguous_id": {i: i for i in range(len(names))},
+    }
+
+
+def _register_sem_seg(
+    name: str,
+    image_dir: str,
+    label_dir: str,
+    drop_categories: Sequence[str],
+    classes: str | Sequence[str] | None = None,
+    ignore_label: int = 255,
+    image_ext: str | None = None,
+    label_ext: str = "png",
+) -> None:
+    """Detectron2's ``load_sem_seg`` records (label maps matched to images by name)."""
+    metadata = _sem_seg_metadata(name, classes, ignore_label, drop_categories)
+    _require_dir(image_dir, "Image folder")
+    _require_dir(label_dir, "Label folder")
     image_ext = (image_ext or _guess_image_ext(image_dir)).lstrip(".")
     label_ext = label_ext.lstrip(".")
     DatasetCatalog.register(
         name, lambda: _load_sem_seg_checked(label_dir, image_dir, label_ext, image_ext)
     )
-    MetadataCatalog.get(name).set(
-        image_root=image_dir,
-        sem_seg_root=label_dir,
-        evaluator_type="sem_seg",
-        ignore_label=ignore_label,
-        stuff_classes=names,
-        stuff_colors=palette(len(names)),
-        stuff_dataset_id_to_contiguous_id={i: i for i in range(len(names))},
-    )
+    MetadataCatalog.get(name).set(image_root=image_dir, sem_seg_root=label_dir, **metadata)
 
 
 def _load_sem_seg_checked(
@@ -596,3 +410,32 @@ def _load_sem_seg_checked(
                 "name"
             )
     return records
+
+
+@dataclass(frozen=True)
+class DatasetFormat:
+    """A format of dataset files: its kind (``knet.data.kinds``), its command-line arguments and
+    the function that registers a dataset of it (``register(name, *paths, drop_categories,
+    **options)``)."""
+
+    kind: str
+    positional: tuple[str, ...]  # metavars of the paths
+    register: Callable[..., None]
+    options: tuple[str, ...] = ()  # per-dataset options (each takes one value)
+    required: tuple[str, ...] = ()
+
+
+# Adding a format is adding an entry here (and its register function above).
+DATASET_FORMATS: dict[str, DatasetFormat] = {
+    "coco-instances": DatasetFormat("instance", ("JSON", "IMAGE_ROOT"), _register_coco_instances),
+    "coco-panoptic": DatasetFormat(
+        "panoptic", ("JSON", "PNG_DIR", "IMAGE_ROOT"), _register_coco_panoptic
+    ),
+    "sem-seg": DatasetFormat(
+        "semantic",
+        ("IMAGE_DIR", "LABEL_DIR"),
+        _register_sem_seg,
+        ("--classes", "--ignore-label", "--image-ext", "--label-ext"),
+        ("--classes",),
+    ),
+}

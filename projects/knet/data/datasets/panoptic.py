@@ -11,21 +11,39 @@ Contiguous ids run over all classes, things first (so thing ids are 0..T-1).
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .paths import get_datasets_root
-from .prepare import contiguous_id_map, default_coco_categories, load_json
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "contiguous_id_map",
     "get_panoptic_metadata",
+    "load_json",
     "load_panoptic_json_with_sem_seg",
     "coco_panoptic_with_sem_seg_paths",
 ]
+
+
+def contiguous_id_map(categories: Sequence[Mapping[str, Any]]) -> dict[int, int]:
+    """Map dataset category id -> contiguous id (the index in ``categories``)."""
+    return {int(c["id"]): i for i, c in enumerate(categories)}
+
+
+def load_json(path: str) -> dict[str, Any]:
+    """Read a json file, raising errors that name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"JSON file not found: {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"Invalid JSON in {path}: {e}") from e
 
 
 def get_panoptic_metadata(categories: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -137,9 +155,9 @@ def load_panoptic_json_with_sem_seg(
     return records
 
 
-def coco_panoptic_with_sem_seg_paths(split: str) -> dict[str, str]:
-    """Paths of COCO 2017 ``split`` ("train" or "val") under ``$DETECTRON2_DATASETS/coco``."""
-    coco = os.path.join(get_datasets_root(), "coco")
+def coco_panoptic_with_sem_seg_paths(root: str, split: str) -> dict[str, str]:
+    """Paths of COCO 2017 ``split`` ("train" or "val") under ``<root>/coco``."""
+    coco = os.path.join(root, "coco")
     return {
         "image_root": os.path.join(coco, f"{split}2017"),
         "panoptic_root": os.path.join(coco, f"panoptic_{split}2017"),
@@ -151,4 +169,4 @@ def coco_panoptic_with_sem_seg_paths(split: str) -> dict[str, str]:
 
 def coco_panoptic_metadata() -> dict[str, Any]:
     """Class metadata of COCO panoptic (133 classes, 80 things first), Mask2Former style."""
-    return get_panoptic_metadata(default_coco_categories())
+    return get_panoptic_metadata([dict(c) for c in COCO_CATEGORIES])

@@ -17,7 +17,7 @@ The computation is that of the Swin backbones the official K-Net (MMDetection 2.
 Parameter names follow Microsoft's Swin (``patch_embed.proj``, ``layers.{i}.blocks.{j}.attn.qkv``,
 ``mlp.fc1``, ``layers.{i}.downsample.reduction``) plus the per-output ``norm{i}`` of the detection
 variant, so Microsoft's ImageNet checkpoints and Mask2Former's converted Swin weights map one to
-one; MMDet/MMSeg checkpoints are converted by ``knet.checkpoint`` (their patch merging uses
+one; MMDet/MMSeg checkpoints are converted by ``knet.conversion`` (their patch merging uses
 ``nn.Unfold`` channel order, which the converter permutes).
 """
 

@@ -123,6 +123,12 @@ class KNetBase(nn.Module):
                 f"MODEL.KNET.STAGE_LOSS_WEIGHTS has {len(k.STAGE_LOSS_WEIGHTS)} entries, "
                 f"MODEL.KNET.NUM_STAGES is {k.NUM_STAGES}"
             )
+        if cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES < 0:
+            raise ValueError(
+                "MODEL.SEM_SEG_HEAD.NUM_CLASSES is -1, which means 'from the training dataset': "
+                "set the class counts, or configure the config for its registered datasets first "
+                "(train_net.py and the demo do; in Python: knet.engine.dataset_config.configure_for_datasets)"
+            )
         backbone = build_backbone(cfg)
         return {
             "backbone": backbone,

@@ -6,88 +6,24 @@ and return tensors. ``KNetPostProcessor`` combines them into the model's outputs
 :func:`detectron2_outputs` turns those into Detectron2's output contract.
 
 Per image the kernel head predicts class logits (N, K) and mask logits (N, h, w) at stride 4 of
-the padded input. Every full-resolution map is made by :func:`resize_to_output`, the one place
-where the official resizing is written: bilinear to the padded input size, crop to the image,
-bilinear to the output (original image) size. :func:`mask_statistics` computes what the outputs
-need from those maps, on the CPU through a tile-pruned equivalent
-(:mod:`.tiled_mask_statistics`). The official code: ZwwWayne/K-Net
+the padded input. Every full-resolution map is made by :func:`~.base.resize_to_output`, the one
+place where the official resizing is written: bilinear to the padded input size, crop to the
+image, bilinear to the output (original image) size. :func:`~.statistics.mask_statistics`
+computes what the outputs need from those maps. The official code: ZwwWayne/K-Net
 ``knet/det/kernel_iter_head.py`` (``get_panoptic``, ``merge_stuff_thing``, ``simple_test``) and
 ``knet/det/kernel_update_head.py`` (``rescale_masks``, ``get_seg_masks``).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances
 from torch import Tensor, nn
 
 from ...config import test_option
-from ..layers import resize
-
-
-class OutputGeometry(NamedTuple):
-    """Where an image lies in the padded network input and which output size is wanted.
-
-    padded_size: (H_pad, W_pad) of the padded batch; image_size: (H, W) of the image in its
-    top-left corner; output_size: (H_out, W_out), or None for the image size.
-    """
-
-    padded_size: tuple[int, int]
-    image_size: tuple[int, int]
-    output_size: tuple[int, int] | None = None
-
-    @property
-    def out_size(self) -> tuple[int, int]:
-        return self.image_size if self.output_size is None else self.output_size
-
-    def axis(self, dim: int) -> OutputGeometry:
-        """The geometry of one axis (0: rows, 1: columns), as an (n, 1) image."""
-        out = None if self.output_size is None else (self.output_size[dim], 1)
-        return OutputGeometry((self.padded_size[dim], 1), (self.image_size[dim], 1), out)
-
-
-def _exporting() -> bool:
-    return torch.jit.is_tracing() or torch.jit.is_scripting()
-
-
-def resize_to_output(
-    maps: Tensor, geometry: OutputGeometry, chunk_size: int = 0, crop: bool = True
-) -> Tensor:
-    """Resize maps predicted on the padded input to the output, as the official code does.
-
-    (C, h, w) -> bilinear (align_corners=False) to ``padded_size`` -> crop to ``image_size``
-    -> bilinear to ``output_size`` (skipped when None) -> (C, H_out, W_out).
-
-    Args:
-        maps: (C, h, w) floating-point maps at any stride of the padded input.
-        chunk_size: > 0: with a second resize, resize that many channels at a time into one
-            output tensor, so that only one chunk's padded-size maps exist at once (ignored
-            when exporting).
-        crop: False: stop at the padded size, (C, H_pad, W_pad) (no second resize allowed).
-    """
-    # Chunks bound the padded-size maps that a second resize consumes; without one, the
-    # crop of a single resize is the output itself (no copy).
-    chunked = chunk_size > 0 and maps.shape[0] > chunk_size and geometry.output_size is not None
-    if chunked and not _exporting():
-        out = maps.new_empty((maps.shape[0], *geometry.out_size))
-        for start in range(0, maps.shape[0], chunk_size):
-            out[start : start + chunk_size] = resize_to_output(
-                maps[start : start + chunk_size], geometry
-            )
-        return out
-    x = resize(maps[None], geometry.padded_size)
-    if not crop:
-        if geometry.output_size is not None:
-            raise ValueError("an uncropped resize cannot also resize to another output size")
-        return x[0]
-    x = x[:, :, : geometry.image_size[0], : geometry.image_size[1]]
-    if geometry.output_size is not None:
-        x = resize(x, geometry.output_size)
-    return x[0]
+from .base import MaskStatistics, OutputGeometry, exporting, resize_to_output
+from .statistics import mask_statistics
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -121,127 +57,7 @@ def select_instances(
     scores, flat = scores.topk(min(topk, num_proposals * num_thing_classes))
     keep = scores >= score_thresh
     scores, flat = scores[keep], flat[keep]
-    return (
-        scores,
-        flat % num_thing_classes,
-        torch.div(flat, num_thing_classes, rounding_mode="floor"),
-    )
-
-
-# ----------------------------------------------------------------------------- mask statistics
-class MaskStatistics(NamedTuple):
-    """What the outputs need from the full-resolution mask probabilities P_n = resize(sigmoid).
-
-    owner: (H_out, W_out) int64, the first kernel maximising ``score_n * P_n`` at each pixel;
-    won_area: (N,) int64 pixels owned; own_area: (N,) int64 pixels with ``P_n >= threshold``,
-    counted for kernels that own pixels (0 for the others). Empty tensors when no scores are
-    given. selected_masks: (M, H_out, W_out) bool ``P_n > threshold`` of the selected kernels.
-    """
-
-    owner: Tensor
-    won_area: Tensor
-    own_area: Tensor
-    selected_masks: Tensor
-
-
-def mask_statistics(
-    mask_logits: Tensor,
-    geometry: OutputGeometry,
-    scores: Tensor | None,
-    selected: Tensor | None,
-    mask_threshold: float = 0.5,
-    chunk_size: int = 16,
-) -> MaskStatistics:
-    """Owner map, areas and selected binary masks from (N, h, w) stride-4 mask logits.
-
-    Args:
-        scores: (N,) kernel scores for the owner map and the areas (None: not computed).
-        selected: (M,) kernel indices whose thresholded masks are wanted (None: none).
-        chunk_size: kernels resized at once (bounds memory to chunk x H_out x W_out floats).
-
-    The maps are evaluated only where bounds from the low-resolution maps leave the result open:
-    on the CPU by :mod:`.tiled_mask_statistics` (any geometry), in exported graphs by
-    :mod:`.export_mask_statistics` (the output is the padded input, cropped). Both give the
-    statistics of the full maps up to floating-point rounding; otherwise (GPU, or where the
-    bounds would not pay off) :func:`full_mask_statistics` computes the full maps in chunks.
-    """
-    if _exporting() and geometry.output_size is None:
-        # (imported here: those modules build on this one)
-        from .export_mask_statistics import exported_mask_statistics
-
-        factor = geometry.padded_size[0] // mask_logits.shape[1]
-        return exported_mask_statistics(
-            mask_logits, geometry, scores, selected, mask_threshold, factor
-        )
-    if mask_logits.device.type == "cpu" and not _exporting():
-        from .tiled_mask_statistics import tiled_mask_statistics
-
-        stats = tiled_mask_statistics(mask_logits, geometry, scores, selected, mask_threshold)
-        if stats is not None:
-            return stats
-    return full_mask_statistics(mask_logits, geometry, scores, selected, mask_threshold, chunk_size)
-
-
-def full_mask_statistics(
-    mask_logits: Tensor,
-    geometry: OutputGeometry,
-    scores: Tensor | None,
-    selected: Tensor | None,
-    mask_threshold: float = 0.5,
-    chunk_size: int = 16,
-) -> MaskStatistics:
-    """:func:`mask_statistics` from the full-resolution maps, ``chunk_size`` kernels at a time
-    (the owner map is reduced on the fly)."""
-    n = mask_logits.shape[0]
-    # Without a second resize the maps stay at the padded size, and the padding is cropped from
-    # the reductions (owner map, areas, masks) instead of from every chunk of maps.
-    crop_late = geometry.output_size is None
-    height, width = geometry.padded_size if crop_late else geometry.out_size
-    inside = None
-    if crop_late:
-        rows = torch.arange(height, device=mask_logits.device) < geometry.image_size[0]
-        cols = torch.arange(width, device=mask_logits.device) < geometry.image_size[1]
-        inside = rows[:, None] & cols[None, :]
-
-    def full_probs(logits: Tensor) -> Tensor:
-        return resize_to_output(logits.float().sigmoid(), geometry, crop=not crop_late)
-
-    owner = won_area = own_area = mask_logits.new_zeros((0,), dtype=torch.int64)
-    if scores is not None:
-        best = mask_logits.new_full((height, width), -1.0, dtype=torch.float32)
-        owner = mask_logits.new_zeros((height, width), dtype=torch.int64)
-        areas = []
-        for start in range(0, n, chunk_size):
-            probs = full_probs(mask_logits[start : start + chunk_size])
-            above = probs >= mask_threshold
-            areas.append((above if inside is None else above & inside).flatten(1).sum(1))
-            scored = probs * scores[start : start + chunk_size, None, None]
-            chunk_best, chunk_owner = scored.max(0)
-            better = chunk_best > best  # strict: ties keep the earlier kernel, as argmax does
-            best = torch.where(better, chunk_best, best)
-            owner = torch.where(better, chunk_owner + start, owner)
-        if crop_late:
-            owner = owner[: geometry.image_size[0], : geometry.image_size[1]]
-        won_area = _count(owner.flatten(), n)
-        own_area = torch.cat(areas) * (won_area > 0)
-    masks = mask_logits.new_zeros((0, height, width), dtype=torch.bool)
-    if selected is not None:
-        chunks = [
-            full_probs(mask_logits[selected[s : s + chunk_size]]) > mask_threshold
-            for s in range(0, selected.shape[0], chunk_size)
-        ]
-        masks = torch.cat([masks] + chunks)
-    if crop_late:
-        masks = masks[:, : geometry.image_size[0], : geometry.image_size[1]]
-    return MaskStatistics(owner, won_area, own_area, masks)
-
-
-def _count(values: Tensor, n: int) -> Tensor:
-    """``torch.bincount(values, minlength=n)`` for values in [0, n); a scatter-add when
-    exporting (ONNX has no bincount)."""
-    if not _exporting():
-        return torch.bincount(values, minlength=n)
-    return values.new_zeros((n,)).scatter_add(0, values, torch.ones_like(values))
+    return scores, flat % num_thing_classes, flat.div(num_thing_classes, rounding_mode="floor")
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -305,7 +121,7 @@ def masks_to_boxes(masks: Tensor) -> Tensor:
     """(M, H, W) bool -> (M, 4) float32 XYXY extents, ``x1 = max x + 1`` as Detectron2's
     ``BitMasks.get_bounding_boxes``; all zeros for an empty mask."""
     # (a max over uint8 is many times faster than any() over bool on the CPU)
-    pixels = masks.to(torch.uint8) if _exporting() else masks.view(torch.uint8)
+    pixels = masks.to(torch.uint8) if exporting() else masks.view(torch.uint8)
     boxes = []
     for dim in (1, 2):  # columns (x) first, then rows (y)
         hit = pixels.amax(dim=dim)  # (M, W) or (M, H), 1 where the mask has a pixel
@@ -330,16 +146,12 @@ def semantic_scores(
     classes and for stuff kernel n on its own class (0 elsewhere). The weighting commutes with
     the (linear) resizing, so it is done at the prediction resolution."""
     probs = cls_logits.float().sigmoid()
-    num_classes = probs.shape[1]
-    thing_rows = F.pad(
-        probs[:num_proposals, :num_thing_classes], (0, num_classes - num_thing_classes)
-    )
-    stuff = probs[num_proposals:, num_thing_classes:]
-    stuff_rows = F.pad(
-        stuff * torch.eye(stuff.shape[0], device=stuff.device), (num_thing_classes, 0)
-    )
-    weights = torch.cat([thing_rows, stuff_rows])
-    low_res = torch.einsum("nk,nhw->khw", weights, mask_logits.float().sigmoid())
+    kernel = torch.arange(probs.shape[0], device=probs.device)[:, None]
+    cls = torch.arange(probs.shape[1], device=probs.device)[None, :]
+    # thing kernels on thing classes, stuff kernel P + i on its class T + i
+    things = (kernel < num_proposals) & (cls < num_thing_classes)
+    trained = things | (cls - num_thing_classes == kernel - num_proposals)
+    low_res = torch.einsum("nk,nhw->khw", probs * trained, mask_logits.float().sigmoid())
     return resize_to_output(low_res, geometry, chunk_size)
 
 
@@ -349,7 +161,7 @@ def semantic_probabilities(
     """(K, h, w) class logits of semantic K-Net -> (K, H_out, W_out) softmax probabilities,
     computed in place over the resized logits (no second full-size tensor)."""
     out = resize_to_output(seg_logits.float(), geometry, chunk_size)
-    if _exporting():
+    if exporting():
         return out.softmax(dim=0)
     out -= out.amax(dim=0, keepdim=True)
     out.exp_()
@@ -431,42 +243,31 @@ class KNetPostProcessor(nn.Module):
         """
         out: dict[str, Tensor] = {}
         scores = labels = selected = None
-        num_proposals = cls_logits.shape[0] - (cls_logits.shape[1] - self.num_thing_classes)
+        things = self.num_thing_classes
+        num_proposals = cls_logits.shape[0] - (cls_logits.shape[1] - things)
         if self.panoptic_on:
-            scores, labels = kernel_scores_and_labels(
-                cls_logits, self.num_thing_classes, num_proposals
-            )
+            scores, labels = kernel_scores_and_labels(cls_logits, things, num_proposals)
         if self.instance_on:
             inst_scores, inst_labels, selected = select_instances(
-                cls_logits,
-                self.num_thing_classes,
-                num_proposals,
-                self.topk,
-                self.instances_score_thresh,
+                cls_logits, things, num_proposals, self.topk, self.instances_score_thresh
             )
         if self.panoptic_on or self.instance_on:
             stats = mask_statistics(
                 mask_logits, geometry, scores, selected, self.mask_threshold, self.chunk_size
             )
         if self.panoptic_on:
-            is_thing = labels < self.num_thing_classes
+            is_thing = labels < things
             out["panoptic_seg"], table = panoptic_segments(
                 scores, labels, is_thing, stats, self.thing_score_thresh, self.overlap_threshold
             )
             out.update({f"segment_{key}": value for key, value in table.items()})
         if self.instance_on:
-            out["pred_masks"] = stats.selected_masks
-            out["scores"] = inst_scores
-            out["pred_classes"] = inst_labels
-            out["pred_boxes"] = masks_to_boxes(stats.selected_masks)
+            masks = stats.selected_masks
+            out.update(pred_masks=masks, scores=inst_scores, pred_classes=inst_labels)
+            out["pred_boxes"] = masks_to_boxes(masks)
         if self.semantic_on:
             out["sem_seg"] = semantic_scores(
-                cls_logits,
-                mask_logits,
-                geometry,
-                self.num_thing_classes,
-                num_proposals,
-                self.chunk_size,
+                cls_logits, mask_logits, geometry, things, num_proposals, self.chunk_size
             )
         return out
 

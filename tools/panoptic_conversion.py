@@ -1,9 +1,9 @@
 """Derive semantic / instance ground truth from COCO-format panoptic annotations, and prepare
 ADE20K semantic labels the Detectron2 way.
 
-These functions back the CLIs ``tools/prepare_coco_semantic_from_panoptic.py`` and
-``tools/prepare_ade20k_sem_seg.py``; the dataset registration also calls them to prepare the
-shared samples lazily into the cache.
+These functions back ``tools/prepare_coco_semantic_from_panoptic.py``,
+``tools/prepare_ade20k_sem_seg.py``, ``tools/prepare_samples.py`` and the toy generator
+``tools/make_toy_dataset.py``.
 
 Formats:
 
@@ -25,34 +25,14 @@ from typing import Any
 
 import numpy as np
 import pycocotools.mask as mask_util
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from PIL import Image
+
+from knet.data.datasets.panoptic import contiguous_id_map, load_json
 
 logger = logging.getLogger(__name__)
 
 IGNORE_LABEL = 255
-
-
-def default_coco_categories() -> list[dict[str, Any]]:
-    """Detectron2's ``COCO_CATEGORIES`` (133 panoptic categories, things first)."""
-    from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
-
-    return [dict(c) for c in COCO_CATEGORIES]
-
-
-def contiguous_id_map(categories: Sequence[Mapping[str, Any]]) -> dict[int, int]:
-    """Map dataset category id -> contiguous id (the index in ``categories``)."""
-    return {int(c["id"]): i for i, c in enumerate(categories)}
-
-
-def load_json(path: str) -> dict[str, Any]:
-    """Read a json file, raising errors that name the file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"JSON file not found: {path}")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"Invalid JSON in {path}: {e}") from e
 
 
 def read_panoptic_png(path: str) -> np.ndarray:
@@ -167,7 +147,7 @@ def prepare_semantic_from_panoptic(
     Returns:
         Number of PNGs written.
     """
-    categories = default_coco_categories() if categories is None else categories
+    categories = [dict(c) for c in COCO_CATEGORIES] if categories is None else categories
     id_map = contiguous_id_map(categories)
     data = load_json(panoptic_json)
     os.makedirs(output_dir, exist_ok=True)
@@ -216,7 +196,7 @@ def instances_json_from_panoptic(
         dict with ``images`` (copied from the panoptic json), ``annotations`` (ids from 1) and
         ``categories``.
     """
-    categories = default_coco_categories() if categories is None else categories
+    categories = [dict(c) for c in COCO_CATEGORIES] if categories is None else categories
     data = load_json(panoptic_json)
     things = [c for c in categories if c.get("isthing", 0)]
     thing_ids = [int(c["id"]) for c in things]

@@ -5,11 +5,11 @@ A K-Net model has ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` classes, the first
 matcher or the losses, after the model and the data loader are built. :func:`configure_for_datasets`
 runs before that:
 
-* a key **not set** by the config file (with its ``_BASE_`` files) or the command line, or set to
-  ``-1``, is **taken from the first training dataset's metadata**: instance data (``coco``) has
-  ``NUM_CLASSES = NUM_THING_CLASSES = len(thing_classes)``; panoptic data
-  (``coco_panoptic_seg``) all classes, the things first; semantic data (``sem_seg``)
-  ``len(stuff_classes)`` classes, and its ``ignore_label`` sets ``MODEL.SEM_SEG_HEAD.IGNORE_VALUE``;
+* a class count of ``-1`` (the default, so also a config that leaves the key out) is **taken
+  from the first training dataset's metadata** (read as :data:`knet.data.kinds.DATASET_KINDS`
+  says): instance data has ``NUM_CLASSES = NUM_THING_CLASSES = len(thing_classes)``; panoptic
+  data all classes, the things first; semantic data ``len(stuff_classes)`` classes, and its
+  ``ignore_label`` sets ``MODEL.SEM_SEG_HEAD.IGNORE_VALUE``;
 * ``MODEL.KNET.TEST.{PANOPTIC,INSTANCE,SEMANTIC}_ON`` not set explicitly are switched to what the
   training data lets the model predict and the test datasets can evaluate (instance data:
   instances; panoptic data: panoptic, plus instances / semantic where the test datasets have an
@@ -20,176 +20,47 @@ runs before that:
   (an instance dataset with the panoptic mapper, say, is an error too).
 
 A ``CfgNode`` cannot tell a default from an explicit value, so ``train_net.py`` and the demo pass
-the keys their config file and options set (:func:`explicit_config_keys`); without them (the
-trainer's own check), only ``-1`` means "from the dataset".
+the keys their config file and options set (``knet.config.load_knet_config`` reads them in its one
+parse of the YAML); without them (the trainer's own check), the outputs and ``IGNORE_VALUE``
+count as set.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from detectron2.config import CfgNode
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 
-__all__ = [
-    "AUTO",
-    "DatasetClassError",
-    "DatasetClasses",
-    "DatasetNotRegisteredError",
-    "configure_for_datasets",
-    "configured_for_datasets",
-    "dataset_classes",
-    "explicit_config_keys",
-]
+from ..data.kinds import (
+    AUTO,
+    DATASET_KINDS,
+    DatasetClassError,
+    DatasetClasses,
+    dataset_classes,
+    mapper_name,
+    not_registered,
+)
+from ..evaluation import OUTPUTS, evaluable
+
+__all__ = ["AUTO", "configure_for_datasets", "configured_for_datasets"]
 
 logger = logging.getLogger(__name__)
 
-AUTO = -1  # class-count value meaning "from the training dataset"
 NUM_CLASSES = "MODEL.SEM_SEG_HEAD.NUM_CLASSES"
 NUM_THING_CLASSES = "MODEL.KNET.NUM_THING_CLASSES"
 IGNORE_VALUE = "MODEL.SEM_SEG_HEAD.IGNORE_VALUE"
-OUTPUT_KEYS = {
-    "panoptic": "MODEL.KNET.TEST.PANOPTIC_ON",
-    "instance": "MODEL.KNET.TEST.INSTANCE_ON",
-    "semantic": "MODEL.KNET.TEST.SEMANTIC_ON",
-}
-OUTPUT_NAMES = {"panoptic": "panoptic_seg", "instance": "instances", "semantic": "sem_seg"}
-KINDS = {"coco": "instance", "coco_panoptic_seg": "panoptic", "sem_seg": "semantic"}
-MAPPERS = {"instance": "knet_instance", "panoptic": "knet_panoptic", "semantic": "knet_semantic"}
-META_ARCHITECTURES = {"instance": "KNet", "panoptic": "KNet", "semantic": "SemanticKNet"}
-# what a model trained on each kind of data predicts, and (no test dataset) computes by default
-PRODUCIBLE = {
-    "instance": ("instance",),
-    "panoptic": ("panoptic", "instance", "semantic"),
-    "semantic": ("semantic",),
-}
-DEFAULT_OUTPUTS = {"instance": ("instance",), "panoptic": ("panoptic",), "semantic": ("semantic",)}
 TEMPLATES = "configs/custom/ (datasets/README.md, 'Your own data')"
 
 
-class DatasetClassError(ValueError):
-    """The config does not fit a dataset (class counts, outputs, mapper or kernel head)."""
+# configs (as YAML) this process configured: checked once, whoever asks again
+_CONFIGURED: set[str] = set()
 
 
-class DatasetNotRegisteredError(KeyError):
-    """A dataset named by the config is not registered."""
-
-    def __str__(self) -> str:  # KeyError would print the message quoted
-        return str(self.args[0]) if self.args else ""
-
-
-@dataclass(frozen=True)
-class DatasetClasses:
-    """The classes of a registered dataset, in contiguous-id order."""
-
-    name: str
-    kind: str  # "instance" | "panoptic" | "semantic"
-    class_names: tuple[str, ...]
-    num_thing_classes: int  # instance: all classes; semantic: 0
-    ignore_label: int | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def describe(self) -> str:
-        names = list(self.class_names)
-        shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
-        things = f", {self.num_thing_classes} things" if self.kind == "panoptic" else ""
-        return f"{self.kind}, {self.num_classes} classes{things}: {shown}"
-
-
-def _not_registered(name: str) -> DatasetNotRegisteredError:
-    return DatasetNotRegisteredError(
-        f"Dataset {name!r} (named by DATASETS.TRAIN / DATASETS.TEST) is not registered. Register "
-        f"it on the command line, e.g. '--dataset {name} coco-instances JSON IMAGE_ROOT', "
-        f"'--dataset {name} coco-panoptic JSON PNG_DIR IMAGE_ROOT' or '--dataset {name} sem-seg "
-        "IMAGE_DIR LABEL_DIR --classes CLASSES.txt' (datasets/README.md), or in Python with "
-        "knet.data.datasets.register_custom_dataset, or name a registered dataset."
-    )
-
-
-def dataset_classes(name: str, load: bool = True) -> DatasetClasses | None:
-    """The classes of registered dataset ``name`` from its metadata, or None for a dataset type
-    K-Net does not evaluate or a dataset without class metadata.
-
-    Args:
-        load: if the metadata has no class names yet (e.g. a dataset registered with Detectron2's
-            ``register_coco_instances``, whose loader sets them), load the dataset once.
-    Raises:
-        DatasetNotRegisteredError: ``name`` is not registered.
-        DatasetClassError: a panoptic dataset whose contiguous ids do not put the things first.
-    """
-    if name not in DatasetCatalog.list():
-        raise _not_registered(name)
-    kind = KINDS.get(MetadataCatalog.get(name).get("evaluator_type", None))
-    if kind is None:
-        return None
-    info = _from_metadata(name, kind, MetadataCatalog.get(name))
-    if info is None and load:
-        DatasetCatalog.get(name)
-        info = _from_metadata(name, kind, MetadataCatalog.get(name))
-    return info
-
-
-def _from_metadata(name: str, kind: str, meta: Any) -> DatasetClasses | None:
-    ignore = meta.get("ignore_label", 255)
-    if kind == "instance":
-        things = meta.get("thing_classes", None)
-        if not things:
-            return None
-        return DatasetClasses(name, kind, tuple(things), len(things), ignore)
-    if kind == "semantic":
-        stuff = meta.get("stuff_classes", None)
-        if not stuff:
-            return None
-        return DatasetClasses(name, kind, tuple(stuff), 0, ignore)
-    thing_map = meta.get("thing_dataset_id_to_contiguous_id", None) or {}
-    stuff_map = meta.get("stuff_dataset_id_to_contiguous_id", None) or {}
-    if not thing_map and not stuff_map:
-        return None
-    thing_ids = sorted(set(thing_map.values()))
-    all_ids = sorted(set(thing_ids) | set(stuff_map.values()))
-    n, t = len(all_ids), len(thing_ids)
-    if all_ids != list(range(n)) or thing_ids != list(range(t)):
-        raise DatasetClassError(
-            f"Panoptic dataset {name!r}: K-Net numbers the classes 0..N-1 with the thing classes "
-            f"first, but the metadata maps things to {thing_ids[:10]} and all classes to "
-            f"{all_ids[:10]}"
-        )
-    things = list(meta.get("thing_classes", None) or [])
-    stuff = list(meta.get("stuff_classes", None) or [])
-    if len(stuff) == n:  # Mask2Former / K-Net: stuff_classes lists all classes
-        names = stuff
-    elif len(things) == n:  # Detectron2's standard panoptic metadata
-        names = things
-    elif len(things) == t and len(stuff) == n - t:
-        names = things + stuff
-    else:
-        names = [str(i) for i in range(n)]
-    return DatasetClasses(name, kind, tuple(names), t, ignore)
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> Iterable[str]:
-    for key, value in d.items():
-        full = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            yield from _flatten(value, full + ".")
-        else:
-            yield full
-
-
-def explicit_config_keys(config_file: str = "", opts: Sequence[str] = ()) -> frozenset[str]:
-    """The keys (``"MODEL.SEM_SEG_HEAD.NUM_CLASSES"``, ...) that ``config_file`` (with its
-    ``_BASE_`` files) and the ``KEY VALUE`` list ``opts`` set."""
-    keys = set()
-    if config_file:
-        keys.update(_flatten(CfgNode.load_yaml_with_base(config_file, allow_unsafe=True)))
-    keys.update(str(k) for k in list(opts)[0::2])
-    return frozenset(keys)
+def _switch(output: str) -> str:
+    return f"MODEL.KNET.TEST.{OUTPUTS[output].switch}"
 
 
 def _get(cfg: CfgNode, key: str) -> Any:
@@ -208,29 +79,13 @@ def _set(cfg: CfgNode, key: str, value: Any) -> None:
 
 
 def _is_auto(cfg: CfgNode, key: str, explicit: frozenset[str] | None) -> bool:
-    if key in (NUM_CLASSES, NUM_THING_CLASSES) and _get(cfg, key) == AUTO:
-        return True
+    if key in (NUM_CLASSES, NUM_THING_CLASSES):
+        return _get(cfg, key) == AUTO
     return explicit is not None and key not in explicit
 
 
-def _has_field(name: str, key: str) -> bool:
-    """Whether the metadata of ``name`` has ``key`` (a path field whose files are missing
-    counts: the evaluator reports that)."""
-    try:
-        return MetadataCatalog.get(name).get(key, None) is not None
-    except (OSError, ValueError):
-        return True
-
-
 def _evaluable(output: str, d: DatasetClasses) -> bool:
-    """Whether ``knet.evaluation.build_evaluator`` can evaluate ``output`` on dataset ``d``."""
-    if d.kind != "panoptic":
-        return output == d.kind
-    if output == "instance":
-        return _has_field(d.name, "json_file")
-    if output == "semantic":
-        return _has_field(d.name, "sem_seg_root")
-    return True
+    return evaluable(output, d.name, d.kind)
 
 
 def _expected_counts(d: DatasetClasses, ref: DatasetClasses) -> dict[str, int]:
@@ -252,8 +107,8 @@ def configure_for_datasets(
 
     Args:
         explicit: the keys the config file and the command line set
-            (:func:`explicit_config_keys`); None: every key counts as set, except class counts
-            of ``-1``.
+            (``knet.config.load_knet_config``); None: every output switch and
+            ``IGNORE_VALUE`` counts as set.
         mode: "train" (every dataset of ``DATASETS.TRAIN`` and ``DATASETS.TEST`` must be
             registered, and the dataset mapper must fit), "eval" (``DATASETS.TEST`` must be) or
             "inference" (datasets not registered are skipped: the demo).
@@ -264,14 +119,14 @@ def configure_for_datasets(
     """
     if mode not in ("train", "eval", "inference"):
         raise ValueError(f"mode must be 'train', 'eval' or 'inference', not {mode!r}")
-    if cfg.MODEL.META_ARCHITECTURE not in META_ARCHITECTURES.values():
+    if cfg.MODEL.META_ARCHITECTURE not in {k.meta_architecture for k in DATASET_KINDS.values()}:
         return None
     train, test = list(cfg.DATASETS.TRAIN), list(cfg.DATASETS.TEST)
     registered = set(DatasetCatalog.list())
     required = {"train": train + test, "eval": test, "inference": []}[mode]
     for name in required:
         if name not in registered:
-            raise _not_registered(name)
+            raise not_registered(name)
     infos: dict[str, DatasetClasses] = {}
     for name in dict.fromkeys(train + test):
         if name in registered:
@@ -298,7 +153,7 @@ def configure_for_datasets(
         return None
 
     ref = infos[ref_name]
-    arch, needed = cfg.MODEL.META_ARCHITECTURE, META_ARCHITECTURES[ref.kind]
+    arch, needed = cfg.MODEL.META_ARCHITECTURE, DATASET_KINDS[ref.kind].meta_architecture
     if arch != needed:
         raise DatasetClassError(
             f"Dataset {ref.name!r} is {ref.kind} data but MODEL.META_ARCHITECTURE is {arch!r} "
@@ -312,11 +167,11 @@ def configure_for_datasets(
                     f"DATASETS.TRAIN mixes {ref.kind} data ({ref.name!r}) and "
                     f"{infos[name].kind} data ({name!r}); one dataset mapper reads one kind"
                 )
-        mapper = cfg.INPUT.DATASET_MAPPER_NAME
-        if mapper in MAPPERS.values() and mapper != MAPPERS[ref.kind]:
+        mapper, needed = cfg.INPUT.DATASET_MAPPER_NAME, mapper_name(ref.kind)
+        if mapper in map(mapper_name, DATASET_KINDS) and mapper != needed:
             raise DatasetClassError(
                 f"Dataset {ref.name!r} is {ref.kind} data but INPUT.DATASET_MAPPER_NAME is "
-                f"{mapper!r}; {ref.kind} data needs {MAPPERS[ref.kind]!r} (see the {ref.kind} "
+                f"{mapper!r}; {ref.kind} data needs {needed!r} (see the {ref.kind} "
                 f"templates in {TEMPLATES})"
             )
 
@@ -341,9 +196,10 @@ def configure_for_datasets(
         _check_dataset(cfg, d, ref, arch == "SemanticKNet", auto, explicit)
 
     outputs = _configure_outputs(cfg, ref, [infos[n] for n in test if n in infos], explicit, mode)
+    _CONFIGURED.add(cfg.dump())
     if not chosen and not outputs:
         return None
-    enabled = [OUTPUT_NAMES[o] for o in OUTPUT_KEYS if _get(cfg, OUTPUT_KEYS[o])]
+    enabled = [OUTPUTS[o].field for o in OUTPUTS if _get(cfg, _switch(o))]
     parts = []
     if chosen:
         parts.append(", ".join(chosen) + " from the dataset")
@@ -414,20 +270,21 @@ def _configure_outputs(
     mode: str,
 ) -> list[str]:
     """Switch the outputs not set explicitly; check the others. Returns how they were chosen."""
-    producible = PRODUCIBLE[ref.kind]
+    producible = DATASET_KINDS[ref.kind].outputs
     chosen = []
-    for output, key in OUTPUT_KEYS.items():
+    for output in OUTPUTS:
+        key = _switch(output)
         if _is_auto(cfg, key, explicit):
             if tests:
                 on = output in producible and all(_evaluable(output, d) for d in tests)
             else:
-                on = output in DEFAULT_OUTPUTS[ref.kind]
+                on = output == producible[0]
             _set(cfg, key, on)
             chosen.append(f"{key.rsplit('.', 1)[1]} {on}")
         elif _get(cfg, key) and output not in producible:
             raise DatasetClassError(
                 f"{key} is True, but a model trained on {ref.kind} data ({ref.name!r}) cannot "
-                f"predict {OUTPUT_NAMES[output]}"
+                f"predict {OUTPUTS[output].field}"
                 + (" (it has no stuff classes)" if output == "panoptic" else "")
                 + f"; set {key} False"
             )
@@ -435,15 +292,15 @@ def _configure_outputs(
         chosen[-1] += f", from the {ref.kind} data" + (" and the test datasets" if tests else "")
     if mode != "inference":
         for d in tests:
-            if not any(_get(cfg, OUTPUT_KEYS[o]) and _evaluable(o, d) for o in OUTPUT_KEYS):
+            if not any(_get(cfg, _switch(o)) and _evaluable(o, d) for o in OUTPUTS):
                 raise DatasetClassError(
-                    f"No output of {list(OUTPUT_KEYS.values())} that is on can be evaluated on "
+                    f"No output of {list(map(_switch, OUTPUTS))} that is on can be evaluated on "
                     f"dataset {d.name!r} ({d.kind} data)"
                     + (
                         ": instance AP needs an instances json (metadata 'json_file'), mIoU "
                         "semantic labels (metadata 'sem_seg_root')"
                         if d.kind == "panoptic"
-                        else f": turn on {OUTPUT_KEYS[d.kind]}"
+                        else f": turn on {_switch(d.kind)}"
                     )
                 )
     return chosen
@@ -452,7 +309,7 @@ def _configure_outputs(
 def configured_for_datasets(cfg: CfgNode) -> CfgNode:
     """``cfg`` checked against its datasets for training, with class counts of ``-1`` filled in
     (a copy if anything changes; frozen if ``cfg`` was). Used by ``KNetTrainer``."""
-    if cfg.MODEL.META_ARCHITECTURE not in META_ARCHITECTURES.values():
+    if cfg.dump() in _CONFIGURED:  # train_net.py / the demo configured it already
         return cfg
     out = cfg.clone()
     out.defrost()

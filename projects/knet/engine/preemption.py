@@ -7,14 +7,15 @@ signal lets the current iteration finish, then the checkpoint of that iteration 
 LR scheduler and the iteration, like the periodic ones) and the process exits with status
 ``128 + signal number`` (143 for SIGTERM, 130 for SIGINT). Running the same command with
 ``--resume`` continues from the next iteration; with ``SEED >= 0`` it continues exactly as the
-uninterrupted run would have (see ``knet.data.seeded_loader``).
+uninterrupted run would have (see ``knet.engine.seeded_loader``).
 
 In a multi-process run every process stops after the same iteration: each step ends with an
 all-reduce of "a signal arrived" over the processes, so it is enough for one process to receive
 the signal. ``train_net.py`` forwards a signal that its launching process receives to the worker
 processes (:func:`forward_signals_to_workers`). Data-loader workers started during training
 inherit the handler, so a signal sent to the whole process group (as schedulers do) does not kill
-them before the checkpoint is written.
+them before the checkpoint is written; a training loader wrapped in :class:`ClosableLoader` has
+them shut down when training ends.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import multiprocessing
 import os
 import signal
 import threading
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -34,6 +37,7 @@ from detectron2.utils import comm
 
 __all__ = [
     "PREEMPTION_SIGNALS",
+    "ClosableLoader",
     "PreemptionCheckpointer",
     "TrainingInterrupted",
     "forward_signals_to_workers",
@@ -49,6 +53,32 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 def interrupted_exit_code(signum: int) -> int:
     """The shell's exit status of a process ended by signal ``signum``."""
     return 128 + int(signum)
+
+
+class ClosableLoader:
+    """An iterable over ``loader`` whose :meth:`close` stops the iterators it has handed out.
+
+    A closed iterator drops the torch ``DataLoader`` iterator it was reading, which then shuts
+    its worker processes down (PyTorch does so when such an iterator is garbage-collected): the
+    way for :class:`PreemptionCheckpointer` to stop the workers of a loader that the trainer
+    iterates (workers with the signals blocked, which would not take a SIGTERM).
+    """
+
+    def __init__(self, loader: Iterable[Any]):
+        self.loader = loader
+        self._iterators: weakref.WeakSet = weakref.WeakSet()
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = self._iterate()
+        self._iterators.add(iterator)
+        return iterator
+
+    def _iterate(self) -> Iterator[Any]:
+        yield from self.loader
+
+    def close(self) -> None:
+        for iterator in list(self._iterators):
+            iterator.close()
 
 
 class TrainingInterrupted(SystemExit):
@@ -141,14 +171,9 @@ class PreemptionCheckpointer(HookBase):
     def _stop_train_loader(self) -> None:
         """Shut the training data loader's workers down (training is over)."""
         started = set(multiprocessing.active_children()) - self._children
-        runner = getattr(self.trainer, "_trainer", self.trainer)
-        iterator = getattr(runner, "_data_loader_iter_obj", None)
-        if iterator is None:
-            iterator = getattr(runner, "_data_loader_iter", None)
-        if hasattr(iterator, "close"):  # a generator (seeded loader, aspect-ratio grouping)
-            iterator.close()
-        if hasattr(iterator, "_shutdown_workers"):  # a torch DataLoader iterator
-            iterator._shutdown_workers()
+        loader = getattr(self.trainer, "data_loader", None)
+        if isinstance(loader, ClosableLoader):
+            loader.close()
         for child in started:  # worker processes forked during training, still running
             if child.daemon and child.is_alive():
                 child.join(timeout=5)

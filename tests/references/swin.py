@@ -1,11 +1,11 @@
-"""Reference computations for tests.
+"""Microsoft's and MMDetection 2.x's Swin Transformer, re-implemented in plain PyTorch.
 
-Independent re-implementations of MMDetection 2.x, MMCV and Microsoft Swin Transformer
-computations, written from their definitions in plain PyTorch (no ``mmcv`` / ``mmdet``
-import). They serve as the "official computation" that the project's own code is compared
-against in tests: state-dict layouts (keys, shapes, index/mask buffers), the MMDetection
-``SwinTransformer`` forward pass (eval mode), MMDetection's ``PatchMerging`` and MMCV's
-DCNv1 (``deform_conv2d``) sampling rule.
+Written from the official definitions (microsoft/Swin-Transformer
+``models/swin_transformer.py``; open-mmlab/mmdetection v2.x
+``mmdet/models/backbones/swin.py``, ``mmdet/models/utils/transformer.py``), with no ``mmcv`` /
+``mmdet`` import: the relative position index and shifted-window mask buffers of both, seeded
+state dicts in both checkpoint layouts and the key mapping between them, MMDetection's
+``PatchMerging`` and ``SwinTransformer`` forward (eval mode), and one block as dense attention.
 
 Everything here is deliberately simple and unoptimised; all functions accept float32 and
 float64 inputs and compute in the dtype of the input.
@@ -21,16 +21,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _LN_EPS = 1e-5  # torch.nn.LayerNorm default, used by both MMCV's "LN" and Microsoft's code
-
-IntPair = int | tuple[int, int]
-
-
-def _pair(value: IntPair) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    first, second = value
-    return int(first), int(second)
-
 
 # --------------------------------------------------------------------------------------
 # Relative position index and shifted-window masks
@@ -560,174 +550,65 @@ def mmdet_swin_forward(
 
 
 # --------------------------------------------------------------------------------------
-# MMCV DCNv1
+# Microsoft -> MMDetection keys; one block as dense attention
 # --------------------------------------------------------------------------------------
 
 
-def mmcv_deform_conv2d(
-    x: Tensor,
-    offset: Tensor,
-    weight: Tensor,
-    stride: IntPair = 1,
-    padding: IntPair = 0,
-    dilation: IntPair = 1,
-    deform_groups: int = 1,
-) -> Tensor:
-    """MMCV ``deform_conv2d`` (DCNv1: no mask, no bias, groups=1) by bilinear sampling.
+def microsoft_to_mmdet(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Microsoft keys -> MMDet keys, restated from the two layouts (independent of the
+    converter); patch merging from slice order (C (dy + 2 dx) + c) to unfold (4 c + 2 dy + dx)."""
+    out = {}
+    for key, value in sd.items():
+        if key.startswith(("head.", "norm.")) or key.endswith("attn_mask"):
+            continue
+        new = key.replace("patch_embed.proj.", "patch_embed.projection.")
+        new = new.replace("layers.", "stages.").replace(".attn.", ".attn.w_msa.")
+        new = new.replace(".mlp.fc1.", ".ffn.layers.0.0.").replace(".mlp.fc2.", ".ffn.layers.1.")
+        if ".downsample." in key:
+            c = value.shape[-1] // 4
+            perm = [(dy + 2 * dx) * c + ch for ch in range(c) for dy in (0, 1) for dx in (0, 1)]
+            value = value[..., perm]
+        out[new] = value
+    return out
 
-    For output (ho, wo), tap t = i * kw + j and deform group g (input channels
-    ``[g * C / G, (g + 1) * C / G)``), with dy = offset[:, 2 * (g * kh * kw + t)] and
-    dx = offset[:, 2 * (g * kh * kw + t) + 1], the input is sampled at
-    ``y = ho * stride_h - pad_h + i * dil_h + dy``, ``x = wo * stride_w - pad_w + j * dil_w + dx``.
-    A sample with y <= -1, y >= H, x <= -1 or x >= W is 0; otherwise it is the bilinear
-    blend of the 4 neighbours (floor/floor+1) where each neighbour outside the image
-    contributes 0. The output is ``sum_{c, i, j} weight[o, c, i, j] * sample[c, i, j]``.
 
-    Args:
-        x: (B, C, H, W).
-        offset: (B, 2 * deform_groups * kh * kw, H_out, W_out).
-        weight: (C_out, C, kh, kw).
+def dense_block(block: torch.nn.Module, x: Tensor) -> Tensor:
+    """A Swin block (``knet.modeling.backbone.swin.SwinBlock``, read by its attribute names) as
+    full attention over the zero-padded map, in original coordinates.
 
-    Returns:
-        (B, C_out, H_out, W_out), H_out = (H + 2 pad_h - (dil_h (kh - 1) + 1)) // stride_h + 1.
+    Token p attends to token q iff both fall in the same window of the map rolled by -shift;
+    the bias uses their offset within that window, and -100 is added when exactly one of them
+    wrapped around (original row or column < shift).
     """
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
-    dh, dw = _pair(dilation)
-    bsz, chans, height, width = x.shape
-    c_out, c_in, kh, kw = weight.shape
-    if c_in != chans:
-        raise ValueError(f"weight expects {c_in} input channels, got {chans}")
-    if chans % deform_groups != 0:
-        raise ValueError("channels must be divisible by deform_groups")
-    h_out = (height + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
-    w_out = (width + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
-    taps = kh * kw
-    expected = (bsz, 2 * deform_groups * taps, h_out, w_out)
-    if tuple(offset.shape) != expected:
-        raise ValueError(f"offset shape {tuple(offset.shape)} != expected {expected}")
-
-    dtype, device = x.dtype, x.device
-    off = offset.to(dtype).reshape(bsz, deform_groups, taps, 2, h_out, w_out)
-    tap_i = torch.arange(kh, device=device).repeat_interleave(kw)  # (K,)
-    tap_j = torch.arange(kw, device=device).repeat(kh)  # (K,)
-    grid_y = (torch.arange(h_out, device=device) * sh - ph)[None, :] + (tap_i * dh)[:, None]
-    grid_x = (torch.arange(w_out, device=device) * sw - pw)[None, :] + (tap_j * dw)[:, None]
-    # Sampling positions, each (B, G, K, H_out, W_out).
-    pos_y = grid_y.to(dtype)[None, None, :, :, None] + off[:, :, :, 0]
-    pos_x = grid_x.to(dtype)[None, None, :, None, :] + off[:, :, :, 1]
-
-    inside = (pos_y > -1) & (pos_y < height) & (pos_x > -1) & (pos_x < width)
-    y0 = torch.floor(pos_y)
-    x0 = torch.floor(pos_x)
-    frac_y = pos_y - y0
-    frac_x = pos_x - x0
-    y0 = y0.long()
-    x0 = x0.long()
-
-    per_group = chans // deform_groups
-    flat = x.reshape(bsz, deform_groups, per_group, height * width)
-    sampled = torch.zeros(
-        bsz, deform_groups, per_group, taps * h_out * w_out, dtype=dtype, device=device
+    b, h, w, c = x.shape
+    win, shift, heads = block.window, block.shift, block.attn.num_heads
+    hp, wp = h + (-h % win), w + (-w % win)
+    y = F.layer_norm(x, (c,), block.norm1.weight, block.norm1.bias)
+    y = F.pad(y, (0, 0, 0, wp - w, 0, hp - h)).reshape(b, hp * wp, c)
+    rows, cols = torch.meshgrid(torch.arange(hp), torch.arange(wp), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()
+    ry, rx = (rows - shift) % hp, (cols - shift) % wp  # coordinates in the rolled map
+    same_window = (ry[:, None] // win == ry[None, :] // win) & (
+        rx[:, None] // win == rx[None, :] // win
     )
-    corners = (
-        (0, 0, (1 - frac_y) * (1 - frac_x)),
-        (0, 1, (1 - frac_y) * frac_x),
-        (1, 0, frac_y * (1 - frac_x)),
-        (1, 1, frac_y * frac_x),
+    wy, wx = rows < shift, cols < shift
+    other_region = (wy[:, None] != wy[None, :]) | (wx[:, None] != wx[None, :])
+    dy = (ry % win)[:, None] - (ry % win)[None, :] + win - 1
+    dx = (rx % win)[:, None] - (rx % win)[None, :] + win - 1
+    bias = block.attn.relative_position_bias_table[dy * (2 * win - 1) + dx]  # (L, L, heads)
+
+    d = c // heads
+    qkv = F.linear(y, block.attn.qkv.weight, block.attn.qkv.bias).view(b, -1, 3, heads, d)
+    q, k, v = qkv.unbind(2)  # (B, L, heads, d)
+    logits = torch.einsum("bphd,bqhd->bhpq", q, k) * d**-0.5 + bias.permute(2, 0, 1)
+    logits = logits + torch.where(other_region, -100.0, 0.0).to(x.dtype)
+    logits = logits.masked_fill(~same_window, float("-inf"))
+    out = torch.einsum("bhpq,bqhd->bphd", logits.softmax(-1), v).reshape(b, hp * wp, c)
+    out = F.linear(out, block.attn.proj.weight, block.attn.proj.bias)
+    x = x + out.view(b, hp, wp, c)[:, :h, :w]
+    z = F.layer_norm(x, (c,), block.norm2.weight, block.norm2.bias)
+    return x + F.linear(
+        F.gelu(F.linear(z, block.mlp.fc1.weight, block.mlp.fc1.bias)),
+        block.mlp.fc2.weight,
+        block.mlp.fc2.bias,
     )
-    for step_y, step_x, blend in corners:
-        cy = y0 + step_y
-        cx = x0 + step_x
-        usable = inside & (cy >= 0) & (cy <= height - 1) & (cx >= 0) & (cx <= width - 1)
-        lin = (cy.clamp(0, height - 1) * width + cx.clamp(0, width - 1)).flatten(2)
-        lin = lin[:, :, None, :].expand(-1, -1, per_group, -1)
-        values = torch.gather(flat, 3, lin)
-        scale = torch.where(usable, blend, torch.zeros_like(blend)).flatten(2)
-        sampled = sampled + values * scale[:, :, None, :]
-
-    columns = sampled.reshape(bsz, chans, taps, h_out, w_out)
-    kernel = weight.to(dtype).reshape(c_out, chans, taps)
-    return torch.einsum("bckhw,ock->bohw", columns, kernel)
-
-
-# --------------------------------------------------------------------------------------
-# MMDetection ResNet ("pytorch" style, optional DCNv1)
-# --------------------------------------------------------------------------------------
-
-
-def _batch_norm(x: Tensor, get, name: str) -> Tensor:
-    """Eval-mode BatchNorm2d from ``{name}.{weight,bias,running_mean,running_var}``."""
-    return F.batch_norm(
-        x,
-        get(f"{name}.running_mean"),
-        get(f"{name}.running_var"),
-        get(f"{name}.weight"),
-        get(f"{name}.bias"),
-        training=False,
-        eps=1e-5,
-    )
-
-
-def mmdet_resnet_forward(
-    state_dict: dict[str, Tensor], x: Tensor, prefix: str = "backbone."
-) -> list[Tensor]:
-    """Functional MMDetection ``ResNet`` (``style="pytorch"``, eval mode, BN) forward.
-
-    Bottleneck blocks when ``conv3`` keys exist, else basic blocks. The stride of a stage's
-    first block sits on its 3x3 conv ("pytorch" style); a block whose 3x3 conv has
-    ``conv2.conv_offset.{weight,bias}`` is an MMCV ``DeformConv2dPack`` (DCNv1, one offset
-    group, ``fallback_on_stride=False``): offsets = 3x3 conv (same stride, padding 1) of
-    the block's conv1 output, then :func:`mmcv_deform_conv2d`.
-
-    Returns:
-        the outputs of layer1-4, (B, C_i, H_i, W_i).
-    """
-    dtype, device = x.dtype, x.device
-
-    def get(name: str) -> Tensor:
-        return state_dict[prefix + name].to(dtype=dtype, device=device)
-
-    def has(name: str) -> bool:
-        return prefix + name in state_dict
-
-    out = F.conv2d(x, get("conv1.weight"), stride=2, padding=3)
-    out = F.relu(_batch_norm(out, get, "bn1"))
-    out = F.max_pool2d(out, 3, stride=2, padding=1)
-    features: list[Tensor] = []
-    for layer in range(1, 5):
-        block = 0
-        while has(f"layer{layer}.{block}.conv1.weight"):
-            p = f"layer{layer}.{block}."
-            stride = 2 if block == 0 and layer > 1 else 1
-            bottleneck = has(p + "conv3.weight")
-            identity = out
-            if bottleneck:
-                y = F.relu(_batch_norm(F.conv2d(out, get(p + "conv1.weight")), get, p + "bn1"))
-            else:
-                y = F.conv2d(out, get(p + "conv1.weight"), stride=stride, padding=1)
-                y = F.relu(_batch_norm(y, get, p + "bn1"))
-            conv2_stride = stride if bottleneck else 1
-            if has(p + "conv2.conv_offset.weight"):
-                offset = F.conv2d(
-                    y,
-                    get(p + "conv2.conv_offset.weight"),
-                    get(p + "conv2.conv_offset.bias"),
-                    stride=conv2_stride,
-                    padding=1,
-                )
-                y = mmcv_deform_conv2d(
-                    y, offset, get(p + "conv2.weight"), stride=conv2_stride, padding=1
-                )
-            else:
-                y = F.conv2d(y, get(p + "conv2.weight"), stride=conv2_stride, padding=1)
-            y = _batch_norm(y, get, p + "bn2")
-            if bottleneck:
-                y = _batch_norm(F.conv2d(F.relu(y), get(p + "conv3.weight")), get, p + "bn3")
-            if has(p + "downsample.0.weight"):
-                identity = F.conv2d(out, get(p + "downsample.0.weight"), stride=stride)
-                identity = _batch_norm(identity, get, p + "downsample.1")
-            out = F.relu(y + identity)
-            block += 1
-        features.append(out)
-    return features

@@ -12,7 +12,7 @@ semantic ones (MMSeg, ADE20K) hold ``backbone.*`` (ResNetV1c or Swin),
 ``decode_head.kernel_generate_head.*`` (UPerNet / FCN / PSPNet / ASPP),
 ``decode_head.kernel_update_head.{s}.*`` and ``auxiliary_head.*``. The architecture is read from
 the keys (:func:`describe_official_knet_state_dict`), the names are rewritten by the rule tables
-of :mod:`knet.checkpoint.rules`, and the result is checked key by key and shape by shape against
+of :mod:`knet.conversion.rules`, and the result is checked key by key and shape by shape against
 the model built from a config: any key without a counterpart, and any model key left without a
 value, is an error.
 """
@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoint.safe_load import UnsafeCheckpointError, load_weights_file
 from .rules import (
     KNET_MMDET,
     KNET_MMSEG,
@@ -34,17 +35,13 @@ from .rules import (
     CheckpointKeyError,
     Rule,
     Section,
-    StateDictDiff,
     check_against_model,
     rename_state_dict,
 )
-from .safe_load import UnsafeCheckpointError, load_weights_file
 
 __all__ = [
-    "CheckpointKeyError",
     "UnsupportedCheckpointError",
     "CheckpointInfo",
-    "StateDictDiff",
     "describe_backbone",
     "describe_official_knet_state_dict",
     "convert_official_knet_state_dict",

@@ -1,32 +1,29 @@
-"""Training entry points shared by ``train_net.py`` and the tools."""
+"""``KNetTrainer``: Detectron2's ``DefaultTrainer`` with K-Net's data, evaluation and solver."""
 
-import functools
 import logging
 import os
 import weakref
 from collections import OrderedDict
-from unittest import mock
 
-import detectron2.engine.defaults
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import JSONWriter
+from detectron2.utils.logger import setup_logger
 
+from ..checkpoint import KNetCheckpointer
+from ..data.kinds import build_test_mapper, build_train_mapper
+from ..evaluation import build_evaluator, check_evaluation_dataset_once
+from ..modeling import SemanticKNet
 from .amp import build_amp_trainer
-from .checkpoint import KNetCheckpointer
-from .config import add_knet_config
-from .data.checks import check_evaluation_dataset_once
-from .data.dataset_classes import configured_for_datasets
-from .data.dataset_mappers import build_test_mapper, build_train_mapper
-from .data.seeded_loader import SeededTrainLoader, iteration_seed
-from .distributed import create_ddp_model
-from .evaluation import build_evaluator
-from .modeling import SemanticKNet
-from .preemption import with_preemption_checkpointer
+from .dataset_config import configured_for_datasets
+from .launch import create_ddp_model
+from .preemption import ClosableLoader, with_preemption_checkpointer
+from .seeded_loader import SeededTrainLoader, iteration_seed
 from .solver import build_optimizer
-from .test_time_augmentation import SemanticSegmentorWithTTA
+from .tta import SemanticSegmentorWithTTA
 
 
 class KNetTrainer(DefaultTrainer):
@@ -34,27 +31,39 @@ class KNetTrainer(DefaultTrainer):
 
     Checkpoints hold the optimizer (and AMP grad scaler) state besides the iteration and the
     LR scheduler, and are written atomically, so ``--resume`` continues the same run.
-    ``SOLVER.AMP.ENABLED`` trains in mixed precision on CUDA and on CPU (see :mod:`knet.amp`).
+    ``SOLVER.AMP.ENABLED`` trains in mixed precision on CUDA and on CPU (:mod:`knet.engine.amp`).
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: CfgNode):
+        # DefaultTrainer.__init__ (the same in Detectron2 v0.6 and upstream), except for the DDP
+        # wrapper (Detectron2's passes device_ids, which DDP rejects for CPU / gloo training),
+        # the step runner (its AMPTrainer is CUDA float16 only: SOLVER.AMP picks one, see
+        # knet.engine.amp) and the checkpointer (knet.checkpoint). DefaultTrainer.__init__ would
+        # build its own, so the base class initialised here is TrainerBase.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
         # class counts / outputs checked against the datasets before anything is built
-        # (knet.data.dataset_classes; -1 class counts are taken from the training dataset)
+        # (knet.engine.dataset_config; -1 class counts are taken from the training dataset)
         cfg = configured_for_datasets(cfg)
-        # Detectron2 wraps the model with device_ids, which DDP rejects for CPU (gloo) training;
-        # its AMPTrainer is CUDA float16 only: SOLVER.AMP picks the step runner (knet.amp)
-        amp_trainer = functools.partial(build_amp_trainer, cfg)
-        with mock.patch.object(detectron2.engine.defaults, "create_ddp_model", create_ddp_model):
-            with mock.patch.object(detectron2.engine.defaults, "AMPTrainer", amp_trainer):
-                super().__init__(cfg)
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False)
+        if cfg.SOLVER.AMP.ENABLED:
+            self._trainer = build_amp_trainer(cfg, model, data_loader, optimizer)
+        else:
+            self._trainer = SimpleTrainer(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = KNetCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
-        # DefaultTrainer.__init__ calls this right after creating its checkpointer: swap in ours
-        # before the checkpoint hook is built from it
-        self.checkpointer = KNetCheckpointer(
-            self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
-        )
-        # SIGTERM / SIGINT write a checkpoint before exiting (knet.preemption)
+        # SIGTERM / SIGINT write a checkpoint before exiting (knet.engine.preemption)
         return with_preemption_checkpointer(super().build_hooks(), self.checkpointer)
 
     def state_dict(self):
@@ -71,11 +80,13 @@ class KNetTrainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         """With ``SEED >= 0`` and Detectron2's default sampler, batches are a function of (seed,
-        iteration) so that ``--resume`` continues with the batches of the uninterrupted run."""
+        iteration) so that ``--resume`` continues with the batches of the uninterrupted run.
+
+        Closable, so that the preemption hook can stop its worker processes after training."""
         mapper = build_train_mapper(cfg)
         if cfg.SEED >= 0 and cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler":
-            return SeededTrainLoader(cfg, mapper)
-        return build_detection_train_loader(cfg, mapper=mapper)
+            return ClosableLoader(SeededTrainLoader(cfg, mapper))
+        return ClosableLoader(build_detection_train_loader(cfg, mapper=mapper))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -98,8 +109,9 @@ class KNetTrainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume)
-        if isinstance(self.data_loader, SeededTrainLoader):
-            self.data_loader.start_iter = self.start_iter
+        loader = getattr(self.data_loader, "loader", None)  # inside the ClosableLoader
+        if isinstance(loader, SeededTrainLoader):
+            loader.start_iter = self.start_iter
 
     def run_step(self):
         # with a seed, the step's randomness (drop path, dropout) depends on the iteration only
@@ -132,13 +144,3 @@ class KNetTrainer(DefaultTrainer):
         ]
         results = cls.test(cfg, SemanticSegmentorWithTTA(cfg, model), evaluators)
         return OrderedDict((k + "_TTA", v) for k, v in results.items())
-
-
-def get_knet_cfg(config_file: str = "", opts=()) -> CfgNode:
-    """A Detectron2 config with the K-Net keys, merged from ``config_file`` and ``opts``."""
-    cfg = get_cfg()
-    add_knet_config(cfg)
-    if config_file:
-        cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    return cfg

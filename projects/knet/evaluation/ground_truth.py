@@ -1,19 +1,19 @@
-"""Checks of an evaluation dataset's ground truth, run before inference starts.
+"""Checks of an evaluation dataset's ground truth, run before inference starts
+(:func:`knet.evaluation.check_evaluation_dataset` picks them per output).
 
 Detectron2's evaluators read the ground truth only after the whole inference pass, and some
 defects do not fail at all: a panoptic PNG segment id without a ``segments_info`` entry is
 silently ignored by the PQ computation, a ``segments_info`` id absent from its PNG becomes a
-missed segment. :func:`check_evaluation_dataset` reads every ground-truth file once (in a thread
-pool, and split over the ranks of a distributed run) and fails within seconds with the dataset,
-the file and what is wrong.
+missed segment. The checks read every ground-truth file once (in a thread pool, and split over
+the ranks of a distributed run) and fail within seconds with the dataset, the file and what is
+wrong. One check per output:
 
-What is checked depends on the dataset's ``evaluator_type``:
-
-* ``coco_panoptic_seg``: the panoptic json's structure, and for every annotation that its PNG
+* :func:`check_panoptic`: the panoptic json's structure, and for every annotation that its PNG
   exists, decodes, has the image's size, and that its segment ids (0 = void) are exactly the
   ``segments_info`` ids;
-* ``sem_seg``: every ``sem_seg_file_name`` exists, decodes to one channel, has the image's size;
-* ``coco``: the instances json exists and has ``images`` and ``categories`` (and
+* :func:`check_semantic`: every ``sem_seg_file_name`` exists, decodes to one channel, has the
+  image's size;
+* :func:`check_instances`: the instances json exists and has ``images`` and ``categories`` (and
   ``annotations``: without them Detectron2's ``COCOEvaluator`` only writes the predictions,
   which is warned about).
 
@@ -27,48 +27,39 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from detectron2.config import CfgNode
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from PIL import Image
 
-from .dataset_mappers.common import read_image_checked
+from ..data.dataset_mappers.common import read_image_checked
 
 __all__ = [
     "CHECK_MODES",
     "GroundTruthWarning",
-    "check_evaluation_dataset",
-    "check_evaluation_dataset_once",
-    "evaluation_tasks",
+    "check_images_exist",
+    "check_instances",
+    "check_mode",
+    "check_panoptic",
+    "check_semantic",
 ]
 
 logger = logging.getLogger(__name__)
 
 CHECK_MODES = ("error", "warn", "off")
-TASKS = ("panoptic", "instance", "semantic")
-# tasks checked when none are given: what the evaluator of each evaluator_type reads
-_DEFAULT_TASKS = {
-    "coco_panoptic_seg": ("panoptic",),
-    "coco": ("instance",),
-    "sem_seg": ("semantic",),
-}
 _MAX_LISTED = 5  # problems / ids quoted in one message
 _SEGMENT_KEYS = ("id", "category_id", "iscrowd", "area")  # "area": used by the PQ computation
 _ANNOTATION_KEYS = ("file_name", "image_id", "segments_info")
 _CATEGORY_KEYS = ("id", "isthing")
 _EXIF_ORIENTATION = 0x0112
-
-# (dataset name, mode, tasks) already checked by this process
-_CHECKED: set[tuple[str, str, tuple[str, ...]]] = set()
+# a check's records: the dataset's, loaded once, their images checked to exist
+Records = Callable[[], Sequence[Mapping[str, Any]]]
 
 
 class GroundTruthWarning(UserWarning):
@@ -94,87 +85,8 @@ class _FileResult:
         return self.error is not None or self.ids_mismatch
 
 
-def check_evaluation_dataset(
-    dataset_name: str, mode: str = "error", tasks: Iterable[str] | None = None
-) -> None:
-    """Check the ground truth that evaluating ``dataset_name`` will read (see the module doc).
-
-    Args:
-        dataset_name: a name registered in ``DatasetCatalog`` / ``MetadataCatalog``.
-        mode: "error" (default), "warn" (segment-id mismatches become one
-            :class:`GroundTruthWarning` with counts; other defects still raise) or "off".
-        tasks: subset of ("panoptic", "instance", "semantic") to check; default: the one
-            matching the dataset's ``evaluator_type``.
-    Raises:
-        ValueError: a defect; the message names the dataset, the file and what is wrong. A
-            missing json is a ``ValueError`` too (the ground truth cannot be evaluated).
-    """
-    mode = _check_mode(mode)
-    if mode == "off":
-        logger.warning(
-            "Ground truth of %r is not checked before evaluation (DATASETS.CHECK_GT='off')",
-            dataset_name,
-        )
-        return
-    metadata = MetadataCatalog.get(dataset_name)
-    evaluator_type = metadata.get("evaluator_type", None)
-    tasks = tuple(_DEFAULT_TASKS.get(evaluator_type, ()) if tasks is None else tasks)
-    unknown = sorted(set(tasks) - set(TASKS))
-    if unknown:
-        raise ValueError(f"Unknown ground-truth check tasks {unknown}; valid: {list(TASKS)}")
-    if not tasks:
-        logger.info(
-            "No ground-truth checks for %r (evaluator_type=%r)", dataset_name, evaluator_type
-        )
-        return
-
-    start = time.perf_counter()
-    checked = []
-    # the jsons first: a dataset loader may fail on a malformed json less clearly
-    if "instance" in tasks:
-        checked.append(_check_instances(dataset_name, metadata))
-    if "panoptic" in tasks:
-        panoptic_json = _load_panoptic_json(dataset_name, metadata)
-    records = DatasetCatalog.get(dataset_name)
-    _check_images_exist(dataset_name, records)
-    if "panoptic" in tasks:
-        checked.append(_check_panoptic(dataset_name, metadata, *panoptic_json, records, mode))
-    if "semantic" in tasks:
-        checked.append(_check_semantic(dataset_name, records))
-    logger.info(
-        "Checked the ground truth of %r (%s) in %.1fs",
-        dataset_name,
-        ", ".join(checked),
-        time.perf_counter() - start,
-    )
-
-
-def evaluation_tasks(cfg: CfgNode, dataset_name: str) -> tuple[str, ...]:
-    """The ground truth the evaluators of ``knet.evaluation.build_evaluator`` will read for
-    ``dataset_name`` under ``cfg`` (``MODEL.KNET.TEST.*_ON`` for panoptic datasets)."""
-    evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
-    if evaluator_type != "coco_panoptic_seg":
-        return _DEFAULT_TASKS.get(evaluator_type, ())
-    test = cfg.MODEL.KNET.TEST
-    on = {"panoptic": test.PANOPTIC_ON, "instance": test.INSTANCE_ON, "semantic": test.SEMANTIC_ON}
-    return tuple(t for t in TASKS if on[t])
-
-
-def check_evaluation_dataset_once(cfg: CfgNode, dataset_name: str) -> None:
-    """:func:`check_evaluation_dataset` with ``cfg.DATASETS.CHECK_GT`` and the tasks of
-    :func:`evaluation_tasks`, at most once per process for the same dataset, mode and tasks (a
-    periodic evaluation during training reads the ground truth only the first time)."""
-    mode = _check_mode(cfg.DATASETS.get("CHECK_GT", "error"))
-    tasks = evaluation_tasks(cfg, dataset_name)
-    key = (dataset_name, mode, tasks)
-    if key in _CHECKED:
-        return
-    check_evaluation_dataset(dataset_name, mode, tasks)
-    _CHECKED.add(key)
-
-
 # --------------------------------------------------------------------------- internals
-def _check_mode(mode: str) -> str:
+def check_mode(mode: str) -> str:
     if mode not in CHECK_MODES:
         raise ValueError(f"DATASETS.CHECK_GT must be one of {list(CHECK_MODES)}, got {mode!r}")
     return mode
@@ -238,7 +150,7 @@ def _load_json(dataset_name: str, path: str | None, what: str) -> dict[str, Any]
     return data
 
 
-def _check_images_exist(dataset_name: str, records: Sequence[Mapping[str, Any]]) -> None:
+def check_images_exist(dataset_name: str, records: Sequence[Mapping[str, Any]]) -> None:
     """Every record has an existing ``file_name`` (one stat per image)."""
     for r in records:
         if "file_name" not in r:
@@ -337,17 +249,13 @@ def _load_panoptic_json(dataset_name: str, metadata: Any) -> tuple[str, dict[str
     return json_file, data
 
 
-def _check_panoptic(
-    dataset_name: str,
-    metadata: Any,
-    json_file: str,
-    data: Mapping[str, Any],
-    records: Sequence[Mapping[str, Any]],
-    mode: str,
-) -> str:
-    """Every annotation's PNG: exists, decodes, has the image's size, its ids match."""
+def check_panoptic(dataset_name: str, metadata: Any, load_records: Records, mode: str) -> str:
+    """The panoptic json's structure, then every annotation's PNG: exists, decodes, has the
+    image's size, its ids match."""
     from panopticapi.utils import rgb2id
 
+    json_file, data = _load_panoptic_json(dataset_name, metadata)
+    records = load_records()
     panoptic_root = metadata.get("panoptic_root", None)
     if not panoptic_root:
         raise ValueError(f"Ground truth of dataset {dataset_name!r}: no 'panoptic_root' metadata")
@@ -441,7 +349,9 @@ def _ids_mismatch(r: _FileResult) -> str:
 
 
 # --------------------------------------------------------------------------- semantic
-def _check_semantic(dataset_name: str, records: Sequence[Mapping[str, Any]]) -> str:
+def check_semantic(dataset_name: str, metadata: Any, load_records: Records, mode: str) -> str:
+    """Every ``sem_seg_file_name`` exists, decodes to one channel, has the image's size."""
+    records = load_records()
     for r in records:
         if "sem_seg_file_name" not in r:
             raise _fail(dataset_name, r["file_name"], "the record has no 'sem_seg_file_name'")
@@ -470,7 +380,8 @@ def _check_semantic(dataset_name: str, records: Sequence[Mapping[str, Any]]) -> 
 
 
 # --------------------------------------------------------------------------- instances
-def _check_instances(dataset_name: str, metadata: Any) -> str:
+def check_instances(dataset_name: str, metadata: Any, load_records: Records, mode: str) -> str:
+    """The instances json exists and has ``images`` and ``categories`` (and ``annotations``)."""
     json_file = metadata.get("json_file", None)
     if not json_file:
         # Detectron2's COCOEvaluator then converts the dataset's records itself

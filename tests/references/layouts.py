@@ -11,7 +11,8 @@ shapes are written from the published layouts, independently of the project's co
 from collections.abc import Sequence
 
 import torch
-from official_reference import mmdet_swin_state_dict
+
+from .swin import mmdet_swin_state_dict
 
 RESNET_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 # name -> (embed dim, depths, heads) of the Swin variants of the released checkpoints
@@ -283,7 +284,7 @@ def make_mmseg_state_dict(
 
 
 def make_released_checkpoint(entry, lazy: bool = True) -> dict[str, object]:
-    """Full-size synthetic file of a model-zoo row (``knet.checkpoint.ModelZooEntry``):
+    """Full-size synthetic file of a model-zoo row (``knet.checkpoint.model_zoo.ModelZooEntry``):
     ``{"meta": {...}, "state_dict": ...}`` as ``torch.load`` returns the released files."""
     if entry.task == "semantic":
         sd = make_mmseg_state_dict(entry.decode_head, entry.backbone, lazy=lazy)

@@ -1,0 +1,187 @@
+"""The command line of ``train_net.py`` and the demo: Detectron2's arguments plus ``--dataset``.
+
+``--dataset NAME FORMAT PATH... [OPTION VALUE]...`` registers your own dataset from files
+(``knet.data.datasets.custom``; the formats are the keys of its ``DATASET_FORMATS``)::
+
+    --dataset NAME coco-instances JSON IMAGE_ROOT
+    --dataset NAME coco-panoptic JSON PNG_DIR IMAGE_ROOT
+    --dataset NAME sem-seg IMAGE_DIR LABEL_DIR --classes CLASSES.txt [--ignore-label 255]
+                                                [--image-ext jpg] [--label-ext png]
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from detectron2.data.catalog import Metadata
+
+from ..data.datasets.custom import DATASET_FORMATS, register_custom_dataset
+
+__all__ = [
+    "DatasetArgumentError",
+    "DatasetSpec",
+    "parse_args_with_datasets",
+    "parse_dataset_args",
+    "register_dataset_specs",
+]
+
+
+def _keyword(option: str) -> str:
+    return option[2:].replace("-", "_")
+
+
+class DatasetArgumentError(ValueError):
+    """A malformed ``--dataset`` option (the message says what was expected)."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One ``--dataset`` option: the arguments of :func:`register_custom_dataset`."""
+
+    name: str
+    format: str
+    paths: tuple[str, ...]
+    options: tuple[tuple[str, Any], ...] = field(default=())  # keyword arguments, sorted
+
+    def register(self, drop_categories: Sequence[str] = ()) -> Metadata:
+        return register_custom_dataset(
+            self.name,
+            self.format,
+            *self.paths,
+            drop_categories=drop_categories,
+            **dict(self.options),
+        )
+
+
+def _usage(fmt: str) -> str:
+    spec = DATASET_FORMATS[fmt]
+    opts = " ".join(f"{o} {o[2:].replace('-', '_').upper()}" for o in spec.required)
+    optional = [o for o in spec.options if o not in spec.required]
+    extra = " ".join(f"[{o} {o[2:].replace('-', '_').upper()}]" for o in optional)
+    return " ".join(x for x in ("--dataset NAME", fmt, *spec.positional, opts, extra) if x)
+
+
+def dataset_usage() -> str:
+    """The accepted forms of ``--dataset``, one per line."""
+    return "\n".join(_usage(fmt) for fmt in DATASET_FORMATS)
+
+
+def parse_dataset_args(argv: Sequence[str]) -> tuple[list[str], list[DatasetSpec]]:
+    """Take every ``--dataset NAME FORMAT PATH... [OPTION VALUE]...`` group out of ``argv``.
+
+    The number of paths depends on FORMAT (see the module docstring), so the groups can stand
+    anywhere on the command line, also among Detectron2's trailing ``KEY VALUE`` overrides.
+
+    Returns:
+        the remaining arguments (for ``argparse``) and the groups, in order.
+    Raises:
+        DatasetArgumentError: an unknown format, a missing path or option value, a repeated
+            name, or a per-dataset option outside a group that takes it.
+    """
+    rest: list[str] = []
+    specs: list[DatasetSpec] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--dataset="):
+            raise DatasetArgumentError("write --dataset NAME FORMAT PATH... without '='")
+        if token in {o for f in DATASET_FORMATS.values() for o in f.options}:
+            raise DatasetArgumentError(
+                f"{token} belongs to a dataset: write it right after the paths of its "
+                f"'--dataset NAME FORMAT ...' ({dataset_usage()})"
+            )
+        if token != "--dataset":
+            rest.append(token)
+            i += 1
+            continue
+        head = list(argv[i + 1 : i + 3])
+        if len(head) < 2 or any(t.startswith("--") for t in head):
+            raise DatasetArgumentError(
+                f"--dataset needs NAME and FORMAT; one of:\n{dataset_usage()}"
+            )
+        name, fmt = head
+        if fmt not in DATASET_FORMATS:
+            raise DatasetArgumentError(
+                f"--dataset {name}: unknown format {fmt!r}; one of: {', '.join(DATASET_FORMATS)}"
+            )
+        spec = DATASET_FORMATS[fmt]
+        i += 3
+        paths = list(argv[i : i + len(spec.positional)])
+        if len(paths) < len(spec.positional) or any(p.startswith("--") for p in paths):
+            raise DatasetArgumentError(f"--dataset {name} {fmt} expects: {_usage(fmt)}")
+        i += len(paths)
+        options: dict[str, Any] = {}
+        while i < len(argv) and argv[i] in spec.options:
+            option = argv[i]
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise DatasetArgumentError(f"--dataset {name}: {option} needs a value")
+            value: Any = argv[i + 1]
+            if option == "--ignore-label":
+                try:
+                    value = int(value)
+                except ValueError:
+                    raise DatasetArgumentError(
+                        f"--dataset {name}: --ignore-label must be an integer, got {value!r}"
+                    ) from None
+            options[_keyword(option)] = value
+            i += 2
+        for option in spec.required:
+            if _keyword(option) not in options:
+                raise DatasetArgumentError(f"--dataset {name} {fmt} needs {option}: {_usage(fmt)}")
+        if any(s.name == name for s in specs):
+            raise DatasetArgumentError(f"--dataset {name} is given twice")
+        specs.append(DatasetSpec(name, fmt, tuple(paths), tuple(sorted(options.items()))))
+    return rest, specs
+
+
+def add_dataset_arguments(parser: Any) -> None:
+    """Document ``--dataset`` in ``parser``'s help (the groups are taken out of the command line
+    by :func:`parse_dataset_args` before ``parser`` sees it)."""
+    parser.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        metavar="NAME FORMAT PATH",
+        help="register a dataset under NAME (repeatable; DATASETS.TRAIN / DATASETS.TEST name "
+        "it): 'NAME coco-instances JSON IMAGE_ROOT', 'NAME coco-panoptic JSON PNG_DIR "
+        "IMAGE_ROOT' or 'NAME sem-seg IMAGE_DIR LABEL_DIR --classes CLASSES.txt "
+        "[--ignore-label 255] [--image-ext jpg] [--label-ext png]' (see datasets/README.md)",
+    )
+
+
+def parse_args_with_datasets(parser: Any, argv: Sequence[str] | None = None) -> Any:
+    """``parser.parse_args`` of ``argv`` (default ``sys.argv[1:]``) with ``--dataset`` in its
+    help and the ``--dataset`` groups taken out first, as ``args.dataset`` (DatasetSpec list);
+    a malformed group is a usage error of ``parser``."""
+    add_dataset_arguments(parser)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        argv, datasets = parse_dataset_args(argv)
+    except DatasetArgumentError as e:
+        parser.error(str(e))
+    args = parser.parse_args(argv)
+    args.dataset = datasets
+    return args
+
+
+def register_dataset_specs(
+    specs: Sequence[DatasetSpec], drop_categories: Sequence[str] = ()
+) -> list[str]:
+    """Register every spec (see :func:`register_custom_dataset`); returns their names.
+
+    Raises:
+        DatasetArgumentError: naming the ``--dataset`` whose files or arguments are wrong.
+    """
+    for spec in specs:
+        try:
+            spec.register(drop_categories)
+        except (OSError, ValueError, KeyError) as e:
+            if isinstance(e, DatasetArgumentError):
+                raise
+            raise DatasetArgumentError(
+                f"--dataset {spec.name} {spec.format} {' '.join(spec.paths)}: {e}"
+            ) from e
+    return [s.name for s in specs]
