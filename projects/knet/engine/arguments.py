@@ -146,9 +146,9 @@ def add_dataset_arguments(parser: Any) -> None:
         default=[],
         metavar="NAME FORMAT PATH",
         help="register a dataset under NAME (repeatable; DATASETS.TRAIN / DATASETS.TEST name "
-        "it): 'NAME coco-instances JSON IMAGE_ROOT', 'NAME coco-panoptic JSON PNG_DIR "
-        "IMAGE_ROOT' or 'NAME sem-seg IMAGE_DIR LABEL_DIR --classes CLASSES.txt "
-        "[--ignore-label 255] [--image-ext jpg] [--label-ext png]' (see datasets/README.md)",
+        "it), one of: "
+        + "; ".join(_usage(fmt)[len("--dataset ") :] for fmt in DATASET_FORMATS)
+        + " (see datasets/README.md)",
     )
 
 
