@@ -470,3 +470,30 @@ def test_wrong_class_count_fails_before_training(tmp_path, data):
         result.stderr
     )
     assert "Traceback" not in result.stderr and "Starting training" not in result.stdout
+
+
+def test_sem_seg_list_registration(data, tmp_path):
+    images, labels, classes = data["semantic"]["train"]
+    register_custom_dataset("sem_pairs", "sem-seg", images, labels, classes=classes)
+    pairs = [
+        (Path(r["file_name"]).resolve(), Path(r["sem_seg_file_name"]).resolve())
+        for r in DatasetCatalog.get("sem_pairs")
+    ]
+    listed = Path(images).resolve().parent / "list.txt"  # paths relative to its folder
+    lines = [" ".join(str(p.relative_to(listed.parent)) for p in pair) for pair in pairs]
+    listed.write_text("\n".join(lines) + "\n\n")
+    argv = ["--dataset", "sem_list", "sem-seg-list", str(listed), "--classes", classes]
+    _, specs = parse_dataset_args(argv + ["--ignore-label", "254"])
+    specs[0].register()
+    meta = MetadataCatalog.get("sem_list")
+    assert meta.evaluator_type == "sem_seg" and meta.ignore_label == 254
+    assert meta.stuff_classes == SEMANTIC_CLASSES
+    assert dataset_classes("sem_list").kind == "semantic"
+    records = DatasetCatalog.get("sem_list")
+    assert [(Path(r["file_name"]), Path(r["sem_seg_file_name"])) for r in records] == pairs
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("image.jpg label.png\nonly_an_image.jpg\n")
+    register_custom_dataset("sem_bad_list", "sem-seg-list", str(bad), classes=classes)
+    with pytest.raises(ValueError, match="bad.txt, line 2: expected 'IMAGE LABEL'"):
+        DatasetCatalog.get("sem_bad_list")

@@ -7,6 +7,7 @@ One function for Python, :func:`register_custom_dataset`, and the same from the 
     --dataset NAME coco-panoptic JSON PNG_DIR IMAGE_ROOT
     --dataset NAME sem-seg IMAGE_DIR LABEL_DIR --classes CLASSES.txt [--ignore-label 255]
                                                 [--image-ext jpg] [--label-ext png]
+    --dataset NAME sem-seg-list LIST_FILE --classes CLASSES.txt [--ignore-label 255]
 
 Each ``--dataset`` registers exactly ``NAME`` (as Detectron2's ``register_coco_instances`` does);
 register the training and the validation split under the names the config's
@@ -412,6 +413,35 @@ def _load_sem_seg_checked(
     return records
 
 
+def _register_sem_seg_list(
+    name: str,
+    list_file: str,
+    drop_categories: Sequence[str],
+    classes: str | Sequence[str] | None = None,
+    ignore_label: int = 255,
+) -> None:
+    """Image / label-map pairs listed in a text file, one ``IMAGE LABEL`` pair per line, relative
+    to the list's folder (the split files of MMSeg and DeepLab)."""
+    metadata = _sem_seg_metadata(name, classes, ignore_label, drop_categories)
+    if not os.path.isfile(list_file):
+        raise FileNotFoundError(f"List file not found: {list_file}")
+    DatasetCatalog.register(name, lambda: _load_sem_seg_list(list_file))
+    MetadataCatalog.get(name).set(**metadata)
+
+
+def _load_sem_seg_list(list_file: str) -> list[dict[str, Any]]:
+    root = os.path.dirname(list_file)
+    with open(list_file, encoding="utf-8") as f:
+        lines = [(i, line.split()) for i, line in enumerate(f, 1) if line.strip()]
+    bad = next((i for i, pair in lines if len(pair) != 2), None)
+    if bad is not None:
+        raise ValueError(f"{list_file}, line {bad}: expected 'IMAGE LABEL'")
+    return [
+        {"file_name": os.path.join(root, image), "sem_seg_file_name": os.path.join(root, label)}
+        for _, (image, label) in lines
+    ]
+
+
 @dataclass(frozen=True)
 class DatasetFormat:
     """A format of dataset files: its kind (``knet.data.kinds``), its command-line arguments and
@@ -436,6 +466,13 @@ DATASET_FORMATS: dict[str, DatasetFormat] = {
         ("IMAGE_DIR", "LABEL_DIR"),
         _register_sem_seg,
         ("--classes", "--ignore-label", "--image-ext", "--label-ext"),
+        ("--classes",),
+    ),
+    "sem-seg-list": DatasetFormat(
+        "semantic",
+        ("LIST_FILE",),
+        _register_sem_seg_list,
+        ("--classes", "--ignore-label"),
         ("--classes",),
     ),
 }
