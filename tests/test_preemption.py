@@ -147,6 +147,10 @@ def test_sigint_is_taken_after_the_step_and_handlers_are_restored():
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
 
 
+def _sigterm_handler_is_default() -> bool:
+    return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def test_pools_forked_between_steps_can_be_terminated():
     """The evaluation hooks run between steps: a process pool they fork (panopticapi's PQ) takes
     the SIGTERM of its shutdown, while the step itself keeps the signals blocked."""
@@ -161,6 +165,9 @@ def test_pools_forked_between_steps_can_be_terminated():
         assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
         pool = multiprocessing.get_context("fork").Pool(1)
         assert pool.apply(abs, (-2,)) == 2
+        # the child has the handler it had before training, so a SIGTERM ends it (whether the
+        # pool's shutdown sentinel or its SIGTERM reaches the worker first)
+        default_handler = pool.apply(_sigterm_handler_is_default)
         workers = list(pool._pool)
         closer = threading.Thread(target=pool.terminate, daemon=True)
         closer.start()
@@ -170,6 +177,7 @@ def test_pools_forked_between_steps_can_be_terminated():
             if worker.is_alive():
                 worker.kill()
         assert not stuck, "terminating the pool waited on a worker that ignores SIGTERM"
+        assert default_handler, "a process forked during training has the trainer's handler"
     finally:
         hook.after_train()
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask

@@ -94,6 +94,23 @@ class TrainingInterrupted(SystemExit):
         self.iteration = iteration
 
 
+# the handlers a running PreemptionCheckpointer replaced: {signal: previous handler}
+_REPLACED_HANDLERS: dict[int, Any] = {}
+
+
+def _restore_handlers_in_child() -> None:
+    """In a process forked during training, give the signals back their former handlers: a
+    child with the trainer's handler would note a SIGTERM and go on, so that a process pool
+    forked by an evaluation hook (panopticapi's PQ pool, which its finalizer terminates) would
+    never end."""
+    for signum, previous in _REPLACED_HANDLERS.items():
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(signum, previous)
+
+
+os.register_at_fork(after_in_child=_restore_handlers_in_child)
+
+
 class PreemptionCheckpointer(HookBase):
     """Write a checkpoint and stop when SIGTERM / SIGINT arrive during training (module doc).
 
@@ -143,6 +160,7 @@ class PreemptionCheckpointer(HookBase):
         # threads started earlier (e.g. event writers) may take the signal: they run _handle
         for s in self.signals:
             self._previous[s] = signal.signal(s, self._handle)
+        _REPLACED_HANDLERS.update(self._previous)
         if hasattr(signal, "pthread_sigmask") and hasattr(signal, "sigtimedwait"):
             self._children = set(multiprocessing.active_children())
             self._old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
@@ -167,6 +185,7 @@ class PreemptionCheckpointer(HookBase):
         for s, previous in self._previous.items():
             signal.signal(s, previous)
         self._previous.clear()
+        _REPLACED_HANDLERS.clear()
 
     def _stop_train_loader(self) -> None:
         """Shut the training data loader's workers down (training is over)."""

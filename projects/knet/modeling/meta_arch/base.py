@@ -127,7 +127,8 @@ class KNetBase(nn.Module):
             raise ValueError(
                 "MODEL.SEM_SEG_HEAD.NUM_CLASSES is -1, which means 'from the training dataset': "
                 "set the class counts, or configure the config for its registered datasets first "
-                "(train_net.py and the demo do; in Python: knet.engine.dataset_config.configure_for_datasets)"
+                "(train_net.py and the demo do; in Python: configure_for_datasets of "
+                "knet.engine.dataset_config)"
             )
         backbone = build_backbone(cfg)
         return {
