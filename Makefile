@@ -1,5 +1,5 @@
 # K-Net for Detectron2: common entry points. Every target installs what it needs first.
-#   make test                 the fast tests: unit tests, about 2 minutes (creates .venv on first use)
+#   make test                 the fast tests: unit tests, no training runs (creates .venv on first use)
 #   make test-all             every test: also training runs, tool runs, full-size models (CI)
 #   make demo                 the main job: train + evaluate K-Net on the built-in toy data (CPU)
 #   make demo TASK=semantic   the same for semantic K-Net (also: ade20k_sample, coco_sample_overfit)
