@@ -32,7 +32,7 @@ from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
 from torch.multiprocessing import ProcessExitedException
 
-from knet.checkpoint import KNetCheckpointer, WeightsNotFoundError
+from knet.checkpoint import CheckpointMismatchError, KNetCheckpointer, WeightsNotFoundError
 from knet.config import load_knet_config
 from knet.data import DatasetClassError, DatasetNotRegisteredError
 from knet.engine import KNetTrainer as Trainer
@@ -43,17 +43,22 @@ from knet.engine.arguments import (
     register_dataset_specs,
 )
 from knet.engine.dataset_config import configure_for_datasets
+from knet.engine.launch import ExternalLauncherError
 from knet.engine.preemption import (
     PREEMPTION_SIGNALS,
     forward_signals_to_workers,
     interrupted_exit_code,
 )
+from knet.evaluation import TrainingSetError
 
-# errors whose message says all (no traceback): bad datasets, class counts, weights
+# errors whose message says all (no traceback): bad datasets, class counts, weights, launchers
 USER_ERRORS = (
+    CheckpointMismatchError,
     DatasetArgumentError,
     DatasetClassError,
     DatasetNotRegisteredError,
+    ExternalLauncherError,
+    TrainingSetError,
     WeightsNotFoundError,
 )
 

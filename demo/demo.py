@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """K-Net demo: segment images, a video or a webcam stream and draw the results.
 
-    python demo/demo.py --config-file CONFIG --input img1.jpg 'photos/*.jpg' --output vis/ \
+    python demo/demo.py --config-file CONFIG --input img1.jpg 'photos/*.jpg' --output vis/ \\
         [--confidence-threshold 0.5] [--amp] [--opts MODEL.WEIGHTS model.pth MODEL.DEVICE cpu]
     python demo/demo.py --config-file CONFIG --video-input clip.mp4 --output clip_vis.mp4
     python demo/demo.py --config-file CONFIG --webcam
@@ -9,8 +9,8 @@
 A model trained on your own data: give the demo the dataset options of training, for the class
 names and the class counts (``--dataset NAME FORMAT PATH...``, see datasets/README.md)::
 
-    python demo/demo.py --config-file configs/custom/knet_R18_cpu_instance.yaml \
-        --dataset my_dataset_val coco-instances val.json images/ --input photos/ --output vis/ \
+    python demo/demo.py --config-file configs/custom/knet_R18_cpu_instance.yaml \\
+        --dataset my_dataset_val coco-instances val.json images/ --input photos/ --output vis/ \\
         --opts MODEL.WEIGHTS output/my_dataset_instance_cpu/model_final.pth
 """
 
@@ -26,16 +26,13 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 import tqdm
-from detectron2.config import CfgNode
 from detectron2.utils.logger import setup_logger
 
 # ``python demo/demo.py`` puts demo/ on sys.path, so the sibling module imports directly.
 from predictor import VisualizationDemo, build_demo_cfg, count_predictions
 
 from knet.data.dataset_mappers import read_image_checked
-from knet.engine.arguments import (
-    parse_args_with_datasets,
-)
+from knet.engine.arguments import parse_args_with_datasets
 
 WINDOW_NAME = "K-Net"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -44,7 +41,8 @@ VIDEO_FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", 
 logger = logging.getLogger("knet.demo")
 
 
-def get_parser() -> argparse.ArgumentParser:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The demo's arguments; ``args.dataset`` holds the ``--dataset`` groups (DatasetSpec)."""
     parser = argparse.ArgumentParser(
         description="K-Net demo (Detectron2)", formatter_class=argparse.RawTextHelpFormatter
     )
@@ -81,22 +79,7 @@ def get_parser() -> argparse.ArgumentParser:
         nargs=argparse.REMAINDER,
         help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth MODEL.DEVICE cpu",
     )
-    return parser
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The demo's arguments; ``args.dataset`` holds the ``--dataset`` groups (DatasetSpec)."""
-    return parse_args_with_datasets(get_parser(), argv)
-
-
-def setup_cfg(args: argparse.Namespace) -> CfgNode:
-    amp = ["MODEL.KNET.TEST.AMP_DTYPE", "auto"] if args.amp else []
-    return build_demo_cfg(
-        args.config_file,
-        amp + list(args.opts),
-        args.confidence_threshold,
-        datasets=getattr(args, "dataset", ()),
-    )
+    return parse_args_with_datasets(parser, argv)
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
@@ -105,11 +88,8 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
     for pattern in patterns:
         pattern = os.path.expanduser(pattern)
         if os.path.isdir(pattern):
-            found = sorted(
-                os.path.join(pattern, name)
-                for name in os.listdir(pattern)
-                if name.lower().endswith(IMAGE_EXTENSIONS)
-            )
+            names = [n for n in os.listdir(pattern) if n.lower().endswith(IMAGE_EXTENSIONS)]
+            found = sorted(os.path.join(pattern, name) for name in names)
         elif glob.has_magic(pattern):
             found = sorted(glob.glob(pattern))
         else:
@@ -120,25 +100,16 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
     return paths
 
 
-def _is_folder_output(output: str, num_inputs: int) -> bool:
-    return (
-        num_inputs > 1
-        or os.path.isdir(output)
-        or output.endswith(os.sep)
-        or not os.path.splitext(output)[1]
-    )
-
-
 def image_output_paths(inputs: Sequence[str], output: str) -> list[str]:
     """Where to save the drawing of each input: ``output`` itself, or one file per input in the
     folder ``output`` named after the input (de-duplicated when two inputs share a name)."""
-    if not _is_folder_output(output, len(inputs)):
+    is_folder = len(inputs) > 1 or os.path.isdir(output) or output.endswith(os.sep)
+    if not is_folder and os.path.splitext(output)[1]:
         return [output]
     if len(inputs) > 1 and os.path.splitext(output)[1].lower() in IMAGE_EXTENSIONS:
         raise ValueError(f"--output {output!r} must be a folder when there are several inputs")
     os.makedirs(output, exist_ok=True)
-    used = set()
-    result = []
+    used, result = set(), []
     for path in inputs:
         stem, ext = os.path.splitext(os.path.basename(path))
         name, k = stem + ext, 1
@@ -149,6 +120,13 @@ def image_output_paths(inputs: Sequence[str], output: str) -> list[str]:
     return result
 
 
+def show(window: str, bgr: np.ndarray, wait_ms: int) -> bool:
+    """Show ``bgr`` in ``window`` and wait for a key (``wait_ms``, 0: forever); False: ESC."""
+    cv2.namedWindow(window, cv2.WINDOW_NORMAL)
+    cv2.imshow(window, bgr)
+    return cv2.waitKey(wait_ms) != 27
+
+
 def run_images(demo: VisualizationDemo, paths: Sequence[str], output: str | None) -> None:
     out_paths = image_output_paths(paths, output) if output else [None] * len(paths)
     for path, out_path in zip(tqdm.tqdm(paths, disable=not output), out_paths):
@@ -156,31 +134,22 @@ def run_images(demo: VisualizationDemo, paths: Sequence[str], output: str | None
         img = read_image_checked(path, "BGR", "image")
         start = time.perf_counter()
         predictions, vis_output = demo.run_on_image(img)
-        logger.info(
-            "%s: %s in %.2fs",
-            path,
-            count_predictions(predictions),
-            time.perf_counter() - start,
-        )
+        elapsed = time.perf_counter() - start
+        logger.info("%s: %s in %.2fs", path, count_predictions(predictions), elapsed)
         drawing = vis_output.get_image() if vis_output is not None else img[:, :, ::-1]
-        if out_path is not None:
-            if not cv2.imwrite(out_path, np.ascontiguousarray(drawing[:, :, ::-1])):
-                raise OSError(f"could not write {out_path}")
-        else:
-            cv2.namedWindow(WINDOW_NAME, cv2.WINDOW_NORMAL)
-            cv2.imshow(WINDOW_NAME, drawing[:, :, ::-1])
-            if cv2.waitKey(0) == 27:
-                break  # esc to quit
+        if out_path is None:
+            if not show(WINDOW_NAME, drawing[:, :, ::-1], wait_ms=0):
+                break
+        elif not cv2.imwrite(out_path, np.ascontiguousarray(drawing[:, :, ::-1])):
+            raise OSError(f"could not write {out_path}")
 
 
 def run_webcam(demo: VisualizationDemo) -> None:
     cam = cv2.VideoCapture(0)
     try:
         for vis in tqdm.tqdm(demo.run_on_video(cam)):
-            cv2.namedWindow(WINDOW_NAME, cv2.WINDOW_NORMAL)
-            cv2.imshow(WINDOW_NAME, vis)
-            if cv2.waitKey(1) == 27:
-                break  # esc to quit
+            if not show(WINDOW_NAME, vis, wait_ms=1):
+                break
     finally:
         cam.release()
         cv2.destroyAllWindows()
@@ -203,9 +172,8 @@ def run_video(demo: VisualizationDemo, video_path: str, output: str | None) -> N
         else:
             out_path = output
         fourcc = VIDEO_FOURCC.get(os.path.splitext(out_path)[1].lower(), "mp4v")
-        writer = cv2.VideoWriter(
-            out_path, cv2.VideoWriter_fourcc(*fourcc), float(fps), (width, height), True
-        )
+        codec = cv2.VideoWriter_fourcc(*fourcc)
+        writer = cv2.VideoWriter(out_path, codec, float(fps), (width, height), True)
         if not writer.isOpened():
             raise OSError(f"OpenCV cannot write {out_path} with codec {fourcc}")
     start, count = time.perf_counter(), 0
@@ -214,11 +182,8 @@ def run_video(demo: VisualizationDemo, video_path: str, output: str | None) -> N
             count += 1
             if writer is not None:
                 writer.write(vis_frame)
-            else:
-                cv2.namedWindow(basename, cv2.WINDOW_NORMAL)
-                cv2.imshow(basename, vis_frame)
-                if cv2.waitKey(1) == 27:
-                    break  # esc to quit
+            elif not show(basename, vis_frame, wait_ms=1):
+                break
     finally:
         video.release()
         if writer is not None:
@@ -241,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.webcam and args.output:
         raise SystemExit("--output is not supported with --webcam")
 
-    cfg = setup_cfg(args)
+    amp = ["MODEL.KNET.TEST.AMP_DTYPE", "auto"] if args.amp else []
+    cfg = build_demo_cfg(args.config_file, amp + args.opts, args.confidence_threshold, args.dataset)
     demo = VisualizationDemo(cfg)
     if args.input:
         run_images(demo, expand_inputs(args.input), args.output)

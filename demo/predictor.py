@@ -1,7 +1,8 @@
 """Run K-Net on images and videos and draw the results with Detectron2's visualizers.
 
-``VisualizationDemo`` follows Detectron2's demo: a ``DefaultPredictor`` (or, with
-``parallel=True``, an :class:`AsyncPredictor` with one worker process per GPU) plus
+``VisualizationDemo`` follows Detectron2's demo: a ``KNetPredictor`` (``DefaultPredictor`` with
+the input checks first; or, with ``parallel=True``, an :class:`AsyncPredictor` with one worker
+process per GPU) plus
 ``Visualizer`` / ``VideoVisualizer`` using the metadata of the first registered dataset of
 ``cfg.DATASETS.TEST`` and ``cfg.DATASETS.TRAIN`` (:func:`demo_metadata`): its class names and
 colours label the drawings. Datasets of your own are registered with ``datasets`` of
@@ -11,7 +12,6 @@ colours label the drawings. Datasets of your own are registered with ``datasets`
 from __future__ import annotations
 
 import atexit
-import bisect
 import logging
 import multiprocessing as mp
 from collections import deque
@@ -24,24 +24,15 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
-from detectron2.engine.defaults import DefaultPredictor
 from detectron2.structures import Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
 
-import knet  # noqa: F401  (registers K-Net's meta-architecture and datasets)
-from knet.config import load_knet_config
+from knet.config import load_knet_config  # importing knet registers its models and datasets
+from knet.engine import KNetPredictor
 from knet.engine.arguments import DatasetSpec, register_dataset_specs
 from knet.engine.dataset_config import configure_for_datasets
 from knet.visualization import draw_predictions
-
-__all__ = [
-    "AsyncPredictor",
-    "VisualizationDemo",
-    "build_demo_cfg",
-    "count_predictions",
-    "demo_metadata",
-]
 
 logger = logging.getLogger("knet.demo")
 
@@ -61,20 +52,16 @@ def build_demo_cfg(
 
     ``confidence_threshold`` (if given) sets both ``MODEL.KNET.TEST.INSTANCES_SCORE_THRESH``
     (instance output) and ``MODEL.KNET.TEST.PANOPTIC_THING_SCORE_THRESH`` (things in the panoptic
-    merge). It is
-    applied before ``opts``, so an explicit ``--opts`` value for either key still wins.
-    ``MODEL.DEVICE`` falls back to ``cpu`` when the config asks for CUDA and none is available.
+    merge). It is applied before ``opts``, so an explicit ``--opts`` value for either key still
+    wins. ``MODEL.DEVICE`` falls back to ``cpu`` when the config asks for CUDA and none is
+    available.
     """
-    threshold_opts: list[str] = []
+    thresholds = []
     if confidence_threshold is not None:
         value = str(float(confidence_threshold))
-        threshold_opts = [
-            "MODEL.KNET.TEST.INSTANCES_SCORE_THRESH",
-            value,
-            "MODEL.KNET.TEST.PANOPTIC_THING_SCORE_THRESH",
-            value,
-        ]
-    cfg, explicit_keys = load_knet_config(config_file, threshold_opts + list(opts))
+        thresholds = ["MODEL.KNET.TEST.INSTANCES_SCORE_THRESH", value]
+        thresholds += ["MODEL.KNET.TEST.PANOPTIC_THING_SCORE_THRESH", value]
+    cfg, explicit_keys = load_knet_config(config_file, thresholds + list(opts))
     register_dataset_specs(datasets, cfg.DATASETS.DROP_CATEGORIES)
     configure_for_datasets(cfg, explicit_keys, mode="inference")
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
@@ -88,10 +75,8 @@ def demo_metadata(cfg: CfgNode) -> Metadata:
     """The metadata of the first registered dataset of ``DATASETS.TEST`` then
     ``DATASETS.TRAIN`` (empty metadata if none is: classes are then drawn as numbers)."""
     registered = set(DatasetCatalog.list())
-    for name in list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN):
-        if name in registered:
-            return MetadataCatalog.get(name)
-    return MetadataCatalog.get("__unused")
+    names = [n for n in [*cfg.DATASETS.TEST, *cfg.DATASETS.TRAIN] if n in registered]
+    return MetadataCatalog.get(names[0] if names else "__unused")
 
 
 def count_predictions(predictions: dict[str, Any]) -> str:
@@ -111,14 +96,12 @@ def count_predictions(predictions: dict[str, Any]) -> str:
 
 def _to_cpu(predictions: dict[str, Any]) -> dict[str, Any]:
     """Move one image's outputs to the CPU (panoptic tuple, Instances, tensors)."""
-    out: dict[str, Any] = {}
+    out = dict(predictions)
     for key, value in predictions.items():
         if key == "panoptic_seg":
             out[key] = (value[0].cpu(), value[1])
         elif isinstance(value, (torch.Tensor, Instances)):
             out[key] = value.to("cpu")
-        else:
-            out[key] = value
     return out
 
 
@@ -126,10 +109,7 @@ class VisualizationDemo:
     """Predict and visualise K-Net outputs for single images or video streams."""
 
     def __init__(
-        self,
-        cfg: CfgNode,
-        instance_mode: ColorMode = ColorMode.IMAGE,
-        parallel: bool = False,
+        self, cfg: CfgNode, instance_mode: ColorMode = ColorMode.IMAGE, parallel: bool = False
     ):
         """
         Args:
@@ -139,13 +119,9 @@ class VisualizationDemo:
                 video frames are predicted while earlier ones are drawn.
         """
         self.metadata = demo_metadata(cfg)
-        self.cpu_device = torch.device("cpu")
         self.instance_mode = instance_mode
         self.parallel = parallel
-        if parallel:
-            self.predictor: Any = AsyncPredictor(cfg)
-        else:
-            self.predictor = DefaultPredictor(cfg)
+        self.predictor: Any = AsyncPredictor(cfg) if parallel else KNetPredictor(cfg)
 
     def run_on_image(self, image: np.ndarray) -> tuple[dict[str, Any], VisImage | None]:
         """
@@ -176,23 +152,17 @@ class VisualizationDemo:
         Yields:
             (H, W, 3) uint8 BGR frames with the predictions drawn on them, in input order.
         """
-        video_visualizer = VideoVisualizer(self.metadata, self.instance_mode)
+        visualizer = VideoVisualizer(self.metadata, self.instance_mode)
 
         def draw(frame: np.ndarray, predictions: dict[str, Any]) -> np.ndarray:
             rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
             if "panoptic_seg" in predictions:
-                panoptic_seg, segments_info = predictions["panoptic_seg"]
-                vis = video_visualizer.draw_panoptic_seg_predictions(
-                    rgb, panoptic_seg.to(self.cpu_device), segments_info
-                )
+                panoptic_seg, segments = predictions["panoptic_seg"]
+                vis = visualizer.draw_panoptic_seg_predictions(rgb, panoptic_seg.cpu(), segments)
             elif "instances" in predictions:
-                vis = video_visualizer.draw_instance_predictions(
-                    rgb, predictions["instances"].to(self.cpu_device)
-                )
+                vis = visualizer.draw_instance_predictions(rgb, predictions["instances"].to("cpu"))
             elif "sem_seg" in predictions:
-                vis = video_visualizer.draw_sem_seg(
-                    rgb, predictions["sem_seg"].argmax(dim=0).to(self.cpu_device)
-                )
+                vis = visualizer.draw_sem_seg(rgb, predictions["sem_seg"].argmax(dim=0).cpu())
             else:
                 return frame
             return cv2.cvtColor(vis.get_image(), cv2.COLOR_RGB2BGR)
@@ -215,27 +185,16 @@ class VisualizationDemo:
             yield draw(pending.popleft(), self.predictor.get())
 
 
-class _PredictorWorker(mp.Process):
-    """A process holding one ``DefaultPredictor``: (index, image) in, (index, outputs) out."""
-
-    def __init__(self, cfg: CfgNode, task_queue: Any, result_queue: Any):
-        super().__init__(daemon=True)
-        self.cfg = cfg
-        self.task_queue = task_queue
-        self.result_queue = result_queue
-
-    def run(self) -> None:
-        predictor = DefaultPredictor(self.cfg)
-        while True:
-            task = self.task_queue.get()
-            if task is None:
-                break
-            index, image = task
-            self.result_queue.put((index, _to_cpu(predictor(image))))
+def _predictor_worker(cfg: CfgNode, task_queue: Any, result_queue: Any) -> None:
+    """A worker process's loop: one ``KNetPredictor``, (index, image) in, (index, outputs) out
+    until a None task."""
+    predictor = KNetPredictor(cfg)
+    for index, image in iter(task_queue.get, None):
+        result_queue.put((index, _to_cpu(predictor(image))))
 
 
 class AsyncPredictor:
-    """``DefaultPredictor`` run in worker processes (one per GPU, or a single CPU worker).
+    """``KNetPredictor`` run in worker processes (one per GPU, or a single CPU worker).
 
     ``put(image)`` queues an image, ``get()`` returns the outputs of the images in the order they
     were put; ``predictor(image)`` does both. Outputs come back on the CPU.
@@ -246,20 +205,18 @@ class AsyncPredictor:
         if num_workers is None:
             num_workers = max(num_gpus, 1)
         ctx = mp.get_context("spawn")
-        self.task_queue = ctx.Queue()
-        self.result_queue = ctx.Queue()
-        self.workers: list[_PredictorWorker] = []
+        self.task_queue, self.result_queue = ctx.Queue(), ctx.Queue()
+        self.workers: list[mp.Process] = []
         for i in range(num_workers):
             worker_cfg = cfg.clone()
             worker_cfg.defrost()
             worker_cfg.MODEL.DEVICE = f"cuda:{i % num_gpus}" if num_gpus else "cpu"
-            self.workers.append(_PredictorWorker(worker_cfg, self.task_queue, self.result_queue))
+            args = (worker_cfg, self.task_queue, self.result_queue)
+            self.workers.append(mp.Process(target=_predictor_worker, args=args, daemon=True))
         for worker in self.workers:
             worker.start()
-        self._next_put = 0
-        self._next_get = 0
-        self._ready_ids: list[int] = []
-        self._ready: list[dict[str, Any]] = []
+        self._next_put = self._next_get = 0
+        self._ready: dict[int, dict[str, Any]] = {}  # results that came back before their turn
         self._closed = False
         atexit.register(self.shutdown)
 
@@ -280,17 +237,10 @@ class AsyncPredictor:
             raise RuntimeError("AsyncPredictor.get() called with no image queued")
         wanted = self._next_get
         self._next_get += 1
-        if self._ready_ids and self._ready_ids[0] == wanted:
-            self._ready_ids.pop(0)
-            return self._ready.pop(0)
-        while True:
+        while wanted not in self._ready:
             index, result = self.result_queue.get()
-            if index == wanted:
-                return result
-            # an out-of-order result: keep it, sorted by index
-            pos = bisect.bisect(self._ready_ids, index)
-            self._ready_ids.insert(pos, index)
-            self._ready.insert(pos, result)
+            self._ready[index] = result
+        return self._ready.pop(wanted)
 
     def __call__(self, image: np.ndarray) -> dict[str, Any]:
         self.put(image)

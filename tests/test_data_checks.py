@@ -381,7 +381,7 @@ def test_modes(gt, cfg, caplog):
     name = gt.panoptic()
     with pytest.raises(ValueError, match="CHECK_GT must be one of"):
         check_evaluation_dataset(name, "ignore")
-    checks_logger = logging.getLogger("knet.data.checks")
+    checks_logger = logging.getLogger("knet.evaluation")
     checks_logger.addHandler(caplog.handler)  # also when "knet" does not propagate
     try:
         check_evaluation_dataset(name, "off")  # skipped, with a log line

@@ -1,6 +1,7 @@
 """Resuming a training run: the same batches, optimizer state and losses as without interruption."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -142,3 +143,47 @@ def test_checkpoints_are_atomic_and_resume_falls_back(tmp_path, caplog):
     (tmp_path / "model_0000001.pth").write_bytes(b"garbage")
     with pytest.raises(CorruptCheckpointError, match="No readable checkpoint"):
         KNetCheckpointer(restored, save_dir=str(tmp_path)).resume_or_load("", resume=True)
+
+
+def test_resume_falls_back_by_iteration_not_file_time(tmp_path, caplog):
+    """After a copy that resets file times (``cp -r``), the fallback still takes the readable
+    checkpoint of the highest iteration and names the one it skipped."""
+    model = torch.nn.Linear(3, 2)
+    checkpointer = KNetCheckpointer(model, save_dir=str(tmp_path))
+    for iteration in (3, 11, 12):
+        with torch.no_grad():
+            model.weight.fill_(iteration)
+        checkpointer.save(f"model_{iteration:07d}", iteration=iteration)
+    (tmp_path / "model_0000012.pth").write_bytes(b"")  # the tagged one, unreadable
+    now = time.time()
+    os.utime(tmp_path / "model_0000003.pth", (now + 60, now + 60))  # newest by time
+    restored = torch.nn.Linear(3, 2)
+    resumed = KNetCheckpointer(restored, save_dir=str(tmp_path)).resume_or_load("", resume=True)
+    assert resumed["iteration"] == 11
+    assert torch.equal(restored.weight, torch.full((2, 3), 11.0))
+    assert "skipped model_0000012.pth" in caplog.text
+
+
+def test_failed_and_killed_writes_leave_no_temporary_file(tmp_path, monkeypatch, caplog):
+    model = torch.nn.Linear(3, 2)
+    checkpointer = KNetCheckpointer(model, save_dir=str(tmp_path))
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpointer.save("model_0000001")
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    # a write killed with its process: removed (and logged) at the next start
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    (tmp_path / f"model_0000007.pth.tmp{dead}").write_bytes(b"x" * 1000)
+    live = tmp_path / f"model_0000008.pth.tmp{os.getpid()}"  # a write still running: kept
+    live.write_bytes(b"x")
+    with caplog.at_level(logging.INFO, logger="knet"):
+        KNetCheckpointer(model, save_dir=str(tmp_path)).resume_or_load("", resume=True)
+    assert sorted(os.listdir(tmp_path)) == [live.name]
+    assert f"model_0000007.pth.tmp{dead}" in caplog.text and "killed" in caplog.text

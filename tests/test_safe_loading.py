@@ -22,10 +22,11 @@ from knet.checkpoint import (
     CorruptCheckpointError,
     KNetCheckpointer,
     UnsafeCheckpointError,
+    describe_weights,
     load_weights_file,
 )
 from knet.conversion import save_detectron2_checkpoint
-from knet.engine import get_knet_cfg
+from knet.engine import KNetTrainer, get_knet_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_CONFIG = str(REPO / "configs" / "toy" / "knet_R18_toy_panoptic.yaml")
@@ -156,6 +157,11 @@ def test_evaluation_refuses_a_checkpoint_that_does_not_fit(tmp_path, toy_state_d
         DefaultPredictor(_predictor_cfg(str(path)))
     message = str(error.value)
     assert str(path) in message and cls_key in message and dropped.rsplit(".", 1)[0] in message
+    # first what the file holds and what the config builds, then the keys
+    first, keys = message.split("\nKeys: ")
+    assert "holds a panoptic / instance K-Net (ResNet-18, 10 classes)" in first
+    assert "the config builds a panoptic / instance K-Net (ResNet-18, 7 classes)" in first
+    assert cls_key not in first and cls_key in keys
 
 
 def test_fine_tuning_loads_what_fits_with_one_summary_line(tmp_path, toy_state_dict, caplog):
@@ -174,6 +180,53 @@ def test_fine_tuning_loads_what_fits_with_one_summary_line(tmp_path, toy_state_d
     assert all(torch.equal(loaded[k], toy_state_dict[k]) for k in resized)  # initialisation kept
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(lines) == 1 and f"{len(resized)} with another shape" in lines[0], lines
+
+
+def _semantic_toy_state_dict() -> dict[str, torch.Tensor]:
+    cfg = get_knet_cfg(str(REPO / "configs/toy/knet_upernet_R18_toy_semantic.yaml"), [])
+    return KNetTrainer.build_model(cfg).state_dict()
+
+
+def test_training_refuses_another_models_weights_unless_partial(tmp_path, toy_state_dict):
+    """A semantic model's file given to the panoptic config (a typo'd path) would leave most of
+    the model random: refused for training, with what the file holds; loaded when asked."""
+    path = tmp_path / "semantic.pth"
+    save_detectron2_checkpoint(_semantic_toy_state_dict(), str(path), author="test")
+    model = DefaultPredictor(_predictor_cfg("")).model.train()
+    with pytest.raises(CheckpointMismatchError) as error:
+        KNetCheckpointer(model).load(str(path))
+    first = str(error.value).split("\nKeys: ")[0]
+    assert f"{path} holds a semantic K-Net (ResNet-18 with deep stem, 7 classes)" in first
+    assert "MODEL.WEIGHTS_PARTIAL True" in first
+    KNetCheckpointer(model, allow_partial=True).load(str(path))  # asked for: what fits
+    # a pretrained backbone (ImageNet) leaves the heads random, as intended: loaded
+    backbone = {k: v for k, v in toy_state_dict.items() if k.startswith("backbone.bottom_up.")}
+    save_detectron2_checkpoint(backbone, str(tmp_path / "backbone.pth"), author="test")
+    KNetCheckpointer(model).load(str(tmp_path / "backbone.pth"))
+
+
+@pytest.mark.parametrize(
+    "config, description",
+    [
+        ("coco/panoptic-segmentation/knet_R50_bs16_1x.yaml", "K-Net (ResNet-50, 133 classes)"),
+        (
+            "coco/instance-segmentation/knet_R101_DCN_bs16_ms3x.yaml",
+            "K-Net (ResNet-101 with deformable convs, 80 classes)",
+        ),
+        (
+            "ade20k/semantic-segmentation/knet_s3_upernet_R50_bs16_80k.yaml",
+            "semantic K-Net (ResNet-50 with deep stem, 150 classes)",
+        ),
+        ("ade20k/semantic-segmentation/knet_s3_upernet_swin_T_bs16_80k.yaml", "(Swin-T/S, 150"),
+    ],
+)
+def test_weights_are_described_from_their_keys(config, description):
+    cfg = get_knet_cfg(str(REPO / "configs" / config), ["MODEL.DEVICE", "cpu"])
+    state = KNetTrainer.build_model(cfg).state_dict()
+    assert description in describe_weights(state)
+    backbone = {k: v for k, v in state.items() if k.startswith("backbone.")}
+    assert describe_weights(backbone).startswith("a backbone only (")
+    assert "MMDetection layout" in describe_weights({"rpn_head.init_kernels.weight": 0})
 
 
 def test_resave_tool_makes_a_trusted_file_loadable(tmp_path, toy_state_dict):

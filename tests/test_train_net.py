@@ -95,3 +95,19 @@ def test_semantic_train_and_eval_only_with_tta(tmp_path, toy_root):
     log = evaluated.stdout + evaluated.stderr
     assert log.count("copypaste: mIoU,fwIoU,mACC,pACC") == 2  # plain and with TTA
     assert (Path(out) / "inference_TTA" / "sem_seg_predictions.json").is_file()
+
+
+def test_process_of_an_external_launcher_stops_before_writing(tmp_path):
+    """torchrun's environment (WORLD_SIZE > 1) with a train_net.py that would train alone: an
+    error naming the variable and the command to use, and no output folder."""
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, str(REPO / "train_net.py"),
+        "--config-file", "configs/toy/knet_R18_toy_panoptic.yaml", "OUTPUT_DIR", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "WORLD_SIZE=2" in proc.stderr and "--num-gpus 2" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()

@@ -1,22 +1,15 @@
 #!/usr/bin/env python
 """Inference speed and peak memory of K-Net (eager, TorchScript, ONNX Runtime) against a floor.
 
-    python tools/benchmark.py --threads 2                        # R-50 panoptic as shipped, CPU
-    python tools/benchmark.py --threads 2 --outputs panoptic     # panoptic output only
-    python tools/benchmark.py --threads 2 --engines eager torchscript onnx --breakdown
-    python tools/benchmark.py --amp --train                      # + mixed precision, training
-    python tools/benchmark.py --device cuda --batch-size 8 --iters 20 --warmup 5
+    python tools/benchmark.py --threads 2 --outputs panoptic --engines eager torchscript onnx
 
-Models get random weights (``--weights``: a checkpoint) and run in eval mode as
-``DefaultPredictor`` runs them, post-processing included, on Grace Hopper's photo (matplotlib)
-resized to ``--size``; ``torchscript`` / ``onnx`` time the ``knet.export`` file, one call per
-image. Every ratio is to Detectron2's R50-FPN backbone timed in the same run (NCHW; on the CPU
-also channels-last, for reference). ``--amp`` adds ``MODEL.KNET.TEST.AMP_DTYPE auto`` (accuracy:
-``tests/test_amp.py``), ``--train`` a ``SimpleTrainer`` step on toy scenes. Peak memory: CUDA
-``max_memory_allocated`` or the CPU resident set's high-water mark, above the level before.
+Models (random weights unless ``--weights``) run in eval mode as ``DefaultPredictor`` runs them,
+post-processing included, on Grace Hopper's photo (matplotlib) resized to ``--size``; exported
+engines run the ``knet.export`` file, one call per image; ``--amp`` sets
+``MODEL.KNET.TEST.AMP_DTYPE auto`` (accuracy: ``tests/test_amp.py``), ``--train`` times a
+``SimpleTrainer`` step on toy scenes. Every ratio is to Detectron2's R50-FPN backbone timed in the
+same run (NCHW; on the CPU also channels-last, for reference).
 """
-
-from __future__ import annotations
 
 import argparse
 import ctypes
@@ -24,11 +17,12 @@ import gc
 import itertools
 import json
 import os
-import statistics
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -41,14 +35,11 @@ from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
 from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import EventStorage
 from fvcore.common.timer import Timer
-from fvcore.nn import parameter_count
 from make_toy_dataset import render_scene  # run as a script: tools/ is on sys.path
 from matplotlib import cbook
 from tabulate import tabulate
 
-import knet  # noqa: F401  (registers K-Net's meta-architecture and datasets)
-from knet.collect_env import machine_info
-from knet.data.datasets.panoptic import contiguous_id_map
+from knet.collect_env import machine_info  # importing knet registers its models and datasets
 from knet.data.datasets.toy import TOY_CATEGORIES, TOY_NUM_THING_CLASSES
 from knet.engine import get_knet_cfg
 from knet.engine.solver import build_optimizer
@@ -56,27 +47,21 @@ from knet.export import ExportedKNet, KNetExportModule, export_onnx, export_torc
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs/coco/panoptic-segmentation/knet_R50_bs16_1x.yaml")
-OUTPUT_FLAGS = ("PANOPTIC_ON", "INSTANCE_ON", "SEMANTIC_ON")
 OUTPUT_NAMES = {"panoptic_seg": "panoptic", "instances": "instance", "sem_seg": "semantic"}
 PARTS = ("backbone", "pixel_decoder", "kernel_head", "postprocessor")  # timed by --breakdown
-EXPORT_SIZE = (480, 640)
-TOY_CLASS = contiguous_id_map(TOY_CATEGORIES)  # toy category id -> class, things first
+TOY_CLASS = {c["id"]: k for k, c in enumerate(TOY_CATEGORIES)}  # category id -> class, things first
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    try:
+    with suppress(ValueError):
         h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"--size must be HxW, e.g. 800x1216, got {text!r}") from e
-    if h <= 0 or w <= 0:
-        raise argparse.ArgumentTypeError(f"--size must be positive, got {text!r}")
-    return h, w
+        if h > 0 and w > 0:
+            return h, w
+    raise argparse.ArgumentTypeError(f"--size must be positive HxW, e.g. 800x1216, got {text!r}")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--config-file", nargs="+", default=[DEFAULT_CONFIG], metavar="FILE", help="model(s)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -108,121 +93,83 @@ def image_tensor(rgb: np.ndarray, input_format: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
-# --------------------------------------------------------------------------- measuring
-def _malloc_trim() -> None:
-    """Return freed heap memory to the OS, so that a measurement starts from the floor."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _resident_high_water_kib() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA), so that a timer reads the work done."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-@contextmanager
-def peak_memory(device: torch.device) -> Iterator[dict[str, float | None]]:
-    """``["mib"]`` holds, after the block, its peak memory above the level at entry (None where
-    not measurable): CUDA ``max_memory_allocated``; on the CPU the kernel's high-water mark of
-    the resident set (``VmHWM``, restarted at entry from the current resident set)."""
-    gc.collect()
-    result: dict[str, float | None] = {"mib": None}
+def memory_mib(device: torch.device, start: bool) -> float | None:
+    """Start (``start``) or read a peak-memory measurement: CUDA ``max_memory_allocated``; on the
+    CPU the kernel's high-water mark of the resident set (``VmHWM``), restarted from the current
+    resident set once freed heap memory is returned to the OS. None where not measurable."""
     if device.type == "cuda":
         synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        yield result
-        synchronize(device)
-        result["mib"] = (torch.cuda.max_memory_allocated(device) - base) / 1024**2
-        return
-    _malloc_trim()
+        if start:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.max_memory_allocated(device) / 1024**2
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS (Linux >= 4.0)
-        base = _resident_high_water_kib()
-    except OSError:
-        base = None
-    yield result
-    high = _resident_high_water_kib()
-    if base is not None and high is not None:
-        result["mib"] = (high - base) / 1024
+        if start:
+            with suppress(OSError, AttributeError):
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
+        status = Path("/proc/self/status").read_text().splitlines()
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def measure(name: str, fn: Callable[[], Any], device, args, part_timers=None) -> dict[str, Any]:
-    """Run ``fn`` ``--warmup`` times untimed, then ``--iters`` times timed; ``part_timers``
-    (see :func:`timed_parts`) are reset to count the timed runs only."""
-    times = []
-    with peak_memory(device) as memory:
-        for _ in range(args.warmup):
-            fn()
-        synchronize(device)
-        for timer in (part_timers or {}).values():
-            timer.reset()
-            timer.pause()
-        for _ in range(args.iters):
-            timer = Timer()
-            fn()
-            synchronize(device)
-            times.append(timer.seconds())
-    median = statistics.median(times)
-    return {
-        "name": name,
-        "median_s": median,
-        "times_s": times,
-        "images_per_s": args.batch_size / median,
-        "peak_mem_mib": memory["mib"],
-    }
-
-
-@contextmanager
-def timed_parts(model: torch.nn.Module | None, device: torch.device) -> Iterator[dict[str, Timer]]:
-    """A paused fvcore ``Timer`` per part of ``model`` in :data:`PARTS` (those it has; none for
-    None), running from each forward pre-hook of the part to its forward hook while the block
-    runs: the seconds spent in every call of the part."""
-    timers: dict[str, Timer] = {}
-    handles = []
-    for name in PARTS if model is not None else ():
-        module = getattr(model, name, None)
-        if not isinstance(module, torch.nn.Module):
-            continue
-        timer = timers[name] = Timer()
+    """Run ``fn`` ``--warmup`` times untimed, then ``--iters`` times timed, with the peak memory
+    of all the runs above the level before; ``part_timers`` then count the timed runs only."""
+    gc.collect()
+    base = memory_mib(device, start=True)
+    for _ in range(args.warmup):
+        fn()
+    synchronize(device)
+    for timer in (part_timers or {}).values():
+        timer.reset()
         timer.pause()
+    times = []
+    for _ in range(args.iters):
+        timer = Timer()
+        fn()
+        synchronize(device)
+        times.append(timer.seconds())
+    high = memory_mib(device, start=False)
+    median = float(np.median(times))
+    result = {"name": name, "median_s": median, "times_s": times}
+    result["images_per_s"] = args.batch_size / median
+    result["peak_mem_mib"] = None if base is None or high is None else high - base
+    return result
 
-        def start(*_, timer: Timer = timer) -> None:
-            synchronize(device)
-            timer.resume()
 
-        def stop(*_, timer: Timer = timer) -> None:
-            synchronize(device)
+def timed_parts(model: torch.nn.Module, device: torch.device) -> tuple[dict[str, Timer], list]:
+    """A paused fvcore ``Timer`` per part of ``model`` in :data:`PARTS` (those it has) that forward
+    hooks run during every call of the part, and the hooks' handles."""
+
+    def hook(*_, switch: Callable[[], None]) -> None:
+        synchronize(device)
+        switch()
+
+    timers, handles = {}, []
+    for name in PARTS:
+        module = getattr(model, name, None)
+        if isinstance(module, torch.nn.Module):
+            timers[name] = timer = Timer()
             timer.pause()
-
-        handles += [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
-    try:
-        yield timers
-    finally:
-        for handle in handles:
-            handle.remove()
+            handles.append(module.register_forward_pre_hook(partial(hook, switch=timer.resume)))
+            handles.append(module.register_forward_hook(partial(hook, switch=timer.pause)))
+    return timers, handles
 
 
-# --------------------------------------------------------------------------- what is timed
 def build_model(config_file: str, args: argparse.Namespace, weights: str, extra=()):
     """(config, model of Detectron2's predictor) with ``--outputs``, ``--opts``, ``--device``,
     ``weights`` ("": random initialisation, the same for every model of a config), ``extra``."""
     opts = []
-    for flag in OUTPUT_FLAGS if args.outputs != "as-shipped" else ():
-        opts += [f"MODEL.KNET.TEST.{flag}", str(flag == f"{args.outputs.upper()}_ON")]
+    for output in OUTPUT_NAMES.values() if args.outputs != "as-shipped" else ():
+        opts += [f"MODEL.KNET.TEST.{output.upper()}_ON", str(output == args.outputs)]
     opts += [*args.opts, "MODEL.DEVICE", args.device, "MODEL.WEIGHTS", weights, *extra]
     cfg = get_knet_cfg(config_file, opts)
     cfg.freeze()
@@ -245,16 +192,6 @@ def floor_backbone(rgb: np.ndarray, device: torch.device, channels_last: bool):
     return lambda: backbone(padded)
 
 
-def exported_runner(model, cfg, engine: str, folder: str, threads: int) -> ExportedKNet:
-    module = KNetExportModule(model)
-    sample = torch.randint(0, 256, (3, *EXPORT_SIZE), dtype=torch.uint8)
-    export = export_onnx if engine == "onnx" else export_torchscript
-    path = os.path.join(folder, "model.onnx" if engine == "onnx" else "model.ts")
-    extra = () if engine == "onnx" else ("tracing",)
-    path = export(module, sample, path, module.metadata(cfg), *extra)
-    return ExportedKNet(path, num_threads=threads)
-
-
 def training_batch(cfg, height: int, width: int, batch_size: int) -> list[dict[str, Any]]:
     """Toy scenes (seeds 0..B-1) and their panoptic ground truth: a toy thing keeps its class
     modulo the config's thing classes, toy stuff becomes the config's first stuff classes (void
@@ -273,18 +210,15 @@ def training_batch(cfg, height: int, width: int, batch_size: int) -> list[dict[s
     for b in range(batch_size):
         rgb, pan, segments = render_scene(b, (height, width))
         things = [s for s in segments if TOY_CLASS[s["category_id"]] < TOY_NUM_THING_CLASSES]
-        things = [s for s in things if not s["iscrowd"]]
-        instances = Instances((height, width))
-        instances.gt_classes = torch.from_numpy(label[[s["category_id"] for s in things]])
-        masks = np.array([pan == s["id"] for s in things], dtype=bool).reshape(-1, height, width)
-        instances.gt_masks = torch.from_numpy(masks)
+        ids = np.array([s["id"] for s in things if not s["iscrowd"]], dtype=np.int64)
+        instances = Instances((height, width), gt_classes=torch.from_numpy(label[ids // 1000]))
+        instances.gt_masks = torch.from_numpy(pan == ids[:, None, None])
         sem_seg = torch.from_numpy(label[pan // 1000])  # segment id = category id * 1000 + k
         image = image_tensor(rgb, cfg.INPUT.FORMAT)
         batch.append({"image": image, "instances": instances, "sem_seg": sem_seg})
     return batch
 
 
-# --------------------------------------------------------------------------- benchmark
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -294,20 +228,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     height, width = args.size
     photo = read_image(str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)), "RGB")
     rgb = cv2.resize(photo, (width, height), interpolation=cv2.INTER_LINEAR)
-    settings = {
-        "input": f"{height}x{width} (grace_hopper.jpg), batch {args.batch_size}",
-        "weights": args.weights or "random init",
-        "warmup / iters": f"{args.warmup} / {args.iters}",
-        "outputs": args.outputs,
-    }
+    settings = {"input": f"{height}x{width} (grace_hopper.jpg), batch {args.batch_size}"}
+    settings["weights"] = args.weights or "random init"
+    settings["warmup / iters"] = f"{args.warmup} / {args.iters}"
+    settings["outputs"] = args.outputs
     results = {"machine": machine_info(args.device), "settings": settings}
     results.update(models=[], inference=[], breakdown=[])
-    floors = {False: "backbone (floor)", True: "backbone, channels-last (reference)"}
     with torch.no_grad():
         for channels_last in [False, True] if device.type == "cpu" else [False]:
             floor = floor_backbone(rgb, device, channels_last)
-            name = f"Detectron2 R50-FPN {floors[channels_last]}"
-            results["inference"].append(measure(name, floor, device, args))
+            kind = "backbone, channels-last (reference)" if channels_last else "backbone (floor)"
+            results["inference"].append(measure(f"Detectron2 R50-FPN {kind}", floor, device, args))
         for i, config_file in enumerate(args.config_file):
             benchmark_model(config_file, i == 0, rgb, device, args, results)
     for m in results["inference"]:
@@ -321,16 +252,16 @@ def benchmark_model(config_file: str, first: bool, rgb, device, args, results: d
     name = os.path.splitext(os.path.basename(config_file))[0]
     image = image_tensor(rgb, cfg.INPUT.FORMAT).to(device)
     inputs = [{"image": image}] * args.batch_size
+    part_timers, handles = timed_parts(model, device) if first and args.breakdown else ({}, [])
     outputs: dict[str, None] = {}  # the output keys of the first image, in order
-    handle = model.register_forward_hook(lambda m, i, out: outputs.update(dict.fromkeys(out[0])))
-    with timed_parts(model if first and args.breakdown else None, device) as part_timers:
-        full = measure(f"{name}: eager", lambda: model(inputs), device, args, part_timers)
-    handle.remove()
+    handles.append(model.register_forward_hook(lambda m, i, o: outputs.update(dict.fromkeys(o[0]))))
+    full = measure(f"{name}: eager", lambda: model(inputs), device, args, part_timers)
+    for handle in handles:
+        handle.remove()
     outputs_text = "+".join(OUTPUT_NAMES.get(k, k) for k in outputs) or "none"
-    params = round(parameter_count(model)[""] / 1e6, 2)
-    results["models"].append(
-        {"config": os.path.relpath(config_file), "outputs": outputs_text, "params (M)": params}
-    )
+    params = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    config = os.path.relpath(config_file)
+    results["models"].append({"config": config, "outputs": outputs_text, "params (M)": params})
     if part_timers:  # seconds per timed run in each part (all its calls), then the rest
         seconds = {part: timer.seconds() / args.iters for part, timer in part_timers.items()}
         rest = full["median_s"] - sum(seconds.values())
@@ -349,24 +280,23 @@ def benchmark_model(config_file: str, first: bool, rgb, device, args, results: d
         results["inference"].append(measure(amp_name, lambda: amp_model(inputs), device, args))
     cpu_image, cpu = image.cpu(), torch.device("cpu")
     for engine in [e for e in args.engines if e != "eager"] if first else []:
+        module = KNetExportModule(model.cpu())
+        sample = torch.randint(0, 256, (3, 480, 640), dtype=torch.uint8)
+        export, extra = (export_onnx, ()) if engine == "onnx" else (export_torchscript, ["tracing"])
         with tempfile.TemporaryDirectory() as folder:
-            runner = exported_runner(model.cpu(), cfg, engine, folder, args.threads)
+            path = os.path.join(folder, "model.onnx" if engine == "onnx" else "model.ts")
+            path = export(module, sample, path, module.metadata(cfg), *extra)
+            runner = ExportedKNet(path, num_threads=args.threads)
             model.to(device)
             calls = lambda run=runner, x=cpu_image: [run(x) for _ in range(args.batch_size)]
             results["inference"].append(measure(f"{name}: {engine}", calls, cpu, args))
     if first and args.train:  # Detectron2's step: forward, backward, optimizer step
         batch = training_batch(cfg, *args.size, args.batch_size)
-        optimizer = build_optimizer(cfg, model)
-        trainer = SimpleTrainer(model, itertools.repeat(batch), optimizer)  # training mode
+        trainer = SimpleTrainer(model, itertools.repeat(batch), build_optimizer(cfg, model))
         step = f"training iteration (batch {args.batch_size})"
         with EventStorage() as trainer.storage, torch.enable_grad():
             results["train"] = measure(step, trainer.run_step, device, args)
-        model.eval()
-
-
-# --------------------------------------------------------------------------- report
-def _num(value: float | None, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
+        model.eval()  # SimpleTrainer set training mode
 
 
 def format_report(results: dict[str, Any]) -> str:
@@ -374,6 +304,7 @@ def format_report(results: dict[str, Any]) -> str:
     for i, model in enumerate(results["models"]):
         info += [(f"model {i + 1}: {k}", v) for k, v in model.items()]
     table = lambda rows, headers: tabulate(rows, headers, "github", disable_numparse=True)
+    _num = lambda value, fmt: "-" if value is None else format(value, fmt)
     lines = [tabulate(info, tablefmt="github", headers=["machine / settings", ""]), ""]
     rows = [
         [m["name"], _num(m["median_s"] * 1000, ".1f"), _num(m["images_per_s"], ".2f")]

@@ -40,29 +40,26 @@ REPO = Path(__file__).resolve().parents[1]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("input", nargs="?", help="official K-Net or MMSeg K-Net checkpoint (.pth)")
-    parser.add_argument("output", nargs="?", help="converted file (.pth, or .pkl for numpy arrays)")
-    parser.add_argument(
-        "--config-file", default="", help="config to build the model from (default: model zoo)"
-    )
-    parser.add_argument(
+    add = parser.add_argument
+    add("input", nargs="?", help="official K-Net or MMSeg K-Net checkpoint (.pth)")
+    add("output", nargs="?", help="converted file (.pth, or .pkl for numpy arrays)")
+    add("--config-file", default="", help="config to build the model from (default: model zoo)")
+    add(
         "--allow-pickle",
         action="store_true",
         help="fully unpickle the input if it holds more than tensors (trusted files only)",
     )
-    parser.add_argument(
+    add(
         "--skip-class-check",
         action="store_true",
         help="do not compare meta['CLASSES'] with Detectron2's COCO class order",
     )
-    parser.add_argument(
+    add(
         "--markdown",
         action="store_true",
         help="print README's tables (model zoo, ImageNet weights) instead of converting",
     )
-    parser.add_argument(
-        "--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ..."
-    )
+    add("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
     if not args.markdown and not (args.input and args.output):
         parser.error("the input and output files are required")

@@ -111,11 +111,8 @@ def installed_detectron2() -> str | None:
     """Version string of the importable Detectron2, or None."""
     if importlib.util.find_spec("detectron2") is None:
         return None
-    out = subprocess.run(
-        [sys.executable, "-c", "import detectron2; print(detectron2.__version__)"],
-        capture_output=True,
-        text=True,
-    )
+    code = "import detectron2; print(detectron2.__version__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode != 0:
         raise InstallError(
             "A detectron2 package is present but does not import:\n"
@@ -125,11 +122,8 @@ def installed_detectron2() -> str | None:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def download_sdist(cache_dir: Path, index_url: str) -> Path:
@@ -145,11 +139,8 @@ def download_sdist(cache_dir: Path, index_url: str) -> Path:
         log(f"looking up {SDIST_FILE} in {page_url}")
         with urllib.request.urlopen(page_url, timeout=60) as r:
             page = r.read().decode("utf-8", "replace")
-        links = [
-            urllib.parse.urljoin(page_url, html.unescape(href))
-            for href in re.findall(r'href="([^"]+)"', page)
-            if SDIST_FILE in href
-        ]
+        hrefs = [h for h in re.findall(r'href="([^"]+)"', page) if SDIST_FILE in h]
+        links = [urllib.parse.urljoin(page_url, html.unescape(h)) for h in hrefs]
         if not links:
             raise InstallError(f"{SDIST_FILE} is not listed at {page_url}")
         log(f"downloading {links[0].split('#')[0]}")
@@ -234,22 +225,15 @@ def install_from_sdist(cache_dir: Path, index_url: str, sdist: Path | None) -> N
         pip("install", "--no-deps", "--force-reinstall", str(wheels[0]))
 
 
-def install_from_git(commit: str | None) -> None:
-    url = f"git+{GIT_URL}" + (f"@{commit}" if commit else "")
-    pip("install", "--no-build-isolation", url)
-
-
 def default_cache_dir() -> Path:
     """``$KNET_CACHE/downloads`` (default ``~/.cache/knet/downloads``)."""
     return Path(os.environ.get("KNET_CACHE", Path.home() / ".cache" / "knet")) / "downloads"
 
 
 def parse_source(value: str) -> tuple[str, str | None]:
-    if value == "pypi-sdist":
-        return "pypi-sdist", None
-    if value == "git" or value.startswith("git="):
-        commit = value.partition("=")[2] or None
-        return "git", commit
+    if value in ("pypi-sdist", "git") or value.startswith("git="):
+        source, _, commit = value.partition("=")
+        return source, commit or None
     raise argparse.ArgumentTypeError(f"unknown source {value!r}: use pypi-sdist or git[=COMMIT]")
 
 
@@ -285,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         if importlib.util.find_spec("torch") is None:
             raise InstallError("install torch and torchvision first: Detectron2 needs them")
         if source == "git":
-            install_from_git(commit)
+            url = f"git+{GIT_URL}" + (f"@{commit}" if commit else "")
+            pip("install", "--no-build-isolation", url)
         else:
             install_from_sdist(args.cache_dir, args.index_url, args.sdist)
         log(f"installed Detectron2 {installed_detectron2()} from {source}")

@@ -36,27 +36,21 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import cv2
 import numpy as np
-from filelock import FileLock
-from panoptic_conversion import (  # a sibling script: tools/ is on sys.path
-    semantic_from_panoptic,
-    thing_annotations_from_panoptic,
-)
+from panoptic_conversion import semantic_from_panoptic, thing_annotations_from_panoptic
 from PIL import Image
+from prepare_samples import lock, prepare_once
 
 from knet.data.datasets.panoptic import contiguous_id_map
 from knet.data.datasets.toy import (
     TOY_CATEGORIES,
     TOY_FORMAT_VERSION,
-    TOY_MARKER,
     TOY_THING_CATEGORIES,
-    get_datasets_root,
     read_toy_marker,
     toy_dataset_dir,
 )
@@ -83,7 +77,6 @@ _SKY, _GRASS, _WALL = 10, 11, 12
 _THING_IDS = [c["id"] for c in TOY_THING_CATEGORIES]
 
 
-# --------------------------------------------------------------------------- rendering
 def _stuff_texture(
     cat_id: int, rng: np.random.Generator, y0: int, y1: int, h: int, w: int
 ) -> np.ndarray:
@@ -114,10 +107,8 @@ def _stuff_texture(
 
 
 def _stuff_layout(rng: np.random.Generator, h: int, w: int):
-    """Horizontal stuff bands with wavy boundaries.
-
-    Returns (band classes top to bottom, (H, W) band index, (H, W) bool void boundary).
-    """
+    """Horizontal stuff bands with wavy boundaries: (band classes top to bottom, (H, W) band
+    index, (H, W) bool void boundary)."""
     if rng.random() < 0.5:
         classes = [_SKY, _WALL, _GRASS]
     else:
@@ -264,19 +255,12 @@ def render_scene(
         mask = label == k
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
         x0, y0 = int(cols[0]), int(rows[0])
-        segments.append(
-            {
-                "id": seg_ids[k],
-                "category_id": seg_ids[k] // 1000,
-                "iscrowd": int(crowd[k]),
-                "area": int(areas[k]),
-                "bbox": [x0, y0, int(cols[-1]) - x0 + 1, int(rows[-1]) - y0 + 1],
-            }
-        )
+        bbox = [x0, y0, int(cols[-1]) - x0 + 1, int(rows[-1]) - y0 + 1]
+        segment = {"id": seg_ids[k], "category_id": seg_ids[k] // 1000, "iscrowd": int(crowd[k])}
+        segments.append({**segment, "area": int(areas[k]), "bbox": bbox})
     return image, pan, segments
 
 
-# --------------------------------------------------------------------------- writing
 def _write_split(out_dir: str, split: str, num_images: int, seed: int) -> None:
     from panopticapi.utils import id2rgb
 
@@ -312,13 +296,6 @@ def _write_split(out_dir: str, split: str, num_images: int, seed: int) -> None:
         json.dump({**common, "annotations": inst_anns, "categories": TOY_THING_CATEGORIES}, f)
 
 
-def _lock(out_dir: str) -> FileLock:
-    """Inter-process lock on ``out_dir + '.lock'``: concurrent processes (DDP workers, test
-    sessions) never generate the same files at the same time."""
-    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
-    return FileLock(out_dir + ".lock")
-
-
 def generate_toy_dataset(
     root: str | None = None,
     num_train: int = TOY_DEFAULT_NUM_IMAGES["train"],
@@ -338,33 +315,19 @@ def generate_toy_dataset(
         once complete, under a file lock, so concurrent callers never see a partial dataset.
     """
     out_dir = toy_dataset_dir(root)
-    params = {
-        "version": TOY_FORMAT_VERSION,
-        "seed": int(seed),
-        "num_train": int(num_train),
-        "num_val": int(num_val),
-    }
-    with _lock(out_dir):
-        if not force and read_toy_marker(out_dir) == params:
-            return out_dir
-        tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        try:
-            for split, n in (("train", num_train), ("val", num_val)):
-                _write_split(tmp_dir, split, int(n), int(seed))
-            with open(os.path.join(tmp_dir, TOY_MARKER), "w") as f:
-                json.dump(params, f)
-            shutil.rmtree(out_dir, ignore_errors=True)
-            os.replace(tmp_dir, out_dir)
-        finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)  # only left over if generation failed
-    logger.info("Generated the toy dataset (%s) in %s", params, out_dir)
-    return out_dir
+    params = {"version": TOY_FORMAT_VERSION, "seed": int(seed)}
+    params.update(num_train=int(num_train), num_val=int(num_val))
+
+    def write(tmp_dir: str) -> None:
+        for split, n in (("train", num_train), ("val", num_val)):
+            _write_split(tmp_dir, split, int(n), int(seed))
+        logger.info("Generated the toy dataset (%s) in %s", params, out_dir)
+
+    return prepare_once(out_dir, params, write, force)
 
 
 def _is_current(out_dir: str) -> bool:
-    marker = read_toy_marker(out_dir)
-    return marker is not None and marker.get("version") == TOY_FORMAT_VERSION
+    return (read_toy_marker(out_dir) or {}).get("version") == TOY_FORMAT_VERSION
 
 
 def ensure_toy_dataset(root: str | None = None) -> str:
@@ -377,7 +340,7 @@ def ensure_toy_dataset(root: str | None = None) -> str:
     out_dir = toy_dataset_dir(root)
     if _is_current(out_dir):
         return out_dir
-    with _lock(out_dir):
+    with lock(out_dir):
         if _is_current(out_dir):  # another process may have generated it meanwhile
             return out_dir
         logger.info("Toy dataset not found in %s; generating it (takes a few seconds).", out_dir)
@@ -399,13 +362,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     start = time.perf_counter()
-    out = generate_toy_dataset(
-        args.root if args.root is not None else get_datasets_root(),
-        num_train=args.num_train,
-        num_val=args.num_val,
-        seed=args.seed,
-        force=args.force,
-    )
+    out = generate_toy_dataset(**vars(args))  # root None: $DETECTRON2_DATASETS
     print(f"Toy dataset ready in {out} ({time.perf_counter() - start:.1f} s)")
 
 

@@ -32,7 +32,8 @@ from knet.data.datasets.panoptic import contiguous_id_map, load_json
 
 logger = logging.getLogger(__name__)
 
-IGNORE_LABEL = 255
+Segments = Iterable[Mapping[str, Any]]  # segments_info: ``id``, dataset ``category_id``, ...
+Categories = Sequence[Mapping[str, Any]]
 
 
 def read_panoptic_png(path: str) -> np.ndarray:
@@ -54,10 +55,7 @@ def read_panoptic_png(path: str) -> np.ndarray:
 
 
 def semantic_from_panoptic(
-    pan_ids: np.ndarray,
-    segments_info: Iterable[Mapping[str, Any]],
-    id_map: Mapping[int, int],
-    ignore_label: int = IGNORE_LABEL,
+    pan_ids: np.ndarray, segments_info: Segments, id_map: Mapping[int, int], ignore_label: int = 255
 ) -> np.ndarray:
     """Semantic label map of one image.
 
@@ -75,16 +73,9 @@ def semantic_from_panoptic(
     return out
 
 
-def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
-    """Encode an (H, W) bool mask as a COCO RLE with a ``str`` counts field (json-ready)."""
-    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
-
-
 def thing_annotations_from_panoptic(
     pan_ids: np.ndarray,
-    segments_info: Iterable[Mapping[str, Any]],
+    segments_info: Segments,
     image_id: int,
     thing_ids: Iterable[int],
     first_ann_id: int,
@@ -102,7 +93,8 @@ def thing_annotations_from_panoptic(
         mask = pan_ids == seg["id"]
         if not mask.any():
             continue
-        rle = mask_to_rle(mask)
+        rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode("ascii")  # json-ready
         anns.append(
             {
                 "id": first_ann_id + len(anns),
@@ -117,22 +109,28 @@ def thing_annotations_from_panoptic(
     return anns
 
 
-def _panoptic_png_path(panoptic_root: str, ann: Mapping[str, Any]) -> str:
-    return os.path.join(panoptic_root, ann["file_name"])
+def _load_panoptic_json(panoptic_json: str) -> dict[str, Any]:
+    """The COCO panoptic json, each of whose annotations must have ``segments_info``."""
+    data = load_json(panoptic_json)
+    for ann in data["annotations"]:
+        if "segments_info" not in ann:
+            raise ValueError(
+                f"{panoptic_json}: annotation {ann.get('file_name')} has no segments_info"
+            )
+    return data
 
 
-def _semantic_worker(args: tuple[str, str, list[dict], dict[int, int]]) -> str:
+def _semantic_worker(args: tuple[str, str, list[dict], dict[int, int]]) -> None:
     pan_path, out_path, segments_info, id_map = args
     sem = semantic_from_panoptic(read_panoptic_png(pan_path), segments_info, id_map)
     Image.fromarray(sem).save(out_path)
-    return out_path
 
 
 def prepare_semantic_from_panoptic(
     panoptic_json: str,
     panoptic_root: str,
     output_dir: str,
-    categories: Sequence[Mapping[str, Any]] | None = None,
+    categories: Categories | None = None,
     num_workers: int = 0,
 ) -> int:
     """Write one semantic PNG per panoptic annotation into ``output_dir``.
@@ -149,32 +147,22 @@ def prepare_semantic_from_panoptic(
     """
     categories = [dict(c) for c in COCO_CATEGORIES] if categories is None else categories
     id_map = contiguous_id_map(categories)
-    data = load_json(panoptic_json)
+    data = _load_panoptic_json(panoptic_json)
     os.makedirs(output_dir, exist_ok=True)
     jobs = []
     for ann in data["annotations"]:
-        if "segments_info" not in ann:
-            raise ValueError(
-                f"{panoptic_json}: annotation {ann.get('file_name')} has no segments_info"
-            )
         for seg in ann["segments_info"]:
             if int(seg["category_id"]) not in id_map:
                 raise ValueError(
                     f"{panoptic_json}: category_id {seg['category_id']} of {ann['file_name']} is "
                     "not among the given categories"
                 )
-        jobs.append(
-            (
-                _panoptic_png_path(panoptic_root, ann),
-                os.path.join(output_dir, ann["file_name"]),
-                ann["segments_info"],
-                id_map,
-            )
-        )
+        pan_path = os.path.join(panoptic_root, ann["file_name"])
+        out_path = os.path.join(output_dir, ann["file_name"])
+        jobs.append((pan_path, out_path, ann["segments_info"], id_map))
     if num_workers > 0:
         with mp.Pool(processes=num_workers) as pool:
-            for _ in pool.imap_unordered(_semantic_worker, jobs, chunksize=16):
-                pass
+            pool.map(_semantic_worker, jobs, chunksize=16)
     else:
         for job in jobs:
             _semantic_worker(job)
@@ -182,57 +170,41 @@ def prepare_semantic_from_panoptic(
     return len(jobs)
 
 
-def instances_json_from_panoptic(
-    panoptic_json: str,
-    panoptic_root: str,
-    categories: Sequence[Mapping[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """Build a COCO instance json dict (things only) from panoptic annotations.
+def prepare_instances_from_panoptic(
+    panoptic_json: str, panoptic_root: str, output_json: str, categories: Categories | None = None
+) -> int:
+    """Write a COCO instance json (things only) derived from panoptic annotations.
 
     Args:
         categories: all categories with ``isthing`` (default: ``COCO_CATEGORIES``); the thing ones
             are written as the instance categories, with their dataset ids.
     Returns:
-        dict with ``images`` (copied from the panoptic json), ``annotations`` (ids from 1) and
-        ``categories``.
+        Number of annotations written; the json has ``images`` (copied from the panoptic json),
+        ``annotations`` (ids from 1) and ``categories``.
     """
     categories = [dict(c) for c in COCO_CATEGORIES] if categories is None else categories
-    data = load_json(panoptic_json)
+    data = _load_panoptic_json(panoptic_json)
     things = [c for c in categories if c.get("isthing", 0)]
     thing_ids = [int(c["id"]) for c in things]
     anns: list[dict[str, Any]] = []
     for ann in data["annotations"]:
-        if "segments_info" not in ann:
-            raise ValueError(
-                f"{panoptic_json}: annotation {ann.get('file_name')} has no segments_info"
-            )
-        pan_ids = read_panoptic_png(_panoptic_png_path(panoptic_root, ann))
+        pan_ids = read_panoptic_png(os.path.join(panoptic_root, ann["file_name"]))
         anns += thing_annotations_from_panoptic(
             pan_ids, ann["segments_info"], int(ann["image_id"]), thing_ids, len(anns) + 1
         )
     cat_keys = ("id", "name", "supercategory", "isthing", "color")
-    return {
+    out = {
         "info": data.get("info", {}),
         "licenses": data.get("licenses", []),
         "images": data["images"],
         "annotations": anns,
         "categories": [{k: c[k] for k in cat_keys if k in c} for c in things],
     }
-
-
-def prepare_instances_from_panoptic(
-    panoptic_json: str,
-    panoptic_root: str,
-    output_json: str,
-    categories: Sequence[Mapping[str, Any]] | None = None,
-) -> int:
-    """Write :func:`instances_json_from_panoptic` to ``output_json``; returns #annotations."""
-    out = instances_json_from_panoptic(panoptic_json, panoptic_root, categories)
     os.makedirs(os.path.dirname(os.path.abspath(output_json)), exist_ok=True)
     with open(output_json, "w") as f:
         json.dump(out, f)
-    logger.info("Wrote %d instance annotations to %s", len(out["annotations"]), output_json)
-    return len(out["annotations"])
+    logger.info("Wrote %d instance annotations to %s", len(anns), output_json)
+    return len(anns)
 
 
 def prepare_ade20k_sem_seg(

@@ -43,6 +43,7 @@ from panoptic_conversion import (
 
 from knet.data.datasets.builtin import PANOPTIC_EXTRA
 from knet.data.datasets.panoptic import coco_panoptic_metadata, load_panoptic_json_with_sem_seg
+from knet.data.datasets.toy import TOY_MARKER as MARKER  # the stamp file of a prepared folder
 
 COMMAND = "python tools/prepare_samples.py"
 ADE_SPLITS = {"train": "training", "val": "validation"}
@@ -75,24 +76,31 @@ def require_shared_path(*parts: str) -> str:
 def _prepared(out_dir: str, stamp: dict[str, Any]) -> bool:
     """Whether ``out_dir`` holds a complete preparation of the source described by ``stamp``."""
     try:
-        with open(os.path.join(out_dir, "_COMPLETE.json")) as f:
+        with open(os.path.join(out_dir, MARKER)) as f:
             return json.load(f) == stamp
     except (OSError, ValueError):
         return False
 
 
-def _prepare_once(out_dir: str, stamp: dict, prepare: Callable[[str], None], force: bool) -> str:
-    """Run ``prepare(tmp_dir)`` and move the result to ``out_dir`` unless it is up to date
-    (under a file lock: test processes and ranks may prepare at the same time)."""
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    with FileLock(out_dir + ".lock"):
+def lock(out_dir: str) -> FileLock:
+    """Inter-process lock on ``out_dir + '.lock'`` (creating the parent folder): concurrent
+    processes (DDP ranks, test sessions) never prepare the same files at the same time."""
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+    return FileLock(out_dir + ".lock")
+
+
+def prepare_once(out_dir: str, stamp: dict, prepare: Callable[[str], None], force: bool) -> str:
+    """Run ``prepare(tmp_dir)`` and move the result, with ``stamp`` in its :data:`MARKER`, to
+    ``out_dir`` unless that holds ``stamp`` already; under :func:`lock` and renamed once
+    complete, so concurrent callers never see a partial folder. Returns ``out_dir``."""
+    with lock(out_dir):
         if force or not _prepared(out_dir, stamp):
             tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
             shutil.rmtree(tmp_dir, ignore_errors=True)
             os.makedirs(tmp_dir)
             try:
                 prepare(tmp_dir)
-                with open(os.path.join(tmp_dir, "_COMPLETE.json"), "w") as f:
+                with open(os.path.join(tmp_dir, MARKER), "w") as f:
                     json.dump(stamp, f)
                 shutil.rmtree(out_dir, ignore_errors=True)
                 os.replace(tmp_dir, out_dir)
@@ -109,7 +117,6 @@ def _require_prepared(out_dir: str, stamp: dict[str, Any], what: str) -> None:
         )
 
 
-# --------------------------------------------------------------------------- COCO sample
 def coco_sample_paths() -> dict[str, str]:
     """Paths of the shared COCO panoptic sample and of its prepared files (not checked)."""
     source = os.path.join(shared_data_root(), "coco_panoptic_sample", "sample_data")
@@ -140,7 +147,7 @@ def prepare_coco_sample(force: bool = False) -> str:
         instances = os.path.join(tmp, "instances_val.json")
         prepare_instances_from_panoptic(p["panoptic_json"], p["panoptic_root"], instances)
 
-    return _prepare_once(os.path.dirname(p["json_file"]), stamp, prepare, force)
+    return prepare_once(os.path.dirname(p["json_file"]), stamp, prepare, force)
 
 
 def _require_coco_sample() -> dict[str, str]:
@@ -162,13 +169,10 @@ def _load_coco_sample_instances() -> list[dict]:
     return load_coco_json(p["json_file"], p["image_root"], "coco_sample_val")
 
 
-# --------------------------------------------------------------------------- ADE20K sample
 def _ade20k_dirs() -> tuple[str, str]:
     """(source, prepared) folders of the ADE20K sample."""
-    return (
-        os.path.join(shared_data_root(), "ade20k_sample", "ADEChallengeData2016"),
-        os.path.join(prepared_root(), "ade20k_sample", "ADEChallengeData2016"),
-    )
+    sample = os.path.join("ade20k_sample", "ADEChallengeData2016")
+    return os.path.join(shared_data_root(), sample), os.path.join(prepared_root(), sample)
 
 
 def ade20k_sample_paths(split: str) -> dict[str, str]:
@@ -193,7 +197,7 @@ def _ade20k_sample_stamp() -> dict[str, Any]:
 def prepare_ade20k_sample(force: bool = False) -> str:
     """Convert the ADE20K sample's labels; returns their folder."""
     stamp, (source, out_dir) = _ade20k_sample_stamp(), _ade20k_dirs()
-    return _prepare_once(out_dir, stamp, lambda tmp: prepare_ade20k_sem_seg(source, tmp), force)
+    return prepare_once(out_dir, stamp, lambda tmp: prepare_ade20k_sem_seg(source, tmp), force)
 
 
 def _load_ade20k_sample(split: str) -> list[dict]:
@@ -202,7 +206,6 @@ def _load_ade20k_sample(split: str) -> list[dict]:
     return load_sem_seg(p["sem_seg_root"], p["image_root"], gt_ext="png", image_ext="jpg")
 
 
-# --------------------------------------------------------------------------- registration
 SAMPLES = {"coco": prepare_coco_sample, "ade20k": prepare_ade20k_sample}
 
 

@@ -20,7 +20,6 @@ import logging
 import os
 import sys
 import time
-from collections import OrderedDict
 
 import cv2
 import numpy as np
@@ -108,9 +107,8 @@ def save_visualisations(cfg, weights: str, num: int) -> list[str]:
         truth = Visualizer(rgb, metadata).draw_dataset_dict(record)
         drawn = draw_predictions(Visualizer(rgb, metadata), predictor(bgr))
         panel = np.concatenate([truth.get_image(), drawn.get_image()], axis=1)
-        path = os.path.join(
-            out_dir, os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png"
-        )
+        stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
+        path = os.path.join(out_dir, stem + ".png")
         cv2.imwrite(path, panel[:, :, ::-1])
         paths.append(path)
     return paths
@@ -123,11 +121,8 @@ def plot_curves(output_dir: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = []
     with open(os.path.join(output_dir, "metrics.json")) as f:
-        for line in f:
-            if line.strip():
-                records.append(json.loads(line))
+        records = [json.loads(line) for line in f if line.strip()]
     loss = [(r["iteration"], r["total_loss"]) for r in records if "total_loss" in r]
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
     if loss:
@@ -174,9 +169,8 @@ def main(argv=None) -> int:
     train_time = time.time() - train_start
     # DefaultTrainer's evaluation hook evaluates after the last iteration and keeps the result.
     results = getattr(trainer, "_last_eval_results", None) or KNetTrainer.test(cfg, trainer.model)
-    results = OrderedDict(results)
-    if len(cfg.DATASETS.TEST) == 1:
-        results = results[cfg.DATASETS.TEST[0]] if cfg.DATASETS.TEST[0] in results else results
+    if len(cfg.DATASETS.TEST) == 1:  # a single dataset's results may be keyed by its name
+        results = results.get(cfg.DATASETS.TEST[0], results)
 
     weights = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     vis_paths = save_visualisations(cfg, weights, args.num_vis)
@@ -197,8 +191,7 @@ def main(argv=None) -> int:
     print()
     print(f"K-Net ({args.task}) on {cfg.DATASETS.TEST[0]} after {cfg.SOLVER.MAX_ITER} iterations")
     print(results_table(results))
-    print()
-    print(f"training: {train_time / 60:.1f} min, total: {total / 60:.1f} min")
+    print(f"\ntraining: {train_time / 60:.1f} min, total: {total / 60:.1f} min")
     print(f"model:           {weights}")
     print(f"metrics:         {os.path.join(cfg.OUTPUT_DIR, 'metrics.json')} (+ TensorBoard events)")
     print(f"curves:          {curves}")

@@ -26,14 +26,20 @@ def add_knet_config(cfg: CN) -> None:
     # Semantic crops: maximum share of one category in a crop (official ADE20K recipe: 0.75).
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
     cfg.INPUT.COLOR_AUG_SSD = False  # photometric distortion (semantic recipe)
-    # Ground truth of each test dataset is checked before inference (knet.data.checks): "error"
-    # fails on any defect; "warn" turns panoptic segment-id mismatches into one warning with
-    # counts (other defects still fail); "off" skips the checks.
+    # Ground truth of each test dataset is checked before inference, each training set before
+    # training (knet.evaluation; once per dataset version, cached in $KNET_CACHE/checks): "error"
+    # fails on any defect but zero-area masks (warned about; training skips them); "warn" turns
+    # panoptic segment-id mismatches and polygons of < 3 points into one warning with counts
+    # (other defects still fail); "off" skips the checks.
     cfg.DATASETS.CHECK_GT = "error"
     # Datasets registered from files (--dataset on the command line, or
     # knet.data.datasets.register_custom_dataset): names of categories without annotations to
     # leave out of the class list, e.g. ["_background_"] exported by labelling tools.
     cfg.DATASETS.DROP_CATEGORIES = []
+
+    # Training from MODEL.WEIGHTS: load a file that would set less than half of the model from
+    # less than half of its own weights (another model's file; refused by default, knet.checkpoint)
+    cfg.MODEL.WEIGHTS_PARTIAL = False
 
     # ---------------------------------------------------------------- backbone
     # ResNet options of "build_knet_resnet_backbone" (semantic K-Net). Same names and meanings
@@ -160,8 +166,8 @@ def add_knet_config(cfg: CN) -> None:
     # (0.0: unthresholded, the official output for COCO mask AP)
     cfg.MODEL.KNET.TEST.INSTANCES_SCORE_THRESH = 0.0
     # Former names, still read (with a warning) in this release: see RENAMED_KEYS.
-    cfg.MODEL.KNET.TEST.INSTANCE_SCORE_THRESH = None
-    cfg.MODEL.KNET.TEST.SCORE_THRESH = None
+    for former in RENAMED_KEYS:
+        cfg.MODEL.KNET.TEST[former] = None
     # kernels / classes resized to full resolution at once (memory vs speed)
     cfg.MODEL.KNET.TEST.MERGE_CHUNK_SIZE = 16
     # Mixed-precision inference: the network (not the post-processing) runs under autocast in
@@ -200,7 +206,7 @@ def load_knet_config(config_file: str = "", opts: Sequence[str] = ()) -> tuple[C
     """A Detectron2 config with the K-Net keys, merged from ``config_file`` (with its ``_BASE_``
     files) and the ``KEY VALUE`` list ``opts``, and the keys these two set.
 
-    The YAML is parsed once. The keys tell ``knet.data.configure_for_datasets`` which outputs
+    The YAML is parsed once. The keys tell ``knet.engine.dataset_config`` which outputs
     and ignore value the user chose (a ``CfgNode`` cannot tell a default from a set value).
     """
     from detectron2.config import get_cfg

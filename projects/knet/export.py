@@ -32,17 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.onnx import symbolic_helper
 
+from .modeling.meta_arch.base import check_image
 from .modeling.postprocessing import OutputGeometry
-
-__all__ = [
-    "ONNX_OPSET",
-    "ExportedKNet",
-    "KNetExportModule",
-    "compare_outputs",
-    "export_onnx",
-    "export_torchscript",
-    "lowest_onnx_opset",
-]
 
 # The lowest ONNX opset the graph exports to and ONNX Runtime runs: scatter-add with a reduction
 # (the segment areas) needs 16, deformable convolutions (DeformConv) 19.
@@ -136,7 +127,7 @@ def export_torchscript(
             exported = torch.jit.script(module)
         else:
             raise ValueError(f"export method must be 'tracing' or 'scripting', got {method!r}")
-    _makedirs_for(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.jit.save(exported, path, _extra_files={METADATA_FILE: json.dumps(metadata)})
     return path
 
@@ -197,7 +188,7 @@ def export_onnx(
     axes = {**PANOPTIC_OUTPUTS, **INSTANCE_OUTPUTS, **SEMANTIC_OUTPUTS}
     dynamic_axes = {"image": {1: "height", 2: "width"}}
     dynamic_axes.update({name: axes[name] for name in module.output_names})
-    _makedirs_for(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with _exportable():
         torch.onnx.export(
             module,
@@ -216,10 +207,6 @@ def export_onnx(
     return path
 
 
-def _makedirs_for(path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-
-
 class ExportedKNet:
     """Runs an exported K-Net file (``.ts``/``.pt``: TorchScript; ``.onnx``: ONNX Runtime).
 
@@ -230,6 +217,7 @@ class ExportedKNet:
 
     def __init__(self, path: str, num_threads: int = 0):
         self.path = path
+        self.session = self.module = None
         if path.endswith(".onnx"):
             import onnxruntime
 
@@ -241,27 +229,27 @@ class ExportedKNet:
             )
             props = self.session.get_modelmeta().custom_metadata_map
             self.metadata = json.loads(props[METADATA_FILE])
-            self.module = None
         else:
             extra = {METADATA_FILE: ""}
             self.module = torch.jit.load(path, map_location="cpu", _extra_files=extra)
             self.metadata = json.loads(extra[METADATA_FILE])
-            self.session = None
 
     @property
     def output_names(self) -> Sequence[str]:
         return self.metadata["output_names"]
 
     def __call__(self, image) -> dict[str, Tensor]:
+        """``image``: (3, H, W) (or (1, H, W)) uint8, or floating point in [0, 255], checked as
+        the model checks its input (a float image in [0, 1] is refused, not truncated)."""
+        check_image(image, "image")
+        array = image.cpu().numpy() if isinstance(image, Tensor) else np.asarray(image)
+        array = np.broadcast_to(array, (3, *array.shape[1:]))
+        array = np.ascontiguousarray(array if array.dtype == np.uint8 else np.rint(array), np.uint8)
         if self.session is not None:
-            array = image.numpy() if isinstance(image, Tensor) else np.asarray(image)
-            values = self.session.run(None, {"image": np.ascontiguousarray(array, np.uint8)})
+            values = self.session.run(None, {"image": array})
             return {name: torch.from_numpy(v) for name, v in zip(self.output_names, values)}
-        tensor = (
-            image if isinstance(image, Tensor) else torch.from_numpy(np.ascontiguousarray(image))
-        )
         with torch.no_grad():
-            values = self.module(tensor)
+            values = self.module(torch.from_numpy(array))
         return dict(zip(self.output_names, values))
 
 

@@ -29,8 +29,7 @@ from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
-import knet  # noqa: F401  (registers the model)
-from knet.checkpoint import KNetCheckpointer
+from knet.checkpoint import KNetCheckpointer  # importing knet registers the model
 from knet.data.dataset_mappers import read_image_checked
 from knet.engine import get_knet_cfg
 from knet.export import (
@@ -45,20 +44,15 @@ logger = logging.getLogger("knet.export")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--config-file", required=True, metavar="FILE")
-    parser.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
-    parser.add_argument(
-        "--export-method", choices=["tracing", "scripting"], default="tracing", help="(tracing)"
-    )
-    parser.add_argument("--sample-image", help="image to trace with (default: synthetic)")
-    parser.add_argument("--output", default="output/export", help="output folder")
-    parser.add_argument("--opset", type=int, help="ONNX opset (default: the lowest that works)")
-    parser.add_argument(
-        "--opts", nargs=argparse.REMAINDER, default=[], help="config overrides (KEY VALUE ...)"
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--config-file", required=True, metavar="FILE")
+    add("--format", choices=["torchscript", "onnx"], default="torchscript")
+    add("--export-method", choices=["tracing", "scripting"], default="tracing", help="(tracing)")
+    add("--sample-image", help="image to trace with (default: synthetic)")
+    add("--output", default="output/export", help="output folder")
+    add("--opset", type=int, help="ONNX opset (default: the lowest that works)")
+    add("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides (KEY VALUE ...)")
     return parser.parse_args(argv)
 
 
@@ -92,14 +86,11 @@ def export(args: argparse.Namespace) -> str:
     module = KNetExportModule(model)
     image = sample_image(cfg, args.sample_image)
     metadata = module.metadata(cfg)
+    path = os.path.join(args.output, "model.onnx" if args.format == "onnx" else "model.ts")
     if args.format == "onnx":
-        path = export_onnx(
-            module, image, os.path.join(args.output, "model.onnx"), metadata, args.opset
-        )
+        path = export_onnx(module, image, path, metadata, args.opset)
     else:
-        path = export_torchscript(
-            module, image, os.path.join(args.output, "model.ts"), metadata, args.export_method
-        )
+        path = export_torchscript(module, image, path, metadata, args.export_method)
     with torch.no_grad():
         expected = dict(zip(module.output_names, module(image)))
     report = compare_outputs(ExportedKNet(path)(image), expected)

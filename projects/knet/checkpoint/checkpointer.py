@@ -8,23 +8,28 @@ It is Detectron2's ``DetectionCheckpointer`` with these differences:
   :class:`WeightsNotFoundError`, whose message names, for the files of README's tables, the URL
   to download and the one command that converts it (for any other file, the two converters);
 * for a K-Net model in eval mode, a checkpoint that leaves a parameter at its initial value
-  (missing key or shape mismatch) is an error naming the parameters: an evaluation of a partly
-  random head is never reported; in training mode (fine-tuning) what fits is loaded and the rest
-  is summarised in one log line;
+  (missing key or shape mismatch) is an error: an evaluation of a partly random head is never
+  reported; in training mode (fine-tuning) what fits is loaded and the rest is summarised in one
+  warning, unless the file is another model (it would set less than half of the model from less
+  than half of its weights): then it is an error unless ``MODEL.WEIGHTS_PARTIAL``. Each message
+  first says what the file holds and what the config builds (:func:`describe_weights`), then
+  lists the keys;
 * checkpoints and the ``last_checkpoint`` tag are written atomically (temporary file + rename),
-  and ``resume_or_load`` falls back to the newest readable checkpoint, with a warning, when the
-  tagged one cannot be read.
+  a failed write removes its temporary file (a killed one's is removed at the next start), and
+  ``resume_or_load`` falls back to the readable checkpoint of the highest iteration, with a
+  warning, when the tagged one cannot be read.
 
-The project's entry points build it (``KNetTrainer``, ``train_net.py --eval-only``); Detectron2's
-``DefaultPredictor`` and ``DefaultTrainer`` build it once
-:func:`use_knet_checkpointer_in_detectron2_defaults` has run, which ``import knet`` does.
+The project's entry points build it; ``import knet`` makes Detectron2's defaults build it too
+(:func:`use_knet_checkpointer_in_detectron2_defaults`).
 """
 
+import contextlib
 import glob
 import logging
 import os
+import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import IO, Any
 
 import torch
@@ -33,15 +38,9 @@ from detectron2.engine import defaults
 
 from .safe_load import CorruptCheckpointError, load_weights_file
 
-__all__ = [
-    "CheckpointMismatchError",
-    "KNetCheckpointer",
-    "WeightsNotFoundError",
-    "use_knet_checkpointer_in_detectron2_defaults",
-]
-
 logger = logging.getLogger("knet")
 _PACKAGE = __name__.split(".")[0]
+_OTHER_WEIGHTS = " Or set MODEL.WEIGHTS to another file, or to '' to start from random weights."
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -58,7 +57,7 @@ def _is_knet_model(model: torch.nn.Module) -> bool:
 
 
 def _short_list(names: Iterable[str], limit: int = 6) -> str:
-    """'a.b.weight, a.b.bias, ... (+N more)' grouped by module."""
+    """'a.b.{weight,bias}, c.weight, ... (+N more modules)': the names grouped by module."""
     groups: dict[str, list[str]] = defaultdict(list)
     for name in sorted(names):
         module, _, leaf = name.rpartition(".")
@@ -71,39 +70,127 @@ def _short_list(names: Iterable[str], limit: int = 6) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def _weights_hint(path: str) -> str:
-    """Where the missing weights file ``path`` comes from, and what else to set."""
-    # the model-zoo table is imported only to word this error: ``import knet`` does not load it
-    from .model_zoo import weights_help
-
-    tail = " Or set MODEL.WEIGHTS to another file, or to '' to start from random weights."
-    return weights_help(path) + tail
+_TEMPORARY = re.compile(r"\.tmp(\d+)$")  # suffix of the files _write_atomically writes
 
 
 def _write_atomically(path: str, write: Callable[[IO[bytes]], object]) -> None:
     """Write through a temporary file renamed over ``path``: a run killed while writing never
-    leaves a partial file under the real name."""
+    leaves a partial file under the real name, and a write that fails (disk full) removes its
+    temporary file, so that the disk space comes back."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
-def _end_detectron2_load(checkpointer: DetectionCheckpointer) -> None:
-    """Let a checkpointer load again after a load that raised (``resume_or_load`` then tries an
-    older checkpoint)."""
-    # Detectron2 main (after v0.6; v0.6 has no such attribute) keeps the URL of the file being
-    # loaded in this attribute, asserts that it is None when a load starts, and resets it only
-    # at the end of a load that succeeded. No public method resets it.
-    if getattr(checkpointer, "_parsed_url_during_load", None) is not None:
-        checkpointer._parsed_url_during_load = None
+def _remove_stale_temporary_files(folder: str) -> None:
+    """Remove the temporary files of writes whose process is gone (killed while writing)."""
+    for path in glob.glob(os.path.join(folder, "*.tmp*")):
+        match = _TEMPORARY.search(path)
+        if not match or _process_is_alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            size = os.path.getsize(path)
+            os.remove(path)
+            logger.info("Removed %s (%.1f MB), left by a write that was killed", path, size / 2**20)
+
+
+def _process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _iteration_in_name(path: str) -> float:
+    """The iteration of a checkpoint from its file name as the trainer writes it:
+    ``model_0001234.pth`` -> 1234, ``model_final.pth`` -> inf (the end), others -> -1."""
+    name = os.path.basename(path)
+    if name == "model_final.pth":
+        return float("inf")
+    match = re.fullmatch(r"model_(\d+)\.pth", name)
+    return int(match.group(1)) if match else -1
+
+
+# (blocks per stage, bottleneck) -> ResNet depth
+_RESNET_DEPTHS = {
+    ((2, 2, 2, 2), False): 18,
+    ((3, 4, 6, 3), False): 34,
+    ((3, 4, 6, 3), True): 50,
+    ((3, 4, 23, 3), True): 101,
+    ((3, 8, 36, 3), True): 152,
+}
+_SWIN_WIDTHS = {96: "T/S", 128: "B", 192: "L"}  # patch embedding width -> Swin size
+_OFFICIAL_LAYOUTS = {
+    "rpn_head.": "an official K-Net checkpoint (MMDetection layout)",
+    "decode_head.": "an official semantic K-Net checkpoint (MMSegmentation layout)",
+}
+
+
+def _backbone_of(keys: Sequence[str], shapes: Mapping[str, tuple]) -> str:
+    """'ResNet-50', 'ResNet-101 with deformable convs', 'Swin-L', ... as far as keys tell."""
+    embed = next((k for k in keys if k.endswith("patch_embed.proj.weight")), None)
+    if embed:
+        return f"Swin-{_SWIN_WIDTHS.get(shapes[embed][0], '?')}"
+    blocks = defaultdict(set)
+    for key in keys:
+        match = re.search(r"(?:res|layer)([2-5]|[1-4](?=\.))\.(\d+)\.", key)
+        if match:
+            blocks[match.group(1)].add(int(match.group(2)))
+    if not blocks:
+        return "no known backbone"
+    counts = tuple(len(blocks[s]) for s in sorted(blocks))
+    bottleneck = any(re.search(r"(res|layer)\w*\.0\.conv3\.", k) for k in keys)
+    depth = _RESNET_DEPTHS.get((counts, bottleneck), "?")
+    deep_stem = any(k.endswith(("stem.conv2.weight", "stem.3.weight")) for k in keys)
+    deform = any("offset" in k for k in keys)
+    extras = [e for e, on in (("deep stem", deep_stem), ("deformable convs", deform)) if on]
+    return f"ResNet-{depth}" + (f" with {' and '.join(extras)}" if extras else "")
+
+
+def describe_weights(state: Mapping[str, Any]) -> str:
+    """What a state dict holds, as far as its keys tell: 'a panoptic / instance K-Net
+    (ResNet-50, 133 classes)', 'a semantic K-Net (...)', 'a backbone only (...)', ..."""
+    keys = list(state)
+    shapes = {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
+    for prefix, layout in _OFFICIAL_LAYOUTS.items():
+        if any(k.startswith(prefix) for k in keys):
+            return f"{layout}, to convert with tools/convert_official_knet.py"
+    backbone = _backbone_of(keys, shapes)
+    classifier = next((k for k in keys if k.endswith("stages.0.fc_cls.weight")), None)
+    if classifier:
+        return f"a panoptic / instance K-Net ({backbone}, {shapes[classifier][0]} classes)"
+    if "kernel_head.conv_seg.weight" in shapes:
+        classes = shapes["kernel_head.conv_seg.weight"][0]
+        return f"a semantic K-Net ({backbone}, {classes} classes)"
+    heads = sorted({k.split(".")[0] for k in keys} - {"backbone"})
+    if len(heads) <= 2:  # e.g. an ImageNet classifier's fc / norm / head
+        return f"a backbone only ({backbone})"
+    return f"another model ({backbone}; top-level keys {', '.join(heads[:6])})"
 
 
 class KNetCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` with safe reading, the checks and the atomic saves of the module
-    docstring."""
+    docstring.
+
+    ``allow_partial`` (``MODEL.WEIGHTS_PARTIAL``): for training, load a file that sets less than
+    half of the model from less than half of its own weights (by default such a file, another
+    model's, is refused; a pretrained backbone or a model of another class count is not).
+    """
+
+    def __init__(self, model: torch.nn.Module, save_dir: str = "", **kwargs: Any) -> None:
+        self.allow_partial = kwargs.pop("allow_partial", False)
+        super().__init__(model, save_dir, **kwargs)
 
     def load(self, path: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if path and _is_knet_model(self.model):
@@ -111,7 +198,11 @@ class KNetCheckpointer(DetectionCheckpointer):
         try:
             return super().load(path, *args, **kwargs)
         finally:
-            _end_detectron2_load(self)
+            # Detectron2 main (not v0.6) keeps the URL being loaded in this attribute, asserts it
+            # is None when a load starts and resets it (no public method does) only after a load
+            # that succeeded; resetting it here lets ``resume_or_load`` try an older checkpoint.
+            if getattr(self, "_parsed_url_during_load", None) is not None:
+                self._parsed_url_during_load = None
 
     def _check_weights_file(self, path: str) -> None:
         """Raise :class:`WeightsNotFoundError` if ``path`` is neither a file nor downloadable."""
@@ -120,19 +211,24 @@ class KNetCheckpointer(DetectionCheckpointer):
         save_dir = self.save_dir
         if save_dir and os.path.dirname(os.path.abspath(path)) == os.path.abspath(save_dir):
             raise WeightsNotFoundError(f"Checkpoint not found: {path}")  # written by training
+        # the model-zoo table is imported only to word this error: ``import knet`` does not load it
+        from .model_zoo import weights_help
+
         if "://" in path:
             try:
                 local = self.path_manager.get_local_path(path)
             except Exception as e:  # network and HTTP errors of every kind
                 raise WeightsNotFoundError(
                     f"MODEL.WEIGHTS {path} cannot be downloaded ({type(e).__name__}: {e}). "
-                    + _weights_hint(path)
+                    + weights_help(path)
+                    + _OTHER_WEIGHTS
                 ) from e
             if os.path.isfile(local):
                 return
         raise WeightsNotFoundError(
             f"MODEL.WEIGHTS file not found: {path} (working directory {os.getcwd()}). "
-            + _weights_hint(path)
+            + weights_help(path)
+            + _OTHER_WEIGHTS
         )
 
     def _load_file(self, filename: str) -> dict[str, Any]:
@@ -141,6 +237,8 @@ class KNetCheckpointer(DetectionCheckpointer):
         data = load_weights_file(filename)
         if not isinstance(data, dict):
             raise CorruptCheckpointError(f"{filename} holds a {type(data).__name__}, not a dict")
+        # a copy: loading drops the mis-shaped entries from the file's dict
+        self._file_weights = dict(data.get("model", data.get("blobs", data)))
         if filename.endswith(".pkl") and not ("model" in data and "__author__" in data):
             # Caffe2 / Detectron1 model zoo layout, read as Detectron2 reads it
             data = data.get("blobs", data)
@@ -161,7 +259,7 @@ class KNetCheckpointer(DetectionCheckpointer):
         # fvcore drops the mis-shaped keys before loading, so they also come back as missing
         missing = [k for k in incompatible.missing_keys if k not in shapes]
         unexpected = incompatible.unexpected_keys
-        unset = sorted(set(missing) | set(shapes))
+        unset = len(missing) + len(shapes)  # ``missing`` excludes the mis-shaped keys
         details = []
         if shapes:
             # every module, then one example (e.g. the classifiers after a change of class count)
@@ -175,23 +273,33 @@ class KNetCheckpointer(DetectionCheckpointer):
         if unexpected:
             details.append(f"{len(unexpected)} in the file only ({_short_list(unexpected)})")
         details = ", ".join(details)
+        if not details:
+            return
+        total = len(model.state_dict())
+        file_weights = getattr(self, "_file_weights", {})
+        holds = (
+            f"{path} holds {describe_weights(file_weights)}; the config builds "
+            f"{describe_weights(model.state_dict())}."
+        )
+        used = len(file_weights) - len(unexpected) - len(shapes)
+        another_model = total - unset < total / 2 and used < len(file_weights) / 2
         if unset and not model.training:
             raise CheckpointMismatchError(
-                f"{path} does not fit the model built from the config: {details}. Evaluating "
-                "would use randomly initialised parameters. Check that the config matches the "
-                "checkpoint (the converters print the config to use) or convert the checkpoint "
-                "again."
+                f"{holds} Evaluating would use {unset} randomly initialised parameters and "
+                "buffers: check that the config matches the checkpoint (the converters print "
+                f"the config to use) or convert the checkpoint again.\nKeys: {details}."
             )
-        if details:
-            total = len(self.model.state_dict())
-            logger.warning(
-                "Loaded %d of %d parameters and buffers from %s; %s. Those left out keep their "
-                "initialisation.",
-                total - len(unset),
-                total,
-                path,
-                details,
+        if another_model and not self.allow_partial:
+            raise CheckpointMismatchError(
+                f"{holds} It would set only {total - unset} of the model's {total} parameters "
+                f"and buffers, from {used} of its {len(file_weights)}: most of the model would "
+                "train from random values. Set MODEL.WEIGHTS to the intended file, or add "
+                f"MODEL.WEIGHTS_PARTIAL True to load what fits.\nKeys: {details}."
             )
+        logger.warning(
+            f"{holds} Loaded {total - unset} of {total} parameters and buffers; those left out "
+            f"keep their initialisation.\nKeys: {details}."
+        )
 
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -210,21 +318,33 @@ class KNetCheckpointer(DetectionCheckpointer):
         _write_atomically(tag, lambda f: f.write(last_filename_basename.encode()))
 
     def resume_or_load(self, path: str, *, resume: bool = True) -> dict[str, Any]:
+        """Resume from the tagged checkpoint or, when it cannot be read, from the readable one of
+        the highest iteration (by the trainer's file names; file times are not used, as copies
+        reset them), logging each one skipped and why; else load ``path``."""
+        if self.save_dir and self.save_to_disk:
+            _remove_stale_temporary_files(self.save_dir)
         if not (resume and self.has_checkpoint()):
             return self.load(path, checkpointables=[])
         tagged = self.get_checkpoint_file()
-        candidates = [tagged] + sorted(
-            set(glob.glob(os.path.join(self.save_dir, "*.pth"))) - {tagged},
-            key=os.path.getmtime,
-            reverse=True,
-        )
+        others = set(glob.glob(os.path.join(self.save_dir, "*.pth"))) - {tagged}
+        candidates = [tagged] + sorted(others, key=lambda p: (_iteration_in_name(p), p))[::-1]
+        skipped = []
         for candidate in candidates:
             try:
-                return self.load(candidate)
+                checkpoint = self.load(candidate)
             except (CorruptCheckpointError, FileNotFoundError, AssertionError) as e:
+                logger.warning("Cannot resume from %s (%s)", candidate, e)
+                skipped.append(os.path.basename(candidate))
+                continue
+            if skipped:
                 logger.warning(
-                    "Cannot resume from %s (%s); trying an older checkpoint", candidate, e
+                    "Resumed from %s (iteration %s), the readable checkpoint of the highest "
+                    "iteration; skipped %s (unreadable, see above)",
+                    candidate,
+                    checkpoint.get("iteration", "?"),
+                    ", ".join(skipped),
                 )
+            return checkpoint
         raise CorruptCheckpointError(
             f"No readable checkpoint in {self.save_dir} to resume from (tried "
             f"{', '.join(candidates)}); start without --resume or restore a checkpoint"
@@ -233,16 +353,12 @@ class KNetCheckpointer(DetectionCheckpointer):
 
 def use_knet_checkpointer_in_detectron2_defaults() -> None:
     """Make Detectron2's ``DefaultPredictor`` and ``DefaultTrainer`` build a
-    :class:`KNetCheckpointer` instead of a ``DetectionCheckpointer``.
+    :class:`KNetCheckpointer`: the one change ``import knet`` makes to Detectron2.
 
-    This is the one change ``import knet`` makes to Detectron2. Both classes create their
-    checkpointer by the name ``DetectionCheckpointer`` of the module ``detectron2.engine.defaults``
-    and offer no option for another class, so that name is bound to the subclass:
-    ``DefaultPredictor(cfg)`` then never runs code from a weight file (``.pkl`` or ``.pth``) and
-    reports missing, corrupt or mismatching weights as the project's entry points do. The class
-    ``DetectionCheckpointer`` itself, and what other modules import under that name, stay as
-    Detectron2 wrote them.
+    Both (Detectron2 v0.6 and main) call the name ``DetectionCheckpointer`` of
+    ``detectron2.engine.defaults``, looked up at each call, and take no other class, so that name
+    is bound to the subclass: ``DefaultPredictor(cfg)`` then never runs code from a weight file
+    and reports bad weights as the project's entry points do. The class itself, and what other
+    modules import under that name, stay as Detectron2 wrote them.
     """
-    # Detectron2 v0.6 and main: DefaultPredictor.__init__ and DefaultTrainer.__init__ call
-    # ``DetectionCheckpointer(...)``, looked up in this module's namespace at each call.
     defaults.DetectionCheckpointer = KNetCheckpointer

@@ -4,29 +4,18 @@ of this project that each one loads into: the one source of README's tables ("Mo
 them), of the converters' choice of config, and of the message naming where a missing
 ``MODEL.WEIGHTS`` file comes from (the one use at run time: ``import knet`` does not load this
 module, :class:`knet.checkpoint.KNetCheckpointer` imports it to word that error).
-
-Official K-Net (instance / panoptic, MMDetection 2.x) files are under
-``https://download.openmmlab.com/mim-example/knet/det/knet/<config>/<file>.pth``; MMSeg's
-semantic K-Net files (the official semantic weights were never released) under
-``https://download.openmmlab.com/mmsegmentation/v0.5/knet/<config>/<file>.pth``.
 """
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = [
-    "MODEL_ZOO",
-    "PRETRAINED_BACKBONES",
-    "ModelZooEntry",
-    "PretrainedBackbone",
-    "find_model_zoo_entry",
-    "markdown_tables",
-    "weights_help",
-]
-
-KNET_URL = "https://download.openmmlab.com/mim-example/knet/det/knet"
-MMSEG_URL = "https://download.openmmlab.com/mmsegmentation/v0.5/knet"
+# <KNET_URL or MMSEG_URL>/<config>/<file>.pth: official K-Net (instance / panoptic, MMDetection
+# 2.x) and MMSeg's semantic K-Net files (the official semantic ones were never released)
+OPENMMLAB = "https://download.openmmlab.com"
+KNET_URL = f"{OPENMMLAB}/mim-example/knet/det/knet"
+MMSEG_URL = f"{OPENMMLAB}/mmsegmentation/v0.5/knet"
+SWIN_URL = "https://github.com/SwinTransformer/storage/releases/download/v1.0.0"
 COCO_PANOPTIC = "configs/coco/panoptic-segmentation"
 COCO_INSTANCE = "configs/coco/instance-segmentation"
 ADE20K = "configs/ade20k/semantic-segmentation"
@@ -84,106 +73,65 @@ class PretrainedBackbone:
 
 
 MODEL_ZOO: tuple[ModelZooEntry, ...] = (
-    ModelZooEntry(
-        "panoptic", "R-50", "1x", "PQ", 44.3,
-        "knet_s3_r50_fpn_1x_coco-panoptic_20211017_151750-395fbcba",
-        f"{COCO_PANOPTIC}/knet_R50_bs16_1x.yaml",
-    ),
-    ModelZooEntry(
-        "panoptic", "R-50", "ms-3x", "PQ", 47.1,
-        "knet_s3_r50_fpn_ms-3x_coco-panoptic_20211017_054613-4375b8be",
-        f"{COCO_PANOPTIC}/knet_R50_bs16_ms3x.yaml",
-    ),
-    ModelZooEntry(
-        "panoptic", "R-101", "ms-3x", "PQ", 48.4,
-        "knet_s3_r101_fpn_ms-3x_coco-panoptic_20211017_054501-9c600b0c",
-        f"{COCO_PANOPTIC}/knet_R101_bs16_ms3x.yaml",
-    ),
-    ModelZooEntry(
-        "panoptic", "R-101-DCN", "ms-3x", "PQ", 49.6,
-        "knet_s3_r101_dcn-c3-c5_fpn_ms-3x_coco-panoptic_20211019_191549-6d13fab7",
-        f"{COCO_PANOPTIC}/knet_R101_DCN_bs16_ms3x.yaml",
-    ),
-    ModelZooEntry(
-        "panoptic", "Swin-L", "ms-3x", "PQ", 54.6,
-        "knet_s3_swin-l_fpn_ms-3x_16x2_coco-panoptic_20211020_062341-62f3bbff",
-        f"{COCO_PANOPTIC}/knet_swin_L_bs32_ms3x.yaml",
-    ),
-    ModelZooEntry(
-        "instance", "R-50", "1x", "mask AP", 34.0,
-        "knet_s3_r50_fpn_1x_coco_20211016_113017-8a8645d4",
-        f"{COCO_INSTANCE}/knet_R50_bs16_1x.yaml",
-    ),
-    ModelZooEntry(
-        "instance", "R-101-DCN", "ms-3x", "mask AP", 40.5,
-        "knet_s3_r101_dcn-c3-c5_fpn_ms-3x_coco_20211017_054515-163a3126",
-        f"{COCO_INSTANCE}/knet_R101_DCN_bs16_ms3x.yaml",
-    ),
-    ModelZooEntry(
-        "semantic", "R-50-V1c", "80k", "mIoU", 43.60,
-        "knet_s3_fcn_r50-d8_8x2_512x512_adamw_80k_ade20k_20220228_043751-abcab920",
-        f"{ADE20K}/knet_s3_fcn_R50_D8_bs16_80k.yaml", "fcn", 512,
-    ),
-    ModelZooEntry(
-        "semantic", "R-50-V1c", "80k", "mIoU", 44.18,
-        "knet_s3_pspnet_r50-d8_8x2_512x512_adamw_80k_ade20k_20220228_054634-d2c72240",
-        f"{ADE20K}/knet_s3_pspnet_R50_D8_bs16_80k.yaml", "psp", 512,
-    ),
-    ModelZooEntry(
-        "semantic", "R-50-V1c", "80k", "mIoU", 45.06,
-        "knet_s3_deeplabv3_r50-d8_8x2_512x512_adamw_80k_ade20k_20220228_041642-00c8fbeb",
-        f"{ADE20K}/knet_s3_deeplabv3_R50_D8_bs16_80k.yaml", "aspp", 512,
-    ),
-    ModelZooEntry(
-        "semantic", "R-50-V1c", "80k", "mIoU", 43.45,
-        "knet_s3_upernet_r50-d8_8x2_512x512_adamw_80k_ade20k_20220304_125657-215753b0",
-        f"{ADE20K}/knet_s3_upernet_R50_bs16_80k.yaml", "upernet", 512,
-    ),
-    ModelZooEntry(
-        "semantic", "Swin-T", "80k", "mIoU", 45.84,
-        "knet_s3_upernet_swin-t_8x2_512x512_adamw_80k_ade20k_20220303_133059-7545e1dc",
-        f"{ADE20K}/knet_s3_upernet_swin_T_bs16_80k.yaml", "upernet", 512,
-    ),
-    ModelZooEntry(
-        "semantic", "Swin-L", "80k", "mIoU", 52.05,
-        "knet_s3_upernet_swin-l_8x2_512x512_adamw_80k_ade20k_20220303_154559-d8da9a90",
-        f"{ADE20K}/knet_s3_upernet_swin_L_bs16_80k.yaml", "upernet", 512,
-    ),
-    ModelZooEntry(
-        "semantic", "Swin-L", "80k, 640x640", "mIoU", 52.21,
-        "knet_s3_upernet_swin-l_8x2_640x640_adamw_80k_ade20k_20220301_220747-8787fc71",
-        f"{ADE20K}/knet_s3_upernet_swin_L_bs16_80k_640x640.yaml", "upernet", 512,
-    ),
+    ModelZooEntry("panoptic", "R-50", "1x", "PQ", 44.3,
+                  "knet_s3_r50_fpn_1x_coco-panoptic_20211017_151750-395fbcba",
+                  f"{COCO_PANOPTIC}/knet_R50_bs16_1x.yaml"),
+    ModelZooEntry("panoptic", "R-50", "ms-3x", "PQ", 47.1,
+                  "knet_s3_r50_fpn_ms-3x_coco-panoptic_20211017_054613-4375b8be",
+                  f"{COCO_PANOPTIC}/knet_R50_bs16_ms3x.yaml"),
+    ModelZooEntry("panoptic", "R-101", "ms-3x", "PQ", 48.4,
+                  "knet_s3_r101_fpn_ms-3x_coco-panoptic_20211017_054501-9c600b0c",
+                  f"{COCO_PANOPTIC}/knet_R101_bs16_ms3x.yaml"),
+    ModelZooEntry("panoptic", "R-101-DCN", "ms-3x", "PQ", 49.6,
+                  "knet_s3_r101_dcn-c3-c5_fpn_ms-3x_coco-panoptic_20211019_191549-6d13fab7",
+                  f"{COCO_PANOPTIC}/knet_R101_DCN_bs16_ms3x.yaml"),
+    ModelZooEntry("panoptic", "Swin-L", "ms-3x", "PQ", 54.6,
+                  "knet_s3_swin-l_fpn_ms-3x_16x2_coco-panoptic_20211020_062341-62f3bbff",
+                  f"{COCO_PANOPTIC}/knet_swin_L_bs32_ms3x.yaml"),
+    ModelZooEntry("instance", "R-50", "1x", "mask AP", 34.0,
+                  "knet_s3_r50_fpn_1x_coco_20211016_113017-8a8645d4",
+                  f"{COCO_INSTANCE}/knet_R50_bs16_1x.yaml"),
+    ModelZooEntry("instance", "R-101-DCN", "ms-3x", "mask AP", 40.5,
+                  "knet_s3_r101_dcn-c3-c5_fpn_ms-3x_coco_20211017_054515-163a3126",
+                  f"{COCO_INSTANCE}/knet_R101_DCN_bs16_ms3x.yaml"),
+    ModelZooEntry("semantic", "R-50-V1c", "80k", "mIoU", 43.60,
+                  "knet_s3_fcn_r50-d8_8x2_512x512_adamw_80k_ade20k_20220228_043751-abcab920",
+                  f"{ADE20K}/knet_s3_fcn_R50_D8_bs16_80k.yaml", "fcn", 512),
+    ModelZooEntry("semantic", "R-50-V1c", "80k", "mIoU", 44.18,
+                  "knet_s3_pspnet_r50-d8_8x2_512x512_adamw_80k_ade20k_20220228_054634-d2c72240",
+                  f"{ADE20K}/knet_s3_pspnet_R50_D8_bs16_80k.yaml", "psp", 512),
+    ModelZooEntry("semantic", "R-50-V1c", "80k", "mIoU", 45.06,
+                  "knet_s3_deeplabv3_r50-d8_8x2_512x512_adamw_80k_ade20k_20220228_041642-00c8fbeb",
+                  f"{ADE20K}/knet_s3_deeplabv3_R50_D8_bs16_80k.yaml", "aspp", 512),
+    ModelZooEntry("semantic", "R-50-V1c", "80k", "mIoU", 43.45,
+                  "knet_s3_upernet_r50-d8_8x2_512x512_adamw_80k_ade20k_20220304_125657-215753b0",
+                  f"{ADE20K}/knet_s3_upernet_R50_bs16_80k.yaml", "upernet", 512),
+    ModelZooEntry("semantic", "Swin-T", "80k", "mIoU", 45.84,
+                  "knet_s3_upernet_swin-t_8x2_512x512_adamw_80k_ade20k_20220303_133059-7545e1dc",
+                  f"{ADE20K}/knet_s3_upernet_swin_T_bs16_80k.yaml", "upernet", 512),
+    ModelZooEntry("semantic", "Swin-L", "80k", "mIoU", 52.05,
+                  "knet_s3_upernet_swin-l_8x2_512x512_adamw_80k_ade20k_20220303_154559-d8da9a90",
+                  f"{ADE20K}/knet_s3_upernet_swin_L_bs16_80k.yaml", "upernet", 512),
+    ModelZooEntry("semantic", "Swin-L", "80k, 640x640", "mIoU", 52.21,
+                  "knet_s3_upernet_swin-l_8x2_640x640_adamw_80k_ade20k_20220301_220747-8787fc71",
+                  f"{ADE20K}/knet_s3_upernet_swin_L_bs16_80k_640x640.yaml", "upernet", 512),
 )  # fmt: skip
 
 
 PRETRAINED_BACKBONES: tuple[PretrainedBackbone, ...] = (
-    PretrainedBackbone(
-        "R-50", "https://download.pytorch.org/models/resnet50-0676ba61.pth",
-        "pretrained/R-50-torchvision.pkl", f"{COCO_PANOPTIC}/knet_R50_bs16_1x.yaml",
-    ),
-    PretrainedBackbone(
-        "R-101", "https://download.pytorch.org/models/resnet101-63fe2227.pth",
-        "pretrained/R-101-torchvision.pkl", f"{COCO_PANOPTIC}/knet_R101_DCN_bs16_ms3x.yaml",
-    ),
-    PretrainedBackbone(
-        "R-50-V1c", "https://download.openmmlab.com/pretrain/third_party/resnet50_v1c-2cccc1ad.pth",
-        "pretrained/R-50-V1c.pkl", f"{ADE20K}/knet_s3_upernet_R50_bs16_80k.yaml",
-    ),
-    PretrainedBackbone(
-        "Swin-T",
-        "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/"
-        "swin_tiny_patch4_window7_224.pth",
-        "pretrained/swin_tiny_patch4_window7_224.pkl",
-        f"{ADE20K}/knet_s3_upernet_swin_T_bs16_80k.yaml",
-    ),
-    PretrainedBackbone(
-        "Swin-L",
-        "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/"
-        "swin_large_patch4_window7_224_22k.pth",
-        "pretrained/swin_large_patch4_window7_224_22k.pkl",
-        f"{COCO_PANOPTIC}/knet_swin_L_bs32_ms3x.yaml",
-    ),
+    PretrainedBackbone("R-50", "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+                       "pretrained/R-50-torchvision.pkl", f"{COCO_PANOPTIC}/knet_R50_bs16_1x.yaml"),
+    PretrainedBackbone("R-101", "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+                       "pretrained/R-101-torchvision.pkl",
+                       f"{COCO_PANOPTIC}/knet_R101_DCN_bs16_ms3x.yaml"),
+    PretrainedBackbone("R-50-V1c", f"{OPENMMLAB}/pretrain/third_party/resnet50_v1c-2cccc1ad.pth",
+                       "pretrained/R-50-V1c.pkl", f"{ADE20K}/knet_s3_upernet_R50_bs16_80k.yaml"),
+    PretrainedBackbone("Swin-T", f"{SWIN_URL}/swin_tiny_patch4_window7_224.pth",
+                       "pretrained/swin_tiny_patch4_window7_224.pkl",
+                       f"{ADE20K}/knet_s3_upernet_swin_T_bs16_80k.yaml"),
+    PretrainedBackbone("Swin-L", f"{SWIN_URL}/swin_large_patch4_window7_224_22k.pth",
+                       "pretrained/swin_large_patch4_window7_224_22k.pkl",
+                       f"{COCO_PANOPTIC}/knet_swin_L_bs32_ms3x.yaml"),
 )  # fmt: skip
 
 
@@ -202,12 +150,8 @@ def find_model_zoo_entry(
     return matches[0] if matches else None
 
 
-def _file_name(url: str) -> str:
-    return url.rsplit("/", 1)[-1]
-
-
 def _link(url: str, text: str = "") -> str:
-    return f"[{text or _file_name(url)}]({url})"
+    return f"[{text or os.path.basename(url)}]({url})"
 
 
 def markdown_tables() -> tuple[str, str]:
@@ -242,9 +186,10 @@ def _tool(name: str) -> str:
 
 
 def _backbone_steps(entry: PretrainedBackbone, target: str) -> str:
+    tool = _tool("convert_pretrained_backbone.py")
     return (
         f"download {entry.url} and convert it with\n"
-        f"    python {_tool('convert_pretrained_backbone.py')} {_file_name(entry.url)} {target}\n"
+        f"    python {tool} {os.path.basename(entry.url)} {target}\n"
         "(README.md, 'ImageNet weights for training')"
     )
 

@@ -5,10 +5,7 @@ A pickle can name any Python callable, so unpickling an untrusted file can run a
 arrays and plain containers (dict, list, tuple, str, numbers); anything else is refused with an
 :class:`UnsafeCheckpointError` naming the file and the offending global. A file that cannot be
 decoded at all (empty, truncated, not a checkpoint) raises :class:`CorruptCheckpointError`.
-
-:func:`load_weights_file` is how :class:`knet.checkpoint.KNetCheckpointer` reads files, so the
-trainer, ``--eval-only``, ``DefaultPredictor`` (once ``knet`` is imported) and the demo all read
-weights this way.
+Every entry point reads weights this way, through :class:`knet.checkpoint.KNetCheckpointer`.
 """
 
 import codecs
@@ -27,14 +24,6 @@ try:
 except ImportError:  # numpy < 2
     from numpy.core import multiarray
 
-__all__ = ["CorruptCheckpointError", "UnsafeCheckpointError", "load_weights_file"]
-
-RESAVE_HINT = (
-    "If you trust the file, re-save its weights as plain tensors with "
-    "`python tools/resave_trusted_checkpoint.py {path} OUTPUT.pth` (official K-Net / MMSeg / "
-    "ImageNet files: the converters' --allow-pickle option) and load OUTPUT.pth instead."
-)
-
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
     """The file holds Python objects other than tensors, numpy arrays and plain containers."""
@@ -47,7 +36,10 @@ class CorruptCheckpointError(ValueError):
 def _refused(path: str, what: str) -> UnsafeCheckpointError:
     return UnsafeCheckpointError(
         f"Refused to load {path}: it references {what}, which is not a tensor, numpy array or "
-        f"plain container, and unpickling it could run code. " + RESAVE_HINT.format(path=path)
+        "plain container, and unpickling it could run code. If you trust the file, re-save its "
+        f"weights as plain tensors with `python tools/resave_trusted_checkpoint.py {path} "
+        "OUTPUT.pth` (official K-Net / MMSeg / ImageNet files: the converters' --allow-pickle "
+        "option) and load OUTPUT.pth instead."
     )
 
 
@@ -84,10 +76,6 @@ _NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, multiarray._reconstruct, multiarra
 ]
 
 
-class _RefusedGlobal(pickle.UnpicklingError):
-    pass
-
-
 class TensorUnpickler(pickle.Unpickler):
     """An unpickler that rebuilds only numpy arrays, tensors and plain containers."""
 
@@ -96,14 +84,14 @@ class TensorUnpickler(pickle.Unpickler):
             return _ALLOWED_GLOBALS[(module, name)]
         if module == "numpy.dtypes" and name.endswith("DType"):
             return getattr(np.dtypes, name)  # dtype classes in numpy >= 1.25 pickles
-        raise _RefusedGlobal(f"{module}.{name}")
+        raise UnsafeCheckpointError(f"{module}.{name}")  # named in full by load_weights_file
 
 
 def _load_pickle(path: str) -> Any:
     with open(path, "rb") as f:
         try:
             return TensorUnpickler(f, encoding="latin1").load()
-        except _RefusedGlobal as e:
+        except UnsafeCheckpointError as e:
             raise _refused(path, str(e)) from None
         except pickle.UnpicklingError:
             raise _corrupt(path, "its pickle data cannot be decoded") from None
@@ -111,24 +99,19 @@ def _load_pickle(path: str) -> Any:
             raise _corrupt(path, f"{type(e).__name__}: {e}") from None
 
 
-def _unpickling_failure(path: str, error: Exception) -> Exception:
-    """Tell a refused global from a pickle stream that cannot be decoded."""
-    try:  # scans the opcodes without running them (torch >= 2.5)
-        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # noqa: BLE001 - undecodable or an older torch: fall back to the message
-        found = re.findall(r"GLOBAL ([\w.]+)", str(error))
-    unsafe = [g for g in found if not g.startswith(("numpy.", "collections.OrderedDict"))]
-    if unsafe:
-        return _refused(path, ", ".join(unsafe))
-    return _corrupt(path, "its pickle data cannot be decoded")
-
-
 def _load_torch(path: str) -> Any:
     try:
         with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise _unpickling_failure(path, e) from None
+    except pickle.UnpicklingError as e:  # a refused global, or a stream that cannot be decoded
+        try:  # scans the opcodes without running them (torch >= 2.5)
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - undecodable or an older torch: read the message
+            found = re.findall(r"GLOBAL ([\w.]+)", str(e))
+        unsafe = [g for g in found if not g.startswith(("numpy.", "collections.OrderedDict"))]
+        if unsafe:
+            raise _refused(path, ", ".join(unsafe)) from None
+        raise _corrupt(path, "its pickle data cannot be decoded") from None
     except Exception as e:  # noqa: BLE001 - nothing ran from the file: it cannot be decoded
         raise _corrupt(path, f"{type(e).__name__}: {e}".split("\n")[0]) from None
 

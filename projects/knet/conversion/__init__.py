@@ -19,4 +19,4 @@ from .official import (
     save_detectron2_checkpoint,
     unwrap_state_dict,
 )
-from .rules import CheckpointKeyError, StateDictDiff
+from .rules import CheckpointKeyError

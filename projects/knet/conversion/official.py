@@ -39,20 +39,6 @@ from .rules import (
     rename_state_dict,
 )
 
-__all__ = [
-    "UnsupportedCheckpointError",
-    "CheckpointInfo",
-    "describe_backbone",
-    "describe_official_knet_state_dict",
-    "convert_official_knet_state_dict",
-    "convert_pretrained_backbone",
-    "model_state_shapes",
-    "unwrap_state_dict",
-    "check_coco_class_names",
-    "load_checkpoint_file",
-    "save_detectron2_checkpoint",
-]
-
 # ResNet block counts per stage (layer1-4) -> depth; 18/34 use BasicBlock (no conv3).
 RESNET_DEPTHS = {
     ((2, 2, 2, 2), False): 18,
@@ -134,10 +120,9 @@ def _count(keys: Iterable[str], pattern: str) -> int:
 def describe_backbone(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, tuple[Rule, ...]]:
     """(name, rename rules) of a backbone state dict without prefix.
 
-    ResNet (torchvision / MMDet names, MMCV ResNetV1c deep stem, DCNv1 offsets), Swin in the
-    MMDet/MMSeg layout (``patch_embed.projection``, ``stages``) or Microsoft's layout
-    (``patch_embed.proj``, ``layers``). Names: "R-101-DCN" (DCN in res3-res5), "R-50-V1c",
-    "Swin-L" (with "-W12" for windows other than 7), ...
+    ResNet (torchvision / MMDet names, MMCV ResNetV1c deep stem, DCNv1 offsets) or Swin (MMDet
+    or Microsoft layout). Names: "R-101-DCN" (DCN in res3-res5), "R-50-V1c", "Swin-L" (with
+    "-W12" for windows other than 7), ...
     """
     keys = list(state_dict)
     if any(k.startswith("patch_embed.") for k in keys):
@@ -196,7 +181,6 @@ def describe_official_knet_state_dict(checkpoint: Mapping[str, Any]) -> Checkpoi
     """
     sd, meta = unwrap_state_dict(checkpoint)
     backbone, _ = describe_backbone(_strip(sd, "backbone."))
-    classes = tuple(meta.get("CLASSES") or ())
     if any(k.startswith("decode_head.") for k in sd):
         head = _strip(sd, "decode_head.kernel_generate_head.")
         if "conv_seg.weight" not in head:
@@ -204,40 +188,21 @@ def describe_official_knet_state_dict(checkpoint: Mapping[str, Any]) -> Checkpoi
                 "Semantic checkpoint without decode_head.kernel_generate_head.conv_seg.weight "
                 "(the initial kernels): not a K-Net checkpoint?"
             )
+        task, decode_head = "semantic", _decode_head_type(head)
         num_classes, channels = head["conv_seg.weight"].shape[:2]
         stages = _count(sd, r"^decode_head\.kernel_update_head\.(\d+)\.")
-        return CheckpointInfo(
-            "semantic", backbone, _decode_head_type(head), channels, num_classes, stages, classes
-        )
-    if "rpn_head.conv_seg.weight" not in sd or "rpn_head.init_kernels.weight" not in sd:
+    elif "rpn_head.conv_seg.weight" in sd and "rpn_head.init_kernels.weight" in sd:
+        num_classes = sd["rpn_head.conv_seg.weight"].shape[0]
+        task, decode_head = COCO_TASKS.get(num_classes, "instance/panoptic"), ""
+        channels = sd["rpn_head.init_kernels.weight"].shape[1]
+        stages = _count(sd, r"^roi_head\.mask_head\.(\d+)\.")
+    else:
         raise CheckpointKeyError(
             "Neither decode_head.* (semantic K-Net) nor rpn_head.conv_seg / init_kernels "
             "(instance/panoptic K-Net) keys found: not a K-Net checkpoint?"
         )
-    num_classes = sd["rpn_head.conv_seg.weight"].shape[0]
-    return CheckpointInfo(
-        COCO_TASKS.get(num_classes, "instance/panoptic"),
-        backbone,
-        "",
-        sd["rpn_head.init_kernels.weight"].shape[1],
-        num_classes,
-        _count(sd, r"^roi_head\.mask_head\.(\d+)\."),
-        classes,
-    )
-
-
-def _convert(
-    state_dict: Mapping[str, torch.Tensor],
-    layout: Sequence[Section],
-    model_shapes: Mapping[str, Sequence[int]],
-    what: str,
-    may_miss: str | None = None,
-) -> dict[str, torch.Tensor]:
-    converted, origin = rename_state_dict(state_dict, layout)
-    diff = check_against_model(converted, origin, model_shapes, may_miss)
-    if not diff.ok:
-        raise CheckpointKeyError(f"Cannot convert {what}:\n{diff.format()}")
-    return converted
+    classes = tuple(meta.get("CLASSES") or ())
+    return CheckpointInfo(task, backbone, decode_head, channels, num_classes, stages, classes)
 
 
 def convert_official_knet_state_dict(
@@ -264,14 +229,9 @@ def convert_official_knet_state_dict(
     info = describe_official_knet_state_dict(sd)
     _, backbone_rules = describe_backbone(_strip(sd, "backbone."))
     layout = (KNET_MMSEG if info.task == "semantic" else KNET_MMDET)(backbone_rules)
-    return _convert(sd, layout, model_shapes, f"the checkpoint ({info.summary()})")
-
-
-def body_prefix(model_shapes: Mapping[str, Sequence[int]]) -> str:
-    """Prefix of the backbone body's keys: ``backbone.bottom_up.`` under an FPN, else
-    ``backbone.``."""
-    fpn = any(k.startswith("backbone.bottom_up.") for k in model_shapes)
-    return "backbone.bottom_up." if fpn else "backbone."
+    converted, origin = rename_state_dict(sd, layout)
+    check_against_model(converted, origin, model_shapes, f"the checkpoint ({info.summary()})")
+    return converted
 
 
 def convert_pretrained_backbone(
@@ -286,7 +246,6 @@ def convert_pretrained_backbone(
     :func:`save_detectron2_checkpoint` marks it for Detectron2's suffix matching.
 
     Args:
-        checkpoint: the loaded file.
         model_shapes: if given, the converted keys are checked against the body of this model
             (unknown keys and shape mismatches are errors; the model may have DCN offsets and
             Swin output norms the ImageNet weights lack).
@@ -296,13 +255,14 @@ def convert_pretrained_backbone(
     """
     sd, _ = unwrap_state_dict(checkpoint)
     name, rules = describe_backbone(sd)
-    layout = (Section("", "", rules),)
-    if model_shapes is None:
-        converted, _ = rename_state_dict(sd, layout)
-        return converted, name
-    body = _strip(model_shapes, body_prefix(model_shapes))
-    what = f"the {name} ImageNet weights"
-    return _convert(sd, layout, body, what, may_miss=NOT_IN_IMAGENET_WEIGHTS), name
+    converted, origin = rename_state_dict(sd, (Section("", "", rules),))
+    if model_shapes is not None:
+        # the body's keys: under an FPN ``backbone.bottom_up.``, else ``backbone.``
+        fpn = any(k.startswith("backbone.bottom_up.") for k in model_shapes)
+        body = _strip(model_shapes, "backbone.bottom_up." if fpn else "backbone.")
+        what = f"the {name} ImageNet weights"
+        check_against_model(converted, origin, body, what, NOT_IN_IMAGENET_WEIGHTS)
+    return converted, name
 
 
 def model_state_shapes(cfg) -> dict[str, tuple[int, ...]]:
@@ -330,11 +290,8 @@ def check_coco_class_names(classes: Sequence[str]) -> list[str]:
 
     things = [c["name"] for c in COCO_CATEGORIES if c["isthing"]]
     stuff = [c["name"] for c in COCO_CATEGORIES if not c["isthing"]]
-    if len(classes) == len(things):
-        expected = things
-    elif len(classes) == len(things) + len(stuff):
-        expected = things + stuff
-    else:
+    expected = {len(things): things, len(things + stuff): things + stuff}.get(len(classes))
+    if expected is None:
         return [
             f"{len(classes)} classes; Detectron2's COCO has {len(things)} things "
             f"(+{len(stuff)} stuff)"

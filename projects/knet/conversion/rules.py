@@ -15,22 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = [
-    "Rule",
-    "Section",
-    "CheckpointKeyError",
-    "StateDictDiff",
-    "rename_state_dict",
-    "check_against_model",
-    "RESNET",
-    "SWIN_MMDET",
-    "SWIN_MICROSOFT",
-    "KNET_MMDET",
-    "KNET_MMSEG",
-    "unfold_to_slice_order",
-]
-
-MAX_KEYS_SHOWN = 20
 OPTIONAL_BUFFER = "num_batches_tracked"  # BN counters: kept where the model has them
 
 Replacement = str | Callable[[re.Match], str] | None
@@ -61,7 +45,7 @@ class Section:
     rules: tuple[Rule, ...] = ()
 
 
-def _format_keys(keys: Sequence[str], limit: int = MAX_KEYS_SHOWN) -> str:
+def _format_keys(keys: Sequence[str], limit: int = 20) -> str:
     keys = sorted(keys)
     shown = "\n  ".join(keys[:limit])
     more = f"\n  ... and {len(keys) - limit} more" if len(keys) > limit else ""
@@ -103,39 +87,18 @@ def rename_state_dict(
     return out, origin
 
 
-@dataclass
-class StateDictDiff:
-    """Differences between converted weights and a model's state dict."""
-
-    unknown: list[str]  # "original key -> new key" of converted keys the model lacks
-    missing: list[str]  # model keys nothing was converted to
-    shape_mismatch: list[str]  # "key: converted (..) vs model (..)"
-
-    @property
-    def ok(self) -> bool:
-        return not (self.unknown or self.missing or self.shape_mismatch)
-
-    def format(self) -> str:
-        parts = []
-        if self.unknown:
-            parts.append(f"keys with no counterpart in the model, {_format_keys(self.unknown)}")
-        if self.missing:
-            parts.append(f"model keys the checkpoint lacks, {_format_keys(self.missing)}")
-        if self.shape_mismatch:
-            parts.append(f"shape mismatches, {_format_keys(self.shape_mismatch)}")
-        return "\n".join(parts) if parts else "all keys and shapes match"
-
-
 def check_against_model(
     converted: dict[str, torch.Tensor],
     origin: Mapping[str, str],
     model_shapes: Mapping[str, Sequence[int]],
+    what: str,
     may_miss: str | None = None,
-) -> StateDictDiff:
-    """Compare converted weights with a model; drops BN counters the model does not have.
+) -> None:
+    """Raise :class:`CheckpointKeyError` naming ``what`` and listing the converted keys the
+    model lacks, the model keys nothing was converted to and the shape mismatches.
 
     Args:
-        converted: {model key: tensor}, modified in place (unwanted BN counters removed).
+        converted: {model key: tensor}; BN counters the model does not have are removed.
         origin: {model key: checkpoint key}, for the messages.
         model_shapes: {key: shape} of every parameter and persistent buffer of the model.
         may_miss: regular expression of model keys the checkpoint need not provide (e.g.
@@ -156,7 +119,17 @@ def check_against_model(
         for k, v in converted.items()
         if k in model_shapes and tuple(v.shape) != tuple(model_shapes[k])
     ]
-    return StateDictDiff(unknown, missing, mismatch)
+    problems = [
+        f"{title}, {_format_keys(keys)}"
+        for title, keys in (
+            ("keys with no counterpart in the model", unknown),
+            ("model keys the checkpoint lacks", missing),
+            ("shape mismatches", mismatch),
+        )
+        if keys
+    ]
+    if problems:
+        raise CheckpointKeyError(f"Cannot convert {what}:\n" + "\n".join(problems))
 
 
 # ------------------------------------------------------------------------------ transforms
@@ -218,6 +191,11 @@ SWIN_MMDET = (
     Rule(r"\.relative_position_index$", None),
     Rule(r"^absolute_pos_embed$", r"\g<0>", tokens_to_grid),
 )
+FPN = (  # MMDet FPN -> Detectron2 FPN, levels p2-p5
+    Rule(r"^lateral_convs\.(\d)\.conv\.", lambda m: f"fpn_lateral{int(m[1]) + 2}."),
+    Rule(r"^fpn_convs\.(\d)\.conv\.", lambda m: f"fpn_output{int(m[1]) + 2}."),
+)
+LOCALIZATION_FPN = (Rule(r"^aux_convs\.0\.", "aux_conv."), *CONV_MODULE)
 UPDATE_STAGE = (  # KernelUpdateHead: MMCV attention / FFN wrappers -> plain modules
     Rule(r"\.attention\.attn\.", ".attention."),
     Rule(r"\.feat_transform\.conv\.", ".feat_transform."),
@@ -230,19 +208,8 @@ def KNET_MMDET(backbone: tuple[Rule, ...]) -> tuple[Section, ...]:  # noqa: N802
     """Official instance/panoptic K-Net (MMDetection 2.x) with the given backbone rules."""
     return (
         Section("backbone.", "backbone.bottom_up.", backbone),
-        Section(
-            "neck.",
-            "backbone.",
-            (
-                Rule(r"^lateral_convs\.(\d)\.conv\.", lambda m: f"fpn_lateral{int(m[1]) + 2}."),
-                Rule(r"^fpn_convs\.(\d)\.conv\.", lambda m: f"fpn_output{int(m[1]) + 2}."),
-            ),
-        ),
-        Section(
-            "rpn_head.localization_fpn.",
-            "pixel_decoder.",
-            (Rule(r"^aux_convs\.0\.", "aux_conv."),) + CONV_MODULE,
-        ),
+        Section("neck.", "backbone.", FPN),
+        Section("rpn_head.localization_fpn.", "pixel_decoder.", LOCALIZATION_FPN),
         Section("rpn_head.", "kernel_head.initial_head.", CONV_MODULE),
         Section("roi_head.mask_head.", "kernel_head.stages.", UPDATE_STAGE),
     )

@@ -1,15 +1,7 @@
 """The kinds of dataset K-Net trains on and evaluates: the one table every other place asks.
 
-A dataset's kind follows from its ``evaluator_type`` metadata (Detectron2's convention):
-
-========  =================  ===============  =================  ===============================
-kind      evaluator_type     training mapper  meta-architecture  outputs (``knet.evaluation``)
-========  =================  ===============  =================  ===============================
-instance  coco               knet_instance    KNet               instances
-panoptic  coco_panoptic_seg  knet_panoptic    KNet               panoptic_seg, instances, sem_seg
-semantic  sem_seg            knet_semantic    SemanticKNet       sem_seg
-========  =================  ===============  =================  ===============================
-
+A dataset's kind follows from its ``evaluator_type`` metadata (Detectron2's convention: "coco"
+for instance data, "coco_panoptic_seg" for panoptic data, "sem_seg" for semantic data).
 :data:`DATASET_KINDS` holds, per kind, its training mapper, meta-architecture, outputs and
 class-count reader; ``knet.evaluation`` scores the outputs (evaluator and ground-truth check per
 output), ``knet.engine.dataset_config`` sets a config's class counts and outputs from it, and the
@@ -18,7 +10,6 @@ formats of ``knet.data.datasets.custom`` each name their kind.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,8 +23,6 @@ from .dataset_mappers import (
     KNetSemanticDatasetMapper,
     KNetTestDatasetMapper,
 )
-
-logger = logging.getLogger(__name__)
 
 AUTO = -1  # class-count value meaning "from the training dataset" (the config's default)
 
@@ -57,7 +46,7 @@ class DatasetClasses:
     kind: str  # a key of DATASET_KINDS
     class_names: tuple[str, ...]
     num_thing_classes: int  # instance: all classes; semantic: 0
-    ignore_label: int | None = None
+    ignore_label: int | None = None  # semantic data: the label value of void pixels
 
     @property
     def num_classes(self) -> int:
@@ -83,8 +72,7 @@ class DatasetKind:
 
 def _instance_classes(name: str, meta: Any) -> DatasetClasses | None:
     things = meta.get("thing_classes", None)
-    ignore = meta.get("ignore_label", 255)
-    return DatasetClasses(name, "instance", tuple(things), len(things), ignore) if things else None
+    return DatasetClasses(name, "instance", tuple(things), len(things)) if things else None
 
 
 def _semantic_classes(name: str, meta: Any) -> DatasetClasses | None:
@@ -117,7 +105,7 @@ def _panoptic_classes(name: str, meta: Any) -> DatasetClasses | None:
         names = things + stuff
     else:
         names = [str(i) for i in range(n)]
-    return DatasetClasses(name, "panoptic", tuple(names), t, meta.get("ignore_label", 255))
+    return DatasetClasses(name, "panoptic", tuple(names), t)
 
 
 DATASET_KINDS: dict[str, DatasetKind] = {

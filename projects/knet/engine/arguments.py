@@ -1,12 +1,8 @@
 """The command line of ``train_net.py`` and the demo: Detectron2's arguments plus ``--dataset``.
 
-``--dataset NAME FORMAT PATH... [OPTION VALUE]...`` registers your own dataset from files
-(``knet.data.datasets.custom``; the formats are the keys of its ``DATASET_FORMATS``)::
-
-    --dataset NAME coco-instances JSON IMAGE_ROOT
-    --dataset NAME coco-panoptic JSON PNG_DIR IMAGE_ROOT
-    --dataset NAME sem-seg IMAGE_DIR LABEL_DIR --classes CLASSES.txt [--ignore-label 255]
-                                                [--image-ext jpg] [--label-ext png]
+``--dataset NAME FORMAT PATH... [OPTION VALUE]...`` registers your own dataset from files; the
+formats, their paths and options are the entries of ``DATASET_FORMATS`` in
+``knet.data.datasets.custom`` (whose docstring lists them).
 """
 
 from __future__ import annotations
@@ -27,10 +23,6 @@ __all__ = [
     "parse_dataset_args",
     "register_dataset_specs",
 ]
-
-
-def _keyword(option: str) -> str:
-    return option[2:].replace("-", "_")
 
 
 class DatasetArgumentError(ValueError):
@@ -58,10 +50,9 @@ class DatasetSpec:
 
 def _usage(fmt: str) -> str:
     spec = DATASET_FORMATS[fmt]
-    opts = " ".join(f"{o} {o[2:].replace('-', '_').upper()}" for o in spec.required)
-    optional = [o for o in spec.options if o not in spec.required]
-    extra = " ".join(f"[{o} {o[2:].replace('-', '_').upper()}]" for o in optional)
-    return " ".join(x for x in ("--dataset NAME", fmt, *spec.positional, opts, extra) if x)
+    required = [f"{o} {spec.keyword(o).upper()}" for o in spec.required]
+    optional = [f"[{o} {spec.keyword(o).upper()}]" for o in spec.options if o not in spec.required]
+    return " ".join(["--dataset NAME", fmt, *spec.positional, *required, *optional])
 
 
 def dataset_usage() -> str:
@@ -72,8 +63,8 @@ def dataset_usage() -> str:
 def parse_dataset_args(argv: Sequence[str]) -> tuple[list[str], list[DatasetSpec]]:
     """Take every ``--dataset NAME FORMAT PATH... [OPTION VALUE]...`` group out of ``argv``.
 
-    The number of paths depends on FORMAT (see the module docstring), so the groups can stand
-    anywhere on the command line, also among Detectron2's trailing ``KEY VALUE`` overrides.
+    The number of paths depends on FORMAT, so the groups can stand anywhere on the command line,
+    also among Detectron2's trailing ``KEY VALUE`` overrides.
 
     Returns:
         the remaining arguments (for ``argparse``) and the groups, in order.
@@ -81,6 +72,7 @@ def parse_dataset_args(argv: Sequence[str]) -> tuple[list[str], list[DatasetSpec
         DatasetArgumentError: an unknown format, a missing path or option value, a repeated
             name, or a per-dataset option outside a group that takes it.
     """
+    all_options = {o for f in DATASET_FORMATS.values() for o in f.options}
     rest: list[str] = []
     specs: list[DatasetSpec] = []
     i = 0
@@ -88,7 +80,7 @@ def parse_dataset_args(argv: Sequence[str]) -> tuple[list[str], list[DatasetSpec
         token = argv[i]
         if token.startswith("--dataset="):
             raise DatasetArgumentError("write --dataset NAME FORMAT PATH... without '='")
-        if token in {o for f in DATASET_FORMATS.values() for o in f.options}:
+        if token in all_options:
             raise DatasetArgumentError(
                 f"{token} belongs to a dataset: write it right after the paths of its "
                 f"'--dataset NAME FORMAT ...' ({dataset_usage()})"
@@ -126,10 +118,10 @@ def parse_dataset_args(argv: Sequence[str]) -> tuple[list[str], list[DatasetSpec
                     raise DatasetArgumentError(
                         f"--dataset {name}: --ignore-label must be an integer, got {value!r}"
                     ) from None
-            options[_keyword(option)] = value
+            options[spec.keyword(option)] = value
             i += 2
         for option in spec.required:
-            if _keyword(option) not in options:
+            if spec.keyword(option) not in options:
                 raise DatasetArgumentError(f"--dataset {name} {fmt} needs {option}: {_usage(fmt)}")
         if any(s.name == name for s in specs):
             raise DatasetArgumentError(f"--dataset {name} is given twice")
@@ -137,9 +129,10 @@ def parse_dataset_args(argv: Sequence[str]) -> tuple[list[str], list[DatasetSpec
     return rest, specs
 
 
-def add_dataset_arguments(parser: Any) -> None:
-    """Document ``--dataset`` in ``parser``'s help (the groups are taken out of the command line
-    by :func:`parse_dataset_args` before ``parser`` sees it)."""
+def parse_args_with_datasets(parser: Any, argv: Sequence[str] | None = None) -> Any:
+    """``parser.parse_args`` of ``argv`` (default ``sys.argv[1:]``) with ``--dataset`` in its
+    help and the ``--dataset`` groups taken out first, as ``args.dataset`` (DatasetSpec list);
+    a malformed group is a usage error of ``parser``."""
     parser.add_argument(
         "--dataset",
         action="append",
@@ -150,19 +143,11 @@ def add_dataset_arguments(parser: Any) -> None:
         + "; ".join(_usage(fmt)[len("--dataset ") :] for fmt in DATASET_FORMATS)
         + " (see datasets/README.md)",
     )
-
-
-def parse_args_with_datasets(parser: Any, argv: Sequence[str] | None = None) -> Any:
-    """``parser.parse_args`` of ``argv`` (default ``sys.argv[1:]``) with ``--dataset`` in its
-    help and the ``--dataset`` groups taken out first, as ``args.dataset`` (DatasetSpec list);
-    a malformed group is a usage error of ``parser``."""
-    add_dataset_arguments(parser)
-    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        argv, datasets = parse_dataset_args(argv)
+        rest, datasets = parse_dataset_args(sys.argv[1:] if argv is None else list(argv))
     except DatasetArgumentError as e:
         parser.error(str(e))
-    args = parser.parse_args(argv)
+    args = parser.parse_args(rest)
     args.dataset = datasets
     return args
 
@@ -178,10 +163,9 @@ def register_dataset_specs(
     for spec in specs:
         try:
             spec.register(drop_categories)
+        except DatasetArgumentError:
+            raise
         except (OSError, ValueError, KeyError) as e:
-            if isinstance(e, DatasetArgumentError):
-                raise
-            raise DatasetArgumentError(
-                f"--dataset {spec.name} {spec.format} {' '.join(spec.paths)}: {e}"
-            ) from e
+            paths = " ".join(spec.paths)
+            raise DatasetArgumentError(f"--dataset {spec.name} {spec.format} {paths}: {e}") from e
     return [s.name for s in specs]

@@ -27,7 +27,9 @@ count as set.
 
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -64,28 +66,18 @@ def _switch(output: str) -> str:
 
 
 def _get(cfg: CfgNode, key: str) -> Any:
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
+    return functools.reduce(operator.getitem, key.split("."), cfg)
 
 
 def _set(cfg: CfgNode, key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    node = cfg
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
+    parent, leaf = key.rsplit(".", 1)
+    _get(cfg, parent)[leaf] = value
 
 
 def _is_auto(cfg: CfgNode, key: str, explicit: frozenset[str] | None) -> bool:
     if key in (NUM_CLASSES, NUM_THING_CLASSES):
         return _get(cfg, key) == AUTO
     return explicit is not None and key not in explicit
-
-
-def _evaluable(output: str, d: DatasetClasses) -> bool:
-    return evaluable(output, d.name, d.kind)
 
 
 def _expected_counts(d: DatasetClasses, ref: DatasetClasses) -> dict[str, int]:
@@ -129,20 +121,19 @@ def configure_for_datasets(
             raise not_registered(name)
     infos: dict[str, DatasetClasses] = {}
     for name in dict.fromkeys(train + test):
-        if name in registered:
-            info = dataset_classes(name, load=mode != "inference")
-            if info is not None:
-                infos[name] = info
-    ref_name = next((n for n in train if n in infos), None)
-    ref_name = ref_name or next((n for n in test if n in infos), None)
+        info = dataset_classes(name, load=mode != "inference") if name in registered else None
+        if info is not None:
+            infos[name] = info
+    # the first training dataset with classes, else the first test dataset
+    ref_name = next((n for n in train + test if n in infos), None)
     auto = {key: _is_auto(cfg, key, explicit) for key in (NUM_CLASSES, NUM_THING_CLASSES)}
     if ref_name is None:
-        unresolved = [k for k in (NUM_CLASSES, NUM_THING_CLASSES) if _get(cfg, k) == AUTO]
+        unresolved = [key for key, is_auto in auto.items() if is_auto]
         if mode == "inference" and (train or test):
             logger.warning(
-                "None of the datasets %s is registered with class names: outputs are drawn with "
-                "class numbers. Pass the dataset options of training (--dataset ...) for names.",
-                list(dict.fromkeys(train + test)),
+                f"None of the datasets {list(dict.fromkeys(train + test))} is registered with "
+                "class names: outputs are drawn with class numbers. Pass the dataset options of "
+                "training (--dataset ...) for names."
             )
         if unresolved:
             raise DatasetClassError(
@@ -180,20 +171,14 @@ def configure_for_datasets(
         if auto[key]:
             _set(cfg, key, value)
             chosen.append(f"{key.rsplit('.', 1)[1]} {value}")
-    if (
-        ref.kind == "semantic"
-        and ref.ignore_label is not None
-        and _is_auto(cfg, IGNORE_VALUE, explicit)
-    ):
-        if _get(cfg, IGNORE_VALUE) != ref.ignore_label:
-            _set(cfg, IGNORE_VALUE, ref.ignore_label)
-            chosen.append(f"IGNORE_VALUE {ref.ignore_label}")
-    for key in (NUM_CLASSES, NUM_THING_CLASSES):
-        if _get(cfg, key) == AUTO and not (ref.kind == "semantic" and key == NUM_THING_CLASSES):
-            raise DatasetClassError(f"{key} is -1 but dataset {ref.name!r} does not determine it")
+    ignore = ref.ignore_label  # semantic data only
+    if ignore is not None and _is_auto(cfg, IGNORE_VALUE, explicit):
+        if _get(cfg, IGNORE_VALUE) != ignore:
+            _set(cfg, IGNORE_VALUE, ignore)
+            chosen.append(f"IGNORE_VALUE {ignore}")
 
     for d in infos.values():
-        _check_dataset(cfg, d, ref, arch == "SemanticKNet", auto, explicit)
+        _check_dataset(cfg, d, ref, auto, explicit)
 
     outputs = _configure_outputs(cfg, ref, [infos[n] for n in test if n in infos], explicit, mode)
     _CONFIGURED.add(cfg.dump())
@@ -214,10 +199,11 @@ def _check_dataset(
     cfg: CfgNode,
     d: DatasetClasses,
     ref: DatasetClasses,
-    semantic_model: bool,
     auto: Mapping[str, bool],
     explicit: frozenset[str] | None,
 ) -> None:
+    """Check the class counts (and a semantic model's ignore value) against dataset ``d``."""
+    semantic_model = ref.kind == "semantic"  # the meta-architecture was checked to fit ``ref``
     if semantic_model and d.kind != "semantic":
         raise DatasetClassError(
             f"Dataset {d.name!r} is {d.kind} data; the semantic model trained on {ref.name!r} "
@@ -246,12 +232,8 @@ def _check_dataset(
         )
     if d.kind == ref.kind and d.name != ref.name and d.class_names != ref.class_names:
         logger.warning(
-            "Datasets %r and %r have the same number of classes but other names or another "
-            "order: %s / %s",
-            ref.name,
-            d.name,
-            list(ref.class_names)[:8],
-            list(d.class_names)[:8],
+            f"Datasets {ref.name!r} and {d.name!r} have the same number of classes but other "
+            f"names or another order: {list(ref.class_names)[:8]} / {list(d.class_names)[:8]}"
         )
     if semantic_model and d.ignore_label is not None:
         value = _get(cfg, IGNORE_VALUE)
@@ -276,7 +258,7 @@ def _configure_outputs(
         key = _switch(output)
         if _is_auto(cfg, key, explicit):
             if tests:
-                on = output in producible and all(_evaluable(output, d) for d in tests)
+                on = output in producible and all(evaluable(output, d.name, d.kind) for d in tests)
             else:
                 on = output == producible[0]
             _set(cfg, key, on)
@@ -292,7 +274,7 @@ def _configure_outputs(
         chosen[-1] += f", from the {ref.kind} data" + (" and the test datasets" if tests else "")
     if mode != "inference":
         for d in tests:
-            if not any(_get(cfg, _switch(o)) and _evaluable(o, d) for o in OUTPUTS):
+            if not any(_get(cfg, _switch(o)) and evaluable(o, d.name, d.kind) for o in OUTPUTS):
                 raise DatasetClassError(
                     f"No output of {list(map(_switch, OUTPUTS))} that is on can be evaluated on "
                     f"dataset {d.name!r} ({d.kind} data)"

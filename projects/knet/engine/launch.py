@@ -9,6 +9,7 @@ processes with exactly the code path of N GPUs.
 """
 
 import logging
+import os
 import socket
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -21,7 +22,7 @@ from detectron2.engine import create_ddp_model as _d2_create_ddp_model
 from detectron2.engine import launch as _d2_launch
 from detectron2.utils import comm
 
-__all__ = ["create_ddp_model", "launch"]
+__all__ = ["ExternalLauncherError", "create_ddp_model", "launch"]
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 
@@ -75,6 +76,26 @@ def _cpu_worker(
         dist.destroy_process_group()
 
 
+class ExternalLauncherError(RuntimeError):
+    """This process is one of several started by a launcher that :func:`launch` does not join."""
+
+
+def _refuse_external_launcher() -> None:
+    """Stop before anything is written when an external launcher (torchrun, torch elastic, a
+    PyTorchJob: ``WORLD_SIZE`` > 1 in the environment) started this process: :func:`launch`
+    starts its own processes, so each of the launcher's would train alone into one folder."""
+    world_size = os.environ.get("WORLD_SIZE", "1")
+    if world_size.strip() in ("", "0", "1"):
+        return
+    raise ExternalLauncherError(
+        f"this process was started by a multi-process launcher (WORLD_SIZE={world_size}, "
+        f"RANK={os.environ.get('RANK', '?')} in the environment, as torchrun sets them), but "
+        "train_net.py starts its own processes and does not join the launcher's: each of them "
+        "would train alone into the same output folder. Start one process instead: "
+        f"python train_net.py --num-gpus {world_size} ... (or unset WORLD_SIZE)."
+    )
+
+
 def launch(
     main_func: Callable,
     num_gpus_per_machine: int,
@@ -85,8 +106,10 @@ def launch(
 ) -> None:
     """``detectron2.engine.launch`` with a CPU fallback: ``num_gpus_per_machine`` gloo processes.
 
-    Args as for Detectron2's ``launch``; ``dist_url="auto"`` picks a free local port.
+    Args as for Detectron2's ``launch``; ``dist_url="auto"`` picks a free local port. Raises
+    :class:`ExternalLauncherError` in a process that an external launcher started.
     """
+    _refuse_external_launcher()
     world_size = num_machines * num_gpus_per_machine
     if torch.cuda.is_available() or world_size == 1:
         return _d2_launch(

@@ -15,7 +15,11 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import KNetCheckpointer
 from ..data.kinds import build_test_mapper, build_train_mapper
-from ..evaluation import build_evaluator, check_evaluation_dataset_once
+from ..evaluation import (
+    build_evaluator,
+    check_evaluation_dataset_once,
+    check_training_datasets_once,
+)
 from ..modeling import SemanticKNet
 from .amp import build_amp_trainer
 from .dataset_config import configured_for_datasets
@@ -56,7 +60,12 @@ class KNetTrainer(DefaultTrainer):
         else:
             self._trainer = SimpleTrainer(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = KNetCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = KNetCheckpointer(
+            model,
+            cfg.OUTPUT_DIR,
+            allow_partial=cfg.MODEL.WEIGHTS_PARTIAL,
+            trainer=weakref.proxy(self),
+        )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -82,7 +91,10 @@ class KNetTrainer(DefaultTrainer):
         """With ``SEED >= 0`` and Detectron2's default sampler, batches are a function of (seed,
         iteration) so that ``--resume`` continues with the batches of the uninterrupted run.
 
-        Closable, so that the preemption hook can stop its worker processes after training."""
+        Closable, so that the preemption hook can stop its worker processes after training. The
+        training sets are checked first (``DATASETS.CHECK_GT``, ``knet.evaluation.training_set``),
+        so that a bad file or annotation fails now, listed with all others, not hours in."""
+        check_training_datasets_once(cfg)
         mapper = build_train_mapper(cfg)
         if cfg.SEED >= 0 and cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler":
             return ClosableLoader(SeededTrainLoader(cfg, mapper))

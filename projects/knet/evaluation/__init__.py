@@ -29,13 +29,17 @@ from detectron2.evaluation import (
 from ..data.kinds import DATASET_KINDS, kind_of
 from . import ground_truth
 from .ground_truth import GroundTruthWarning
+from .training_set import TrainingSetError, check_training_dataset
 
 __all__ = [
     "OUTPUTS",
     "GroundTruthWarning",
+    "TrainingSetError",
     "build_evaluator",
     "check_evaluation_dataset",
     "check_evaluation_dataset_once",
+    "check_training_dataset",
+    "check_training_datasets_once",
     "evaluable",
     "evaluation_tasks",
 ]
@@ -77,21 +81,18 @@ OUTPUTS: dict[str, Output] = {
 }
 
 
-def _has_field(name: str, key: str) -> bool:
-    """Whether the metadata of ``name`` has ``key`` (a path whose files are missing counts:
-    the evaluator reports that)."""
-    try:
-        return MetadataCatalog.get(name).get(key, None) is not None
-    except (OSError, ValueError):
-        return True
-
-
 def evaluable(output: str, name: str, kind: str) -> bool:
-    """Whether ``output`` can be scored on dataset ``name`` of ``kind``."""
+    """Whether ``output`` can be scored on dataset ``name`` of ``kind`` (where the metadata names
+    a file that is missing, the evaluator reports that)."""
     if output not in DATASET_KINDS[kind].outputs:
         return False
     needs = OUTPUTS[output].needs
-    return output == kind or needs is None or _has_field(name, needs)
+    if output == kind or needs is None:
+        return True
+    try:
+        return MetadataCatalog.get(name).get(needs, None) is not None
+    except (OSError, ValueError):
+        return True
 
 
 def evaluation_tasks(cfg: CfgNode, dataset_name: str) -> tuple[str, ...]:
@@ -110,10 +111,7 @@ def evaluation_tasks(cfg: CfgNode, dataset_name: str) -> tuple[str, ...]:
 def build_evaluator(
     cfg: CfgNode, dataset_name: str, output_folder: str | None = None
 ) -> DatasetEvaluator:
-    """The evaluators of the outputs :func:`evaluation_tasks` selects (PQ, mask AP, mIoU).
-
-    Boxes are not evaluated: K-Net predicts masks, and its boxes are only the masks' extents.
-    """
+    """The evaluators of the outputs :func:`evaluation_tasks` selects (PQ, mask AP, mIoU)."""
     if output_folder is None:
         output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
     os.makedirs(output_folder, exist_ok=True)
@@ -143,7 +141,10 @@ def check_evaluation_dataset(
     Raises:
         ValueError: a defect; the message names the dataset, the file and what is wrong.
     """
-    mode = ground_truth.check_mode(mode)
+    if mode not in ground_truth.CHECK_MODES:
+        raise ValueError(
+            f"DATASETS.CHECK_GT must be one of {list(ground_truth.CHECK_MODES)}, got {mode!r}"
+        )
     if mode == "off":
         logger.warning(
             "Ground truth of %r is not checked before evaluation (DATASETS.CHECK_GT='off')",
@@ -176,15 +177,24 @@ def check_evaluation_dataset(
     )
 
 
-_CHECKED: set[tuple[str, str, tuple[str, ...]]] = set()  # (dataset, mode, tasks) checked
+_CHECKED: set[tuple] = set()  # (dataset, mode, tasks) / ("train", dataset, mode) checked
 
 
 def check_evaluation_dataset_once(cfg: CfgNode, dataset_name: str) -> None:
     """:func:`check_evaluation_dataset` with ``cfg.DATASETS.CHECK_GT`` and the tasks of
     :func:`evaluation_tasks`, at most once per process for the same dataset, mode and tasks (a
     periodic evaluation during training reads the ground truth only the first time)."""
-    mode = ground_truth.check_mode(cfg.DATASETS.get("CHECK_GT", "error"))
-    key = (dataset_name, mode, evaluation_tasks(cfg, dataset_name))
+    key = (dataset_name, cfg.DATASETS.get("CHECK_GT", "error"), evaluation_tasks(cfg, dataset_name))
     if key not in _CHECKED:
-        check_evaluation_dataset(*key)
+        check_evaluation_dataset(*key)  # validates the mode
         _CHECKED.add(key)
+
+
+def check_training_datasets_once(cfg: CfgNode) -> None:
+    """:func:`check_training_dataset` of each ``cfg.DATASETS.TRAIN`` with ``DATASETS.CHECK_GT``,
+    at most once per process (a trainer rebuilt in the same process does not check again)."""
+    mode = cfg.DATASETS.get("CHECK_GT", "error")
+    for name in cfg.DATASETS.TRAIN:
+        if ("train", name, mode) not in _CHECKED:
+            check_training_dataset(name, mode)
+            _CHECKED.add(("train", name, mode))

@@ -1,9 +1,11 @@
-"""Helpers shared by the K-Net dataset mappers: checked file reads and augmentation lists."""
+"""Helpers shared by the K-Net dataset mappers: checked file reads, augmentation lists, and
+reads that resize a large image (and its label map) before converting it to an array."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -15,6 +17,8 @@ from PIL import Image, ImageOps
 
 __all__ = [
     "KNetDatasetMapperBase",
+    "AugmentedRead",
+    "decode_image_checked",
     "read_image_checked",
     "build_augmentations",
     "image_to_tensor",
@@ -23,18 +27,40 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def read_image_checked(file_name: str, image_format: str | None, what: str) -> np.ndarray:
-    """Read an image or label PNG like ``detectron2.data.detection_utils.read_image``, but fail
-    loudly on any decode error.
+def decode_image_checked(file_name: str, image_format: str | None, what: str) -> Image.Image:
+    """The decoded, EXIF-oriented PIL image of :func:`read_image_checked`, before its conversion
+    to ``image_format`` and to an array (same checks, same errors)."""
+    try:
+        with PathManager.open(file_name, "rb") as f:
+            image = Image.open(f)
+            image.load()  # decode now, so that a corrupt file raises here and nowhere else
+            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when upright
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{what} not found: {file_name}") from e
+    except MemoryError:
+        raise
+    except Exception as e:
+        # PIL raises OSError / UnidentifiedImageError, SyntaxError ("broken PNG"), ValueError,
+        # EOFError, struct.error, DecompressionBombError, ... depending on the format and damage.
+        raise ValueError(f"Cannot read {what} {file_name}: {type(e).__name__}: {e}") from e
+    if image_format and image.mode.startswith(("I", "F")):  # converting would clip to 8 bits
+        raise ValueError(
+            f"{what} {file_name} is a {image.mode} (16/32-bit) image; expected 8-bit RGB or "
+            "grayscale: scale it to 0-255 and save it as 8-bit"
+        )
+    return image
 
-    Detectron2's ``read_image`` applies the EXIF orientation inside a ``try/except Exception``:
-    for a PNG, ``getexif()`` decodes the pixels first, so a corrupt file's decode error is
-    swallowed there, and PIL then returns the partly decoded pixels without raising. Here the
-    pixels are decoded explicitly (``image.load()``) before anything else, then the EXIF
-    orientation is applied (``PIL.ImageOps.exif_transpose``) and the result converted with
-    Detectron2's ``convert_PIL_to_numpy``, so a good file gives exactly what ``read_image``
-    gives and a bad one raises. (This relies on PIL's default
-    ``ImageFile.LOAD_TRUNCATED_IMAGES = False``.)
+
+def read_image_checked(file_name: str, image_format: str | None, what: str) -> np.ndarray:
+    """Read an image or label PNG as ``detectron2.data.detection_utils.read_image`` does, but
+    raise on any decode error.
+
+    ``read_image`` applies the EXIF orientation inside a ``try/except Exception``; for a PNG,
+    ``getexif()`` decodes the pixels first, so a corrupt file's decode error is swallowed there
+    and PIL then returns the partly decoded pixels. Here the pixels are decoded first
+    (``image.load()``, with PIL's default ``ImageFile.LOAD_TRUNCATED_IMAGES = False``), then
+    oriented (``PIL.ImageOps.exif_transpose``) and converted by Detectron2's
+    ``convert_PIL_to_numpy``: a good file gives exactly what ``read_image`` gives, a bad one raises.
 
     Args:
         file_name: path of the image / label PNG (anything ``PathManager`` can open).
@@ -46,20 +72,116 @@ def read_image_checked(file_name: str, image_format: str | None, what: str) -> n
         FileNotFoundError: the file does not exist (the message names it).
         ValueError: the file cannot be decoded, e.g. corrupt or truncated (the message names it).
     """
-    try:
-        with PathManager.open(file_name, "rb") as f:
-            image = Image.open(f)
-            image.load()  # decode now, so that a corrupt file raises here and nowhere else
-            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when upright
-            return utils.convert_PIL_to_numpy(image, image_format)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{what} not found: {file_name}") from e
-    except MemoryError:
-        raise
-    except Exception as e:
-        # PIL raises OSError / UnidentifiedImageError, SyntaxError ("broken PNG"), ValueError,
-        # EOFError, struct.error, DecompressionBombError, ... depending on the format and damage.
-        raise ValueError(f"Cannot read {what} {file_name}: {type(e).__name__}: {e}") from e
+    image = decode_image_checked(file_name, image_format, what)
+    return utils.convert_PIL_to_numpy(image, image_format)
+
+
+# ----------------------------------------------------------------------------- resized reads
+# Augmentations whose transform depends only on the image size (and the random state): they
+# are sampled before the pixels become an array. Exact types: a subclass may read pixels.
+_SIZE_ONLY_AUGMENTATIONS = (T.RandomCrop, T.ResizeShortestEdge, T.Resize, T.RandomFlip)
+# PIL modes whose crop / resize equals Detectron2's on the array ``convert_PIL_to_numpy`` makes
+# (``ResizeTransform.apply_image`` resizes a uint8 array as a PIL image of the same mode; each
+# band is resampled alone, so resizing before the flip to BGR is the same). "P": the palette
+# indices of a label map, resampled as such by the nearest-neighbour resize of segmentations.
+_PIL_IMAGE_MODES = ("RGB", "L")
+_PIL_LABEL_MODES = ("RGB", "L", "P")
+
+
+def size_placeholder(height: int, width: int) -> np.ndarray:
+    """A read-only (height, width, 3) uint8 array of zeros that takes no memory (zero strides):
+    what the size-only augmentations and ``check_image_size`` read of an image."""
+    return np.broadcast_to(np.zeros((), dtype=np.uint8), (height, width, 3))
+
+
+def sample_leading_geometry(
+    augmentations: list[T.Augmentation], height: int, width: int
+) -> tuple[list[T.Transform], int]:
+    """Sample the leading size-only augmentations of a list, up to the first resize.
+
+    Each augmentation's ``get_transform`` is called, in order, on a placeholder of the size the
+    image has at that point, as ``AugmentationList`` would call it on the image: the random state
+    is consumed exactly as when augmenting the array.
+
+    Returns:
+        the sampled transforms, and how many augmentations they took (the rest are to be applied
+        to the arrays as usual). The transforms are crops and no-ops, then at most one transform
+        of another kind (the resize, or e.g. a flip), which ends the list.
+    """
+    transforms: list[T.Transform] = []
+    for i, aug in enumerate(augmentations):
+        if type(aug) not in _SIZE_ONLY_AUGMENTATIONS:
+            return transforms, i
+        tfm = aug.get_transform(size_placeholder(height, width))
+        transforms.append(tfm)
+        if isinstance(tfm, T.CropTransform):
+            height, width = tfm.h, tfm.w
+        elif not isinstance(tfm, T.NoOpTransform):
+            return transforms, i + 1
+    return transforms, len(augmentations)
+
+
+def _apply_to_pil(
+    image: Image.Image, transforms: list[T.Transform], segmentation: bool
+) -> Image.Image | None:
+    """``image`` after ``transforms`` (crops, no-ops, resizes; nearest-neighbour resizes for a
+    ``segmentation``) as the transforms' ``apply_image`` / ``apply_segmentation`` would give
+    it, or None if PIL cannot give the same pixels (another mode or transform)."""
+    if image.mode not in (_PIL_LABEL_MODES if segmentation else _PIL_IMAGE_MODES):
+        return None
+    if not all(
+        isinstance(t, (T.CropTransform, T.ResizeTransform, T.NoOpTransform)) for t in transforms
+    ):
+        return None
+    for tfm in transforms:
+        if isinstance(tfm, T.CropTransform):
+            image = image.crop((tfm.x0, tfm.y0, tfm.x0 + tfm.w, tfm.y0 + tfm.h))
+        elif isinstance(tfm, T.ResizeTransform):
+            if image.size != (tfm.w, tfm.h):
+                raise ValueError(f"ResizeTransform from {tfm.w}x{tfm.h} got a {image.size} image")
+            interp = Image.NEAREST if segmentation else tfm.interp
+            image = image.resize((tfm.new_w, tfm.new_h), interp)
+    return image
+
+
+def transform_decoded(
+    image: Image.Image,
+    image_format: str | None,
+    transforms: list[T.Transform],
+    segmentation: bool = False,
+    prepare: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
+    """A decoded image (:func:`decode_image_checked`) as :func:`read_image_checked` converts it,
+    after ``transforms`` (from :func:`sample_leading_geometry`).
+
+    Where PIL gives the same pixels as the transforms applied to the array, they are applied to
+    the PIL image, so that a large image is cropped and resized in PIL's form and no full-size
+    array or copy of it is made; otherwise they are applied to the array, as before.
+
+    Args:
+        segmentation: a label map (nearest-neighbour resizes, ``apply_segmentation``).
+        prepare: applied to the array before the transforms when they are applied to it (e.g.
+            a cast), after them otherwise: it must commute with crops and resizes of 8-bit maps.
+    Returns:
+        the transformed (h, w, C) or (h, w) array.
+    """
+    if image_format:
+        # converted first, as ``convert_PIL_to_numpy`` does (then a no-op): resampling a palette
+        # or CMYK image is not resampling its RGB pixels
+        target = "RGB" if image_format in ("BGR", "YUV-BT.601") else image_format
+        if image.mode != target:
+            image = image.convert(target)
+    pil_ok = image_format in (None, "RGB", "BGR", "L")  # "YUV-BT.601" becomes floats
+    small = _apply_to_pil(image, transforms, segmentation) if pil_ok else None
+    if small is not None:
+        array = utils.convert_PIL_to_numpy(small, image_format)
+        return prepare(array) if prepare is not None else array
+    array = utils.convert_PIL_to_numpy(image, image_format)
+    if prepare is not None:
+        array = prepare(array)
+    for tfm in transforms:
+        array = tfm.apply_segmentation(array) if segmentation else tfm.apply_image(array)
+    return array
 
 
 def build_augmentations(cfg: CfgNode, is_train: bool) -> list[T.Augmentation]:
@@ -77,14 +199,27 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 def check_same_size(
-    label: np.ndarray, image: np.ndarray, label_file: str, dataset_dict: dict[str, Any]
+    label: tuple[int, int], image: tuple[int, int], label_file: str, dataset_dict: dict[str, Any]
 ) -> None:
-    """Raise ``ValueError`` naming both files if ``label`` and ``image`` sizes differ."""
-    if label.shape[:2] != image.shape[:2]:
+    """Raise ``ValueError`` naming both files if the (height, width) sizes of ``label`` and
+    ``image`` differ."""
+    if tuple(label) != tuple(image):
         raise ValueError(
-            f"Size mismatch: {label_file} is {label.shape[1]}x{label.shape[0]} but image "
-            f"{dataset_dict.get('file_name')} is {image.shape[1]}x{image.shape[0]} (WxH)"
+            f"Size mismatch: {label_file} is {label[1]}x{label[0]} but image "
+            f"{dataset_dict.get('file_name')} is {image[1]}x{image[0]} (WxH)"
         )
+
+
+class AugmentedRead(NamedTuple):
+    """What :meth:`KNetDatasetMapperBase.read_augmented` returns.
+
+    image: (h, w, C) augmented image; label: the augmented label map (or None);
+    transforms: all the transforms applied, e.g. for annotations' coordinates.
+    """
+
+    image: np.ndarray
+    label: np.ndarray | None
+    transforms: T.TransformList
 
 
 class KNetDatasetMapperBase:
@@ -119,8 +254,44 @@ class KNetDatasetMapperBase:
             "image_format": cfg.INPUT.FORMAT,
         }
 
-    def read_image(self, dataset_dict: dict[str, Any]) -> np.ndarray:
-        """The record's image in ``image_format``, checked against its height/width."""
-        image = read_image_checked(dataset_dict["file_name"], self.image_format, "image")
-        utils.check_image_size(dataset_dict, image)
-        return image
+    def read_augmented(
+        self,
+        dataset_dict: dict[str, Any],
+        label_file: str | None = None,
+        label_format: str | None = None,
+        label_what: str = "label PNG",
+        prepare_label: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> AugmentedRead:
+        """Read the record's image (checked against its height/width) and, optionally, a label
+        map of the same size, and apply the augmentations to both (nearest-neighbour to the
+        label, which the augmentations see as ``sem_seg``).
+
+        The size-only augmentations up to the resize are sampled from the image size first
+        (:func:`sample_leading_geometry`) and applied to each file as soon as it is decoded
+        (:func:`transform_decoded`); the image is resized before the label map is read. A large
+        input therefore costs one decoded file at a time on top of the configured sizes, not
+        full-size arrays and their copies. The pixels and the random state are those of
+        augmenting the full-size arrays.
+
+        Args:
+            label_file, label_format, label_what: the label map, its format for
+                :func:`read_image_checked` and its name in errors.
+            prepare_label: applied to the label array (see :func:`transform_decoded`).
+        """
+        augs = self.augmentations.augs
+        decoded = decode_image_checked(dataset_dict["file_name"], self.image_format, "image")
+        size = (decoded.height, decoded.width)
+        utils.check_image_size(dataset_dict, size_placeholder(*size))
+        leading, used = sample_leading_geometry(augs, *size)
+        image = transform_decoded(decoded, self.image_format, leading)
+        del decoded  # before the label map is decoded
+        label = None
+        if label_file is not None:
+            decoded = decode_image_checked(label_file, label_format, label_what)
+            check_same_size((decoded.height, decoded.width), size, label_file, dataset_dict)
+            label = transform_decoded(decoded, label_format, leading, True, prepare_label)
+            del decoded
+        aug_input = T.AugInput(image, sem_seg=label)
+        rest = T.AugmentationList(augs[used:])(aug_input)
+        transforms = T.TransformList(leading + rest.transforms)
+        return AugmentedRead(aug_input.image, aug_input.sem_seg, transforms)

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import copy
-import logging
 from typing import Any
 
 import torch
 from detectron2.data import detection_utils as utils
-from detectron2.data import transforms as T
 from detectron2.structures import Instances
 
 from .common import KNetDatasetMapperBase, image_to_tensor
 
 __all__ = ["KNetInstanceDatasetMapper"]
-
-logger = logging.getLogger(__name__)
 
 
 class KNetInstanceDatasetMapper(KNetDatasetMapperBase):
@@ -28,12 +24,10 @@ class KNetInstanceDatasetMapper(KNetDatasetMapperBase):
     """
 
     def __call__(self, dataset_dict: dict[str, Any]) -> dict[str, Any]:
-        dataset_dict = copy.deepcopy(dataset_dict)  # it will be modified below
-        image = self.read_image(dataset_dict)
-
-        aug_input = T.AugInput(image)
-        transforms = self.augmentations(aug_input)
-        image = aug_input.image
+        dataset_dict = copy.deepcopy(dataset_dict)
+        # resized as it is decoded; polygons are transformed as coordinates and rasterised at
+        # the augmented size (an RLE is decoded one annotation at a time, then resized)
+        image, _, transforms = self.read_augmented(dataset_dict)
         h, w = image.shape[:2]
 
         annos = [
@@ -41,7 +35,6 @@ class KNetInstanceDatasetMapper(KNetDatasetMapperBase):
             for obj in dataset_dict.pop("annotations", [])
             if obj.get("iscrowd", 0) == 0
         ]
-        instances = Instances((h, w))
         masks = torch.zeros((0, h, w), dtype=torch.bool)
         classes = torch.zeros((0,), dtype=torch.int64)
         if annos:
@@ -53,9 +46,6 @@ class KNetInstanceDatasetMapper(KNetDatasetMapperBase):
             masks = gt.gt_masks.tensor.to(torch.bool)  # BitMasks -> plain bool tensor
             keep = masks.flatten(1).any(dim=1)  # drop masks cropped away / empty polygons
             masks, classes = masks[keep], gt.gt_classes.to(torch.int64)[keep]
-        instances.gt_classes = classes
-        instances.gt_masks = masks
-
         dataset_dict["image"] = image_to_tensor(image)
-        dataset_dict["instances"] = instances
+        dataset_dict["instances"] = Instances((h, w), gt_classes=classes, gt_masks=masks)
         return dataset_dict

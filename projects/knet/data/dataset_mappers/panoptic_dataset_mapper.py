@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import copy
-import logging
 from typing import Any
 
 import numpy as np
 import torch
 from detectron2.config import CfgNode, configurable
-from detectron2.data import transforms as T
 from detectron2.structures import Instances
 from panopticapi.utils import rgb2id
 
-from .common import (
-    KNetDatasetMapperBase,
-    check_same_size,
-    image_to_tensor,
-    read_image_checked,
-)
+from .common import KNetDatasetMapperBase, image_to_tensor
 
 __all__ = ["KNetPanopticDatasetMapper"]
-
-logger = logging.getLogger(__name__)
 
 
 class KNetPanopticDatasetMapper(KNetDatasetMapperBase):
@@ -41,20 +32,10 @@ class KNetPanopticDatasetMapper(KNetDatasetMapperBase):
     """
 
     @configurable
-    def __init__(
-        self,
-        is_train: bool = True,
-        *,
-        augmentations: list[T.Augmentation | T.Transform],
-        image_format: str,
-        ignore_label: int = 255,
-    ):
-        """
-        Args:
-            is_train, augmentations, image_format: see ``KNetDatasetMapperBase``.
-            ignore_label: value of void pixels in ``sem_seg``.
-        """
-        super().__init__(is_train, augmentations=augmentations, image_format=image_format)
+    def __init__(self, is_train: bool = True, *, ignore_label: int = 255, **kwargs: Any):
+        """``ignore_label``: the value of void pixels in ``sem_seg``; ``augmentations`` and
+        ``image_format`` as for ``KNetDatasetMapperBase``."""
+        super().__init__(is_train, **kwargs)
         self.ignore_label = ignore_label
 
     @classmethod
@@ -63,20 +44,15 @@ class KNetPanopticDatasetMapper(KNetDatasetMapperBase):
         return {**ret, "ignore_label": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE}
 
     def __call__(self, dataset_dict: dict[str, Any]) -> dict[str, Any]:
-        dataset_dict = copy.deepcopy(dataset_dict)  # it will be modified below
-        image = self.read_image(dataset_dict)
-
+        dataset_dict = copy.deepcopy(dataset_dict)
         pan_file = dataset_dict.pop("pan_seg_file_name")
-        pan_rgb = read_image_checked(pan_file, "RGB", "panoptic PNG")
-        check_same_size(pan_rgb, image, pan_file, dataset_dict)
         segments_info = dataset_dict.pop("segments_info")
         dataset_dict.pop("sem_seg_file_name", None)  # sem_seg is rebuilt from the panoptic PNG
-
-        aug_input = T.AugInput(image)
-        transforms = self.augmentations(aug_input)
-        image = aug_input.image
-        # Nearest-neighbour ops on the RGB encoding keep ids intact; decode afterwards.
-        pan_ids = rgb2id(transforms.apply_segmentation(pan_rgb))
+        # The image and the panoptic PNG are cropped / resized as they are decoded, the PNG
+        # with nearest-neighbour on its RGB encoding (ids intact; decoded afterwards), so the
+        # per-segment masks below are made at the augmented size, never at the input's.
+        image, pan_rgb, _ = self.read_augmented(dataset_dict, pan_file, "RGB", "panoptic PNG")
+        pan_ids = rgb2id(pan_rgb)
         h, w = image.shape[:2]
 
         sem_seg = np.full((h, w), self.ignore_label, dtype=np.int64)
@@ -94,14 +70,9 @@ class KNetPanopticDatasetMapper(KNetDatasetMapperBase):
                 classes.append(seg["category_id"])
                 masks.append(mask)
 
-        instances = Instances((h, w))
-        instances.gt_classes = torch.tensor(classes, dtype=torch.int64)
-        if masks:
-            instances.gt_masks = torch.from_numpy(np.stack(masks))
-        else:
-            instances.gt_masks = torch.zeros((0, h, w), dtype=torch.bool)
-
+        gt_masks = torch.from_numpy(np.stack(masks) if masks else np.zeros((0, h, w), dtype=bool))
+        gt_classes = torch.tensor(classes, dtype=torch.int64)
         dataset_dict["image"] = image_to_tensor(image)
-        dataset_dict["instances"] = instances
+        dataset_dict["instances"] = Instances((h, w), gt_classes=gt_classes, gt_masks=gt_masks)
         dataset_dict["sem_seg"] = torch.from_numpy(sem_seg)
         return dataset_dict

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import logging
 from typing import Any
 
 import numpy as np
@@ -12,11 +11,9 @@ from detectron2.config import CfgNode
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-from .common import KNetDatasetMapperBase, check_same_size, image_to_tensor, read_image_checked
+from .common import KNetDatasetMapperBase, image_to_tensor
 
 __all__ = ["KNetSemanticDatasetMapper"]
-
-logger = logging.getLogger(__name__)
 
 
 class KNetSemanticDatasetMapper(KNetDatasetMapperBase):
@@ -53,20 +50,24 @@ class KNetSemanticDatasetMapper(KNetDatasetMapperBase):
         return {"is_train": is_train, "augmentations": augs, "image_format": cfg.INPUT.FORMAT}
 
     def __call__(self, dataset_dict: dict[str, Any]) -> dict[str, Any]:
-        dataset_dict = copy.deepcopy(dataset_dict)  # it will be modified below
-        image = self.read_image(dataset_dict)
+        dataset_dict = copy.deepcopy(dataset_dict)
         if "sem_seg_file_name" not in dataset_dict:
             raise ValueError(f"Record of {dataset_dict['file_name']} has no 'sem_seg_file_name'")
         sem_file = dataset_dict.pop("sem_seg_file_name")
-        sem_seg = read_image_checked(sem_file, None, "semantic PNG")
-        if sem_seg.ndim != 2:
-            raise ValueError(f"Semantic PNG {sem_file} must have one channel, got {sem_seg.shape}")
-        check_same_size(sem_seg, image, sem_file, dataset_dict)
-        if sem_seg.dtype != np.uint8:  # e.g. 16-bit labels: resize them exactly as float
-            sem_seg = sem_seg.astype(np.float64)
 
-        aug_input = T.AugInput(image, sem_seg=sem_seg)
-        self.augmentations(aug_input)
-        dataset_dict["image"] = image_to_tensor(aug_input.image)
-        dataset_dict["sem_seg"] = torch.as_tensor(aug_input.sem_seg.astype(np.int64))
+        def prepare(sem_seg: np.ndarray) -> np.ndarray:
+            if sem_seg.ndim != 2:
+                raise ValueError(
+                    f"Semantic PNG {sem_file} must have one channel, got {sem_seg.shape[-1]}"
+                )
+            if sem_seg.dtype != np.uint8:  # e.g. 16-bit labels: resize them exactly as float
+                sem_seg = sem_seg.astype(np.float64)
+            return sem_seg
+
+        # cropped / resized as they are decoded (nearest-neighbour for the labels)
+        image, sem_seg, _ = self.read_augmented(
+            dataset_dict, sem_file, None, "semantic PNG", prepare
+        )
+        dataset_dict["image"] = image_to_tensor(image)
+        dataset_dict["sem_seg"] = torch.as_tensor(sem_seg.astype(np.int64))
         return dataset_dict

@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json, load_sem_seg
 
-from .panoptic import (
-    coco_panoptic_metadata,
-    coco_panoptic_with_sem_seg_paths,
-    get_panoptic_metadata,
-    load_panoptic_json_with_sem_seg,
-)
+from .panoptic import coco_panoptic_metadata, get_panoptic_metadata, load_panoptic_json_with_sem_seg
 from .toy import TOY_CATEGORIES, get_datasets_root, require_toy_dataset, toy_dataset_dir
 
 # Detectron2's metadata of panoptic datasets
@@ -32,10 +28,11 @@ PANOPTIC_EXTRA = {"evaluator_type": "coco_panoptic_seg", "ignore_label": 255, "l
 
 
 def register_panoptic_with_sem_seg(
-    name: str, metadata: dict[str, Any], paths: dict[str, str], check=None
+    name: str, metadata: dict[str, Any], paths: dict[str, str], check: Callable | None = None
 ) -> None:
-    """Register panoptic records with semantic labels under ``name`` (Mask2Former's
-    ``*_panoptic_with_sem_seg``); ``check()`` runs before loading (files present?)."""
+    """Register COCO panoptic records under ``name`` with the metadata of Detectron2's
+    ``register_coco_panoptic``, and Mask2Former's semantic labels where ``paths`` has a
+    ``sem_seg_root`` (``*_panoptic_with_sem_seg``); ``check()`` runs before loading."""
 
     def load() -> list[dict]:
         if check is not None:
@@ -44,24 +41,12 @@ def register_panoptic_with_sem_seg(
             paths["panoptic_json"],
             paths["image_root"],
             paths["panoptic_root"],
-            paths["sem_seg_root"],
+            paths.get("sem_seg_root"),
             metadata,
         )
 
     DatasetCatalog.register(name, load)
     MetadataCatalog.get(name).set(**paths, **metadata, **PANOPTIC_EXTRA)
-
-
-def toy_paths(root: str, split: str) -> dict[str, str]:
-    """Paths of the toy ``split`` files under ``<root>/knet_toy`` (not checked)."""
-    toy = toy_dataset_dir(root)
-    return {
-        "image_root": os.path.join(toy, split),
-        "panoptic_root": os.path.join(toy, f"panoptic_{split}"),
-        "panoptic_json": os.path.join(toy, f"panoptic_{split}.json"),
-        "sem_seg_root": os.path.join(toy, f"semantic_{split}"),
-        "json_file": os.path.join(toy, f"instances_{split}.json"),
-    }
 
 
 def _load_toy_sem_seg(root: str, paths: dict[str, str]) -> list[dict]:
@@ -75,27 +60,33 @@ def _load_toy_sem_seg(root: str, paths: dict[str, str]) -> list[dict]:
     return records
 
 
+def _load_toy_instances(root: str, paths: dict[str, str], name: str) -> list[dict]:
+    require_toy_dataset(root)
+    return load_coco_json(paths["json_file"], paths["image_root"], dataset_name=name)
+
+
 def register_toy(root: str) -> None:
     """The six toy datasets, with the files under ``<root>/knet_toy``."""
     meta = get_panoptic_metadata(TOY_CATEGORIES)
     things = {k: meta[k] for k in meta if k.startswith("thing_")}
     stuff = {k: meta[k] for k in meta if k.startswith("stuff_")}
+    toy = toy_dataset_dir(root)
     for split in ("train", "val"):
-        p = toy_paths(root, split)
+        p = {
+            "image_root": os.path.join(toy, split),
+            "panoptic_root": os.path.join(toy, f"panoptic_{split}"),
+            "panoptic_json": os.path.join(toy, f"panoptic_{split}.json"),
+            "sem_seg_root": os.path.join(toy, f"semantic_{split}"),
+            "json_file": os.path.join(toy, f"instances_{split}.json"),
+        }
         register_panoptic_with_sem_seg(
             f"knet_toy_{split}_panoptic_with_sem_seg", meta, p, lambda: require_toy_dataset(root)
         )
-        instances = f"knet_toy_{split}"
-
-        def load_instances(p=p, name=instances) -> list[dict]:
-            require_toy_dataset(root)
-            return load_coco_json(p["json_file"], p["image_root"], dataset_name=name)
-
-        DatasetCatalog.register(instances, load_instances)
+        instances, semantic = f"knet_toy_{split}", f"knet_toy_sem_seg_{split}"
+        DatasetCatalog.register(instances, lambda p=p, n=instances: _load_toy_instances(root, p, n))
         MetadataCatalog.get(instances).set(
             image_root=p["image_root"], json_file=p["json_file"], evaluator_type="coco", **things
         )
-        semantic = f"knet_toy_sem_seg_{split}"
         DatasetCatalog.register(semantic, lambda p=p: _load_toy_sem_seg(root, p))
         MetadataCatalog.get(semantic).set(
             image_root=p["image_root"],
@@ -107,13 +98,20 @@ def register_toy(root: str) -> None:
 
 
 def register_coco_panoptic_with_sem_seg(root: str) -> None:
-    """COCO 2017 panoptic with the semantic labels of
+    """COCO 2017 panoptic under ``<root>/coco`` with the semantic labels of
     ``tools/prepare_coco_semantic_from_panoptic.py``, unless already registered."""
+    coco = os.path.join(root, "coco")
     for split in ("train", "val"):
         name = f"coco_2017_{split}_panoptic_with_sem_seg"
         if name in DatasetCatalog.list():
             continue
-        paths = coco_panoptic_with_sem_seg_paths(root, split)
+        paths = {
+            "image_root": os.path.join(coco, f"{split}2017"),
+            "panoptic_root": os.path.join(coco, f"panoptic_{split}2017"),
+            "panoptic_json": os.path.join(coco, "annotations", f"panoptic_{split}2017.json"),
+            "sem_seg_root": os.path.join(coco, f"panoptic_semseg_{split}2017"),
+            "json_file": os.path.join(coco, "annotations", f"instances_{split}2017.json"),
+        }
 
         def check(semantic: str = paths["sem_seg_root"]) -> None:
             if not os.path.isdir(semantic):

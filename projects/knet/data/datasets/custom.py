@@ -1,6 +1,6 @@
 """Register your own dataset from files: COCO instances, COCO panoptic or semantic label maps.
 
-One function for Python, :func:`register_custom_dataset`, and the same from the command line of
+:func:`register_custom_dataset` in Python, and the same from the command line of
 ``train_net.py`` and ``demo/demo.py`` (``knet.engine.arguments``)::
 
     --dataset NAME coco-instances JSON IMAGE_ROOT
@@ -9,37 +9,30 @@ One function for Python, :func:`register_custom_dataset`, and the same from the 
                                                 [--image-ext jpg] [--label-ext png]
     --dataset NAME sem-seg-list LIST_FILE --classes CLASSES.txt [--ignore-label 255]
 
-Each ``--dataset`` registers exactly ``NAME`` (as Detectron2's ``register_coco_instances`` does);
-register the training and the validation split under the names the config's
-``DATASETS.TRAIN`` / ``DATASETS.TEST`` use (the templates in ``configs/custom/`` use
-``my_dataset_train`` and ``my_dataset_val``).
+Each registers exactly ``NAME``, as Detectron2's ``register_coco_instances`` does: one per split,
+under the names of the config's ``DATASETS.TRAIN`` / ``DATASETS.TEST`` (``my_dataset_train`` and
+``my_dataset_val`` in the templates of ``configs/custom/``). Records and metadata follow
+Detectron2's conventions, so training, the evaluators and the visualiser all work:
 
-The records and metadata follow Detectron2's conventions, so training, the evaluators and the
-visualiser all work:
+* ``coco-instances``: ``register_coco_instances`` (``evaluator_type="coco"``), with
+  ``thing_classes``, ``thing_colors`` and ``thing_dataset_id_to_contiguous_id`` set at
+  registration (as ``load_coco_json`` computes them), so that the class count is known before
+  the dataset is loaded.
+* ``coco-panoptic``: the records of ``load_coco_panoptic_json`` and the metadata of
+  ``register_coco_panoptic`` (evaluation: PQ), with the images named by the json's ``images``
+  (Detectron2 assumes ``<png name>.jpg``) and the thing classes first, as K-Net needs:
+  ``thing_classes`` lists the things, ``stuff_classes`` all classes
+  (:func:`knet.data.datasets.get_panoptic_metadata`).
+* ``sem-seg``: ``load_sem_seg`` (label PNGs matched to images by relative path),
+  ``evaluator_type="sem_seg"``, ``ignore_label``, and ``stuff_classes`` from ``CLASSES.txt``
+  (line ``k``, counted from 0, names label value ``k``; a first line ``__ignore__``, as labelme
+  writes it, is skipped).
+* ``sem-seg-list``: the same, with the image / label pairs listed in a text file.
 
-* ``coco-instances``: Detectron2's ``register_coco_instances`` (records from ``load_coco_json``,
-  ``evaluator_type="coco"``), plus ``thing_classes``, ``thing_colors`` and
-  ``thing_dataset_id_to_contiguous_id`` computed from the json's categories at registration
-  (exactly as ``load_coco_json`` computes them), so that the class count is known before the
-  dataset is loaded.
-* ``coco-panoptic``: the records of Detectron2's ``load_coco_panoptic_json`` (``file_name``,
-  ``image_id``, ``pan_seg_file_name``, ``segments_info`` with contiguous ``category_id`` and
-  ``isthing``), with the image file names and sizes taken from the json's ``images`` (Detectron2's
-  loader assumes ``<png name>.jpg``), and the metadata of ``register_coco_panoptic``
-  (``evaluator_type="coco_panoptic_seg"``, ``panoptic_root``, ``panoptic_json``,
-  ``ignore_label=255``, ``label_divisor=1000``). Contiguous ids put the thing classes first, as
-  K-Net needs: ``thing_classes`` lists the things, ``stuff_classes`` all classes (see
-  :func:`knet.data.datasets.get_panoptic_metadata`). Evaluation reports PQ.
-* ``sem-seg``: Detectron2's ``load_sem_seg`` (label PNGs matched to images by relative path),
-  ``evaluator_type="sem_seg"``, ``stuff_classes`` from ``CLASSES.txt`` (line ``k``, counted from
-  0, names label value ``k``; a first line ``__ignore__``, as labelme writes it, is skipped),
-  ``ignore_label``.
-
-Categories with no annotation (for example the ``_background_`` class that labelling tools
-export into COCO json) are reported in one warning; ``drop_categories`` (the config key
-``DATASETS.DROP_CATEGORIES`` on the command line) leaves such categories out of the class list.
-Registration reads the json (or the class list) and checks that the folders exist; it writes no
-file.
+Categories without annotations (e.g. the ``_background_`` class that labelling tools export into
+COCO json) are reported in one warning; ``drop_categories`` (``DATASETS.DROP_CATEGORIES`` on the
+command line) leaves them out of the class list. Registration reads the json (or the class list)
+and checks that the folders exist; it writes no file.
 """
 
 from __future__ import annotations
@@ -56,7 +49,8 @@ from detectron2.data.catalog import Metadata
 from detectron2.data.datasets import load_coco_json, load_sem_seg, register_coco_instances
 from detectron2.utils.colormap import colormap
 
-from .panoptic import get_panoptic_metadata, load_json, load_panoptic_json_with_sem_seg
+from .builtin import register_panoptic_with_sem_seg
+from .panoptic import get_panoptic_metadata, load_json
 
 __all__ = ["DATASET_FORMATS", "DatasetFormat", "register_custom_dataset"]
 
@@ -66,8 +60,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # names under which labelling tools export a background category
 BACKGROUND_NAMES = {"_background_", "__background__", "background", "bg"}
 
-
-# ----------------------------------------------------------------------------- registration
 # name -> the arguments it was registered with (registering the same again is a no-op)
 _REGISTERED: dict[str, tuple[Any, ...]] = {}
 
@@ -75,18 +67,16 @@ _REGISTERED: dict[str, tuple[Any, ...]] = {}
 def register_custom_dataset(
     name: str, fmt: str, *paths: str, drop_categories: Sequence[str] = (), **options: Any
 ) -> Metadata:
-    """Register dataset ``name`` from files in format ``fmt`` (a key of
-    :data:`DATASET_FORMATS`; see the module docstring).
+    """Register dataset ``name`` (what ``DATASETS.TRAIN`` / ``DATASETS.TEST`` refer to) from the
+    files ``paths`` in format ``fmt``, a key of :data:`DATASET_FORMATS` (see the module docstring).
 
     Args:
-        name: the dataset name (what ``DATASETS.TRAIN`` / ``DATASETS.TEST`` refer to).
-        fmt: "coco-instances" (paths: JSON, IMAGE_ROOT), "coco-panoptic" (JSON, PNG_DIR,
-            IMAGE_ROOT) or "sem-seg" (IMAGE_DIR, LABEL_DIR).
         drop_categories: names of categories to leave out, when no annotation uses them (e.g.
             "_background_"); ignored where absent.
-        options: the format's options: sem-seg takes ``classes`` (a text file with one class
-            name per line, or the list of names), ``ignore_label`` (default 255),
-            ``image_ext`` (default: the one extension of the images) and ``label_ext`` ("png").
+        options: the format's options: the sem-seg formats take ``classes`` (a text file with
+            one class name per line, or the list of names) and ``ignore_label`` (default 255),
+            sem-seg also ``image_ext`` (default: the one extension of the images) and
+            ``label_ext`` ("png").
     Returns:
         the dataset's metadata.
     Raises:
@@ -101,13 +91,13 @@ def register_custom_dataset(
             f"{fmt} dataset {name!r} takes {len(spec.positional)} paths: "
             + ", ".join(spec.positional)
         )
-    unknown = sorted(set(options) - {_keyword(o) for o in spec.options})
+    unknown = sorted(set(options) - {spec.keyword(o) for o in spec.options})
     if unknown:
         raise ValueError(f"{', '.join(unknown)}: not options of {fmt} datasets")
     paths = tuple(os.fspath(p) for p in paths)
-    options_key = tuple(sorted((k, _hashable(v)) for k, v in options.items()))
+    options_key = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
     key = (fmt, paths, options_key, tuple(drop_categories))
-    if name in _REGISTERED and _REGISTERED[name] == key:
+    if _REGISTERED.get(name) == key:
         return MetadataCatalog.get(name)
     if name in DatasetCatalog.list():
         raise ValueError(
@@ -118,14 +108,6 @@ def register_custom_dataset(
     spec.register(name, *paths, drop_categories=drop_categories, **options)
     _REGISTERED[name] = key
     return MetadataCatalog.get(name)
-
-
-def _keyword(option: str) -> str:
-    return option[2:].replace("-", "_")
-
-
-def _hashable(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list | tuple) else value
 
 
 def palette(n: int) -> list[list[int]]:
@@ -145,6 +127,12 @@ def _require_dir(path: str, what: str) -> None:
         raise FileNotFoundError(f"{what} not found (or not a folder): {path}")
 
 
+def _require_lists(json_file: str, data: Mapping[str, Any], keys: Sequence[str], what: str) -> None:
+    for key in keys:
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"{json_file} has no {key!r} list: not a COCO {what} json")
+
+
 def _split_categories(
     name: str,
     source: str,
@@ -154,8 +142,11 @@ def _split_categories(
     what: str,
 ) -> list[Mapping[str, Any]]:
     """The categories to keep; report unused ones, drop the requested unused ones."""
-    drop = set(drop_categories)
-    dropped = [c for c in categories if c["name"] in drop]
+
+    def listed(cats: Sequence[Mapping[str, Any]]) -> str:
+        return ", ".join(f"{c['name']!r} (id {c['id']})" for c in cats)
+
+    dropped = [c for c in categories if c["name"] in drop_categories]
     used = [c for c in dropped if counts.get(int(c["id"]), 0)]
     if used:
         c = used[0]
@@ -164,32 +155,24 @@ def _split_categories(
             f"{counts[int(c['id'])]} {what} of {source} use it; only categories without "
             "annotations can be dropped"
         )
-    kept = [c for c in categories if c["name"] not in drop]
+    kept = [c for c in categories if c["name"] not in drop_categories]
     if not kept:
         raise ValueError(f"Dataset {name!r}: no category left in {source}")
     if dropped:
         logger.info(
-            "Dataset %r: left out the categories without %s %s (DATASETS.DROP_CATEGORIES)",
-            name,
-            what,
-            ", ".join(f"{c['name']!r} (id {c['id']})" for c in dropped),
+            f"Dataset {name!r}: left out the categories without {what} {listed(dropped)} "
+            "(DATASETS.DROP_CATEGORIES)"
         )
     empty = [c for c in kept if not counts.get(int(c["id"]), 0)]
     if empty:
         names = [c["name"] for c in empty]
-        background = [n for n in names if n.lower() in BACKGROUND_NAMES]
+        background = any(n.lower() in BACKGROUND_NAMES for n in names)
         logger.warning(
-            "Dataset %r: %d of %d categories have no %s in %s: %s.%s They count as classes "
-            'the model must learn; to leave them out, add DATASETS.DROP_CATEGORIES "%r" to '
-            "the command line (train and demo alike).",
-            name,
-            len(empty),
-            len(kept),
-            what,
-            source,
-            ", ".join(f"{c['name']!r} (id {c['id']})" for c in empty),
-            " A background class exported by the labelling tool?" if background else "",
-            names,
+            f"Dataset {name!r}: {len(empty)} of {len(kept)} categories have no {what} in "
+            f"{source}: {listed(empty)}."
+            + (" A background class exported by the labelling tool?" if background else "")
+            + " They count as classes the model must learn; to leave them out, add "
+            f'DATASETS.DROP_CATEGORIES "{names!r}" to the command line (train and demo alike).'
         )
     return kept
 
@@ -200,20 +183,19 @@ def _register_coco_instances(
     """Detectron2's ``register_coco_instances``, with the class metadata set at once."""
     data = load_json(json_file)
     _require_dir(image_root, f"Image folder of {json_file}")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise ValueError(f"{json_file} has no {key!r} list: not a COCO instances json")
+    _require_lists(json_file, data, ("images", "annotations", "categories"), "instances")
     categories = sorted(data["categories"], key=lambda c: int(c["id"]))
     if not categories:
         raise ValueError(f"{json_file} has an empty 'categories' list")
     counts = collections.Counter(int(a["category_id"]) for a in data["annotations"])
     kept = _split_categories(name, json_file, categories, counts, drop_categories, "annotations")
-    # as detectron2's load_coco_json computes them (it sets the same values when loading)
+    # as Detectron2's load_coco_json computes them (it sets the same values when loading)
     colors = palette(len(kept))
+    id_map = {int(c["id"]): i for i, c in enumerate(kept)}
     metadata = {
         "thing_classes": [c["name"] for c in kept],
         "thing_colors": [list(c.get("color", colors[i])) for i, c in enumerate(kept)],
-        "thing_dataset_id_to_contiguous_id": {int(c["id"]): i for i, c in enumerate(kept)},
+        "thing_dataset_id_to_contiguous_id": id_map,
     }
     lacking = sum(1 for a in data["annotations"] if "area" not in a or "iscrowd" not in a)
     if len(kept) == len(categories) and not lacking:
@@ -223,13 +205,10 @@ def _register_coco_instances(
     # json that it converts from the records (with the kept categories, areas from the masks).
     if lacking:
         logger.info(
-            "Dataset %r: %d annotations of %s lack 'area' or 'iscrowd'; mask AP is computed "
-            "against the COCO json Detectron2's COCOEvaluator converts from the records",
-            name,
-            lacking,
-            json_file,
+            f"Dataset {name!r}: {lacking} annotations of {json_file} lack 'area' or 'iscrowd'; "
+            "mask AP is computed against the COCO json Detectron2's COCOEvaluator converts from "
+            "the records"
         )
-    id_map = metadata["thing_dataset_id_to_contiguous_id"]
     DatasetCatalog.register(name, lambda: _load_coco_instances(json_file, image_root, id_map))
     MetadataCatalog.get(name).set(image_root=image_root, evaluator_type="coco", **metadata)
 
@@ -245,78 +224,48 @@ def _load_coco_instances(
     return records
 
 
-def _ordered_panoptic_categories(
-    json_file: str, categories: Sequence[Mapping[str, Any]]
-) -> list[dict[str, Any]]:
-    """Things first, then stuff (each in the json's order), with a colour each."""
-    for c in categories:
-        missing = [k for k in ("id", "name", "isthing") if k not in c]
-        if missing:
-            raise ValueError(f"{json_file}: category {c} lacks {missing}")
-    ordered = [c for c in categories if c["isthing"]] + [c for c in categories if not c["isthing"]]
-    colors = palette(len(ordered))
-    return [
-        {**c, "id": int(c["id"]), "color": list(c.get("color", colors[i]))}
-        for i, c in enumerate(ordered)
-    ]
-
-
 def _register_coco_panoptic(
     name: str, json_file: str, png_dir: str, image_root: str, drop_categories: Sequence[str]
 ) -> None:
-    """Detectron2's ``register_coco_panoptic``, things first, images named by the json."""
+    """Detectron2's ``register_coco_panoptic`` (no instances json: PQ only), things first, images
+    named by the json."""
     data = load_json(json_file)
     _require_dir(png_dir, f"Panoptic PNG folder of {json_file}")
     _require_dir(image_root, f"Image folder of {json_file}")
-    for key in ("annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise ValueError(f"{json_file} has no {key!r} list: not a COCO panoptic json")
-    categories = _ordered_panoptic_categories(json_file, data["categories"])
+    _require_lists(json_file, data, ("annotations", "categories"), "panoptic")
+    for c in data["categories"]:
+        missing = [k for k in ("id", "name", "isthing") if k not in c]
+        if missing:
+            raise ValueError(f"{json_file}: category {c} lacks {missing}")
+    # things first, then stuff, each in the json's order (a stable sort), with a colour each
+    ordered = sorted(data["categories"], key=lambda c: not c["isthing"])
+    colors = palette(len(ordered))
+    categories = [
+        {**c, "id": int(c["id"]), "color": list(c.get("color", colors[i]))}
+        for i, c in enumerate(ordered)
+    ]
     counts = collections.Counter(
         int(s["category_id"]) for a in data["annotations"] for s in a.get("segments_info", [])
     )
     kept = _split_categories(name, json_file, categories, counts, drop_categories, "segments")
-    metadata = get_panoptic_metadata(kept)
-    DatasetCatalog.register(
-        name, lambda: load_coco_panoptic(json_file, image_root, png_dir, metadata)
-    )
-    # the metadata of detectron2's register_coco_panoptic (no instances json: PQ only)
-    MetadataCatalog.get(name).set(
-        panoptic_root=png_dir,
-        image_root=image_root,
-        panoptic_json=json_file,
-        evaluator_type="coco_panoptic_seg",
-        ignore_label=255,
-        label_divisor=1000,
-        **metadata,
-    )
-
-
-def load_coco_panoptic(
-    json_file: str, image_root: str, panoptic_root: str, metadata: Mapping[str, Any]
-) -> list[dict[str, Any]]:
-    """Detectron2's ``load_coco_panoptic_json`` records, images named by the json's ``images``
-    (:func:`~.panoptic.load_panoptic_json_with_sem_seg` without semantic PNGs)."""
-    return load_panoptic_json_with_sem_seg(json_file, image_root, panoptic_root, None, metadata)
+    paths = {"image_root": image_root, "panoptic_root": png_dir, "panoptic_json": json_file}
+    register_panoptic_with_sem_seg(name, get_panoptic_metadata(kept), paths)
 
 
 def read_class_names(classes: str | Sequence[str]) -> list[str]:
     """Class names of a sem-seg dataset: a file with one name per line (line k names label value
     k; a first line ``__ignore__``, as in labelme's labels.txt, is skipped) or a list."""
-    if not isinstance(classes, str):
-        names = [str(c) for c in classes]
-        source = "the class list"
-    else:
+    if isinstance(classes, str):
         if not os.path.isfile(classes):
             raise FileNotFoundError(f"Class list not found: {classes}")
         with open(classes, encoding="utf-8") as f:
-            names = [line.strip() for line in f.read().splitlines()]
-        source = classes
-        while names and not names[-1]:
-            names.pop()
+            names = [line.strip() for line in f.read().rstrip().splitlines()]
         if names and names[0] == "__ignore__":
             logger.info("%s: skipped the first line '__ignore__' (labelme's void label)", classes)
             names = names[1:]
+        source = classes
+    else:
+        names, source = [str(c) for c in classes], "the class list"
     if not names:
         raise ValueError(f"{source} names no class")
     blank = [i for i, n in enumerate(names) if not n]
@@ -329,11 +278,8 @@ def read_class_names(classes: str | Sequence[str]) -> list[str]:
 
 
 def _guess_image_ext(image_dir: str) -> str:
-    found = collections.Counter(
-        os.path.splitext(f)[1].lower()
-        for f in os.listdir(image_dir)
-        if f.lower().endswith(IMAGE_EXTENSIONS)
-    )
+    names = os.listdir(image_dir)
+    found = {os.path.splitext(f)[1].lower() for f in names if f.lower().endswith(IMAGE_EXTENSIONS)}
     if not found:
         raise ValueError(f"No image ({', '.join(IMAGE_EXTENSIONS)}) in {image_dir}")
     if len(found) > 1:
@@ -341,8 +287,7 @@ def _guess_image_ext(image_dir: str) -> str:
             f"{image_dir} holds images of several types ({', '.join(sorted(found))}); "
             "choose one with --image-ext"
         )
-    (ext,) = found
-    return ext[1:]
+    return found.pop()[1:]
 
 
 def _sem_seg_metadata(
@@ -353,7 +298,7 @@ def _sem_seg_metadata(
     if classes is None:
         raise ValueError(f"sem-seg dataset {name!r} needs its class names (--classes FILE)")
     names = read_class_names(classes)
-    droppable = [n for n in names if n in set(drop)]
+    droppable = [n for n in names if n in drop]
     if droppable:
         raise ValueError(
             f"Dataset {name!r}: DATASETS.DROP_CATEGORIES names {droppable}, but the classes of a "
@@ -453,6 +398,12 @@ class DatasetFormat:
     register: Callable[..., None]
     options: tuple[str, ...] = ()  # per-dataset options (each takes one value)
     required: tuple[str, ...] = ()
+
+    @staticmethod
+    def keyword(option: str) -> str:
+        """The keyword argument of ``register`` that ``option`` sets ("--ignore-label":
+        "ignore_label")."""
+        return option[2:].replace("-", "_")
 
 
 # Adding a format is adding an entry here (and its register function above).

@@ -21,14 +21,6 @@ from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "contiguous_id_map",
-    "get_panoptic_metadata",
-    "load_json",
-    "load_panoptic_json_with_sem_seg",
-    "coco_panoptic_with_sem_seg_paths",
-]
-
 
 def contiguous_id_map(categories: Sequence[Mapping[str, Any]]) -> dict[int, int]:
     """Map dataset category id -> contiguous id (the index in ``categories``)."""
@@ -60,16 +52,14 @@ def get_panoptic_metadata(categories: Sequence[Mapping[str, Any]]) -> dict[str, 
     flags = [bool(c["isthing"]) for c in categories]
     if flags != sorted(flags, reverse=True):
         raise ValueError("Panoptic categories must list all thing classes before the stuff ones.")
-    id_map = contiguous_id_map(categories)
+    things = [c for c in categories if c["isthing"]]
     return {
-        "thing_classes": [c["name"] for c in categories if c["isthing"]],
-        "thing_colors": [list(c["color"]) for c in categories if c["isthing"]],
+        "thing_classes": [c["name"] for c in things],
+        "thing_colors": [list(c["color"]) for c in things],
         "stuff_classes": [c["name"] for c in categories],
         "stuff_colors": [list(c["color"]) for c in categories],
-        "thing_dataset_id_to_contiguous_id": {
-            int(c["id"]): id_map[int(c["id"])] for c in categories if c["isthing"]
-        },
-        "stuff_dataset_id_to_contiguous_id": dict(id_map),
+        "thing_dataset_id_to_contiguous_id": contiguous_id_map(things),  # the things come first
+        "stuff_dataset_id_to_contiguous_id": contiguous_id_map(categories),
     }
 
 
@@ -104,8 +94,7 @@ def load_panoptic_json_with_sem_seg(
 
     records = []
     for ann in data["annotations"]:
-        image_id = int(ann["image_id"])
-        png_name = ann.get("file_name")
+        image_id, png_name = int(ann["image_id"]), ann.get("file_name")
         if "segments_info" not in ann:
             raise ValueError(
                 f"{json_file}: the annotation of image_id {image_id} ({png_name}) has no "
@@ -153,18 +142,6 @@ def load_panoptic_json_with_sem_seg(
             )
     logger.info("Loaded %d panoptic records from %s", len(records), json_file)
     return records
-
-
-def coco_panoptic_with_sem_seg_paths(root: str, split: str) -> dict[str, str]:
-    """Paths of COCO 2017 ``split`` ("train" or "val") under ``<root>/coco``."""
-    coco = os.path.join(root, "coco")
-    return {
-        "image_root": os.path.join(coco, f"{split}2017"),
-        "panoptic_root": os.path.join(coco, f"panoptic_{split}2017"),
-        "panoptic_json": os.path.join(coco, "annotations", f"panoptic_{split}2017.json"),
-        "sem_seg_root": os.path.join(coco, f"panoptic_semseg_{split}2017"),
-        "json_file": os.path.join(coco, "annotations", f"instances_{split}2017.json"),
-    }
 
 
 def coco_panoptic_metadata() -> dict[str, Any]:

@@ -11,22 +11,6 @@ import json
 import os
 from typing import Any
 
-__all__ = [
-    "TOY_DIRNAME",
-    "TOY_THING_CATEGORIES",
-    "TOY_STUFF_CATEGORIES",
-    "TOY_CATEGORIES",
-    "TOY_NUM_CLASSES",
-    "TOY_NUM_THING_CLASSES",
-    "TOY_FORMAT_VERSION",
-    "TOY_MARKER",
-    "TOY_COMMAND",
-    "read_toy_marker",
-    "require_toy_dataset",
-    "toy_dataset_dir",
-    "get_datasets_root",
-]
-
 # Dataset ids deliberately differ from the contiguous ids (things 0..3, stuff 4..6).
 TOY_THING_CATEGORIES: list[dict[str, Any]] = [
     {"id": 1, "name": "circle", "isthing": 1, "color": [220, 20, 60], "supercategory": "shape"},

@@ -3,6 +3,7 @@
 
 import math
 
+import numpy as np
 import torch
 from detectron2.modeling import Backbone, build_backbone
 from detectron2.structures import ImageList
@@ -12,50 +13,72 @@ from ..kernel_head import build_kernel_head
 from ..pixel_decoder import build_pixel_decoder
 from ..postprocessing import OutputGeometry, detectron2_outputs
 
-__all__ = ["KNetBase", "checked_image", "inference_amp_dtype"]
+__all__ = ["KNetBase", "check_image", "checked_image", "inference_amp_dtype"]
+
+
+def check_image(image, name: str, top: float = 255, channels_last: bool = False) -> None:
+    """Raise ``ValueError`` for an image that would be segmented wrong or fail deep inside: the
+    one check of every entry point (the model, ``KNetPredictor``, ``ExportedKNet``).
+
+    Args:
+        image: a tensor or numpy array, (3, H, W) or (1, H, W); (H, W, 3) or (H, W, 1) if
+            ``channels_last``. uint8, or floating point with finite values in [0, ``top``].
+        name: what the message calls it ("input 0 (frame_7.png)", "image").
+        top: the largest pixel value (255 for every shipped config: ``PIXEL_MEAN`` > 1).
+    The commonest mistakes (grayscale without a channel axis, channels in the other place,
+    RGBA, empty, 16-bit, NaNs, a float image in [0, 1], an image normalised already) are named.
+    """
+    layout = "an (H, W, 3) array" if channels_last else "a (3, H, W) tensor"
+    expected = f"expected {layout} of 0-{top:g} pixel values in the config's INPUT.FORMAT"
+    shape = tuple(image.shape)
+    channels = (shape[-1] if channels_last else shape[0]) if len(shape) == 3 else None
+    if channels not in (1, 3):
+        if len(shape) == 2:
+            hint = " (grayscale? give it 3 channels, e.g. cv2.cvtColor(img, cv2.COLOR_GRAY2BGR))"
+        elif channels == 4:
+            hint = " (RGBA? drop the alpha channel, e.g. cv2.cvtColor(img, cv2.COLOR_BGRA2BGR))"
+        elif len(shape) == 3 and not channels_last and shape[-1] in (1, 3, 4):
+            hint = " (an (H, W, C) array? use image.permute(2, 0, 1))"
+        elif len(shape) == 3 and channels_last and shape[0] in (1, 3, 4):
+            hint = " (a (C, H, W) array? use image.transpose(1, 2, 0))"
+        else:
+            hint = ""
+        raise ValueError(f"{name}: got an image of shape {shape}; {expected}{hint}")
+    if 0 in shape:
+        raise ValueError(f"{name}: the image is empty ({shape}); {expected}")
+    dtype = str(image.dtype).replace("torch.", "")
+    if not (dtype == "uint8" or dtype.startswith(("float", "bfloat"))):
+        hint = " (16-bit? scale it to 0-255 and convert to uint8)" if "int16" in dtype else ""
+        raise ValueError(f"{name}: got a {dtype} image; {expected}{hint}")
+    if dtype == "uint8":
+        return
+    values = (
+        image if isinstance(image, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(image))
+    )
+    low, high = (float(v) for v in torch.aminmax(values))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{name}: the image has NaN or infinite values; {expected}")
+    if low < 0 or high > top * 1.001:
+        raise ValueError(
+            f"{name}: pixel values range over [{low:.3g}, {high:.3g}]; {expected} (an image "
+            "normalised already, or of another bit depth?)"
+        )
+    if top == 255 and 0 < high <= 1:
+        raise ValueError(
+            f"{name}: pixel values range over [{low:.3g}, {high:.3g}]; {expected}: multiply "
+            "an image in [0, 1] by 255"
+        )
 
 
 def checked_image(inputs: dict, index: int, pixel_mean: torch.Tensor) -> torch.Tensor:
-    """``inputs["image"]`` after checks, as (3, H, W); a (1, H, W) grayscale image is broadcast.
-
-    The model takes unnormalised pixels of the range its ``PIXEL_MEAN`` is in (0-255 for every
-    shipped config); the commonest mistakes (channels last, RGBA, an empty image, NaNs, a float
-    image in [0, 1], an already normalised image) are reported instead of giving a silently
-    empty or wrong result. Skipped while tracing (the checks read values).
-    """
+    """``inputs["image"]`` after :func:`check_image`, as (3, H, W) (a (1, H, W) grayscale image
+    is broadcast). Skipped while tracing (the checks read values)."""
     image = inputs.get("image") if isinstance(inputs, dict) else None
     name = f"input {index}" + (f" ({inputs['file_name']})" if "file_name" in inputs else "")
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"{name}: 'image' must be a (3, H, W) tensor, got {type(image).__name__}")
-    if torch.jit.is_tracing():
-        return image
-    top = 255 if float(pixel_mean.max()) > 1 else 1
-    expected = f"expected a (3, H, W) tensor of 0-{top} pixel values in the config's INPUT.FORMAT"
-    if image.dim() != 3 or image.shape[0] not in (1, 3):
-        hint = ""
-        if image.dim() == 3 and image.shape[-1] in (1, 3, 4):
-            hint = " (an (H, W, C) array? use image.permute(2, 0, 1))"
-        if image.dim() == 3 and image.shape[0] == 4:
-            hint = " (RGBA? drop the alpha channel, e.g. cv2.cvtColor(img, cv2.COLOR_BGRA2BGR))"
-        raise ValueError(f"{name}: got an image of shape {tuple(image.shape)}; {expected}{hint}")
-    if image.shape[1] == 0 or image.shape[2] == 0:
-        raise ValueError(f"{name}: the image is empty ({tuple(image.shape)}); {expected}")
-    if image.dtype == torch.bool or image.is_complex():
-        raise ValueError(f"{name}: got a {image.dtype} image; {expected}")
-    if image.is_floating_point():
-        low, high = (float(v) for v in torch.aminmax(image))
-        if not (math.isfinite(low) and math.isfinite(high)):
-            raise ValueError(f"{name}: the image has NaN or infinite values; {expected}")
-        if low < 0 or high > top * 1.001:
-            raise ValueError(
-                f"{name}: pixel values range over [{low:.3g}, {high:.3g}]; {expected} (an image "
-                "normalised already, or of another bit depth?)"
-            )
-        if top == 255 and 0 < high <= 1:
-            raise ValueError(
-                f"{name}: pixel values range over [{low:.3g}, {high:.3g}]; {expected}: multiply "
-                "an image in [0, 1] by 255"
-            )
+    if not torch.jit.is_tracing():
+        check_image(image, name, top=255 if float(pixel_mean.max()) > 1 else 1)
     return image.expand(3, -1, -1) if image.shape[0] == 1 else image
 
 

@@ -66,8 +66,8 @@ def mask_statistics(
     Args:
         scores: (N,) kernel scores for the owner map and the areas (None: not computed).
         selected: (M,) kernel indices whose thresholded masks are wanted (None: none).
-        chunk_size: kernels resized at once by the full computation (bounds its memory to
-            chunk x H_out x W_out floats).
+        chunk_size: kernels resized at once by the full computation, at the padded input size
+            (fewer for a larger output: see :func:`full_mask_statistics`).
 
     The tiled computation serves the CPU (where it pays off) and exported graphs whose output
     is the image (no second resize); the full computation serves the rest (GPU).
@@ -129,8 +129,15 @@ def full_mask_statistics(
     mask_threshold: float = 0.5,
     chunk_size: int = 16,
 ) -> MaskStatistics:
-    """:func:`mask_statistics` from the full-resolution maps, ``chunk_size`` kernels at a time
-    (the owner map is reduced on the fly)."""
+    """:func:`mask_statistics` from the full-resolution maps, a chunk of kernels at a time (the
+    owner map is reduced on the fly).
+
+    A chunk is ``chunk_size`` kernels at the padded input size, so its maps hold at most
+    ``chunk_size x H_pad x W_pad`` floats, a bound set by the configured input size
+    (``INPUT.MAX_SIZE_TEST``): an output larger than the input (e.g. a 48-megapixel original)
+    takes fewer kernels at a time, down to one. Beyond the outputs (owner map, selected masks),
+    memory then grows with the output size by a few (H_out, W_out) maps, not by N of them.
+    """
     n = mask_logits.shape[0]
     # Without a second resize the maps stay at the padded size, and the padding is cropped from
     # the reductions (owner map, sums, masks) instead of from every chunk of maps (a view).
@@ -139,6 +146,8 @@ def full_mask_statistics(
     crop = (slice(None),) + tuple(
         slice(size if crop_late else None) for size in geometry.image_size
     )
+    if not exporting():  # (a trace keeps the chunks it was traced with)
+        chunk_size = _kernels_per_chunk(chunk_size, geometry.padded_size, (height, width))
 
     def full_probs(logits: Tensor) -> Tensor:
         return resize_to_output(logits.float().sigmoid(), geometry, crop=not crop_late)
@@ -150,23 +159,54 @@ def full_mask_statistics(
         sums = []
         for start in range(0, n, chunk_size):
             probs = full_probs(mask_logits[start : start + chunk_size])
-            sums.append(_kernel_sums(probs[crop], None, mask_threshold))
+            sums.append(_banded_kernel_sums(probs[crop], mask_threshold))
             scored = probs * scores[start : start + chunk_size, None, None]
+            del probs
             chunk_best, chunk_owner = scored.max(0)
+            del scored
             better = chunk_best > best  # strict: ties keep the earlier kernel, as argmax does
-            best = torch.where(better, chunk_best, best)
-            owner = torch.where(better, chunk_owner + start, owner)
+            if exporting():
+                best = torch.where(better, chunk_best, best)
+                owner = torch.where(better, chunk_owner + start, owner)
+            else:  # in place: no second pair of full-size maps per chunk
+                torch.where(better, chunk_best, best, out=best)
+                torch.where(better, chunk_owner.add_(start), owner, out=owner)
         owner = owner[crop[1:]]
         won_area, sums = _count(owner.flatten(), n), torch.cat(sums)
     masks = mask_logits.new_zeros((0, height, width), dtype=torch.bool)
-    if selected is not None:
+    if selected is not None and exporting():
         chunks = [
             full_probs(mask_logits[selected[s : s + chunk_size]]) > mask_threshold
             for s in range(0, selected.shape[0], chunk_size)
         ]
         masks = torch.cat([masks] + chunks)
+    elif selected is not None:  # written into the output: the masks are never held twice
+        masks = mask_logits.new_empty((selected.shape[0], height, width), dtype=torch.bool)
+        for s in range(0, selected.shape[0], chunk_size):
+            chunk = selected[s : s + chunk_size]
+            torch.gt(full_probs(mask_logits[chunk]), mask_threshold, out=masks[s : s + len(chunk)])
     masks = masks[crop]
     return _statistics(masks, owner, won_area, sums)
+
+
+def _kernels_per_chunk(
+    chunk_size: int, padded_size: tuple[int, int], map_size: tuple[int, int]
+) -> int:
+    """How many kernels' (H, W) = ``map_size`` maps hold at most as many pixels as
+    ``chunk_size`` maps of the padded input: ``chunk_size`` at most, 1 at least."""
+    budget = chunk_size * padded_size[0] * padded_size[1]
+    return max(1, min(chunk_size, budget // (map_size[0] * map_size[1])))
+
+
+def _banded_kernel_sums(probs: Tensor, threshold: float) -> Tensor:
+    """:func:`_kernel_sums` of (B, H, W) maps over all pixels, summed over bands of rows of
+    about ``BATCH_PIXELS`` pixels when not exporting: a sum of the bool terms first casts them
+    to int64, 8 bytes a pixel, which for a large output is many times the maps themselves."""
+    if exporting():
+        return _kernel_sums(probs, None, threshold)
+    rows = max(1, BATCH_PIXELS // max(1, probs.shape[0] * probs.shape[2]))
+    bands = probs.split(rows, dim=1) if probs.shape[1] else [probs]
+    return sum(_kernel_sums(band, None, threshold) for band in bands)
 
 
 # ----------------------------------------------------------------------------- acceleration
