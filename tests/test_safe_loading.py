@@ -217,7 +217,7 @@ def test_training_refuses_another_models_weights_unless_partial(tmp_path, toy_st
             "ade20k/semantic-segmentation/knet_s3_upernet_R50_bs16_80k.yaml",
             "semantic K-Net (ResNet-50 with deep stem, 150 classes)",
         ),
-        ("ade20k/semantic-segmentation/knet_s3_upernet_swin_T_bs16_80k.yaml", "(Swin-T/S, 150"),
+        ("ade20k/semantic-segmentation/knet_s3_upernet_swin_T_bs16_80k.yaml", "(Swin-T, 150"),
     ],
 )
 def test_weights_are_described_from_their_keys(config, description):

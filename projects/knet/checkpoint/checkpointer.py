@@ -122,15 +122,20 @@ def _iteration_in_name(path: str) -> float:
     return int(match.group(1)) if match else -1
 
 
-# (blocks per stage, bottleneck) -> ResNet depth
-_RESNET_DEPTHS = {
+# ResNet block counts per stage -> depth; 18/34 use BasicBlock (no conv3).
+RESNET_DEPTHS = {
     ((2, 2, 2, 2), False): 18,
     ((3, 4, 6, 3), False): 34,
     ((3, 4, 6, 3), True): 50,
     ((3, 4, 23, 3), True): 101,
     ((3, 8, 36, 3), True): 152,
 }
-_SWIN_WIDTHS = {96: "T/S", 128: "B", 192: "L"}  # patch embedding width -> Swin size
+SWIN_NAMES = {  # (embed dim, depths) -> name
+    (96, (2, 2, 6, 2)): "Swin-T",
+    (96, (2, 2, 18, 2)): "Swin-S",
+    (128, (2, 2, 18, 2)): "Swin-B",
+    (192, (2, 2, 18, 2)): "Swin-L",
+}
 _OFFICIAL_LAYOUTS = {
     "rpn_head.": "an official K-Net checkpoint (MMDetection layout)",
     "decode_head.": "an official semantic K-Net checkpoint (MMSegmentation layout)",
@@ -139,9 +144,16 @@ _OFFICIAL_LAYOUTS = {
 
 def _backbone_of(keys: Sequence[str], shapes: Mapping[str, tuple]) -> str:
     """'ResNet-50', 'ResNet-101 with deformable convs', 'Swin-L', ... as far as keys tell."""
-    embed = next((k for k in keys if k.endswith("patch_embed.proj.weight")), None)
+    embed = next(
+        (k for k in keys if k.endswith(("embed.proj.weight", "embed.projection.weight"))), None
+    )
     if embed:
-        return f"Swin-{_SWIN_WIDTHS.get(shapes[embed][0], '?')}"
+        blocks = defaultdict(set)
+        for key in keys:
+            if match := re.search(r"(?:layers|stages)\.(\d)\.blocks\.(\d+)\.", key):
+                blocks[match.group(1)].add(int(match.group(2)))
+        depths = tuple(len(blocks[s]) for s in sorted(blocks))
+        return SWIN_NAMES.get((shapes[embed][0], depths), "Swin")
     blocks = defaultdict(set)
     for key in keys:
         match = re.search(r"(?:res|layer)([2-5]|[1-4](?=\.))\.(\d+)\.", key)
@@ -151,7 +163,7 @@ def _backbone_of(keys: Sequence[str], shapes: Mapping[str, tuple]) -> str:
         return "no known backbone"
     counts = tuple(len(blocks[s]) for s in sorted(blocks))
     bottleneck = any(re.search(r"(res|layer)\w*\.0\.conv3\.", k) for k in keys)
-    depth = _RESNET_DEPTHS.get((counts, bottleneck), "?")
+    depth = RESNET_DEPTHS.get((counts, bottleneck), "?")
     deep_stem = any(k.endswith(("stem.conv2.weight", "stem.3.weight")) for k in keys)
     deform = any("offset" in k for k in keys)
     extras = [e for e, on in (("deep stem", deep_stem), ("deformable convs", deform)) if on]

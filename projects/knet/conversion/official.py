@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoint.checkpointer import RESNET_DEPTHS, SWIN_NAMES
 from ..checkpoint.safe_load import UnsafeCheckpointError, load_weights_file
 from .rules import (
     KNET_MMDET,
@@ -39,20 +40,6 @@ from .rules import (
     rename_state_dict,
 )
 
-# ResNet block counts per stage (layer1-4) -> depth; 18/34 use BasicBlock (no conv3).
-RESNET_DEPTHS = {
-    ((2, 2, 2, 2), False): 18,
-    ((3, 4, 6, 3), False): 34,
-    ((3, 4, 6, 3), True): 50,
-    ((3, 4, 23, 3), True): 101,
-    ((3, 8, 36, 3), True): 152,
-}
-SWIN_NAMES = {  # (embed dim, depths) -> name
-    (96, (2, 2, 6, 2)): "Swin-T",
-    (96, (2, 2, 18, 2)): "Swin-S",
-    (128, (2, 2, 18, 2)): "Swin-B",
-    (192, (2, 2, 18, 2)): "Swin-L",
-}
 # Sub-modules that identify an MMSeg decode head (checked in this order: UPerNet has a PPM too).
 DECODE_HEAD_SIGNATURES = (
     ("upernet", ("fpn_bottleneck", "lateral_convs", "fpn_convs")),
