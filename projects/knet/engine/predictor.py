@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from detectron2.engine import DefaultPredictor
 
-from ..modeling.meta_arch.base import check_image
+from ..modeling.meta_arch.base import check_image, pixel_range_top
 
 
 class KNetPredictor(DefaultPredictor):
@@ -20,7 +20,7 @@ class KNetPredictor(DefaultPredictor):
     """
 
     def __call__(self, original_image: np.ndarray) -> dict:
-        top = 255 if max(self.cfg.MODEL.PIXEL_MEAN) > 1 else 1
+        top = pixel_range_top(self.cfg.MODEL.PIXEL_MEAN)
         check_image(original_image, "image", top=top, channels_last=True)
         if original_image.shape[2] == 1:
             original_image = np.repeat(original_image, 3, axis=2)

@@ -16,6 +16,12 @@ from ..postprocessing import OutputGeometry, detectron2_outputs
 __all__ = ["KNetBase", "check_image", "checked_image", "inference_amp_dtype"]
 
 
+def pixel_range_top(pixel_mean) -> int:
+    """The largest pixel value a config's images have: 255 when ``PIXEL_MEAN`` is in 0-255 (every
+    shipped config), else 1."""
+    return 255 if float(max(pixel_mean)) > 1 else 1
+
+
 def check_image(image, name: str, top: float = 255, channels_last: bool = False) -> None:
     """Raise ``ValueError`` for an image that would be segmented wrong or fail deep inside: the
     one check of every entry point (the model, ``KNetPredictor``, ``ExportedKNet``).
@@ -78,7 +84,7 @@ def checked_image(inputs: dict, index: int, pixel_mean: torch.Tensor) -> torch.T
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"{name}: 'image' must be a (3, H, W) tensor, got {type(image).__name__}")
     if not torch.jit.is_tracing():
-        check_image(image, name, top=255 if float(pixel_mean.max()) > 1 else 1)
+        check_image(image, name, top=pixel_range_top(pixel_mean.flatten().tolist()))
     return image.expand(3, -1, -1) if image.shape[0] == 1 else image
 
 
