@@ -1,8 +1,7 @@
 """Run K-Net on images and videos and draw the results with Detectron2's visualizers.
 
-``VisualizationDemo`` follows Detectron2's demo: a ``KNetPredictor`` (``DefaultPredictor`` with
-the input checks first; or, with ``parallel=True``, an :class:`AsyncPredictor` with one worker
-process per GPU) plus
+``VisualizationDemo`` follows Detectron2's demo: a ``DefaultPredictor`` (or, with
+``parallel=True``, an :class:`AsyncPredictor` with one worker process per GPU) plus
 ``Visualizer`` / ``VideoVisualizer`` using the metadata of the first registered dataset of
 ``cfg.DATASETS.TEST`` and ``cfg.DATASETS.TRAIN`` (:func:`demo_metadata`): its class names and
 colours label the drawings. Datasets of your own are registered with ``datasets`` of
@@ -24,12 +23,12 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
+from detectron2.engine import DefaultPredictor
 from detectron2.structures import Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
 
 from knet.config import load_knet_config  # importing knet registers its models and datasets
-from knet.engine import KNetPredictor
 from knet.engine.arguments import DatasetSpec, register_dataset_specs
 from knet.engine.dataset_config import configure_for_datasets
 from knet.visualization import draw_predictions
@@ -121,7 +120,7 @@ class VisualizationDemo:
         self.metadata = demo_metadata(cfg)
         self.instance_mode = instance_mode
         self.parallel = parallel
-        self.predictor: Any = AsyncPredictor(cfg) if parallel else KNetPredictor(cfg)
+        self.predictor: Any = AsyncPredictor(cfg) if parallel else DefaultPredictor(cfg)
 
     def run_on_image(self, image: np.ndarray) -> tuple[dict[str, Any], VisImage | None]:
         """
@@ -186,15 +185,15 @@ class VisualizationDemo:
 
 
 def _predictor_worker(cfg: CfgNode, task_queue: Any, result_queue: Any) -> None:
-    """A worker process's loop: one ``KNetPredictor``, (index, image) in, (index, outputs) out
+    """A worker process's loop: one ``DefaultPredictor``, (index, image) in, (index, outputs) out
     until a None task."""
-    predictor = KNetPredictor(cfg)
+    predictor = DefaultPredictor(cfg)
     for index, image in iter(task_queue.get, None):
         result_queue.put((index, _to_cpu(predictor(image))))
 
 
 class AsyncPredictor:
-    """``KNetPredictor`` run in worker processes (one per GPU, or a single CPU worker).
+    """``DefaultPredictor`` run in worker processes (one per GPU, or a single CPU worker).
 
     ``put(image)`` queues an image, ``get()`` returns the outputs of the images in the order they
     were put; ``predictor(image)`` does both. Outputs come back on the CPU.

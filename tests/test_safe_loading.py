@@ -102,8 +102,8 @@ def test_train_net_refuses_malicious_files(evil, tmp_path, toy_root):
     assert not marker.exists()
 
 
-def test_import_knet_changes_only_the_checkpointer_class_of_detectron2_defaults():
-    """The one hook: DefaultPredictor / DefaultTrainer build ours; Detectron2's class is intact."""
+def test_import_knet_binds_the_checkpointer_name_of_detectron2_defaults_only():
+    """DefaultPredictor / DefaultTrainer build ours; Detectron2's class is intact."""
     assert defaults.DetectionCheckpointer is KNetCheckpointer
     for name in ("load", "_load_file", "_log_incompatible_keys"):
         method = getattr(DetectionCheckpointer, name)

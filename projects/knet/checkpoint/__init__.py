@@ -9,6 +9,5 @@ from .checkpointer import (
     KNetCheckpointer,
     WeightsNotFoundError,
     describe_weights,
-    use_knet_checkpointer_in_detectron2_defaults,
 )
 from .safe_load import CorruptCheckpointError, UnsafeCheckpointError, load_weights_file

@@ -20,7 +20,7 @@ It is Detectron2's ``DetectionCheckpointer`` with these differences:
   warning, when the tagged one cannot be read.
 
 The project's entry points build it; ``import knet`` makes Detectron2's defaults build it too
-(:func:`use_knet_checkpointer_in_detectron2_defaults`).
+(:mod:`knet.detectron2_defaults`).
 """
 
 import contextlib
@@ -34,7 +34,6 @@ from typing import IO, Any
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import defaults
 
 from .safe_load import CorruptCheckpointError, load_weights_file
 
@@ -361,16 +360,3 @@ class KNetCheckpointer(DetectionCheckpointer):
             f"No readable checkpoint in {self.save_dir} to resume from (tried "
             f"{', '.join(candidates)}); start without --resume or restore a checkpoint"
         )
-
-
-def use_knet_checkpointer_in_detectron2_defaults() -> None:
-    """Make Detectron2's ``DefaultPredictor`` and ``DefaultTrainer`` build a
-    :class:`KNetCheckpointer`: the one change ``import knet`` makes to Detectron2.
-
-    Both (Detectron2 v0.6 and main) call the name ``DetectionCheckpointer`` of
-    ``detectron2.engine.defaults``, looked up at each call, and take no other class, so that name
-    is bound to the subclass: ``DefaultPredictor(cfg)`` then never runs code from a weight file
-    and reports bad weights as the project's entry points do. The class itself, and what other
-    modules import under that name, stay as Detectron2 wrote them.
-    """
-    defaults.DetectionCheckpointer = KNetCheckpointer

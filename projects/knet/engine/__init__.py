@@ -1,4 +1,4 @@
-"""Training and prediction: the trainer, what it runs, and the predictor.
+"""Training: the trainer and what it runs.
 
 * :mod:`.trainer`: ``KNetTrainer``, Detectron2's ``DefaultTrainer`` for K-Net;
 * :mod:`.solver`: the optimizer (AdamW / SGD, backbone lr multiplier, weight decay overrides);
@@ -8,15 +8,13 @@
 * :mod:`.seeded_loader`: training batches that are a function of (seed, iteration);
 * :mod:`.tta`: test-time augmentation (multi-scale, flip) for semantic K-Net;
 * :mod:`.dataset_config`: class counts and outputs of the config, from the datasets;
-* :mod:`.arguments`: the ``--dataset`` arguments of ``train_net.py`` and the demo;
-* :mod:`.predictor`: ``KNetPredictor``, ``DefaultPredictor`` with the model's input checks first.
+* :mod:`.arguments`: the ``--dataset`` arguments of ``train_net.py`` and the demo.
 
 ``get_knet_cfg`` (:mod:`knet.config`) is exported here too, for the scripts that train.
 """
 
 from ..config import get_knet_cfg
 from .launch import launch
-from .predictor import KNetPredictor
 from .trainer import KNetTrainer
 
-__all__ = ["KNetPredictor", "KNetTrainer", "get_knet_cfg", "launch"]
+__all__ = ["KNetTrainer", "get_knet_cfg", "launch"]
