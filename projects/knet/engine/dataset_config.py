@@ -1,28 +1,22 @@
 """Class counts and outputs of a K-Net config, taken from its datasets and checked against them.
 
-A K-Net model has ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` classes, the first
-``MODEL.KNET.NUM_THING_CLASSES`` of them things; a dataset that disagrees fails deep in the
-matcher or the losses, after the model and the data loader are built. :func:`configure_for_datasets`
-runs before that:
+A model has ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` classes, the first ``MODEL.KNET.NUM_THING_CLASSES``
+of them things; a dataset that disagrees would fail deep in the matcher or the losses.
+:func:`configure_for_datasets` runs before that:
 
-* a class count of ``-1`` (the default, so also a config that leaves the key out) is **taken
-  from the first training dataset's metadata** (read as :data:`knet.data.kinds.DATASET_KINDS`
-  says): instance data has ``NUM_CLASSES = NUM_THING_CLASSES = len(thing_classes)``; panoptic
-  data all classes, the things first; semantic data ``len(stuff_classes)`` classes, and its
+* a class count of ``-1`` (the default) is taken from the first training dataset's metadata
+  (:data:`knet.data.kinds.DATASET_KINDS`): instance data ``len(thing_classes)`` for both;
+  panoptic data all classes, things first; semantic data ``len(stuff_classes)``, and its
   ``ignore_label`` sets ``MODEL.SEM_SEG_HEAD.IGNORE_VALUE``;
-* ``MODEL.KNET.TEST.{PANOPTIC,INSTANCE,SEMANTIC}_ON`` not set explicitly are switched to what the
-  training data lets the model predict and the test datasets can evaluate (instance data:
-  instances; panoptic data: panoptic, plus instances / semantic where the test datasets have an
-  instances json / semantic labels; semantic data: semantic);
-* one log line says what was chosen; every value, explicit or chosen, is then checked against
-  every training and test dataset, and a mismatch is a :class:`DatasetClassError` that names the
-  key, both numbers and the dataset. The dataset mapper and the kernel head must suit the data
-  (an instance dataset with the panoptic mapper, say, is an error too).
+* ``MODEL.KNET.TEST.*_ON`` not set explicitly are switched to what the training data lets the
+  model predict and the test datasets can evaluate;
+* one log line says what was chosen; every value is then checked against every training and test
+  dataset (and the mapper and meta-architecture against the data kind), and a mismatch is a
+  :class:`DatasetClassError` naming the key, both numbers and the dataset.
 
 A ``CfgNode`` cannot tell a default from an explicit value, so ``train_net.py`` and the demo pass
-the keys their config file and options set (``knet.config.load_knet_config`` reads them in its one
-parse of the YAML); without them (the trainer's own check), the outputs and ``IGNORE_VALUE``
-count as set.
+the keys their config file and options set (``knet.config.load_knet_config``); without them (the
+trainer's own check), the outputs and ``IGNORE_VALUE`` count as set.
 """
 
 from __future__ import annotations
@@ -56,9 +50,7 @@ NUM_THING_CLASSES = "MODEL.KNET.NUM_THING_CLASSES"
 IGNORE_VALUE = "MODEL.SEM_SEG_HEAD.IGNORE_VALUE"
 TEMPLATES = "configs/custom/ (datasets/README.md, 'Your own data')"
 
-
-# configs (as YAML) this process configured: checked once, whoever asks again
-_CONFIGURED: set[str] = set()
+_CONFIGURED: set[str] = set()  # configs (as YAML) this process configured
 
 
 def _switch(output: str) -> str:
@@ -94,16 +86,14 @@ def _expected_counts(d: DatasetClasses, ref: DatasetClasses) -> dict[str, int]:
 def configure_for_datasets(
     cfg: CfgNode, explicit: frozenset[str] | None = None, mode: str = "train"
 ) -> str | None:
-    """Take the class counts and outputs of ``cfg`` from its datasets and check them (see the
-    module docstring). ``cfg`` must not be frozen.
+    """Take the class counts and outputs of (unfrozen) ``cfg`` from its datasets and check them.
 
     Args:
-        explicit: the keys the config file and the command line set
-            (``knet.config.load_knet_config``); None: every output switch and
-            ``IGNORE_VALUE`` counts as set.
-        mode: "train" (every dataset of ``DATASETS.TRAIN`` and ``DATASETS.TEST`` must be
-            registered, and the dataset mapper must fit), "eval" (``DATASETS.TEST`` must be) or
-            "inference" (datasets not registered are skipped: the demo).
+        explicit: the keys the config file and the command line set; None: every output switch
+            and ``IGNORE_VALUE`` count as set.
+        mode: "train" (``DATASETS.TRAIN`` and ``DATASETS.TEST`` must be registered, the dataset
+            mapper must fit), "eval" (``DATASETS.TEST`` must be) or "inference" (the demo:
+            datasets not registered are skipped).
     Returns:
         the log line of what was taken from the datasets, or None if nothing was.
     Raises:
