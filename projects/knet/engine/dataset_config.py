@@ -106,14 +106,11 @@ def configure_for_datasets(
     train, test = list(cfg.DATASETS.TRAIN), list(cfg.DATASETS.TEST)
     registered = set(DatasetCatalog.list())
     required = {"train": train + test, "eval": test, "inference": []}[mode]
-    for name in required:
-        if name not in registered:
-            raise not_registered(name)
-    infos: dict[str, DatasetClasses] = {}
-    for name in dict.fromkeys(train + test):
-        info = dataset_classes(name, load=mode != "inference") if name in registered else None
-        if info is not None:
-            infos[name] = info
+    if missing := [name for name in required if name not in registered]:
+        raise not_registered(missing[0])
+    load = mode != "inference"
+    names = [name for name in dict.fromkeys(train + test) if name in registered]
+    infos = {n: info for n in names if (info := dataset_classes(n, load)) is not None}
     # the first training dataset with classes, else the first test dataset
     ref_name = next((n for n in train + test if n in infos), None)
     auto = {key: _is_auto(cfg, key, explicit) for key in (NUM_CLASSES, NUM_THING_CLASSES)}
@@ -162,10 +159,10 @@ def configure_for_datasets(
             _set(cfg, key, value)
             chosen.append(f"{key.rsplit('.', 1)[1]} {value}")
     ignore = ref.ignore_label  # semantic data only
-    if ignore is not None and _is_auto(cfg, IGNORE_VALUE, explicit):
-        if _get(cfg, IGNORE_VALUE) != ignore:
-            _set(cfg, IGNORE_VALUE, ignore)
-            chosen.append(f"IGNORE_VALUE {ignore}")
+    auto_ignore = ignore is not None and _is_auto(cfg, IGNORE_VALUE, explicit)
+    if auto_ignore and _get(cfg, IGNORE_VALUE) != ignore:
+        _set(cfg, IGNORE_VALUE, ignore)
+        chosen.append(f"IGNORE_VALUE {ignore}")
 
     for d in infos.values():
         _check_dataset(cfg, d, ref, auto, explicit)
@@ -175,9 +172,7 @@ def configure_for_datasets(
     if not chosen and not outputs:
         return None
     enabled = [OUTPUTS[o].field for o in OUTPUTS if _get(cfg, _switch(o))]
-    parts = []
-    if chosen:
-        parts.append(", ".join(chosen) + " from the dataset")
+    parts = [", ".join(chosen) + " from the dataset"] if chosen else []
     if outputs:
         parts.append(f"outputs {', '.join(enabled) or 'none'} (" + ", ".join(outputs) + ")")
     line = f"Dataset {ref.name!r} ({ref.describe()}): " + "; ".join(parts)
@@ -225,13 +220,12 @@ def _check_dataset(
             f"Datasets {ref.name!r} and {d.name!r} have the same number of classes but other "
             f"names or another order: {list(ref.class_names)[:8]} / {list(d.class_names)[:8]}"
         )
-    if semantic_model and d.ignore_label is not None:
-        value = _get(cfg, IGNORE_VALUE)
-        if value != d.ignore_label:
-            raise DatasetClassError(
-                f"{IGNORE_VALUE} is {value}, but dataset {d.name!r} marks unlabelled pixels with "
-                f"{d.ignore_label} (its ignore_label); they must agree"
-            )
+    value = _get(cfg, IGNORE_VALUE)
+    if semantic_model and d.ignore_label is not None and value != d.ignore_label:
+        raise DatasetClassError(
+            f"{IGNORE_VALUE} is {value}, but dataset {d.name!r} marks unlabelled pixels with "
+            f"{d.ignore_label} (its ignore_label); they must agree"
+        )
 
 
 def _configure_outputs(
@@ -279,15 +273,13 @@ def _configure_outputs(
 
 
 def configured_for_datasets(cfg: CfgNode) -> CfgNode:
-    """``cfg`` checked against its datasets for training, with class counts of ``-1`` filled in
-    (a copy if anything changes; frozen if ``cfg`` was). Used by ``KNetTrainer``."""
+    """``cfg`` checked against its datasets for training, class counts of ``-1`` filled in (a
+    copy if anything changes; frozen if ``cfg`` was)."""
     if cfg.dump() in _CONFIGURED:  # train_net.py / the demo configured it already
         return cfg
     out = cfg.clone()
     out.defrost()
     configure_for_datasets(out, explicit=None, mode="train")
-    if out == cfg:
-        return cfg
     if cfg.is_frozen():
         out.freeze()
-    return out
+    return cfg if out == cfg else out

@@ -475,8 +475,8 @@ def _check_record(item: tuple[int, dict[str, Any], list[dict], str | None]) -> _
 
 
 def _annotations(name: str, records: list[dict], kind: str | None) -> list[list[dict]]:
-    """Per record, its instance annotations: those of the metadata's ``json_file`` when there is
-    one (``load_coco_json`` drops short polygons and annotation ids), else the record's."""
+    """Per record, its instance annotations: those of the metadata's ``json_file`` if any
+    (``load_coco_json`` drops short polygons and annotation ids), else the record's."""
     if kind != "instance":
         return [[] for _ in records]
     json_file = MetadataCatalog.get(name).get("json_file", None)
@@ -489,8 +489,8 @@ def _annotations(name: str, records: list[dict], kind: str | None) -> list[list[
 
 
 def _cache_file(name: str, records: list[dict]) -> str:
-    """``$KNET_CACHE/checks/<hash>.json``; the hash covers the records (annotations included), the
-    instances json and the size and mtime of every file the records name."""
+    """``$KNET_CACHE/checks/<hash>.json``, hashing the records, and the size and mtime of the
+    instances json and of every file the records name."""
     digest = hashlib.sha256(_VERSION)
     # records hold plain values and, from some loaders, numpy arrays (whole, not summarised)
     as_text = json.dumps(

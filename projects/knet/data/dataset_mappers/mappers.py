@@ -25,10 +25,8 @@ class KNetTestDatasetMapper(KNetDatasetMapperBase):
      every other record key ("height", "width", "file_name", "image_id", ...) copied,
      except "annotations" and "sem_seg_file_name"}
 
-    The image tensor is the one ``DatasetMapper(cfg, is_train=False)`` produces, but read with
-    :func:`~knet.data.dataset_mappers.common.read_image_checked`, which raises on a corrupt file
-    where Detectron2's ``read_image`` can return partly decoded pixels (as in training). Label
-    maps are not read: the evaluators read the ground truth from the files themselves.
+    The image tensor of ``DatasetMapper(cfg, is_train=False)``, read as in training (a corrupt
+    file raises). Label maps are not read: the evaluators read the ground truth themselves.
     """
 
     @configurable
