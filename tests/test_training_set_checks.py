@@ -23,7 +23,7 @@ from knet.evaluation import (
     TrainingSetError,
     check_evaluation_dataset,
     check_training_dataset,
-    training_set,
+    ground_truth,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,12 +159,12 @@ def test_one_report_lists_every_problem(coco):
 
 
 def test_result_is_cached(coco, monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger=training_set.__name__)
+    caplog.set_level(logging.INFO, logger=ground_truth.__name__)
     os.remove(coco.image(1))
     name = coco.register()
     reads = []
-    read = training_set.read_image_checked
-    monkeypatch.setattr(training_set, "read_image_checked", lambda *a: reads.append(a) or read(*a))
+    read = ground_truth.read_image_checked
+    monkeypatch.setattr(ground_truth, "read_image_checked", lambda *a: reads.append(a) or read(*a))
     first = _fails(name, "missing image: 1")
     assert len(reads) == 4
     logging.getLogger("knet.evaluation").addHandler(caplog.handler)  # also if "knet" is quiet

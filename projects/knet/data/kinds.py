@@ -1,11 +1,9 @@
 """The kinds of dataset K-Net trains on and evaluates: the one table every other place asks.
 
-A dataset's kind follows from its ``evaluator_type`` metadata (Detectron2's convention: "coco"
-for instance data, "coco_panoptic_seg" for panoptic data, "sem_seg" for semantic data).
-:data:`DATASET_KINDS` holds, per kind, its training mapper, meta-architecture, outputs and
-class-count reader; ``knet.evaluation`` scores the outputs (evaluator and ground-truth check per
-output), ``knet.engine.dataset_config`` sets a config's class counts and outputs from it, and the
-formats of ``knet.data.datasets.custom`` each name their kind.
+A dataset's kind follows from its ``evaluator_type`` metadata ("coco", "coco_panoptic_seg",
+"sem_seg"). :data:`DATASET_KINDS` holds, per kind, its training mapper, meta-architecture,
+outputs (scored by ``knet.evaluation``) and class-count reader (used by
+``knet.engine.dataset_config``); each format of ``knet.data.datasets.custom`` names its kind.
 """
 
 from __future__ import annotations
@@ -131,11 +129,8 @@ def mapper_name(kind: str) -> str:
 
 
 def build_train_mapper(cfg: CfgNode) -> Callable[[dict], dict]:
-    """The training mapper named by ``cfg.INPUT.DATASET_MAPPER_NAME``, built from ``cfg``.
-
-    Raises:
-        ValueError: unknown name (the message lists the valid ones).
-    """
+    """The training mapper named by ``cfg.INPUT.DATASET_MAPPER_NAME`` (a ValueError lists the
+    valid names)."""
     name = cfg.INPUT.DATASET_MAPPER_NAME
     mappers = {mapper_name(kind): k.mapper for kind, k in DATASET_KINDS.items()}
     if name not in mappers:
@@ -146,8 +141,7 @@ def build_train_mapper(cfg: CfgNode) -> Callable[[dict], dict]:
 
 
 def build_test_mapper(cfg: CfgNode) -> Callable[[dict], dict]:
-    """The inference mapper for ``cfg`` (``INPUT.FORMAT``, ``INPUT.MIN_SIZE_TEST``,
-    ``INPUT.MAX_SIZE_TEST``), whatever the training mapper is."""
+    """The inference mapper for ``cfg``, whatever the training mapper is."""
     return KNetTestDatasetMapper(cfg, is_train=False)
 
 
@@ -168,12 +162,12 @@ def kind_of(name: str) -> str | None:
 
 
 def dataset_classes(name: str, load: bool = True) -> DatasetClasses | None:
-    """The classes of registered dataset ``name`` from its metadata, or None for a dataset kind
-    K-Net does not evaluate or a dataset without class metadata.
+    """The classes of registered dataset ``name`` from its metadata, or None (a kind K-Net does
+    not evaluate, no class metadata).
 
     Args:
-        load: if the metadata has no class names yet (e.g. a dataset registered with Detectron2's
-            ``register_coco_instances``, whose loader sets them), load the dataset once.
+        load: without class names in the metadata (e.g. ``register_coco_instances``, whose loader
+            sets them), load the dataset once.
     Raises:
         DatasetNotRegisteredError: ``name`` is not registered.
         DatasetClassError: a panoptic dataset whose contiguous ids do not put the things first.

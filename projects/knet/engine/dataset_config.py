@@ -1,28 +1,22 @@
 """Class counts and outputs of a K-Net config, taken from its datasets and checked against them.
 
-A K-Net model has ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` classes, the first
-``MODEL.KNET.NUM_THING_CLASSES`` of them things; a dataset that disagrees fails deep in the
-matcher or the losses, after the model and the data loader are built. :func:`configure_for_datasets`
-runs before that:
+A model has ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` classes, the first ``MODEL.KNET.NUM_THING_CLASSES``
+of them things; a dataset that disagrees would fail deep in the matcher or the losses.
+:func:`configure_for_datasets` runs before that:
 
-* a class count of ``-1`` (the default, so also a config that leaves the key out) is **taken
-  from the first training dataset's metadata** (read as :data:`knet.data.kinds.DATASET_KINDS`
-  says): instance data has ``NUM_CLASSES = NUM_THING_CLASSES = len(thing_classes)``; panoptic
-  data all classes, the things first; semantic data ``len(stuff_classes)`` classes, and its
+* a class count of ``-1`` (the default) is taken from the first training dataset's metadata
+  (:data:`knet.data.kinds.DATASET_KINDS`): instance data ``len(thing_classes)`` for both;
+  panoptic data all classes, things first; semantic data ``len(stuff_classes)``, and its
   ``ignore_label`` sets ``MODEL.SEM_SEG_HEAD.IGNORE_VALUE``;
-* ``MODEL.KNET.TEST.{PANOPTIC,INSTANCE,SEMANTIC}_ON`` not set explicitly are switched to what the
-  training data lets the model predict and the test datasets can evaluate (instance data:
-  instances; panoptic data: panoptic, plus instances / semantic where the test datasets have an
-  instances json / semantic labels; semantic data: semantic);
-* one log line says what was chosen; every value, explicit or chosen, is then checked against
-  every training and test dataset, and a mismatch is a :class:`DatasetClassError` that names the
-  key, both numbers and the dataset. The dataset mapper and the kernel head must suit the data
-  (an instance dataset with the panoptic mapper, say, is an error too).
+* ``MODEL.KNET.TEST.*_ON`` not set explicitly are switched to what the training data lets the
+  model predict and the test datasets can evaluate;
+* one log line says what was chosen; every value is then checked against every training and test
+  dataset (and the mapper and meta-architecture against the data kind), and a mismatch is a
+  :class:`DatasetClassError` naming the key, both numbers and the dataset.
 
 A ``CfgNode`` cannot tell a default from an explicit value, so ``train_net.py`` and the demo pass
-the keys their config file and options set (``knet.config.load_knet_config`` reads them in its one
-parse of the YAML); without them (the trainer's own check), the outputs and ``IGNORE_VALUE``
-count as set.
+the keys their config file and options set (``knet.config.load_knet_config``); without them (the
+trainer's own check), the outputs and ``IGNORE_VALUE`` count as set.
 """
 
 from __future__ import annotations
@@ -56,9 +50,7 @@ NUM_THING_CLASSES = "MODEL.KNET.NUM_THING_CLASSES"
 IGNORE_VALUE = "MODEL.SEM_SEG_HEAD.IGNORE_VALUE"
 TEMPLATES = "configs/custom/ (datasets/README.md, 'Your own data')"
 
-
-# configs (as YAML) this process configured: checked once, whoever asks again
-_CONFIGURED: set[str] = set()
+_CONFIGURED: set[str] = set()  # configs (as YAML) this process configured
 
 
 def _switch(output: str) -> str:
@@ -94,16 +86,14 @@ def _expected_counts(d: DatasetClasses, ref: DatasetClasses) -> dict[str, int]:
 def configure_for_datasets(
     cfg: CfgNode, explicit: frozenset[str] | None = None, mode: str = "train"
 ) -> str | None:
-    """Take the class counts and outputs of ``cfg`` from its datasets and check them (see the
-    module docstring). ``cfg`` must not be frozen.
+    """Take the class counts and outputs of (unfrozen) ``cfg`` from its datasets and check them.
 
     Args:
-        explicit: the keys the config file and the command line set
-            (``knet.config.load_knet_config``); None: every output switch and
-            ``IGNORE_VALUE`` counts as set.
-        mode: "train" (every dataset of ``DATASETS.TRAIN`` and ``DATASETS.TEST`` must be
-            registered, and the dataset mapper must fit), "eval" (``DATASETS.TEST`` must be) or
-            "inference" (datasets not registered are skipped: the demo).
+        explicit: the keys the config file and the command line set; None: every output switch
+            and ``IGNORE_VALUE`` count as set.
+        mode: "train" (``DATASETS.TRAIN`` and ``DATASETS.TEST`` must be registered, the dataset
+            mapper must fit), "eval" (``DATASETS.TEST`` must be) or "inference" (the demo:
+            datasets not registered are skipped).
     Returns:
         the log line of what was taken from the datasets, or None if nothing was.
     Raises:
@@ -116,14 +106,11 @@ def configure_for_datasets(
     train, test = list(cfg.DATASETS.TRAIN), list(cfg.DATASETS.TEST)
     registered = set(DatasetCatalog.list())
     required = {"train": train + test, "eval": test, "inference": []}[mode]
-    for name in required:
-        if name not in registered:
-            raise not_registered(name)
-    infos: dict[str, DatasetClasses] = {}
-    for name in dict.fromkeys(train + test):
-        info = dataset_classes(name, load=mode != "inference") if name in registered else None
-        if info is not None:
-            infos[name] = info
+    if missing := [name for name in required if name not in registered]:
+        raise not_registered(missing[0])
+    load = mode != "inference"
+    names = [name for name in dict.fromkeys(train + test) if name in registered]
+    infos = {n: info for n in names if (info := dataset_classes(n, load)) is not None}
     # the first training dataset with classes, else the first test dataset
     ref_name = next((n for n in train + test if n in infos), None)
     auto = {key: _is_auto(cfg, key, explicit) for key in (NUM_CLASSES, NUM_THING_CLASSES)}
@@ -172,10 +159,10 @@ def configure_for_datasets(
             _set(cfg, key, value)
             chosen.append(f"{key.rsplit('.', 1)[1]} {value}")
     ignore = ref.ignore_label  # semantic data only
-    if ignore is not None and _is_auto(cfg, IGNORE_VALUE, explicit):
-        if _get(cfg, IGNORE_VALUE) != ignore:
-            _set(cfg, IGNORE_VALUE, ignore)
-            chosen.append(f"IGNORE_VALUE {ignore}")
+    auto_ignore = ignore is not None and _is_auto(cfg, IGNORE_VALUE, explicit)
+    if auto_ignore and _get(cfg, IGNORE_VALUE) != ignore:
+        _set(cfg, IGNORE_VALUE, ignore)
+        chosen.append(f"IGNORE_VALUE {ignore}")
 
     for d in infos.values():
         _check_dataset(cfg, d, ref, auto, explicit)
@@ -185,9 +172,7 @@ def configure_for_datasets(
     if not chosen and not outputs:
         return None
     enabled = [OUTPUTS[o].field for o in OUTPUTS if _get(cfg, _switch(o))]
-    parts = []
-    if chosen:
-        parts.append(", ".join(chosen) + " from the dataset")
+    parts = [", ".join(chosen) + " from the dataset"] if chosen else []
     if outputs:
         parts.append(f"outputs {', '.join(enabled) or 'none'} (" + ", ".join(outputs) + ")")
     line = f"Dataset {ref.name!r} ({ref.describe()}): " + "; ".join(parts)
@@ -235,13 +220,12 @@ def _check_dataset(
             f"Datasets {ref.name!r} and {d.name!r} have the same number of classes but other "
             f"names or another order: {list(ref.class_names)[:8]} / {list(d.class_names)[:8]}"
         )
-    if semantic_model and d.ignore_label is not None:
-        value = _get(cfg, IGNORE_VALUE)
-        if value != d.ignore_label:
-            raise DatasetClassError(
-                f"{IGNORE_VALUE} is {value}, but dataset {d.name!r} marks unlabelled pixels with "
-                f"{d.ignore_label} (its ignore_label); they must agree"
-            )
+    value = _get(cfg, IGNORE_VALUE)
+    if semantic_model and d.ignore_label is not None and value != d.ignore_label:
+        raise DatasetClassError(
+            f"{IGNORE_VALUE} is {value}, but dataset {d.name!r} marks unlabelled pixels with "
+            f"{d.ignore_label} (its ignore_label); they must agree"
+        )
 
 
 def _configure_outputs(
@@ -289,15 +273,13 @@ def _configure_outputs(
 
 
 def configured_for_datasets(cfg: CfgNode) -> CfgNode:
-    """``cfg`` checked against its datasets for training, with class counts of ``-1`` filled in
-    (a copy if anything changes; frozen if ``cfg`` was). Used by ``KNetTrainer``."""
+    """``cfg`` checked against its datasets for training, class counts of ``-1`` filled in (a
+    copy if anything changes; frozen if ``cfg`` was)."""
     if cfg.dump() in _CONFIGURED:  # train_net.py / the demo configured it already
         return cfg
     out = cfg.clone()
     out.defrost()
     configure_for_datasets(out, explicit=None, mode="train")
-    if out == cfg:
-        return cfg
     if cfg.is_frozen():
         out.freeze()
-    return out
+    return cfg if out == cfg else out

@@ -92,7 +92,7 @@ class KNetTrainer(DefaultTrainer):
         iteration) so that ``--resume`` continues with the batches of the uninterrupted run.
 
         Closable, so that the preemption hook can stop its worker processes after training. The
-        training sets are checked first (``DATASETS.CHECK_GT``, ``knet.evaluation.training_set``),
+        training sets are checked first (``DATASETS.CHECK_GT``, ``knet.evaluation.ground_truth``),
         so that a bad file or annotation fails now, listed with all others, not hours in."""
         check_training_datasets_once(cfg)
         mapper = build_train_mapper(cfg)

@@ -1,10 +1,9 @@
 """Scoring K-Net's outputs on a dataset, and checking its ground truth before that.
 
-Each output (:data:`OUTPUTS`) names its config switch, its Detectron2 evaluator and the check of
-its ground truth (:mod:`.ground_truth`). Which outputs a dataset can score follows from its kind
-(``knet.data.kinds.DATASET_KINDS``): its own output, and for panoptic data also instances /
-semantic labels where the metadata has ``json_file`` / ``sem_seg_root``. Boxes are not evaluated:
-K-Net predicts masks, and its boxes are only the masks' extents.
+Each output (:data:`OUTPUTS`) names its config switch, its Detectron2 evaluator and its
+ground-truth check (:mod:`.ground_truth`). A dataset scores the output of its kind
+(``knet.data.kinds``), panoptic data also instances / semantic labels where the metadata has
+``json_file`` / ``sem_seg_root``. Boxes are not evaluated: they are only the masks' extents.
 """
 
 from __future__ import annotations
@@ -28,8 +27,7 @@ from detectron2.evaluation import (
 
 from ..data.kinds import DATASET_KINDS, kind_of
 from . import ground_truth
-from .ground_truth import GroundTruthWarning
-from .training_set import TrainingSetError, check_training_dataset
+from .ground_truth import GroundTruthWarning, TrainingSetError, check_training_dataset
 
 __all__ = [
     "OUTPUTS",
@@ -82,23 +80,17 @@ OUTPUTS: dict[str, Output] = {
 
 
 def evaluable(output: str, name: str, kind: str) -> bool:
-    """Whether ``output`` can be scored on dataset ``name`` of ``kind`` (where the metadata names
-    a file that is missing, the evaluator reports that)."""
+    """Whether ``output`` can be scored on dataset ``name`` of ``kind`` (a missing file that the
+    metadata names is the evaluator's to report)."""
     if output not in DATASET_KINDS[kind].outputs:
         return False
     needs = OUTPUTS[output].needs
-    if output == kind or needs is None:
-        return True
-    try:
-        return MetadataCatalog.get(name).get(needs, None) is not None
-    except (OSError, ValueError):
-        return True
+    return output == kind or needs is None or MetadataCatalog.get(name).get(needs, None) is not None
 
 
 def evaluation_tasks(cfg: CfgNode, dataset_name: str) -> tuple[str, ...]:
-    """The outputs that evaluating ``dataset_name`` under ``cfg`` scores (and whose ground truth
-    is read): a panoptic dataset those switched on by ``MODEL.KNET.TEST.*_ON``
-    (``knet.engine.dataset_config`` checked that it can), another dataset the output of its kind."""
+    """The outputs that evaluating ``dataset_name`` under ``cfg`` scores: on a panoptic dataset
+    those switched on by ``MODEL.KNET.TEST.*_ON``, on another the output of its kind."""
     kind = kind_of(dataset_name)
     if kind is None:
         return ()
@@ -134,22 +126,13 @@ def check_evaluation_dataset(
     """Check the ground truth that evaluating ``dataset_name`` will read (:mod:`.ground_truth`).
 
     Args:
-        mode: "error" (default), "warn" (panoptic segment-id mismatches become one
-            :class:`GroundTruthWarning` with counts; other defects still raise) or "off".
-        tasks: outputs (keys of :data:`OUTPUTS`) whose ground truth to check; default: the
-            output of the dataset's kind.
+        mode: ``DATASETS.CHECK_GT``: "error", "warn" or "off".
+        tasks: keys of :data:`OUTPUTS` whose ground truth to check; default: the dataset's kind.
     Raises:
         ValueError: a defect; the message names the dataset, the file and what is wrong.
     """
-    if mode not in ground_truth.CHECK_MODES:
-        raise ValueError(
-            f"DATASETS.CHECK_GT must be one of {list(ground_truth.CHECK_MODES)}, got {mode!r}"
-        )
-    if mode == "off":
-        logger.warning(
-            "Ground truth of %r is not checked before evaluation (DATASETS.CHECK_GT='off')",
-            dataset_name,
-        )
+    off = "Ground truth of %r is not checked before evaluation (DATASETS.CHECK_GT='off')"
+    if ground_truth.skip_checks(mode, off, dataset_name):
         return
     kind = kind_of(dataset_name)
     tasks = tuple((kind,) if kind and tasks is None else tasks or ())

@@ -1,23 +1,26 @@
-"""Checks of an evaluation dataset's ground truth, run before inference starts
-(:func:`knet.evaluation.check_evaluation_dataset` picks them per output).
+"""Checks of ground truth: of an evaluation dataset before inference (one per output), of a
+training set before training (:func:`check_training_dataset`).
 
 Detectron2's evaluators read the ground truth only after the whole inference pass, and some
-defects do not fail at all: a panoptic PNG segment id without a ``segments_info`` entry is
-silently ignored by the PQ computation, a ``segments_info`` id absent from its PNG becomes a
-missed segment. The checks, one per output (:func:`check_panoptic`, :func:`check_semantic`,
-:func:`check_instances`), read every ground-truth file once (in a thread pool, and split over the
-ranks of a distributed run) and fail within seconds with the dataset, the file and what is wrong.
-
-The image files of every task must exist. ``DATASETS.CHECK_GT`` chooses what a segment-id
-mismatch does ("error", "warn": one :class:`GroundTruthWarning` with counts, "off": skip all
-checks); every other defect is an error unless the checks are off.
+defects do not fail at all: PQ silently ignores a PNG segment id without a ``segments_info``
+entry, and counts a ``segments_info`` id absent from its PNG as a missed segment. In training, a
+missing image or a bbox-only annotation fails when the loader draws it, hours in, a polygon of
+fewer than 3 points trains and then breaks COCO evaluation, and an empty or all-crowd set ends in
+Detectron2's bare "No valid data found". The checks read every file once (thread pool, split over
+the ranks) and name the dataset, the file and what is wrong. ``DATASETS.CHECK_GT``: "error",
+"warn" (segment-id mismatches become one :class:`GroundTruthWarning` with counts; other defects
+still raise) or "off". A training set's result is cached in ``$KNET_CACHE/checks`` (default
+``~/.cache/knet``), keyed by the records and their files' stats.
 """
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import json
 import logging
 import os
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,21 +29,14 @@ from typing import Any
 
 import numpy as np
 import pycocotools.mask as mask_util
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from panopticapi.utils import rgb2id
 from PIL import Image
 
 from ..data.dataset_mappers.common import read_image_checked
-
-__all__ = [
-    "CHECK_MODES",
-    "GroundTruthWarning",
-    "check_images_exist",
-    "check_instances",
-    "check_panoptic",
-    "check_semantic",
-]
+from ..data.kinds import kind_of
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +46,6 @@ _SEGMENT_KEYS = ("id", "category_id", "iscrowd", "area")  # "area": used by the 
 _ANNOTATION_KEYS = ("file_name", "image_id", "segments_info")
 _CATEGORY_KEYS = ("id", "isthing")
 _EXIF_ORIENTATION = 0x0112
-# a check's records: the dataset's, loaded once, their images checked to exist
 Records = Callable[[], Sequence[Mapping[str, Any]]]
 
 
@@ -78,6 +73,16 @@ def _fail(dataset_name: str, file_name: str, what: str) -> ValueError:
     return ValueError(f"Ground truth of dataset {dataset_name!r}: {file_name}: {what}")
 
 
+def skip_checks(mode: str, message: str, name: str) -> bool:
+    """Whether ``DATASETS.CHECK_GT`` is "off" (then ``message % name`` is logged); raises on an
+    unknown mode."""
+    if mode not in CHECK_MODES:
+        raise ValueError(f"DATASETS.CHECK_GT must be one of {list(CHECK_MODES)}, got {mode!r}")
+    if mode == "off":
+        logger.warning(message, name)
+    return mode == "off"
+
+
 def _warn(message: str) -> None:
     logger.warning(message)
     if comm.is_main_process():
@@ -85,7 +90,6 @@ def _warn(message: str) -> None:
 
 
 def _listing(items: Sequence[Any]) -> str:
-    """The first items of a list, with the total when some are left out."""
     shown = ", ".join(str(x) for x in items[:_MAX_LISTED])
     return shown if len(items) <= _MAX_LISTED else f"{shown}, ... ({len(items)} in all)"
 
@@ -122,28 +126,24 @@ def check_images_exist(dataset_name: str, records: Sequence[Mapping[str, Any]]) 
 
 
 def _record_size(record: Mapping[str, Any]) -> tuple[int, int] | None:
-    if "height" in record and "width" in record:
-        return int(record["height"]), int(record["width"])
-    return None
+    has_size = "height" in record and "width" in record
+    return (int(record["height"]), int(record["width"])) if has_size else None
 
 
 def _rotated(image: Image.Image) -> bool:
-    """Whether the EXIF orientation of an open image turns it by 90 degrees (as Detectron2's
-    ``read_image`` applies it), which swaps its height and width."""
+    """Whether the EXIF orientation of an open image (applied when read) swaps height and width."""
     exif = image.getexif() if image.format != "PNG" else None  # PNG: getexif decodes
     return bool(exif) and exif.get(_EXIF_ORIENTATION) in (5, 6, 7, 8)
 
 
 def _image_size(file_name: str) -> tuple[int, int]:
-    """(height, width) of an image as ``read_image_checked`` returns it, from its header and
-    EXIF orientation only (no pixel decoding)."""
+    """(height, width) of an image as ``read_image_checked`` returns it, without decoding it."""
     with PathManager.open(file_name, "rb") as f, Image.open(f) as image:
         width, height = image.size
         rotated = _rotated(image)
     return (width, height) if rotated else (height, width)
 
 
-# kinds of segmentation problems (:func:`_segmentation_problem`)
 NO_SEGMENTATION = "annotation without segmentation"
 SHORT_POLYGON = "polygon of fewer than 3 points"
 RLE_SIZE = "RLE size differs from the image"
@@ -157,8 +157,8 @@ def _segmentation_problem(
     """(kind, detail) of what is wrong with a COCO annotation's ``segmentation``, or None.
 
     Polygons need an even count of >= 6 numbers (pycocotools' evaluation fails on fewer, while
-    Detectron2's ``load_coco_json`` drops them), an RLE the image's ``size`` ([height, width]);
-    a crowd annotation may have none. The mask area is computed only when ``size`` is known.
+    ``load_coco_json`` drops them), an RLE the image's ``size`` (h, w); a crowd annotation may
+    have none. The mask area is computed only when ``size`` is known.
     """
     segm = ann.get("segmentation")
     if not segm:
@@ -205,19 +205,18 @@ def _check_label_file(item: _LabelFile) -> _FileResult:
         size = _image_size(size) if isinstance(size, str) else size
     except OSError as e:  # the image header (its existence was checked before)
         return _FileResult(index, path, error=f"cannot read the image {size}: {e}")
+    height, width = label.shape[:2]
+    name = "the panoptic PNG" if panoptic else "the label map"
     if not panoptic and label.ndim != 2:
         error = f"the label map has {label.shape[2]} channels; expected one"
-        return _FileResult(index, path, error=error)
-    if label.dtype.kind not in "ui":  # e.g. a float (mode "F") or 1-bit PNG
+    elif label.dtype.kind not in "ui":  # e.g. a float (mode "F") or 1-bit PNG
         error = f"the label map holds {label.dtype} values; expected integer labels (8/16-bit)"
-        return _FileResult(index, path, error=error)
-    height, width = label.shape[:2]
-    if (height, width) != tuple(size):
-        name = "the panoptic PNG" if panoptic else "the label map"
+    elif (height, width) != tuple(size):
         error = f"{name} is {width}x{height} but the image is {size[1]}x{size[0]} (width x height)"
+    else:
+        error = None
+    if error or not panoptic:
         return _FileResult(index, path, error=error)
-    if not panoptic:
-        return _FileResult(index, path)
     png_ids = set(np.unique(rgb2id(label)).tolist()) - {0}
     png_only, json_only = sorted(png_ids - segment_ids), sorted(segment_ids - png_ids)
     return _FileResult(index, path, png_only=png_only, json_only=json_only)
@@ -228,12 +227,10 @@ def _run_sharded(
     stop: Callable[[_FileResult], bool],
     check: Callable[[Any], _FileResult] = _check_label_file,
 ) -> tuple[int, list[_FileResult]]:
-    """``check`` (default: :func:`_check_label_file`) of this rank's share of ``items`` in a
-    thread pool (PIL and numpy release the GIL while decoding), and the bad results of all ranks.
+    """``check`` of this rank's share of ``items`` in a thread pool (PIL and numpy release the
+    GIL while decoding), stopping at the first bad result for which ``stop`` is true.
 
-    A rank stops at its first bad result for which ``stop`` is true, so that a fatal defect is
-    reported without reading the rest. Returns (number of items checked, bad results in item
-    order); every rank returns the same, so every rank raises or warns alike.
+    Returns (items checked, bad results in item order) of all ranks, so all raise or warn alike.
     """
     shard = items[comm.get_rank() :: comm.get_world_size()]
     checked, bad = 0, []
@@ -411,3 +408,186 @@ def check_instances(dataset_name: str, metadata: Any, load_records: Records, mod
             dataset_name, json_file, f"{len(problems)} invalid segmentations: {_listing(problems)}"
         )
     return "the instances json"
+
+
+# ----------------------------------------------------------------------------- training sets
+_VERSION = b"knet-training-set-check-1"  # part of the cache key: bump when the checks change
+# problem kind: (what to do, modes that only warn about it); any other problem raises
+PROBLEMS = {
+    "empty training set": ("register the right image folder / json, or drop the dataset", ()),
+    "no trainable annotation": ("give the objects to learn iscrowd=0 and a mask", ()),
+    "missing image": ("restore the file, or remove its record", ()),
+    "unreadable image": ("re-encode or remove the image", ()),
+    "image size differs from its record": ("fix the record's height/width", ()),
+    "bad label file": ("regenerate the label PNG", ()),
+    NO_SEGMENTATION: ("add a polygon / RLE mask, set iscrowd=1, or remove it", ()),
+    BAD_SEGMENTATION: ("fix or remove the annotation", ()),
+    RLE_SIZE: ("re-encode the mask at the image's size", ()),
+    SHORT_POLYGON: ("remove such polygons: COCO evaluation fails on them", ("warn",)),
+    "panoptic segment ids differ from segments_info": ("fix the PNG or its json", ("warn",)),
+    ZERO_AREA: ("training skips such masks; remove them", ("error", "warn")),
+}
+
+
+class TrainingSetError(ValueError):
+    """The training set has problems that would fail or silently damage training."""
+
+
+def _check_record(item: tuple[int, dict[str, Any], list[dict], str | None]) -> _FileResult:
+    """Decode one record's image, compare it with the record, check its annotations / label."""
+    index, record, annotations, kind = item
+    file_name = record.get("file_name")
+    result = _FileResult(index, str(file_name))
+    add = result.problems.append
+    if not file_name:
+        add(("missing image", f"record of image_id {record.get('image_id')}: no 'file_name'"))
+        return result
+    try:
+        size = tuple(read_image_checked(file_name, None, "image").shape[:2])
+    except FileNotFoundError:
+        add(("missing image", file_name))
+        return result
+    except ValueError as e:
+        add(("unreadable image", str(e)))
+        return result
+    stated = _record_size(record)
+    if stated and stated != size:
+        with PathManager.open(file_name, "rb") as f, Image.open(f) as image:
+            exif = _rotated(image) and stated == size[::-1]
+        why = "; its EXIF orientation turns it by 90 degrees (applied when read)" if exif else ""
+        add(("image size differs from its record", f"{file_name}: {size[1]}x{size[0]}, record "
+             f"{stated[1]}x{stated[0]} (width x height){why}"))  # fmt: skip
+    label_key = {"panoptic": "pan_seg_file_name", "semantic": "sem_seg_file_name"}.get(kind or "")
+    if label_key and label_key not in record:
+        add(("bad label file", f"{file_name}: the record has no {label_key!r}"))
+    elif label_key:
+        ids = {s["id"] for s in record.get("segments_info", [])} if kind == "panoptic" else None
+        label = _check_label_file((index, record[label_key], size, ids))
+        if label.error:
+            add(("bad label file", f"{label.file_name}: {label.error}"))
+        elif label.png_only or label.json_only:
+            kind_ids = "panoptic segment ids differ from segments_info"
+            add((kind_ids, f"{label.file_name}: {_ids_mismatch(label)}"))
+    for k, ann in enumerate(annotations):
+        if problem := _segmentation_problem(ann, size):
+            add((problem[0], f"{file_name} annotation {ann.get('id', f'#{k}')}: {problem[1]}"))
+    return result
+
+
+def _annotations(name: str, records: list[dict], kind: str | None) -> list[list[dict]]:
+    """Per record, its instance annotations: those of the metadata's ``json_file`` if any
+    (``load_coco_json`` drops short polygons and annotation ids), else the record's."""
+    if kind != "instance":
+        return [[] for _ in records]
+    json_file = MetadataCatalog.get(name).get("json_file", None)
+    if not json_file:
+        return [r.get("annotations", []) for r in records]
+    by_image = collections.defaultdict(list)
+    for ann in _load_json(name, json_file, "instances json").get("annotations", []):
+        by_image[ann.get("image_id")].append(ann)
+    return [by_image.get(r.get("image_id"), []) for r in records]
+
+
+def _cache_file(name: str, records: list[dict]) -> str:
+    """``$KNET_CACHE/checks/<hash>.json``, hashing the records, and the size and mtime of the
+    instances json and of every file the records name."""
+    digest = hashlib.sha256(_VERSION)
+    # records hold plain values and, from some loaders, numpy arrays (whole, not summarised)
+    as_text = json.dumps(
+        records, sort_keys=True, default=lambda o: getattr(o, "tolist", o.__repr__)()
+    )
+    digest.update(as_text.encode())
+    keys = ("file_name", "pan_seg_file_name", "sem_seg_file_name")
+    files = [r[k] for r in records for k in keys if k in r]
+    for path in [MetadataCatalog.get(name).get("json_file", None), *files]:
+        try:
+            st = os.stat(path)
+            digest.update(f"{st.st_size} {st.st_mtime_ns};".encode())
+        except (OSError, TypeError):  # a missing file / no json
+            digest.update(b"-;")
+    cache = os.environ.get("KNET_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "knet")
+    return os.path.join(cache, "checks", f"training_set_{digest.hexdigest()[:32]}.json")
+
+
+def _find_problems(name: str, records: list[dict]) -> dict[str, list]:
+    """{problem kind: [count, first examples]} of the training set ``name``."""
+    kind = kind_of(name)
+    if not records:
+        meta = MetadataCatalog.get(name).as_dict()
+        paths = {k: v for k, v in meta.items() if k.endswith(("json", "json_file", "root"))}
+        return {"empty training set": [1, [f"its loader gave no record (metadata: {paths})"]]}
+    annotations = _annotations(name, records, kind)
+    items = [(i, r, a, kind) for i, (r, a) in enumerate(zip(records, annotations))]
+    _, bad = _run_sharded(items, stop=lambda r: False, check=_check_record)
+    found: dict[str, list] = {}
+    for problem, detail in [p for r in bad for p in r.problems]:
+        count_examples = found.setdefault(problem, [0, []])
+        count_examples[0] += 1
+        if len(count_examples[1]) < _MAX_LISTED:
+            count_examples[1].append(detail)
+    if kind in ("instance", "panoptic"):  # the masks the model learns from
+        per_image = (
+            [r.get("segments_info", []) for r in records] if kind == "panoptic" else annotations
+        )
+        objects = [a for image_objects in per_image for a in image_objects]
+        if not [a for a in objects if not a.get("iscrowd", 0)]:
+            crowd = f", all {len(objects)} crowd (iscrowd=1)" if objects else ""
+            what = f"{len(records)} images with {len(objects)} annotations{crowd}: Detectron2 "
+            what += "drops crowd-only images and K-Net learns from non-crowd masks only"
+            found["no trainable annotation"] = [1, [what]]
+    return found
+
+
+def _report(name: str, images: int, found: dict[str, list], mode: str) -> str:
+    lines = [f"Training set {name!r} ({images} images): {len(found)} kind(s) of problems:"]
+    for kind, (fix, _) in PROBLEMS.items():
+        if kind in found:
+            count, examples = found[kind]
+            lines.append(f"  {kind}: {count} ({fix}); first: {'; '.join(examples)}")
+    lines.append(
+        f"DATASETS.CHECK_GT={mode!r}: 'warn' trains without polygons of fewer than 3 points and "
+        "mismatched panoptic ids (with a warning), 'off' skips this check."
+    )
+    return "\n".join(lines)
+
+
+def check_training_dataset(name: str, mode: str = "error") -> None:
+    """Check the training set ``name`` before training; see the module docstring.
+
+    Args:
+        mode: ``DATASETS.CHECK_GT``. "error": raise on any problem but zero-area masks (which
+            training skips; warned about). "warn": polygons of fewer than 3 points (which
+            Detectron2's loader drops) and panoptic segment-id mismatches only warn too. "off".
+    Raises:
+        TrainingSetError: every kind of problem with its count and first examples.
+    """
+    if skip_checks(mode, "Training set %r is not checked (DATASETS.CHECK_GT='off')", name):
+        return
+    start, records = time.perf_counter(), DatasetCatalog.get(name)
+    cache_file = _cache_file(name, records)
+    found = None
+    if comm.is_main_process() and os.path.isfile(cache_file):
+        try:
+            with open(cache_file) as f:
+                found = json.load(f)["problems"]
+            logger.info("Training set %r was checked before (%s): not read again", name, cache_file)
+        except (OSError, ValueError, KeyError):  # unreadable: check again
+            found = None
+    found = comm.all_gather(found)[0]  # the main process's: every rank decides alike
+    if found is None:
+        found = _find_problems(name, records)
+        if comm.is_main_process():
+            os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+            with open(cache_file + ".tmp", "w") as f:
+                json.dump({"dataset": name, "images": len(records), "problems": found}, f)
+            os.replace(cache_file + ".tmp", cache_file)
+        elapsed = time.perf_counter() - start
+        rate = len(records) / max(elapsed, 1e-9)
+        logger.info("Checked training set %r: %d images in %.1fs (%.0f images/s)",
+                    name, len(records), elapsed, rate)  # fmt: skip
+    if not found:
+        return
+    message = _report(name, len(records), found, mode)
+    if any(mode not in PROBLEMS[kind][1] for kind in found):
+        raise TrainingSetError(message)
+    _warn(message)

@@ -15,15 +15,6 @@ from detectron2.data import transforms as T
 from detectron2.utils.file_io import PathManager
 from PIL import Image, ImageOps
 
-__all__ = [
-    "KNetDatasetMapperBase",
-    "AugmentedRead",
-    "decode_image_checked",
-    "read_image_checked",
-    "build_augmentations",
-    "image_to_tensor",
-]
-
 logger = logging.getLogger(__name__)
 
 
@@ -57,20 +48,17 @@ def read_image_checked(file_name: str, image_format: str | None, what: str) -> n
 
     ``read_image`` applies the EXIF orientation inside a ``try/except Exception``; for a PNG,
     ``getexif()`` decodes the pixels first, so a corrupt file's decode error is swallowed there
-    and PIL then returns the partly decoded pixels. Here the pixels are decoded first
-    (``image.load()``, with PIL's default ``ImageFile.LOAD_TRUNCATED_IMAGES = False``), then
-    oriented (``PIL.ImageOps.exif_transpose``) and converted by Detectron2's
-    ``convert_PIL_to_numpy``: a good file gives exactly what ``read_image`` gives, a bad one raises.
+    and PIL then returns the partly decoded pixels. Here the pixels are decoded first, then
+    oriented and converted by Detectron2's ``convert_PIL_to_numpy``: a good file gives exactly
+    what ``read_image`` gives, a bad one raises.
 
     Args:
-        file_name: path of the image / label PNG (anything ``PathManager`` can open).
-        image_format: as for ``read_image`` (e.g. "BGR", "RGB", or None to keep the stored mode).
-        what: what the file is ("image", "panoptic PNG", ...), used in error messages.
+        image_format: as for ``read_image`` ("BGR", "RGB", or None to keep the stored mode).
+        what: what the file is ("image", "panoptic PNG", ...), for error messages.
     Returns:
         (H, W, C) or (H, W) uint8 array.
     Raises:
-        FileNotFoundError: the file does not exist (the message names it).
-        ValueError: the file cannot be decoded, e.g. corrupt or truncated (the message names it).
+        FileNotFoundError / ValueError: the file is missing / cannot be decoded (named).
     """
     image = decode_image_checked(file_name, image_format, what)
     return utils.convert_PIL_to_numpy(image, image_format)
@@ -97,16 +85,13 @@ def size_placeholder(height: int, width: int) -> np.ndarray:
 def sample_leading_geometry(
     augmentations: list[T.Augmentation], height: int, width: int
 ) -> tuple[list[T.Transform], int]:
-    """Sample the leading size-only augmentations of a list, up to the first resize.
-
-    Each augmentation's ``get_transform`` is called, in order, on a placeholder of the size the
-    image has at that point, as ``AugmentationList`` would call it on the image: the random state
-    is consumed exactly as when augmenting the array.
+    """Sample the leading size-only augmentations of a list, up to the first resize, on
+    placeholders of the image's size at each point: the random state is consumed exactly as when
+    augmenting the array.
 
     Returns:
-        the sampled transforms, and how many augmentations they took (the rest are to be applied
-        to the arrays as usual). The transforms are crops and no-ops, then at most one transform
-        of another kind (the resize, or e.g. a flip), which ends the list.
+        the sampled transforms (crops and no-ops, then at most one other, e.g. the resize), and
+        how many augmentations they took (the rest are applied to the arrays as usual).
     """
     transforms: list[T.Transform] = []
     for i, aug in enumerate(augmentations):
@@ -152,11 +137,8 @@ def transform_decoded(
     prepare: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """A decoded image (:func:`decode_image_checked`) as :func:`read_image_checked` converts it,
-    after ``transforms`` (from :func:`sample_leading_geometry`).
-
-    Where PIL gives the same pixels as the transforms applied to the array, they are applied to
-    the PIL image, so that a large image is cropped and resized in PIL's form and no full-size
-    array or copy of it is made; otherwise they are applied to the array, as before.
+    after ``transforms`` (from :func:`sample_leading_geometry`): applied to the PIL image where
+    that gives the same pixels (no full-size array is made), otherwise to the array.
 
     Args:
         segmentation: a label map (nearest-neighbour resizes, ``apply_segmentation``).
@@ -177,8 +159,7 @@ def transform_decoded(
         array = utils.convert_PIL_to_numpy(small, image_format)
         return prepare(array) if prepare is not None else array
     array = utils.convert_PIL_to_numpy(image, image_format)
-    if prepare is not None:
-        array = prepare(array)
+    array = prepare(array) if prepare is not None else array
     for tfm in transforms:
         array = tfm.apply_segmentation(array) if segmentation else tfm.apply_image(array)
     return array
@@ -198,24 +179,8 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
-def check_same_size(
-    label: tuple[int, int], image: tuple[int, int], label_file: str, dataset_dict: dict[str, Any]
-) -> None:
-    """Raise ``ValueError`` naming both files if the (height, width) sizes of ``label`` and
-    ``image`` differ."""
-    if tuple(label) != tuple(image):
-        raise ValueError(
-            f"Size mismatch: {label_file} is {label[1]}x{label[0]} but image "
-            f"{dataset_dict.get('file_name')} is {image[1]}x{image[0]} (WxH)"
-        )
-
-
 class AugmentedRead(NamedTuple):
-    """What :meth:`KNetDatasetMapperBase.read_augmented` returns.
-
-    image: (h, w, C) augmented image; label: the augmented label map (or None);
-    transforms: all the transforms applied, e.g. for annotations' coordinates.
-    """
+    """The augmented (h, w, C) image and label map (or None), and all the transforms applied."""
 
     image: np.ndarray
     label: np.ndarray | None
@@ -234,12 +199,8 @@ class KNetDatasetMapperBase:
         augmentations: list[T.Augmentation | T.Transform],
         image_format: str,
     ):
-        """
-        Args:
-            is_train: whether the mapper is used for training (only affects logging here).
-            augmentations: geometric augmentations applied to the image and its labels.
-            image_format: channel order for ``read_image`` ("BGR" or "RGB").
-        """
+        """``augmentations``: applied to the image and its labels; ``image_format``: "BGR" or
+        "RGB"; ``is_train``: for the log only."""
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
@@ -263,15 +224,12 @@ class KNetDatasetMapperBase:
         prepare_label: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> AugmentedRead:
         """Read the record's image (checked against its height/width) and, optionally, a label
-        map of the same size, and apply the augmentations to both (nearest-neighbour to the
-        label, which the augmentations see as ``sem_seg``).
+        map of the same size, and apply the augmentations to both (the label as ``sem_seg``).
 
-        The size-only augmentations up to the resize are sampled from the image size first
-        (:func:`sample_leading_geometry`) and applied to each file as soon as it is decoded
-        (:func:`transform_decoded`); the image is resized before the label map is read. A large
-        input therefore costs one decoded file at a time on top of the configured sizes, not
-        full-size arrays and their copies. The pixels and the random state are those of
-        augmenting the full-size arrays.
+        The size-only augmentations up to the resize are sampled from the image size and applied
+        to each file as soon as it is decoded, the image before the label map is read: a large
+        input costs one decoded file at a time, not full-size arrays. The pixels and the random
+        state are those of augmenting the full-size arrays.
 
         Args:
             label_file, label_format, label_what: the label map, its format for
@@ -288,7 +246,11 @@ class KNetDatasetMapperBase:
         label = None
         if label_file is not None:
             decoded = decode_image_checked(label_file, label_format, label_what)
-            check_same_size((decoded.height, decoded.width), size, label_file, dataset_dict)
+            if (decoded.height, decoded.width) != size:
+                raise ValueError(
+                    f"Size mismatch: {label_file} is {decoded.width}x{decoded.height} but image "
+                    f"{dataset_dict.get('file_name')} is {size[1]}x{size[0]} (WxH)"
+                )
             label = transform_decoded(decoded, label_format, leading, True, prepare_label)
             del decoded
         aug_input = T.AugInput(image, sem_seg=label)

@@ -1,13 +1,11 @@
-"""K-Net's built-in datasets, registered on ``import knet`` as Detectron2 registers its own:
-names, metadata and paths under ``$DETECTRON2_DATASETS`` (default ``datasets``, read at import),
-no file read or written.
+"""K-Net's built-in datasets, registered on ``import knet`` under ``$DETECTRON2_DATASETS``
+(default ``datasets``, read at import; no file read):
 
-* ``knet_toy_{train,val}_panoptic_with_sem_seg``: the synthetic toy data (panoptic records with
-  semantic labels; ``json_file`` points at its instances json for mask AP);
-  ``knet_toy_{train,val}``: its instances; ``knet_toy_sem_seg_{train,val}``: its semantic labels.
-  ``tools/make_toy_dataset.py`` creates it; loading it before raises an error naming that command.
-* ``coco_2017_{train,val}_panoptic_with_sem_seg``: full COCO in Mask2Former's layout (skipped if
-  already registered, e.g. by Mask2Former).
+* ``knet_toy_{train,val}_panoptic_with_sem_seg`` (with ``json_file`` for mask AP),
+  ``knet_toy_{train,val}`` (its instances), ``knet_toy_sem_seg_{train,val}`` (its semantic
+  labels): the synthetic toy data of ``tools/make_toy_dataset.py``, named when it is absent.
+* ``coco_2017_{train,val}_panoptic_with_sem_seg``: COCO in Mask2Former's layout (unless already
+  registered, e.g. by Mask2Former).
 """
 
 from __future__ import annotations
@@ -30,9 +28,8 @@ PANOPTIC_EXTRA = {"evaluator_type": "coco_panoptic_seg", "ignore_label": 255, "l
 def register_panoptic_with_sem_seg(
     name: str, metadata: dict[str, Any], paths: dict[str, str], check: Callable | None = None
 ) -> None:
-    """Register COCO panoptic records under ``name`` with the metadata of Detectron2's
-    ``register_coco_panoptic``, and Mask2Former's semantic labels where ``paths`` has a
-    ``sem_seg_root`` (``*_panoptic_with_sem_seg``); ``check()`` runs before loading."""
+    """Register COCO panoptic records (with semantic labels where ``paths`` has a
+    ``sem_seg_root``) and the metadata of ``register_coco_panoptic``; ``check()`` runs first."""
 
     def load() -> list[dict]:
         if check is not None:
@@ -98,8 +95,7 @@ def register_toy(root: str) -> None:
 
 
 def register_coco_panoptic_with_sem_seg(root: str) -> None:
-    """COCO 2017 panoptic under ``<root>/coco`` with the semantic labels of
-    ``tools/prepare_coco_semantic_from_panoptic.py``, unless already registered."""
+    """COCO 2017 panoptic under ``<root>/coco``, unless already registered."""
     coco = os.path.join(root, "coco")
     for split in ("train", "val"):
         name = f"coco_2017_{split}_panoptic_with_sem_seg"

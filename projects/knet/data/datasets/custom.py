@@ -9,19 +9,13 @@
                                                 [--image-ext jpg] [--label-ext png]
     --dataset NAME sem-seg-list LIST_FILE --classes CLASSES.txt [--ignore-label 255]
 
-Each registers exactly ``NAME``, as Detectron2's ``register_coco_instances`` does: one per split,
-under the names of the config's ``DATASETS.TRAIN`` / ``DATASETS.TEST`` (``my_dataset_train`` and
-``my_dataset_val`` in the templates of ``configs/custom/``). Records and metadata follow
-Detectron2's conventions, so training, the evaluators and the visualiser all work:
+Each registers exactly ``NAME`` (one per split: ``DATASETS.TRAIN`` / ``DATASETS.TEST``), with
+Detectron2's records and metadata, so training, the evaluators and the visualiser all work:
 
-* ``coco-instances``: ``register_coco_instances`` (``evaluator_type="coco"``), with
-  ``thing_classes``, ``thing_colors`` and ``thing_dataset_id_to_contiguous_id`` set at
-  registration (as ``load_coco_json`` computes them), so that the class count is known before
-  the dataset is loaded.
-* ``coco-panoptic``: the records of ``load_coco_panoptic_json`` and the metadata of
-  ``register_coco_panoptic`` (evaluation: PQ), with the images named by the json's ``images``
-  (Detectron2 assumes ``<png name>.jpg``) and the thing classes first, as K-Net needs:
-  ``thing_classes`` lists the things, ``stuff_classes`` all classes
+* ``coco-instances``: ``register_coco_instances``, with the class metadata set at registration
+  (as ``load_coco_json`` computes it), so that the class count is known before loading.
+* ``coco-panoptic``: ``register_coco_panoptic`` (PQ), with the images named by the json's
+  ``images`` (Detectron2 assumes ``<png name>.jpg``) and the thing classes first
   (:func:`knet.data.datasets.get_panoptic_metadata`).
 * ``sem-seg``: ``load_sem_seg`` (label PNGs matched to images by relative path),
   ``evaluator_type="sem_seg"``, ``ignore_label``, and ``stuff_classes`` from ``CLASSES.txt``
@@ -29,10 +23,9 @@ Detectron2's conventions, so training, the evaluators and the visualiser all wor
   writes it, is skipped).
 * ``sem-seg-list``: the same, with the image / label pairs listed in a text file.
 
-Categories without annotations (e.g. the ``_background_`` class that labelling tools export into
-COCO json) are reported in one warning; ``drop_categories`` (``DATASETS.DROP_CATEGORIES`` on the
-command line) leaves them out of the class list. Registration reads the json (or the class list)
-and checks that the folders exist; it writes no file.
+Categories without annotations (e.g. a labelling tool's ``_background_``) are reported in one
+warning; ``drop_categories`` (``DATASETS.DROP_CATEGORIES``) leaves them out of the class list.
+Registration reads the json (or the class list) and checks that the folders exist.
 """
 
 from __future__ import annotations
@@ -44,6 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
 from detectron2.data.datasets import load_coco_json, load_sem_seg, register_coco_instances
@@ -67,18 +61,14 @@ _REGISTERED: dict[str, tuple[Any, ...]] = {}
 def register_custom_dataset(
     name: str, fmt: str, *paths: str, drop_categories: Sequence[str] = (), **options: Any
 ) -> Metadata:
-    """Register dataset ``name`` (what ``DATASETS.TRAIN`` / ``DATASETS.TEST`` refer to) from the
-    files ``paths`` in format ``fmt``, a key of :data:`DATASET_FORMATS` (see the module docstring).
+    """Register dataset ``name`` from the files ``paths`` in format ``fmt`` (a key of
+    :data:`DATASET_FORMATS`) and return its metadata.
 
     Args:
-        drop_categories: names of categories to leave out, when no annotation uses them (e.g.
-            "_background_"); ignored where absent.
-        options: the format's options: the sem-seg formats take ``classes`` (a text file with
-            one class name per line, or the list of names) and ``ignore_label`` (default 255),
-            sem-seg also ``image_ext`` (default: the one extension of the images) and
-            ``label_ext`` ("png").
-    Returns:
-        the dataset's metadata.
+        drop_categories: names of categories without annotations to leave out.
+        options: the sem-seg formats take ``classes`` (a text file with one class name per line,
+            or the list of names) and ``ignore_label`` (255), sem-seg also ``image_ext``
+            (default: the one extension of the images) and ``label_ext`` ("png").
     Raises:
         FileNotFoundError: a file or folder does not exist (named in the message).
         ValueError: bad arguments or annotations, or ``name`` already registered otherwise.
@@ -113,13 +103,8 @@ def register_custom_dataset(
 def palette(n: int) -> list[list[int]]:
     """``n`` distinct RGB colours: Detectron2's colormap, then deterministic random colours."""
     base = [[int(round(c)) for c in rgb] for rgb in colormap(rgb=True, maximum=255)]
-    if n <= len(base):
-        return base[:n]
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    extra = rng.integers(0, 256, size=(n - len(base), 3)).tolist()
-    return base + [[int(c) for c in rgb] for rgb in extra]
+    extra = np.random.default_rng(0).integers(0, 256, size=(max(n - len(base), 0), 3))
+    return (base + extra.tolist())[:n]
 
 
 def _require_dir(path: str, what: str) -> None:
@@ -180,7 +165,6 @@ def _split_categories(
 def _register_coco_instances(
     name: str, json_file: str, image_root: str, drop_categories: Sequence[str]
 ) -> None:
-    """Detectron2's ``register_coco_instances``, with the class metadata set at once."""
     data = load_json(json_file)
     _require_dir(image_root, f"Image folder of {json_file}")
     _require_lists(json_file, data, ("images", "annotations", "categories"), "instances")
@@ -189,7 +173,7 @@ def _register_coco_instances(
         raise ValueError(f"{json_file} has an empty 'categories' list")
     counts = collections.Counter(int(a["category_id"]) for a in data["annotations"])
     kept = _split_categories(name, json_file, categories, counts, drop_categories, "annotations")
-    # as Detectron2's load_coco_json computes them (it sets the same values when loading)
+    # as load_coco_json computes them (it sets the same values when loading)
     colors = palette(len(kept))
     id_map = {int(c["id"]): i for i, c in enumerate(kept)}
     metadata = {
@@ -201,8 +185,8 @@ def _register_coco_instances(
     if len(kept) == len(categories) and not lacking:
         register_coco_instances(name, metadata, json_file, image_root)
         return
-    # Without "json_file" in the metadata, Detectron2's COCOEvaluator evaluates against a COCO
-    # json that it converts from the records (with the kept categories, areas from the masks).
+    # Without "json_file" in the metadata, COCOEvaluator converts the records (kept categories,
+    # areas from the masks) into the COCO json it evaluates against.
     if lacking:
         logger.info(
             f"Dataset {name!r}: {lacking} annotations of {json_file} lack 'area' or 'iscrowd'; "
@@ -227,8 +211,6 @@ def _load_coco_instances(
 def _register_coco_panoptic(
     name: str, json_file: str, png_dir: str, image_root: str, drop_categories: Sequence[str]
 ) -> None:
-    """Detectron2's ``register_coco_panoptic`` (no instances json: PQ only), things first, images
-    named by the json."""
     data = load_json(json_file)
     _require_dir(png_dir, f"Panoptic PNG folder of {json_file}")
     _require_dir(image_root, f"Image folder of {json_file}")
@@ -253,8 +235,8 @@ def _register_coco_panoptic(
 
 
 def read_class_names(classes: str | Sequence[str]) -> list[str]:
-    """Class names of a sem-seg dataset: a file with one name per line (line k names label value
-    k; a first line ``__ignore__``, as in labelme's labels.txt, is skipped) or a list."""
+    """Class names of a sem-seg dataset: a file with one name per line (see the module docstring)
+    or a list."""
     if isinstance(classes, str):
         if not os.path.isfile(classes):
             raise FileNotFoundError(f"Class list not found: {classes}")
@@ -291,10 +273,12 @@ def _guess_image_ext(image_dir: str) -> str:
 
 
 def _sem_seg_metadata(
-    name: str, classes: str | Sequence[str] | None, ignore_label: int, drop: Sequence[str]
+    name: str,
+    drop: Sequence[str],
+    classes: str | Sequence[str] | None = None,
+    ignore_label: int = 255,
 ) -> dict[str, Any]:
-    """The metadata of a label-map dataset (``evaluator_type="sem_seg"``) with the class names
-    of ``classes`` (see :func:`read_class_names`) and the ``ignore_label`` of void pixels."""
+    """The metadata of a label-map dataset with the class names of ``classes``."""
     if classes is None:
         raise ValueError(f"sem-seg dataset {name!r} needs its class names (--classes FILE)")
     names = read_class_names(classes)
@@ -319,17 +303,10 @@ def _sem_seg_metadata(
 
 
 def _register_sem_seg(
-    name: str,
-    image_dir: str,
-    label_dir: str,
-    drop_categories: Sequence[str],
-    classes: str | Sequence[str] | None = None,
-    ignore_label: int = 255,
-    image_ext: str | None = None,
-    label_ext: str = "png",
+    name: str, image_dir: str, label_dir: str, drop_categories: Sequence[str], **options: Any
 ) -> None:
-    """Detectron2's ``load_sem_seg`` records (label maps matched to images by name)."""
-    metadata = _sem_seg_metadata(name, classes, ignore_label, drop_categories)
+    image_ext, label_ext = options.pop("image_ext", None), options.pop("label_ext", "png")
+    metadata = _sem_seg_metadata(name, drop_categories, **options)
     _require_dir(image_dir, "Image folder")
     _require_dir(label_dir, "Label folder")
     image_ext = (image_ext or _guess_image_ext(image_dir)).lstrip(".")
@@ -359,15 +336,11 @@ def _load_sem_seg_checked(
 
 
 def _register_sem_seg_list(
-    name: str,
-    list_file: str,
-    drop_categories: Sequence[str],
-    classes: str | Sequence[str] | None = None,
-    ignore_label: int = 255,
+    name: str, list_file: str, drop_categories: Sequence[str], **options: Any
 ) -> None:
     """Image / label-map pairs listed in a text file, one ``IMAGE LABEL`` pair per line, relative
     to the list's folder (the split files of MMSeg and DeepLab)."""
-    metadata = _sem_seg_metadata(name, classes, ignore_label, drop_categories)
+    metadata = _sem_seg_metadata(name, drop_categories, **options)
     if not os.path.isfile(list_file):
         raise FileNotFoundError(f"List file not found: {list_file}")
     DatasetCatalog.register(name, lambda: _load_sem_seg_list(list_file))
@@ -390,8 +363,7 @@ def _load_sem_seg_list(list_file: str) -> list[dict[str, Any]]:
 @dataclass(frozen=True)
 class DatasetFormat:
     """A format of dataset files: its kind (``knet.data.kinds``), its command-line arguments and
-    the function that registers a dataset of it (``register(name, *paths, drop_categories,
-    **options)``)."""
+    its ``register(name, *paths, drop_categories, **options)``."""
 
     kind: str
     positional: tuple[str, ...]  # metavars of the paths
@@ -401,8 +373,7 @@ class DatasetFormat:
 
     @staticmethod
     def keyword(option: str) -> str:
-        """The keyword argument of ``register`` that ``option`` sets ("--ignore-label":
-        "ignore_label")."""
+        """The keyword argument that ``option`` sets ("--ignore-label": "ignore_label")."""
         return option[2:].replace("-", "_")
 
 

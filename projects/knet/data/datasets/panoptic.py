@@ -1,6 +1,5 @@
-"""COCO-format panoptic datasets with semantic labels (the ``*_panoptic_with_sem_seg`` kind).
-
-Records follow Mask2Former's ``coco_2017_*_panoptic_with_sem_seg``::
+"""COCO-format panoptic datasets with semantic labels, as Mask2Former's
+``coco_2017_*_panoptic_with_sem_seg``::
 
     {"file_name", "image_id", "height", "width", "pan_seg_file_name", "sem_seg_file_name",
      "segments_info": [{"id", "category_id" (contiguous), "isthing", "iscrowd", "area", ...}]}
@@ -39,16 +38,9 @@ def load_json(path: str) -> dict[str, Any]:
 
 
 def get_panoptic_metadata(categories: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Mask2Former-style class metadata of a panoptic dataset.
-
-    Args:
-        categories: ordered categories (``id``, ``name``, ``isthing``, ``color``), things first.
-    Returns:
-        ``thing_classes``/``thing_colors`` (things only, indexable by contiguous thing id),
-        ``stuff_classes``/``stuff_colors`` (ALL classes, so that ``SemSegEvaluator`` and
-        ``Visualizer.draw_sem_seg`` work), ``thing_dataset_id_to_contiguous_id`` (things) and
-        ``stuff_dataset_id_to_contiguous_id`` (all classes).
-    """
+    """Mask2Former-style class metadata of ordered ``categories`` (``id``, ``name``,
+    ``isthing``, ``color``; things first): ``thing_*`` of the things, ``stuff_*`` of ALL classes
+    (so that ``SemSegEvaluator`` and ``Visualizer.draw_sem_seg`` work)."""
     flags = [bool(c["isthing"]) for c in categories]
     if flags != sorted(flags, reverse=True):
         raise ValueError("Panoptic categories must list all thing classes before the stuff ones.")
@@ -73,13 +65,10 @@ def load_panoptic_json_with_sem_seg(
     """Load a COCO panoptic json into Detectron2 records (see the module docstring).
 
     Args:
-        json_file: COCO panoptic json (``images``, ``annotations`` with ``segments_info``).
         image_root: folder of the images (file names from the json's ``images``).
-        panoptic_root: folder of the RGB panoptic PNGs.
-        sem_seg_root: folder of the semantic PNGs (same file names as the panoptic PNGs), or
-            None: records without "sem_seg_file_name".
-        metadata: dict with ``thing_dataset_id_to_contiguous_id`` and
-            ``stuff_dataset_id_to_contiguous_id`` (the latter covering all classes).
+        sem_seg_root: folder of the semantic PNGs (named as the panoptic PNGs), or None.
+        metadata: with ``thing_dataset_id_to_contiguous_id`` and
+            ``stuff_dataset_id_to_contiguous_id``.
     Raises:
         FileNotFoundError: the json, or the first record's image / PNGs, do not exist.
         ValueError: invalid json, an annotation without ``segments_info``, or a ``category_id``
@@ -104,8 +93,7 @@ def load_panoptic_json_with_sem_seg(
         # Fall back to COCO's convention (same stem, .jpg) when the json has no images entry.
         img_name = img["file_name"] if img else os.path.splitext(png_name)[0] + ".jpg"
         segments = []
-        for seg in ann["segments_info"]:
-            seg = copy.deepcopy(seg)
+        for seg in map(copy.deepcopy, ann["segments_info"]):
             cat = int(seg["category_id"])
             if cat in thing_map:
                 seg["category_id"], seg["isthing"] = thing_map[cat], True
@@ -132,8 +120,7 @@ def load_panoptic_json_with_sem_seg(
 
     if not records:
         raise ValueError(f"{json_file} has no annotations")
-    # Checking every file would cost a stat per image on the full datasets; the mapper reports
-    # any later missing or unreadable file by name.
+    # only the first: the mapper names any later missing file (a stat per image costs)
     first = records[0]
     for key in ("file_name", "pan_seg_file_name", "sem_seg_file_name"):
         if key in first and not os.path.isfile(first[key]):

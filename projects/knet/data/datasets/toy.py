@@ -1,9 +1,5 @@
-"""Built-in synthetic "toy" panoptic dataset: its categories, folder and completeness check.
-
-``tools/make_toy_dataset.py`` (:data:`TOY_COMMAND`) generates it into ``<root>/knet_toy`` and
-describes its images and files; registration and loading only check that a complete copy of the
-current format is there (:func:`require_toy_dataset`) and never generate it.
-"""
+"""The synthetic "toy" panoptic dataset: its categories, folder and completeness check (the
+loaders never generate it: ``tools/make_toy_dataset.py`` does)."""
 
 from __future__ import annotations
 
@@ -57,11 +53,8 @@ def read_toy_marker(out_dir: str) -> dict[str, Any] | None:
 def require_toy_dataset(root: str | None = None) -> str:
     """Return ``<root>/knet_toy`` if a complete copy of the current format is there.
 
-    Reads one small file and never writes: the registered datasets call this before loading.
-
     Raises:
-        FileNotFoundError: the dataset is absent, incomplete or stale; the message names the
-            folder and the command that creates it (:data:`TOY_COMMAND`).
+        FileNotFoundError: absent, incomplete or stale; naming the folder and :data:`TOY_COMMAND`.
     """
     out_dir = toy_dataset_dir(root)
     marker = read_toy_marker(out_dir)
