@@ -6,12 +6,8 @@
     python demo/demo.py --config-file CONFIG --video-input clip.mp4 --output clip_vis.mp4
     python demo/demo.py --config-file CONFIG --webcam
 
-A model trained on your own data: give the demo the dataset options of training, for the class
-names and the class counts (``--dataset NAME FORMAT PATH...``, see datasets/README.md)::
-
-    python demo/demo.py --config-file configs/custom/knet_R18_cpu_instance.yaml \\
-        --dataset my_dataset_val coco-instances val.json images/ --input photos/ --output vis/ \\
-        --opts MODEL.WEIGHTS output/my_dataset_instance_cpu/model_final.pth
+A model trained on your own data takes the dataset options of training (``--dataset NAME FORMAT
+PATH...``, datasets/README.md) for its class names and counts. More in demo/README.md.
 """
 
 from __future__ import annotations
@@ -46,39 +42,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="K-Net demo (Detectron2)", formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="path to a config")
-    parser.add_argument("--webcam", action="store_true", help="take frames from webcam 0")
-    parser.add_argument("--video-input", help="path to a video file")
-    parser.add_argument(
-        "--input",
-        nargs="+",
-        help="image paths, glob patterns (quote them) or folders, e.g. a.jpg 'dir/*.png' dir/",
-    )
-    parser.add_argument(
-        "--output",
-        help="file or folder to save the drawings to (a folder when there are several inputs); "
-        "if not given, show them in a window",
-    )
-    parser.add_argument(
-        "--confidence-threshold",
-        type=float,
-        default=0.5,
-        help="minimum score of instances and of panoptic things, default 0.5 (for trained "
-        "models; sets MODEL.KNET.TEST.INSTANCES_SCORE_THRESH and "
-        "MODEL.KNET.TEST.PANOPTIC_THING_SCORE_THRESH)",
-    )
-    parser.add_argument(
-        "--amp",
-        action="store_true",
-        help="mixed-precision inference (float16 on CUDA, bfloat16 on CPU; sets "
-        "MODEL.KNET.TEST.AMP_DTYPE auto)",
-    )
-    parser.add_argument(
-        "--opts",
-        default=[],
-        nargs=argparse.REMAINDER,
-        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth MODEL.DEVICE cpu",
-    )
+    add = parser.add_argument
+    add("--config-file", required=True, metavar="FILE", help="path to a config")
+    add("--webcam", action="store_true", help="take frames from webcam 0")
+    add("--video-input", help="path to a video file")
+    add("--input", nargs="+", help="image files, glob patterns (quote them) or folders")
+    add("--output", help="file, or folder when there are several inputs (default: show them)")
+    thresholds = "MODEL.KNET.TEST.INSTANCES_SCORE_THRESH and PANOPTIC_THING_SCORE_THRESH"
+    threshold = f"minimum score of instances and panoptic things (default 0.5; sets {thresholds})"
+    add("--confidence-threshold", type=float, default=0.5, help=threshold)
+    amp = "mixed precision: float16 on CUDA, bfloat16 on CPU (MODEL.KNET.TEST.AMP_DTYPE auto)"
+    add("--amp", action="store_true", help=amp)
+    add("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return parse_args_with_datasets(parser, argv)
 
 

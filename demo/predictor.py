@@ -1,11 +1,8 @@
 """Run K-Net on images and videos and draw the results with Detectron2's visualizers.
 
 ``VisualizationDemo`` follows Detectron2's demo: a ``DefaultPredictor`` (or, with
-``parallel=True``, an :class:`AsyncPredictor` with one worker process per GPU) plus
-``Visualizer`` / ``VideoVisualizer`` using the metadata of the first registered dataset of
-``cfg.DATASETS.TEST`` and ``cfg.DATASETS.TRAIN`` (:func:`demo_metadata`): its class names and
-colours label the drawings. Datasets of your own are registered with ``datasets`` of
-:func:`build_demo_cfg` (the demo's ``--dataset`` options, as for training).
+``parallel=True``, an :class:`AsyncPredictor`) plus ``Visualizer`` / ``VideoVisualizer`` with the
+class names and colours of :func:`demo_metadata`.
 """
 
 from __future__ import annotations
@@ -15,6 +12,7 @@ import logging
 import multiprocessing as mp
 from collections import deque
 from collections.abc import Iterator, Sequence
+from itertools import takewhile
 from typing import Any
 
 import cv2
@@ -42,24 +40,14 @@ def build_demo_cfg(
     confidence_threshold: float | None = None,
     datasets: Sequence[DatasetSpec] = (),
 ) -> CfgNode:
-    """A frozen K-Net config for inference.
-
-    ``datasets`` (the ``--dataset`` options, :func:`knet.data.datasets.parse_dataset_args`) are
-    registered first, so that class counts the config leaves unset are taken from them and the
-    drawings name their classes (``knet.engine.dataset_config``, inference mode: datasets of the
-    config that are not registered are skipped).
-
-    ``confidence_threshold`` (if given) sets both ``MODEL.KNET.TEST.INSTANCES_SCORE_THRESH``
-    (instance output) and ``MODEL.KNET.TEST.PANOPTIC_THING_SCORE_THRESH`` (things in the panoptic
-    merge). It is applied before ``opts``, so an explicit ``--opts`` value for either key still
-    wins. ``MODEL.DEVICE`` falls back to ``cpu`` when the config asks for CUDA and none is
-    available.
-    """
+    """A frozen K-Net config for inference, ``MODEL.DEVICE`` ``cpu`` when CUDA is asked for but
+    absent. ``datasets`` (``--dataset`` options) are registered first: unset class counts are
+    taken from them (``knet.engine.dataset_config``, inference mode). ``confidence_threshold`` sets
+    the instance and panoptic-thing score thresholds before ``opts``, which still win."""
     thresholds = []
     if confidence_threshold is not None:
-        value = str(float(confidence_threshold))
-        thresholds = ["MODEL.KNET.TEST.INSTANCES_SCORE_THRESH", value]
-        thresholds += ["MODEL.KNET.TEST.PANOPTIC_THING_SCORE_THRESH", value]
+        for key in ["INSTANCES_SCORE_THRESH", "PANOPTIC_THING_SCORE_THRESH"]:
+            thresholds += [f"MODEL.KNET.TEST.{key}", str(float(confidence_threshold))]
     cfg, explicit_keys = load_knet_config(config_file, thresholds + list(opts))
     register_dataset_specs(datasets, cfg.DATASETS.DROP_CATEGORIES)
     configure_for_datasets(cfg, explicit_keys, mode="inference")
@@ -110,47 +98,24 @@ class VisualizationDemo:
     def __init__(
         self, cfg: CfgNode, instance_mode: ColorMode = ColorMode.IMAGE, parallel: bool = False
     ):
-        """
-        Args:
-            cfg: a K-Net config (see :func:`build_demo_cfg`).
-            instance_mode: Detectron2 colour mode (``IMAGE`` or ``IMAGE_BW`` for video).
-            parallel: run the model in worker processes (one per GPU, or one on CPU) so that
-                video frames are predicted while earlier ones are drawn.
-        """
+        """``parallel``: predict in worker processes (one per GPU, or one on CPU), video frames
+        while earlier ones are drawn; ``instance_mode``: Detectron2's colour mode."""
         self.metadata = demo_metadata(cfg)
         self.instance_mode = instance_mode
         self.parallel = parallel
         self.predictor: Any = AsyncPredictor(cfg) if parallel else DefaultPredictor(cfg)
 
     def run_on_image(self, image: np.ndarray) -> tuple[dict[str, Any], VisImage | None]:
-        """
-        Args:
-            image: (H, W, 3) uint8 image in BGR order (as read by OpenCV).
-
-        Returns:
-            predictions: the model's outputs for the image (Detectron2's format).
-            vis_output: the drawing, a :class:`VisImage` of the image's size (RGB). Panoptic
-                output is drawn if present; otherwise the semantic argmax and/or the instances.
-        """
+        """(H, W, 3) uint8 BGR image -> (the model's outputs, their RGB drawing at that size, as
+        :func:`knet.visualization.draw_predictions` draws them)."""
         predictions = self.predictor(image)
         visualizer = Visualizer(image[:, :, ::-1], self.metadata, instance_mode=self.instance_mode)
         vis_output = draw_predictions(visualizer, predictions)
         return predictions, vis_output
 
-    @staticmethod
-    def _frames(video: cv2.VideoCapture) -> Iterator[np.ndarray]:
-        while video.isOpened():
-            ok, frame = video.read()
-            if not ok:
-                break
-            yield frame
-
     def run_on_video(self, video: cv2.VideoCapture) -> Iterator[np.ndarray]:
-        """Predict and draw every frame of an opened ``cv2.VideoCapture``.
-
-        Yields:
-            (H, W, 3) uint8 BGR frames with the predictions drawn on them, in input order.
-        """
+        """Predict and draw every frame of an opened ``cv2.VideoCapture``; yields (H, W, 3) uint8
+        BGR drawings in input order."""
         visualizer = VideoVisualizer(self.metadata, self.instance_mode)
 
         def draw(frame: np.ndarray, predictions: dict[str, Any]) -> np.ndarray:
@@ -166,19 +131,18 @@ class VisualizationDemo:
                 return frame
             return cv2.cvtColor(vis.get_image(), cv2.COLOR_RGB2BGR)
 
-        frames = self._frames(video)
+        frames = (frame for _, frame in takewhile(lambda read: read[0], iter(video.read, None)))
         if not self.parallel:
             for frame in frames:
                 yield draw(frame, self.predictor(frame))
             return
 
         # Keep up to ``buffer_size`` frames in flight, yield them in order as results arrive.
-        buffer_size = self.predictor.default_buffer_size
         pending: deque = deque()
         for frame in frames:
             pending.append(frame)
             self.predictor.put(frame)
-            if len(pending) >= buffer_size:
+            if len(pending) >= self.predictor.default_buffer_size:
                 yield draw(pending.popleft(), self.predictor.get())
         while pending:
             yield draw(pending.popleft(), self.predictor.get())
@@ -201,8 +165,7 @@ class AsyncPredictor:
 
     def __init__(self, cfg: CfgNode, num_workers: int | None = None):
         num_gpus = torch.cuda.device_count() if cfg.MODEL.DEVICE.startswith("cuda") else 0
-        if num_workers is None:
-            num_workers = max(num_gpus, 1)
+        num_workers = max(num_gpus, 1) if num_workers is None else num_workers
         ctx = mp.get_context("spawn")
         self.task_queue, self.result_queue = ctx.Queue(), ctx.Queue()
         self.workers: list[mp.Process] = []
@@ -212,8 +175,7 @@ class AsyncPredictor:
             worker_cfg.MODEL.DEVICE = f"cuda:{i % num_gpus}" if num_gpus else "cpu"
             args = (worker_cfg, self.task_queue, self.result_queue)
             self.workers.append(mp.Process(target=_predictor_worker, args=args, daemon=True))
-        for worker in self.workers:
-            worker.start()
+            self.workers[-1].start()
         self._next_put = self._next_get = 0
         self._ready: dict[int, dict[str, Any]] = {}  # results that came back before their turn
         self._closed = False

@@ -40,6 +40,7 @@ from matplotlib import cbook
 from tabulate import tabulate
 
 from knet.collect_env import machine_info  # importing knet registers its models and datasets
+from knet.data.dataset_mappers.common import image_to_tensor
 from knet.data.datasets.toy import TOY_CATEGORIES, TOY_NUM_THING_CLASSES
 from knet.engine import get_knet_cfg
 from knet.engine.solver import build_optimizer
@@ -89,8 +90,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def image_tensor(rgb: np.ndarray, input_format: str) -> torch.Tensor:
     """(H, W, 3) uint8 RGB -> (3, H, W) uint8 in ``input_format`` channel order."""
-    image = rgb if input_format == "RGB" else rgb[:, :, ::-1]
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    return image_to_tensor(rgb if input_format == "RGB" else rgb[:, :, ::-1])
 
 
 def synchronize(device: torch.device) -> None:

@@ -44,21 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("input", nargs="?", help="official K-Net or MMSeg K-Net checkpoint (.pth)")
     add("output", nargs="?", help="converted file (.pth, or .pkl for numpy arrays)")
     add("--config-file", default="", help="config to build the model from (default: model zoo)")
-    add(
-        "--allow-pickle",
-        action="store_true",
-        help="fully unpickle the input if it holds more than tensors (trusted files only)",
-    )
-    add(
-        "--skip-class-check",
-        action="store_true",
-        help="do not compare meta['CLASSES'] with Detectron2's COCO class order",
-    )
-    add(
-        "--markdown",
-        action="store_true",
-        help="print README's tables (model zoo, ImageNet weights) instead of converting",
-    )
+    pickle = "fully unpickle the input if it holds more than tensors (trusted files only)"
+    add("--allow-pickle", action="store_true", help=pickle)
+    classes = "do not compare meta['CLASSES'] with Detectron2's COCO class order"
+    add("--skip-class-check", action="store_true", help=classes)
+    markdown = "print README's tables (model zoo, ImageNet weights) instead of converting"
+    add("--markdown", action="store_true", help=markdown)
     add("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
     if not args.markdown and not (args.input and args.output):

@@ -39,14 +39,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("input", help="ImageNet weights (.pth)")
-    parser.add_argument("output", help="converted file (.pkl or .pth)")
-    parser.add_argument("--config-file", default="", help="check against this config's backbone")
-    parser.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="fully unpickle the input if it holds more than tensors (trusted files only)",
-    )
+    add = parser.add_argument
+    add("input", help="ImageNet weights (.pth)")
+    add("output", help="converted file (.pkl or .pth)")
+    add("--config-file", default="", help="check against this config's backbone")
+    pickle = "fully unpickle the input if it holds more than tensors (trusted files only)"
+    add("--allow-pickle", action="store_true", help=pickle)
     args = parser.parse_args(argv)
 
     checkpoint = load_checkpoint_file(args.input, allow_pickle=args.allow_pickle)
@@ -67,9 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.input} does not fit {config}: {e}", file=sys.stderr)
         return 1
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    save_detectron2_checkpoint(
-        converted, args.output, author=f"ImageNet {name}", matching_heuristics=True
-    )
+    author = f"ImageNet {name}"
+    save_detectron2_checkpoint(converted, args.output, author=author, matching_heuristics=True)
     print(f"wrote {len(converted)} tensors to {args.output}")
     return 0
 

@@ -3,16 +3,13 @@
 
 Detectron2's authors do not publish it on PyPI. Two routes are supported:
 
-* ``--source pypi-sdist`` (default): download the ``pb1-detectron2==0.6`` source distribution
-  from PyPI (its ``detectron2/`` sources are identical to upstream tag v0.6 but it lacks the C++
-  sources), verify its sha256, apply a few small compatibility fixes for current torch / numpy /
-  Pillow, and build and install a pure-Python wheel named ``detectron2`` (version
-  ``0.6+purepython``). It includes the model-zoo configs and the ``detectron2.projects.*``
-  packages (DeepLab, Panoptic-DeepLab, PointRend). Operations that need the compiled extension
-  (rotated boxes, Detectron2's deformable conv, the fast COCO evaluator) raise an error saying so.
-  K-Net needs none of them.
-* ``--source git[=COMMIT]``: ``pip install`` upstream Detectron2 from GitHub (needs internet, and a
-  compiler plus CUDA to build its GPU ops). Recommended for GPU users.
+* ``--source pypi-sdist`` (default): the ``pb1-detectron2==0.6`` sdist from PyPI (upstream v0.6's
+  ``detectron2/`` without the C++ sources), sha256-checked, with the compatibility FIXES below,
+  built into a pure-Python wheel ``detectron2==0.6+purepython`` (model-zoo configs and
+  ``detectron2.projects.*`` included). The ops of the compiled extension, none of them used by
+  K-Net, raise an error saying so.
+* ``--source git[=COMMIT]``: ``pip install`` upstream Detectron2 from GitHub (needs internet, a
+  compiler and CUDA for its GPU ops). Recommended for GPU users.
 
 An already-installed Detectron2 is kept unless ``--force`` is given.
 """
@@ -63,6 +60,19 @@ class _MissingExtension:
 
 _C = _MissingExtension()
 '''
+SETUP_PY = f'''from setuptools import find_packages, setup
+
+setup(
+    name="detectron2",
+    version="{WHEEL_VERSION}",
+    description="Detectron2 v0.6, pure-Python build (no compiled extension)",
+    url="https://github.com/facebookresearch/detectron2",
+    license="Apache-2.0",
+    packages=find_packages(include=["detectron2", "detectron2.*"]),
+    package_data={{"detectron2.model_zoo": ["configs/**/*.yaml", "configs/**/*.py"]}},
+    python_requires=">=3.7",
+)
+'''
 _C_IMPORT = r"^from detectron2 import _C\n"
 _C_IMPORT_FIXED = (
     "try:\n"
@@ -71,25 +81,20 @@ _C_IMPORT_FIXED = (
     "    from detectron2._missing_extension import _C\n"
 )
 
-# (file, regex, replacement, expected number of matches). Every fix must match exactly this
-# often, so a different sdist fails loudly instead of being half-patched.
+# (file below detectron2/, regex, replacement, expected number of matches). Every fix must match
+# exactly this often, so a different sdist fails loudly instead of being half-patched.
 FIXES: list[tuple[str, str, str, int]] = [
     # Pillow 10 removed Image.LINEAR (an alias of BILINEAR).
-    (
-        "detectron2/data/transforms/transform.py",
-        r"interp=Image\.LINEAR\b",
-        "interp=Image.BILINEAR",
-        1,
-    ),
+    ("data/transforms/transform.py", r"interp=Image\.LINEAR\b", "interp=Image.BILINEAR", 1),
     # numpy 1.24 removed the np.int / np.float aliases of the builtins.
-    ("detectron2/evaluation/sem_seg_evaluation.py", r"\bnp\.int\b(?![\d_])", "int", 2),
-    ("detectron2/evaluation/sem_seg_evaluation.py", r"\bnp\.float\b(?![\d_])", "float", 5),
-    ("detectron2/data/build.py", r"\bnp\.int\b(?![\d_])", "int", 2),
+    ("evaluation/sem_seg_evaluation.py", r"\bnp\.int\b(?![\d_])", "int", 2),
+    ("evaluation/sem_seg_evaluation.py", r"\bnp\.float\b(?![\d_])", "float", 5),
+    ("data/build.py", r"\bnp\.int\b(?![\d_])", "int", 2),
     # The compiled extension is absent: import it lazily and fail only when an op is used.
-    ("detectron2/layers/deform_conv.py", _C_IMPORT, _C_IMPORT_FIXED, 1),
-    ("detectron2/layers/rotated_boxes.py", _C_IMPORT, _C_IMPORT_FIXED, 1),
-    ("detectron2/layers/roi_align_rotated.py", _C_IMPORT, _C_IMPORT_FIXED, 1),
-    ("detectron2/evaluation/fast_eval_api.py", _C_IMPORT, _C_IMPORT_FIXED, 1),
+    ("layers/deform_conv.py", _C_IMPORT, _C_IMPORT_FIXED, 1),
+    ("layers/rotated_boxes.py", _C_IMPORT, _C_IMPORT_FIXED, 1),
+    ("layers/roi_align_rotated.py", _C_IMPORT, _C_IMPORT_FIXED, 1),
+    ("evaluation/fast_eval_api.py", _C_IMPORT, _C_IMPORT_FIXED, 1),
 ]
 
 
@@ -162,7 +167,7 @@ def apply_fixes(src_root: Path) -> list[str]:
     """Apply FIXES below ``src_root`` (the folder holding ``detectron2/``). Returns a log."""
     applied = []
     for rel, pattern, replacement, expected in FIXES:
-        path = src_root / rel
+        rel, path = f"detectron2/{rel}", src_root / "detectron2" / rel
         text, count = re.subn(pattern, replacement, path.read_text(), flags=re.MULTILINE)
         if count != expected:
             raise InstallError(
@@ -193,19 +198,7 @@ def stage_package(sdist: Path, work: Path) -> Path:
         raise InstallError("the sdist has no model_zoo configs")
     for fix in apply_fixes(stage):
         log(f"fixed {fix}")
-    (stage / "setup.py").write_text(
-        "from setuptools import find_packages, setup\n\n"
-        "setup(\n"
-        '    name="detectron2",\n'
-        f'    version="{WHEEL_VERSION}",\n'
-        '    description="Detectron2 v0.6, pure-Python build (no compiled extension)",\n'
-        '    url="https://github.com/facebookresearch/detectron2",\n'
-        '    license="Apache-2.0",\n'
-        '    packages=find_packages(include=["detectron2", "detectron2.*"]),\n'
-        '    package_data={"detectron2.model_zoo": ["configs/**/*.yaml", "configs/**/*.py"]},\n'
-        '    python_requires=">=3.7",\n'
-        ")\n"
-    )
+    (stage / "setup.py").write_text(SETUP_PY)
     shutil.copy(src / "LICENSE", stage / "LICENSE")
     return stage
 
@@ -239,25 +232,15 @@ def parse_source(value: str) -> tuple[str, str | None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--source",
-        type=parse_source,
-        default=("pypi-sdist", None),
-        help="pypi-sdist (default, offline-friendly) or git[=COMMIT] (upstream, needs internet)",
-    )
-    parser.add_argument("--force", action="store_true", help="replace an installed Detectron2")
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=default_cache_dir(),
-        help="where the downloaded sdist is kept (default: $KNET_CACHE/downloads)",
-    )
-    parser.add_argument(
-        "--index-url",
-        default=os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple"),
-        help="PEP 503 index to fetch the sdist from (default: $PIP_INDEX_URL or PyPI)",
-    )
-    parser.add_argument("--sdist", type=Path, help=f"use this local {SDIST_FILE} instead")
+    add = parser.add_argument
+    source = "pypi-sdist (default, offline-friendly) or git[=COMMIT] (upstream, needs internet)"
+    add("--source", type=parse_source, default=("pypi-sdist", None), help=source)
+    add("--force", action="store_true", help="replace an installed Detectron2")
+    cache = "where the downloaded sdist is kept (default: $KNET_CACHE/downloads)"
+    add("--cache-dir", type=Path, default=default_cache_dir(), help=cache)
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple")
+    add("--index-url", default=index, help="PEP 503 index of the sdist ($PIP_INDEX_URL or PyPI)")
+    add("--sdist", type=Path, help=f"use this local {SDIST_FILE} instead")
     args = parser.parse_args(argv)
     source, commit = args.source
 

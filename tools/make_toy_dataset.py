@@ -8,26 +8,11 @@ error naming this command); run this once, or to regenerate it with another size
     python tools/make_toy_dataset.py                       # $DETECTRON2_DATASETS/knet_toy
     python tools/make_toy_dataset.py --root /data --num-train 1000 --seed 1 --force
 
-Each image (256..384 px per side) has 2-3 stuff bands with wavy boundaries (``sky``: smooth blue
-gradient; ``wall``: brown bricks with grey mortar; ``grass``: green noise) and 1-6 things, filled
-shapes with a class-specific colour family and light texture (``circle``: red, noise;
-``rectangle``: yellow, stripes; ``triangle``: purple, noise; ``star``: cyan, stripes) of very
-different sizes, overlapping each other and the border. About 10% of the images hold one crowd
-region (a cluster of tiny shapes of one class, a single ``iscrowd=1`` segment). Stuff boundaries
-(2 px) and segments whose visible area is below 16 px are void.
-
-Layout under ``<root>/knet_toy/`` (``root`` defaults to ``$DETECTRON2_DATASETS``)::
-
-    {train,val}/<image_id:012d>.jpg            RGB images (JPEG quality 95)
-    panoptic_{train,val}/<image_id:012d>.png   RGB-encoded panoptic ids (panopticapi id2rgb)
-    panoptic_{train,val}.json                  COCO panoptic json
-    instances_{train,val}.json                 COCO instance json (RLE, things incl. crowd)
-    semantic_{train,val}/<image_id:012d>.png   contiguous ids 0..6, 255 = void
-    _COMPLETE.json                             written last: generation parameters
-
-Generation is seeded (one ``numpy.random.default_rng([seed, split, index])`` per image), so the
-same seed gives byte-identical files. :func:`render_scene` renders one such scene in memory, at
-any size (the training batch of ``tools/benchmark.py``).
+Scenes and files: datasets/README.md, "The built-in toy dataset". Stuff boundaries (2 px) and
+segments whose visible area is below 16 px are void; images are JPEG (quality 95). Generation is
+seeded (one ``numpy.random.default_rng([seed, split, index])`` per image), so the same seed gives
+byte-identical files. :func:`render_scene` renders one scene in memory, at any size (the training
+batch of ``tools/benchmark.py``).
 """
 
 from __future__ import annotations
@@ -303,17 +288,9 @@ def generate_toy_dataset(
     seed: int = TOY_DEFAULT_SEED,
     force: bool = False,
 ) -> str:
-    """Generate the toy dataset into ``<root>/knet_toy`` (see the module docstring).
-
-    Args:
-        root: datasets root (default ``$DETECTRON2_DATASETS``).
-        num_train, num_val: number of images per split.
-        seed: generation seed; the same seed gives byte-identical files.
-        force: regenerate even if a complete copy with the same parameters exists.
-    Returns:
-        The ``knet_toy`` folder. Files are written to a temporary sibling folder that is renamed
-        once complete, under a file lock, so concurrent callers never see a partial dataset.
-    """
+    """Generate the toy dataset into ``<root>/knet_toy`` (root: ``$DETECTRON2_DATASETS``) and
+    return that folder; a complete copy with the same parameters is kept unless ``force``.
+    Written by :func:`prepare_samples.prepare_once`: concurrent callers never see a partial one."""
     out_dir = toy_dataset_dir(root)
     params = {"version": TOY_FORMAT_VERSION, "seed": int(seed)}
     params.update(num_train=int(num_train), num_val=int(num_val))
@@ -331,12 +308,9 @@ def _is_current(out_dir: str) -> bool:
 
 
 def ensure_toy_dataset(root: str | None = None) -> str:
-    """Return ``<root>/knet_toy``, generating it with the default parameters if it is absent.
-
-    For the commands that create data (``tools/run_demo.py``, the tests' fixture); registration
-    and loading never call it. A complete copy (any size or seed, e.g. made by this script) of the
-    current format version is kept as is. Cheap when present: one small file is read.
-    """
+    """Return ``<root>/knet_toy``, generating it with the default parameters unless a complete
+    copy of the current format (any size or seed) is there; for the commands that create data
+    (``tools/run_demo.py``, the tests' fixture), never for registration or loading."""
     out_dir = toy_dataset_dir(root)
     if _is_current(out_dir):
         return out_dir

@@ -1,11 +1,5 @@
 """Derive semantic / instance ground truth from COCO-format panoptic annotations, and prepare
-ADE20K semantic labels the Detectron2 way.
-
-These functions back ``tools/prepare_coco_semantic_from_panoptic.py``,
-``tools/prepare_ade20k_sem_seg.py``, ``tools/prepare_samples.py`` and the toy generator
-``tools/make_toy_dataset.py``.
-
-Formats:
+ADE20K semantic labels the Detectron2 way (for the ``prepare_*`` tools and the toy generator).
 
 * panoptic PNG: RGB, segment id = R + 256 * G + 256**2 * B (``panopticapi.utils.rgb2id``), 0 = void.
 * semantic PNG: single channel uint8, contiguous class id (index in the ordered category list:
@@ -26,8 +20,10 @@ from typing import Any
 import numpy as np
 import pycocotools.mask as mask_util
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+from panopticapi.utils import rgb2id
 from PIL import Image
 
+from knet.data.dataset_mappers import read_image_checked
 from knet.data.datasets.panoptic import contiguous_id_map, load_json
 
 logger = logging.getLogger(__name__)
@@ -37,36 +33,16 @@ Categories = Sequence[Mapping[str, Any]]
 
 
 def read_panoptic_png(path: str) -> np.ndarray:
-    """Read an RGB panoptic PNG into an (H, W) int32 array of segment ids (0 = void).
-
-    Raises:
-        FileNotFoundError / ValueError naming ``path`` if it is missing or cannot be decoded.
-    """
-    from panopticapi.utils import rgb2id
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Panoptic PNG not found: {path}")
-    try:
-        with Image.open(path) as img:
-            rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"Cannot read panoptic PNG {path}: {e}") from e
-    return rgb2id(rgb).astype(np.int32)
+    """(H, W) int32 segment ids (0 = void) of an RGB panoptic PNG; FileNotFoundError /
+    ValueError naming ``path`` if it is missing or cannot be decoded."""
+    return rgb2id(read_image_checked(path, "RGB", "panoptic PNG")).astype(np.int32)
 
 
 def semantic_from_panoptic(
     pan_ids: np.ndarray, segments_info: Segments, id_map: Mapping[int, int], ignore_label: int = 255
 ) -> np.ndarray:
-    """Semantic label map of one image.
-
-    Args:
-        pan_ids: (H, W) int array of segment ids.
-        segments_info: segments with ``id`` and dataset ``category_id``.
-        id_map: dataset category id -> contiguous id.
-    Returns:
-        (H, W) uint8 array: the contiguous id of each segment's category (crowd included),
-        ``ignore_label`` elsewhere.
-    """
+    """(H, W) segment ids -> (H, W) uint8 contiguous class ids (``id_map`` of each segment's
+    dataset ``category_id``, crowd included), ``ignore_label`` elsewhere."""
     out = np.full(pan_ids.shape, ignore_label, dtype=np.uint8)
     for seg in segments_info:
         out[pan_ids == seg["id"]] = id_map[int(seg["category_id"])]
@@ -80,11 +56,8 @@ def thing_annotations_from_panoptic(
     thing_ids: Iterable[int],
     first_ann_id: int,
 ) -> list[dict[str, Any]]:
-    """COCO instance annotations (RLE) for the thing segments of one image.
-
-    Segments with an empty mask in ``pan_ids`` are skipped. ``iscrowd`` is copied.
-    Annotation ids are ``first_ann_id, first_ann_id + 1, ...``.
-    """
+    """COCO instance annotations (RLE, ``iscrowd`` copied, ids from ``first_ann_id``) of the thing
+    segments of one image that are not empty in ``pan_ids``."""
     thing_ids = set(int(t) for t in thing_ids)
     anns = []
     for seg in segments_info:
@@ -133,18 +106,10 @@ def prepare_semantic_from_panoptic(
     categories: Categories | None = None,
     num_workers: int = 0,
 ) -> int:
-    """Write one semantic PNG per panoptic annotation into ``output_dir``.
-
-    Args:
-        panoptic_json: COCO panoptic json.
-        panoptic_root: folder of its RGB panoptic PNGs.
-        output_dir: output folder; each PNG keeps the panoptic PNG's file name.
-        categories: ordered categories defining the contiguous ids (default: Detectron2's
-            ``COCO_CATEGORIES``, giving ids 0..132).
-        num_workers: processes to use (0: in this process).
-    Returns:
-        Number of PNGs written.
-    """
+    """Write one semantic PNG per annotation of ``panoptic_json`` (PNGs in ``panoptic_root``) into
+    ``output_dir``, under the panoptic PNG's name; returns their number. ``categories``, in order,
+    give the contiguous ids (default: Detectron2's ``COCO_CATEGORIES``, ids 0..132);
+    ``num_workers`` processes (0: this one)."""
     categories = [dict(c) for c in COCO_CATEGORIES] if categories is None else categories
     id_map = contiguous_id_map(categories)
     data = _load_panoptic_json(panoptic_json)
@@ -173,15 +138,9 @@ def prepare_semantic_from_panoptic(
 def prepare_instances_from_panoptic(
     panoptic_json: str, panoptic_root: str, output_json: str, categories: Categories | None = None
 ) -> int:
-    """Write a COCO instance json (things only) derived from panoptic annotations.
-
-    Args:
-        categories: all categories with ``isthing`` (default: ``COCO_CATEGORIES``); the thing ones
-            are written as the instance categories, with their dataset ids.
-    Returns:
-        Number of annotations written; the json has ``images`` (copied from the panoptic json),
-        ``annotations`` (ids from 1) and ``categories``.
-    """
+    """Write a COCO instance json (things only, annotation ids from 1, the panoptic json's
+    ``images``) derived from panoptic annotations; returns the number of annotations.
+    ``categories`` (default: ``COCO_CATEGORIES``) with ``isthing``: the thing ones are written."""
     categories = [dict(c) for c in COCO_CATEGORIES] if categories is None else categories
     data = _load_panoptic_json(panoptic_json)
     things = [c for c in categories if c.get("isthing", 0)]
@@ -212,15 +171,9 @@ def prepare_ade20k_sem_seg(
     output_root: str | None = None,
     splits: Sequence[str] = ("training", "validation"),
 ) -> int:
-    """Convert ADEChallengeData2016 labels to Detectron2's convention.
-
-    Reads ``<ade_root>/annotations/<split>/*.png`` (uint8, 0 = other, 1..150 = classes) and writes
-    ``<output_root>/annotations_detectron2/<split>/*.png`` with ``label - 1`` in uint8, so classes
-    become 0..149 and 0 becomes 255 (ignore). ``output_root`` defaults to ``ade_root``.
-
-    Returns:
-        Number of PNGs written.
-    """
+    """Convert ``<ade_root>/annotations/<split>/*.png`` (0 = other, 1..150 = classes) into
+    ``<output_root>/annotations_detectron2/<split>/*.png`` (default root: ``ade_root``) with
+    ``label - 1`` in uint8 (classes 0..149, 255 = ignore); returns the number of PNGs written."""
     output_root = ade_root if output_root is None else output_root
     count = 0
     for split in splits:
@@ -233,11 +186,7 @@ def prepare_ade20k_sem_seg(
             if not name.endswith(".png"):
                 continue
             path = os.path.join(in_dir, name)
-            try:
-                with Image.open(path) as img:
-                    label = np.asarray(img, dtype=np.uint8)
-            except (OSError, SyntaxError, ValueError) as e:
-                raise ValueError(f"Cannot read ADE20K label {path}: {e}") from e
+            label = np.asarray(read_image_checked(path, None, "ADE20K label"), dtype=np.uint8)
             # uint8 arithmetic wraps 0 - 1 to 255, exactly like Detectron2's script
             Image.fromarray(label - np.uint8(1)).save(os.path.join(out_dir, name))
             count += 1

@@ -23,14 +23,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument(
-        "--root",
-        default=None,
-        help="ADEChallengeData2016 folder (default: under $DETECTRON2_DATASETS)",
-    )
-    parser.add_argument(
-        "--output-root", default=None, help="where annotations_detectron2/ goes (default: --root)"
-    )
+    add = parser.add_argument
+    add("--root", help="ADEChallengeData2016 folder (default: under $DETECTRON2_DATASETS)")
+    add("--output-root", help="where annotations_detectron2/ goes (default: --root)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     root = args.root or os.path.join(get_datasets_root(), "ADEChallengeData2016")

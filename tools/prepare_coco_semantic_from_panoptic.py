@@ -21,10 +21,7 @@ import logging
 import os
 import time
 
-from panoptic_conversion import (
-    prepare_instances_from_panoptic,
-    prepare_semantic_from_panoptic,
-)
+from panoptic_conversion import prepare_instances_from_panoptic, prepare_semantic_from_panoptic
 
 from knet.data.datasets import get_datasets_root
 
@@ -33,17 +30,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument(
-        "--root", default=None, help="COCO root (default: $DETECTRON2_DATASETS/coco)"
-    )
-    parser.add_argument("--splits", nargs="+", default=["val2017", "train2017"])
-    parser.add_argument("--panoptic-json", help="convert this json instead of the COCO splits")
-    parser.add_argument("--panoptic-root", help="PNG folder of --panoptic-json")
-    parser.add_argument("--output-dir", help="semantic PNG folder for --panoptic-json")
-    parser.add_argument(
-        "--instances-json", help="also write a COCO instance json (things only) here"
-    )
-    parser.add_argument("--num-workers", type=int, default=os.cpu_count() or 1)
+    add = parser.add_argument
+    add("--root", help="COCO root (default: $DETECTRON2_DATASETS/coco)")
+    add("--splits", nargs="+", default=["val2017", "train2017"])
+    add("--panoptic-json", help="convert this json instead of the COCO splits")
+    add("--panoptic-root", help="PNG folder of --panoptic-json")
+    add("--output-dir", help="semantic PNG folder for --panoptic-json")
+    add("--instances-json", help="also write a COCO instance json (things only) here")
+    add("--num-workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -53,15 +47,10 @@ def main() -> None:
         jobs = [(args.panoptic_json, args.panoptic_root, args.output_dir, args.instances_json)]
     else:
         root = args.root or os.path.join(get_datasets_root(), "coco")
-        jobs = [
-            (
-                os.path.join(root, "annotations", f"panoptic_{split}.json"),
-                os.path.join(root, f"panoptic_{split}"),
-                os.path.join(root, f"panoptic_semseg_{split}"),
-                None,
-            )
-            for split in args.splits
-        ]
+        jobs = []
+        for s in args.splits:
+            names = [f"annotations/panoptic_{s}.json", f"panoptic_{s}", f"panoptic_semseg_{s}"]
+            jobs.append((*(os.path.join(root, name) for name in names), None))
     for pan_json, pan_root, out_dir, inst_json in jobs:
         start = time.perf_counter()
         n = prepare_semantic_from_panoptic(

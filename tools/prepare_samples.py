@@ -1,12 +1,10 @@
 #!/usr/bin/env python
 """The shared real samples as datasets: ``coco_sample_*`` and ``ade20k_sample_*``.
 
-The samples are development data (2 COCO val images, an ADE20K street-scene sample) read from
-``$KNET_SHARED_DATA`` (default ``<repository>/../shared/data``); they are not part of the
-package. This tool derives what their datasets read into ``$KNET_CACHE/prepared`` (default
-``~/.cache/knet/prepared``), never next to the read-only samples: semantic PNGs and an instance
-json for the COCO panoptic sample, converted labels for the ADE20K sample. Up-to-date outputs
-are kept::
+Development data read from ``$KNET_SHARED_DATA`` (default ``<repository>/../shared/data``), not
+part of the package. This tool derives what their datasets read (COCO: semantic PNGs and an
+instance json; ADE20K: converted labels) into ``$KNET_CACHE/prepared`` (default
+``~/.cache/knet/prepared``), never next to the read-only samples. Up-to-date outputs are kept::
 
     python tools/prepare_samples.py                 # both samples
     python tools/prepare_samples.py --only coco     # or: --only ade20k
@@ -28,6 +26,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from panoptic_conversion import (
 from knet.data.datasets.builtin import PANOPTIC_EXTRA
 from knet.data.datasets.panoptic import coco_panoptic_metadata, load_panoptic_json_with_sem_seg
 from knet.data.datasets.toy import TOY_MARKER as MARKER  # the stamp file of a prepared folder
+from knet.data.datasets.toy import read_toy_marker
 
 COMMAND = "python tools/prepare_samples.py"
 ADE_SPLITS = {"train": "training", "val": "validation"}
@@ -73,15 +73,6 @@ def require_shared_path(*parts: str) -> str:
     return path
 
 
-def _prepared(out_dir: str, stamp: dict[str, Any]) -> bool:
-    """Whether ``out_dir`` holds a complete preparation of the source described by ``stamp``."""
-    try:
-        with open(os.path.join(out_dir, MARKER)) as f:
-            return json.load(f) == stamp
-    except (OSError, ValueError):
-        return False
-
-
 def lock(out_dir: str) -> FileLock:
     """Inter-process lock on ``out_dir + '.lock'`` (creating the parent folder): concurrent
     processes (DDP ranks, test sessions) never prepare the same files at the same time."""
@@ -90,11 +81,10 @@ def lock(out_dir: str) -> FileLock:
 
 
 def prepare_once(out_dir: str, stamp: dict, prepare: Callable[[str], None], force: bool) -> str:
-    """Run ``prepare(tmp_dir)`` and move the result, with ``stamp`` in its :data:`MARKER`, to
-    ``out_dir`` unless that holds ``stamp`` already; under :func:`lock` and renamed once
-    complete, so concurrent callers never see a partial folder. Returns ``out_dir``."""
+    """Unless ``out_dir`` holds ``stamp`` already (in its :data:`MARKER`), run ``prepare(tmp_dir)``
+    and rename the result to ``out_dir`` under :func:`lock`: no one sees a partial folder."""
     with lock(out_dir):
-        if force or not _prepared(out_dir, stamp):
+        if force or read_toy_marker(out_dir) != stamp:
             tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
             shutil.rmtree(tmp_dir, ignore_errors=True)
             os.makedirs(tmp_dir)
@@ -110,7 +100,7 @@ def prepare_once(out_dir: str, stamp: dict, prepare: Callable[[str], None], forc
 
 
 def _require_prepared(out_dir: str, stamp: dict[str, Any], what: str) -> None:
-    if not _prepared(out_dir, stamp):
+    if read_toy_marker(out_dir) != stamp:
         raise FileNotFoundError(
             f"The files derived from {what} are missing or out of date in {out_dir}. Create them "
             f"with `{COMMAND}` (it writes into KNET_CACHE/prepared, here {prepared_root()})."
@@ -150,23 +140,14 @@ def prepare_coco_sample(force: bool = False) -> str:
     return prepare_once(os.path.dirname(p["json_file"]), stamp, prepare, force)
 
 
-def _require_coco_sample() -> dict[str, str]:
-    """The sample's paths (those of the environment now), once checked to be prepared."""
-    paths = coco_sample_paths()
-    _require_prepared(os.path.dirname(paths["json_file"]), _coco_sample_stamp(), "the COCO sample")
-    return paths
-
-
-def _load_coco_sample() -> list[dict]:
-    p = _require_coco_sample()
-    return load_panoptic_json_with_sem_seg(
-        p["panoptic_json"], p["image_root"], p["panoptic_root"], p["sem_seg_root"], _COCO_META
-    )
-
-
-def _load_coco_sample_instances() -> list[dict]:
-    p = _require_coco_sample()
-    return load_coco_json(p["json_file"], p["image_root"], "coco_sample_val")
+def _load_coco_sample(panoptic: bool) -> list[dict]:
+    """The COCO sample's panoptic or instance records (paths of the environment now)."""
+    p = coco_sample_paths()
+    _require_prepared(os.path.dirname(p["json_file"]), _coco_sample_stamp(), "the COCO sample")
+    if not panoptic:
+        return load_coco_json(p["json_file"], p["image_root"], "coco_sample_val")
+    pan = (p["panoptic_json"], p["image_root"], p["panoptic_root"], p["sem_seg_root"])
+    return load_panoptic_json_with_sem_seg(*pan, _COCO_META)
 
 
 def _ade20k_dirs() -> tuple[str, str]:
@@ -218,9 +199,9 @@ def register_samples() -> None:
         return
     paths = coco_sample_paths()
     name = "coco_sample_val_panoptic_with_sem_seg"
-    DatasetCatalog.register(name, _load_coco_sample)
+    DatasetCatalog.register(name, partial(_load_coco_sample, True))
     MetadataCatalog.get(name).set(**paths, **_COCO_META, **PANOPTIC_EXTRA)
-    DatasetCatalog.register("coco_sample_val", _load_coco_sample_instances)
+    DatasetCatalog.register("coco_sample_val", partial(_load_coco_sample, False))
     MetadataCatalog.get("coco_sample_val").set(
         image_root=paths["image_root"],
         json_file=paths["json_file"],
@@ -229,7 +210,7 @@ def register_samples() -> None:
     )
     for split in ADE_SPLITS:
         name = f"ade20k_sample_sem_seg_{split}"
-        DatasetCatalog.register(name, lambda s=split: _load_ade20k_sample(s))
+        DatasetCatalog.register(name, partial(_load_ade20k_sample, split))
         MetadataCatalog.get(name).set(
             **ade20k_sample_paths(split),
             stuff_classes=list(ADE20K_SEM_SEG_CATEGORIES),

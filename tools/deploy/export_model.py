@@ -6,13 +6,9 @@
         --output output/export --sample-image photo.jpg --opts MODEL.WEIGHTS model.pth
 
 writes ``output/export/model.onnx`` (or ``model.ts``): a graph from one uint8 image (3, H, W) of
-any size in the config's ``INPUT.FORMAT`` to plain tensors at that size, preprocessing and
-post-processing included (see ``knet.export``). The sample image (default: a synthetic one) is
-resized as the test loader resizes (``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``), traced with,
-and then run by the exported file, whose outputs are compared with the eager model's.
-
-Export methods: ``tracing`` (TorchScript and ONNX; sizes stay dynamic). ``scripting`` is
-refused with the reason: Detectron2's backbones are not scriptable.
+any size in the config's ``INPUT.FORMAT`` to plain tensors at that size (``knet.export``). It is
+traced with the sample image (default: synthetic), resized like the test loader, and its outputs
+on it are compared with the eager model's. Only ``--export-method tracing`` works.
 """
 
 from __future__ import annotations
@@ -31,6 +27,7 @@ from detectron2.utils.logger import setup_logger
 
 from knet.checkpoint import KNetCheckpointer  # importing knet registers the model
 from knet.data.dataset_mappers import read_image_checked
+from knet.data.dataset_mappers.common import image_to_tensor
 from knet.engine import get_knet_cfg
 from knet.export import (
     ExportedKNet,
@@ -64,8 +61,7 @@ def sample_image(cfg, path: str | None) -> torch.Tensor:
         rng = np.random.default_rng(0)
         image = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
     resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
-    image = resize.get_transform(image).apply_image(image)
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    return image_to_tensor(resize.get_transform(image).apply_image(image))
 
 
 def export(args: argparse.Namespace) -> str:
@@ -84,8 +80,7 @@ def export(args: argparse.Namespace) -> str:
     else:
         logger.warning("MODEL.WEIGHTS is empty: exporting randomly initialised weights")
     module = KNetExportModule(model)
-    image = sample_image(cfg, args.sample_image)
-    metadata = module.metadata(cfg)
+    image, metadata = sample_image(cfg, args.sample_image), module.metadata(cfg)
     path = os.path.join(args.output, "model.onnx" if args.format == "onnx" else "model.ts")
     if args.format == "onnx":
         path = export_onnx(module, image, path, metadata, args.opset)
