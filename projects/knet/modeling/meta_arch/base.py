@@ -24,7 +24,7 @@ def pixel_range_top(pixel_mean) -> int:
 
 def check_image(image, name: str, top: float = 255, channels_last: bool = False) -> None:
     """Raise ``ValueError`` for an image that would be segmented wrong or fail deep inside: the
-    one check of every entry point (the model, ``KNetPredictor``, ``ExportedKNet``).
+    one check of every entry point (the model, ``DefaultPredictor``, ``ExportedKNet``).
 
     Args:
         image: a tensor or numpy array, (3, H, W) or (1, H, W); (H, W, 3) or (H, W, 1) if
