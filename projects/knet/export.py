@@ -43,16 +43,11 @@ METADATA_FILE = "knet.json"  # extra file of a TorchScript export / metadata key
 # output name -> its dynamic axes, by output (the order of the exported tuple)
 PANOPTIC_OUTPUTS = {
     "panoptic_seg": {0: "height", 1: "width"},
-    "segment_category_id": {0: "segments"},
-    "segment_score": {0: "segments"},
-    "segment_isthing": {0: "segments"},
-    "segment_area": {0: "segments"},
+    **{f"segment_{k}": {0: "segments"} for k in ("category_id", "score", "isthing", "area")},
 }
 INSTANCE_OUTPUTS = {
     "pred_masks": {0: "instances", 1: "height", 2: "width"},
-    "scores": {0: "instances"},
-    "pred_classes": {0: "instances"},
-    "pred_boxes": {0: "instances"},
+    **{k: {0: "instances"} for k in ("scores", "pred_classes", "pred_boxes")},
 }
 SEMANTIC_OUTPUTS = {"sem_seg": {1: "height", 2: "width"}}
 

@@ -12,9 +12,8 @@ semantic ones (MMSeg, ADE20K) hold ``backbone.*`` (ResNetV1c or Swin),
 ``decode_head.kernel_generate_head.*`` (UPerNet / FCN / PSPNet / ASPP),
 ``decode_head.kernel_update_head.{s}.*`` and ``auxiliary_head.*``. The architecture is read from
 the keys (:func:`describe_official_knet_state_dict`), the names are rewritten by the rule tables
-of :mod:`knet.conversion.rules`, and the result is checked key by key and shape by shape against
-the model built from a config: any key without a counterpart, and any model key left without a
-value, is an error.
+of :mod:`knet.conversion.rules` and checked, key by key and shape by shape, against the model a
+config builds.
 """
 
 import pickle
@@ -195,18 +194,11 @@ def describe_official_knet_state_dict(checkpoint: Mapping[str, Any]) -> Checkpoi
 def convert_official_knet_state_dict(
     checkpoint: Mapping[str, Any], model_shapes: Mapping[str, Sequence[int]]
 ) -> dict[str, torch.Tensor]:
-    """Official K-Net (MMDetection) or MMSeg K-Net checkpoint -> this project's state dict.
-
-    Args:
-        checkpoint: the ``state_dict``, or the whole file (``{"meta": ..., "state_dict": ...}``)
-            as ``torch.load`` returns it.
-        model_shapes: {key: shape} of the model to load into (``model_state_shapes(cfg)``):
-            every converted key must be one of its keys with the same shape, and every one of
-            its keys must be produced (BN ``num_batches_tracked`` counters are optional).
-
-    Returns:
-        {model key: tensor}; tensors are the input tensors, except Swin's patch-merging
-        weights, whose channels are permuted from ``nn.Unfold`` order.
+    """Official K-Net (MMDetection) or MMSeg K-Net checkpoint (the ``state_dict`` or the whole
+    file) -> {model key: tensor} for the model of ``model_shapes`` ({key: shape},
+    ``model_state_shapes(cfg)``), whose every key must be produced (BN counters optional) with its
+    shape. Tensors are the input ones, except Swin's patch-merging weights (channels permuted
+    from ``nn.Unfold`` order).
 
     Raises:
         CheckpointKeyError: unknown keys, missing keys or shape mismatches (all listed).
@@ -230,12 +222,9 @@ def convert_pretrained_backbone(
     and MMSeg's converted Swin pretrains are recognised from their keys; the classifier and
     recomputed buffers are dropped. The keys carry no model prefix, so one file serves a
     backbone under an FPN (``backbone.bottom_up.``) and a plain one (``backbone.``):
-    :func:`save_detectron2_checkpoint` marks it for Detectron2's suffix matching.
-
-    Args:
-        model_shapes: if given, the converted keys are checked against the body of this model
-            (unknown keys and shape mismatches are errors; the model may have DCN offsets and
-            Swin output norms the ImageNet weights lack).
+    :func:`save_detectron2_checkpoint` marks it for Detectron2's suffix matching. With
+    ``model_shapes``, the keys are checked against that model's body (which may have DCN offsets
+    and Swin output norms the ImageNet weights lack).
 
     Returns:
         ({body key: tensor}, backbone name such as "Swin-L" or "R-101").
@@ -244,7 +233,6 @@ def convert_pretrained_backbone(
     name, rules = describe_backbone(sd)
     converted, origin = rename_state_dict(sd, (Section("", "", rules),))
     if model_shapes is not None:
-        # the body's keys: under an FPN ``backbone.bottom_up.``, else ``backbone.``
         fpn = any(k.startswith("backbone.bottom_up.") for k in model_shapes)
         body = _strip(model_shapes, "backbone.bottom_up." if fpn else "backbone.")
         what = f"the {name} ImageNet weights"
@@ -263,16 +251,9 @@ def model_state_shapes(cfg) -> dict[str, tuple[int, ...]]:
 
 
 def check_coco_class_names(classes: Sequence[str]) -> list[str]:
-    """Compare a checkpoint's class order with Detectron2's COCO contiguous ids.
-
-    Args:
-        classes: ``meta["CLASSES"]`` of the checkpoint: 80 thing classes (instance) or 80 things
-            followed by 53 stuff classes (panoptic).
-
-    Returns:
-        One line per position where the names differ (empty when the order matches, so that
-        ``fc_cls``/``conv_seg`` rows need no re-indexing).
-    """
+    """Compare a checkpoint's ``meta["CLASSES"]`` (80 things, or 80 things and 53 stuff) with
+    Detectron2's COCO contiguous ids: one line per position where the names differ (none when
+    the order matches, so that ``fc_cls``/``conv_seg`` rows need no re-indexing)."""
     from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
     things = [c["name"] for c in COCO_CATEGORIES if c["isthing"]]
@@ -291,13 +272,8 @@ def check_coco_class_names(classes: Sequence[str]) -> list[str]:
 
 
 def load_checkpoint_file(path: str, allow_pickle: bool = False) -> dict[str, Any]:
-    """Read a checkpoint to convert, restricted to tensors and plain containers by default.
-
-    Args:
-        path: a ``.pth`` or ``.pkl`` file (official K-Net, MMSeg, ImageNet weights, ...).
-        allow_pickle: fully unpickle (``weights_only=False``) a file whose metadata holds
-            other Python objects. Only for trusted files: unpickling can run code.
-    """
+    """Read a ``.pth`` / ``.pkl`` checkpoint to convert, restricted to tensors and plain
+    containers unless ``allow_pickle`` (for trusted files only: unpickling can run code)."""
     try:
         return load_weights_file(path)
     except UnsafeCheckpointError:

@@ -9,20 +9,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from detectron2.data.catalog import Metadata
-
 from ..data.datasets.custom import DATASET_FORMATS, register_custom_dataset
-
-__all__ = [
-    "DatasetArgumentError",
-    "DatasetSpec",
-    "parse_args_with_datasets",
-    "parse_dataset_args",
-    "register_dataset_specs",
-]
 
 
 class DatasetArgumentError(ValueError):
@@ -36,16 +26,7 @@ class DatasetSpec:
     name: str
     format: str
     paths: tuple[str, ...]
-    options: tuple[tuple[str, Any], ...] = field(default=())  # keyword arguments, sorted
-
-    def register(self, drop_categories: Sequence[str] = ()) -> Metadata:
-        return register_custom_dataset(
-            self.name,
-            self.format,
-            *self.paths,
-            drop_categories=drop_categories,
-            **dict(self.options),
-        )
+    options: tuple[tuple[str, Any], ...] = ()  # keyword arguments, sorted
 
 
 def _usage(fmt: str) -> str:
@@ -162,7 +143,8 @@ def register_dataset_specs(
     """
     for spec in specs:
         try:
-            spec.register(drop_categories)
+            options = dict(spec.options, drop_categories=drop_categories)
+            register_custom_dataset(spec.name, spec.format, *spec.paths, **options)
         except DatasetArgumentError:
             raise
         except (OSError, ValueError, KeyError) as e:

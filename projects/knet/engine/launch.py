@@ -1,18 +1,14 @@
 """Multi-process training on GPUs (NCCL) and, for tests and CPU-only machines, on CPUs (gloo).
 
-Detectron2's ``launch`` (v0.6) always initialises NCCL and requires CUDA, and its
-``create_ddp_model`` passes ``device_ids`` that ``DistributedDataParallel`` rejects for CPU
-modules. :func:`launch` defers to Detectron2's on GPU machines and otherwise starts the same
-processes with a gloo process group; :func:`create_ddp_model` wraps CPU models without
-``device_ids``. With them, ``train_net.py --num-gpus N`` on a machine without a GPU runs N CPU
-processes with exactly the code path of N GPUs.
+Detectron2 v0.6's ``launch`` requires CUDA (NCCL) and its ``create_ddp_model`` passes
+``device_ids``, which ``DistributedDataParallel`` rejects for CPU modules; these two fall back to
+gloo and CPU models, so that ``train_net.py --num-gpus N`` without a GPU runs N CPU processes
+with exactly the code path of N GPUs.
 """
 
 import logging
 import os
-import socket
 from collections.abc import Callable, Sequence
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -20,11 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.engine import create_ddp_model as _d2_create_ddp_model
 from detectron2.engine import launch as _d2_launch
+from detectron2.engine.launch import DEFAULT_TIMEOUT, _find_free_port
 from detectron2.utils import comm
-
-__all__ = ["ExternalLauncherError", "create_ddp_model", "launch"]
-
-DEFAULT_TIMEOUT = timedelta(minutes=30)
 
 
 def create_ddp_model(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
@@ -118,9 +111,7 @@ def launch(
     if dist_url == "auto":
         if num_machines != 1:
             raise ValueError("dist_url='auto' works on one machine only; pass tcp://HOST:PORT")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))  # a free port (it may be taken again before use)
-            dist_url = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"  # (it may be taken again before use)
     logging.getLogger("knet").info(
         "No GPU: starting %d CPU processes with a gloo process group", num_gpus_per_machine
     )

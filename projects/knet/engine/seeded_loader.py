@@ -25,8 +25,6 @@ from detectron2.data.build import trivial_batch_collator
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
-__all__ = ["SeededTrainLoader", "iteration_seed", "seeded_batches"]
-
 
 def iteration_seed(seed: int, iteration: int, slot: int = -1) -> int:
     """A 32-bit RNG seed for (run seed, iteration, slot of the batch; -1: the training step)."""
@@ -36,15 +34,9 @@ def iteration_seed(seed: int, iteration: int, slot: int = -1) -> int:
 def seeded_batches(
     orientations: Sequence[bool], batch_size: int, seed: int, start_iter: int = 0
 ) -> Iterator[list[int]]:
-    """Global batches of record indices, from iteration ``start_iter`` on (infinite).
-
-    Args:
-        orientations: per record, True if landscape (``width > height``); all equal disables
-            grouping in effect.
-        batch_size: images per global batch.
-        seed: the run's seed.
-        start_iter: the first batch to yield; earlier ones are computed and dropped.
-    """
+    """Global batches of ``batch_size`` record indices, from iteration ``start_iter`` on
+    (earlier ones are computed and dropped), infinitely. ``orientations``: per record, True if
+    landscape (``width > height``); all equal disables grouping in effect."""
     buckets: dict[bool, list[int]] = {True: [], False: []}
     iteration, epoch = 0, 0
     while True:

@@ -8,6 +8,7 @@ from collections import OrderedDict
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine.hooks import EvalHook
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import JSONWriter
@@ -24,7 +25,7 @@ from ..modeling import SemanticKNet
 from .amp import build_amp_trainer
 from .dataset_config import configured_for_datasets
 from .launch import create_ddp_model
-from .preemption import ClosableLoader, with_preemption_checkpointer
+from .preemption import ClosableLoader, PreemptionCheckpointer
 from .seeded_loader import SeededTrainLoader, iteration_seed
 from .solver import build_optimizer
 from .tta import SemanticSegmentorWithTTA
@@ -72,8 +73,11 @@ class KNetTrainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
-        # SIGTERM / SIGINT write a checkpoint before exiting (knet.engine.preemption)
-        return with_preemption_checkpointer(super().build_hooks(), self.checkpointer)
+        # SIGTERM / SIGINT write a checkpoint before exiting (knet.engine.preemption): after the
+        # LR scheduler and periodic checkpoint hooks, before the first evaluation hook
+        hooks = super().build_hooks()
+        at = next((i for i, h in enumerate(hooks) if isinstance(h, EvalHook)), len(hooks))
+        return hooks[:at] + [PreemptionCheckpointer(self.checkpointer)] + hooks[at:]
 
     def state_dict(self):
         state = super().state_dict()
