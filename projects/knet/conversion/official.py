@@ -104,12 +104,9 @@ def _count(keys: Iterable[str], pattern: str) -> int:
 
 
 def describe_backbone(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, tuple[Rule, ...]]:
-    """(name, rename rules) of a backbone state dict without prefix.
-
-    ResNet (torchvision / MMDet names, MMCV ResNetV1c deep stem, DCNv1 offsets) or Swin (MMDet
-    or Microsoft layout). Names: "R-101-DCN" (DCN in res3-res5), "R-50-V1c", "Swin-L" (with
-    "-W12" for windows other than 7), ...
-    """
+    """(name, rename rules) of a ResNet (torchvision / MMDet names, MMCV ResNetV1c deep stem,
+    DCNv1 offsets) or Swin (MMDet or Microsoft layout) state dict without prefix. Names:
+    "R-101-DCN" (DCN in res3-res5), "R-50-V1c", "Swin-L" (with "-W12" for windows other than 7)."""
     keys = list(state_dict)
     if any(k.startswith("patch_embed.") for k in keys):
         return _describe_swin(state_dict)
@@ -160,11 +157,9 @@ def _decode_head_type(keys: Iterable[str]) -> str:
 
 
 def describe_official_knet_state_dict(checkpoint: Mapping[str, Any]) -> CheckpointInfo:
-    """Architecture of an official K-Net (MMDet) or MMSeg K-Net checkpoint.
-
-    Instance vs panoptic is read from the class count (80 / 133 COCO classes); other counts
-    give the task "instance/panoptic", which no shipped config matches.
-    """
+    """Architecture of an official K-Net (MMDet) or MMSeg K-Net checkpoint. Instance vs panoptic
+    is read from the class count (80 / 133 COCO classes); other counts give the task
+    "instance/panoptic", which no shipped config matches."""
     sd, meta = unwrap_state_dict(checkpoint)
     backbone, _ = describe_backbone(_strip(sd, "backbone."))
     if any(k.startswith("decode_head.") for k in sd):
@@ -291,13 +286,10 @@ def save_detectron2_checkpoint(
     author: str,
     matching_heuristics: bool = False,
 ) -> None:
-    """Write ``{"model": ..., "__author__": author, "matching_heuristics": ...}``.
-
-    ``.pth``/``.pt`` files are written with ``torch.save`` (loadable with ``weights_only=True``);
-    ``.pkl`` files hold numpy arrays, the format of Detectron2's model zoo. Both load with
-    ``DetectionCheckpointer(model).load(path)``; with ``matching_heuristics`` Detectron2 matches
-    the keys to the model's by suffix (backbone weights without a model prefix).
-    """
+    """Write ``{"model": ..., "__author__": author, "matching_heuristics": ...}`` with
+    ``torch.save`` (``.pth``/``.pt``) or as numpy arrays (``.pkl``, Detectron2's model zoo format),
+    for ``DetectionCheckpointer(model).load(path)``; with ``matching_heuristics`` Detectron2
+    matches the keys to the model's by suffix (backbone weights without a model prefix)."""
     header = {"__author__": author, "matching_heuristics": matching_heuristics}
     if path.endswith(".pkl"):
         model = {k: v.detach().cpu().numpy() for k, v in state_dict.items()}

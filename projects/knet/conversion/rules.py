@@ -1,12 +1,9 @@
 """Rename rules from the official checkpoint layouts to this project's parameter names.
 
 A layout is a tuple of :class:`Section`: the keys under a source prefix go to a target prefix,
-with the rest of the key rewritten by the section's :class:`Rule` list (successive regular
-expression substitutions, as Detectron2's own converters chain ``str.replace``). A rule may
-also transform the tensor (Swin's patch-merging channel order) or drop the key (buffers that
-are recomputed, ImageNet classifiers). Whether every renamed key exists in the target model,
-with the same shape, and whether every model key was produced, is checked by
-:func:`check_against_model`, so the tables never list keys one by one.
+the rest of the key rewritten by the section's :class:`Rule` list (successive regular expression
+substitutions), which may also transform the tensor or drop the key. :func:`check_against_model`
+checks the result against the target model, so the tables never list keys one by one.
 """
 
 import re

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from detectron2.data.catalog import Metadata
+
 from ..data.datasets.custom import DATASET_FORMATS, register_custom_dataset
 
 
@@ -28,6 +30,10 @@ class DatasetSpec:
     paths: tuple[str, ...]
     options: tuple[tuple[str, Any], ...] = ()  # keyword arguments, sorted
 
+    def register(self, drop_categories: Sequence[str] = ()) -> Metadata:
+        options = dict(self.options, drop_categories=drop_categories)
+        return register_custom_dataset(self.name, self.format, *self.paths, **options)
+
 
 def _usage(fmt: str) -> str:
     spec = DATASET_FORMATS[fmt]
@@ -42,13 +48,10 @@ def dataset_usage() -> str:
 
 
 def parse_dataset_args(argv: Sequence[str]) -> tuple[list[str], list[DatasetSpec]]:
-    """Take every ``--dataset NAME FORMAT PATH... [OPTION VALUE]...`` group out of ``argv``.
+    """(the remaining arguments, for ``argparse``; the groups in order): every ``--dataset NAME
+    FORMAT PATH... [OPTION VALUE]...`` group taken out of ``argv``. The number of paths depends on
+    FORMAT, so the groups can stand anywhere, also among Detectron2's ``KEY VALUE`` overrides.
 
-    The number of paths depends on FORMAT, so the groups can stand anywhere on the command line,
-    also among Detectron2's trailing ``KEY VALUE`` overrides.
-
-    Returns:
-        the remaining arguments (for ``argparse``) and the groups, in order.
     Raises:
         DatasetArgumentError: an unknown format, a missing path or option value, a repeated
             name, or a per-dataset option outside a group that takes it.
@@ -136,15 +139,11 @@ def parse_args_with_datasets(parser: Any, argv: Sequence[str] | None = None) -> 
 def register_dataset_specs(
     specs: Sequence[DatasetSpec], drop_categories: Sequence[str] = ()
 ) -> list[str]:
-    """Register every spec (see :func:`register_custom_dataset`); returns their names.
-
-    Raises:
-        DatasetArgumentError: naming the ``--dataset`` whose files or arguments are wrong.
-    """
+    """Register every spec (see :func:`register_custom_dataset`); returns their names. Raises
+    :class:`DatasetArgumentError` naming the ``--dataset`` whose files or arguments are wrong."""
     for spec in specs:
         try:
-            options = dict(spec.options, drop_categories=drop_categories)
-            register_custom_dataset(spec.name, spec.format, *spec.paths, **options)
+            spec.register(drop_categories)
         except DatasetArgumentError:
             raise
         except (OSError, ValueError, KeyError) as e:

@@ -29,11 +29,8 @@ def create_ddp_model(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
 
 
 def _create_local_process_group(workers_per_machine: int) -> None:
-    """The process group of this machine's workers, for ``comm.get_local_rank()`` and friends.
-
-    Adapter: Detectron2 after v0.6 has ``comm.create_local_process_group``; v0.6 (whose launch
-    assigns the group itself) has only the module global ``comm._LOCAL_PROCESS_GROUP``.
-    """
+    """The process group of this machine's workers, for ``comm.get_local_rank()`` and friends:
+    Detectron2 v0.6 lacks ``comm.create_local_process_group`` (its launch sets the global)."""
     if hasattr(comm, "create_local_process_group"):
         comm.create_local_process_group(workers_per_machine)
         return

@@ -96,17 +96,15 @@ os.register_at_fork(after_in_child=_restore_handlers_in_child)
 
 
 class PreemptionCheckpointer(HookBase):
-    """Write a checkpoint and stop when SIGTERM / SIGINT arrive during training (module doc).
+    """Write a checkpoint and stop when SIGTERM / SIGINT arrive during training (module doc). Put
+    it after the LR scheduler hook (the checkpoint then holds the scheduler state after the step,
+    as the periodic ones do) and before evaluation hooks.
 
-    Put it after the LR scheduler hook (so that the checkpoint holds the scheduler state after
-    the step, as the periodic checkpoints do) and before evaluation hooks.
-
-    During training a signal handler notes the signal; during each step the signals are also
-    blocked in the training thread and taken by a helper thread (``sigtimedwait``), so that
-    processes forked in the step (data-loader workers, which PyTorch lets die on a SIGTERM from
-    anyone but their parent) inherit them blocked and survive a signal sent to the whole process
-    group. Between steps (the evaluation and writer hooks) they are unblocked, so that process
-    pools forked there (panopticapi's PQ evaluation) can be terminated.
+    A signal handler notes the signal. During each step the signals are also blocked in the
+    training thread and taken by a helper thread (``sigtimedwait``), so that processes forked in
+    the step (data-loader workers, which PyTorch lets die on a SIGTERM from anyone but their
+    parent) inherit them blocked and survive a signal sent to the whole process group; between
+    steps they are unblocked, so that process pools forked there (PQ evaluation) can be ended.
     """
 
     def __init__(self, checkpointer, signals: Sequence[int] = PREEMPTION_SIGNALS):

@@ -1,8 +1,7 @@
 """A training data loader whose batches are a function of (seed, iteration), for exact resume.
 
-Detectron2's loader draws the image order from a seeded infinite stream and the augmentations
-from per-worker RNGs; after ``--resume`` both start over, so the resumed run sees other images
-and other crops than the uninterrupted one. Here, with ``SEED >= 0``:
+Detectron2's loader draws the image order and the augmentations from streams that start over
+after ``--resume``, so a resumed run sees other images and crops. Here, with ``SEED >= 0``:
 
 * the global batch of iteration ``i`` is read from a stream of seeded epoch permutations
   (``numpy.random.default_rng([seed, epoch])``), grouped into batches of one aspect-ratio
@@ -11,8 +10,7 @@ and other crops than the uninterrupted one. Here, with ``SEED >= 0``:
 * the mapper's augmentations for slot ``j`` of batch ``i`` run after ``seed_all_rng`` with a seed
   derived from ``(seed, i, j)``, in whichever worker process maps it.
 
-Skipping to iteration ``i`` therefore replays only index arithmetic, and a run resumed at ``i``
-receives exactly the batches an uninterrupted run would.
+A run resumed at ``i`` (replaying only index arithmetic) gets the uninterrupted run's batches.
 """
 
 from collections.abc import Callable, Iterator, Sequence

@@ -32,12 +32,9 @@ from .tta import SemanticSegmentorWithTTA
 
 
 class KNetTrainer(DefaultTrainer):
-    """Detectron2's DefaultTrainer with K-Net's dataset mappers, evaluators and optimizer.
-
-    Checkpoints hold the optimizer (and AMP grad scaler) state besides the iteration and the
-    LR scheduler, and are written atomically, so ``--resume`` continues the same run.
-    ``SOLVER.AMP.ENABLED`` trains in mixed precision on CUDA and on CPU (:mod:`knet.engine.amp`).
-    """
+    """Detectron2's DefaultTrainer with K-Net's dataset mappers, evaluators and optimizer, mixed
+    precision on CUDA and CPU (:mod:`knet.engine.amp`), and checkpoints (written atomically) that
+    hold the optimizer and AMP grad scaler states too, so that ``--resume`` continues the run."""
 
     def __init__(self, cfg: CfgNode):
         # DefaultTrainer.__init__ (the same in Detectron2 v0.6 and upstream), except for the DDP
@@ -93,11 +90,8 @@ class KNetTrainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         """With ``SEED >= 0`` and Detectron2's default sampler, batches are a function of (seed,
-        iteration) so that ``--resume`` continues with the batches of the uninterrupted run.
-
-        Closable, so that the preemption hook can stop its worker processes after training. The
-        training sets are checked first (``DATASETS.CHECK_GT``, ``knet.evaluation.training_set``),
-        so that a bad file or annotation fails now, listed with all others, not hours in."""
+        iteration), for exact ``--resume``; closable, for the preemption hook. The training sets
+        are checked first (``DATASETS.CHECK_GT``), so that a bad file fails now, not hours in."""
         check_training_datasets_once(cfg)
         mapper = build_train_mapper(cfg)
         if cfg.SEED >= 0 and cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler":
@@ -106,10 +100,8 @@ class KNetTrainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        """Detectron2's test loader with K-Net's test mapper (the checked image read of training).
-
-        The dataset's ground truth is checked first (``DATASETS.CHECK_GT``, once per process), so
-        that a bad file fails before inference rather than after it."""
+        """Detectron2's test loader with K-Net's test mapper, after a check of the dataset's ground
+        truth (``DATASETS.CHECK_GT``, once per process): a bad file fails before inference."""
         check_evaluation_dataset_once(cfg, dataset_name)
         return build_detection_test_loader(cfg, dataset_name, mapper=build_test_mapper(cfg))
 
