@@ -5,21 +5,15 @@
         --num-gpus 8
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS /path/to/model.pth
     python train_net.py --config-file ... --resume  # continue from OUTPUT_DIR/last_checkpoint
-
-Your own data, registered on the command line (datasets/README.md, "Your own data"):
-
     python train_net.py --config-file configs/custom/knet_R18_instance_cpu.yaml \
         --dataset my_dataset_train coco-instances train.json images/ \
         --dataset my_dataset_val coco-instances val.json images/
 
-``--dataset NAME coco-instances JSON IMAGE_ROOT``, ``--dataset NAME coco-panoptic JSON PNG_DIR
-IMAGE_ROOT`` and ``--dataset NAME sem-seg IMAGE_DIR LABEL_DIR --classes CLASSES.txt
-[--ignore-label 255]`` register NAME (in every process of a multi-process run); class counts and
-outputs the config leaves unset come from the training dataset (``knet.engine.dataset_config``).
-
-Without a GPU, ``--num-gpus N`` starts N CPU processes (gloo) running the same code path.
-SIGTERM / SIGINT during training write a checkpoint, then the run exits (status 128 + signal);
-``--resume`` continues it.
+``--dataset`` registers your own data from files in every process (the forms: ``--help`` and
+datasets/README.md, "Your own data"); class counts and outputs the config leaves unset come from
+the training dataset (``knet.engine.dataset_config``). Without a GPU, ``--num-gpus N`` starts N
+CPU processes (gloo) running the same code path. SIGTERM / SIGINT during training write a
+checkpoint, then the run exits (status 128 + signal); ``--resume`` continues it.
 """
 
 import contextlib
@@ -61,11 +55,6 @@ USER_ERRORS = (
     TrainingSetError,
     WeightsNotFoundError,
 )
-
-
-def parse_args(argv=None):
-    """Detectron2's arguments plus ``--dataset`` groups (``args.dataset``: DatasetSpec list)."""
-    return parse_args_with_datasets(default_argument_parser(), argv)
 
 
 def setup(args):
@@ -125,6 +114,6 @@ def run(args):
 
 
 if __name__ == "__main__":
-    args = parse_args()
+    args = parse_args_with_datasets(default_argument_parser())  # args.dataset: DatasetSpec list
     logging.getLogger("knet").info("Command line arguments: %s", args)
     run(args)

@@ -26,15 +26,13 @@ def add_knet_config(cfg: CN) -> None:
     # Semantic crops: maximum share of one category in a crop (official ADE20K recipe: 0.75).
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
     cfg.INPUT.COLOR_AUG_SSD = False  # photometric distortion (semantic recipe)
-    # Ground truth of each test dataset is checked before inference, each training set before
-    # training (knet.evaluation; once per dataset version, cached in $KNET_CACHE/checks): "error"
-    # fails on any defect but zero-area masks (warned about; training skips them); "warn" turns
-    # panoptic segment-id mismatches and polygons of < 3 points into one warning with counts
-    # (other defects still fail); "off" skips the checks.
+    # Ground truth checks before inference / training (knet.evaluation; once per dataset version,
+    # cached in $KNET_CACHE/checks): "error" fails on any defect but zero-area masks (warned about;
+    # training skips them); "warn" turns panoptic segment-id mismatches and polygons of < 3 points
+    # into one warning with counts (other defects still fail); "off" skips the checks.
     cfg.DATASETS.CHECK_GT = "error"
-    # Datasets registered from files (--dataset on the command line, or
-    # knet.data.datasets.register_custom_dataset): names of categories without annotations to
-    # leave out of the class list, e.g. ["_background_"] exported by labelling tools.
+    # Datasets registered from files (--dataset, knet.data.datasets.register_custom_dataset):
+    # categories without annotations to leave out, e.g. ["_background_"] of labelling tools.
     cfg.DATASETS.DROP_CATEGORIES = []
 
     # Training from MODEL.WEIGHTS: load a file that would set less than half of the model from

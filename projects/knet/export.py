@@ -1,11 +1,9 @@
 """Export K-Net to TorchScript and ONNX, and run the exported files.
 
-K-Net has no boxes, no NMS and no matching at test time, so the whole model exports: the
-exported graph takes one uint8 image (3, H, W) of any size, in the config's ``INPUT.FORMAT``,
-normalises and pads it, runs the network and the post-processing of
-:mod:`knet.modeling.postprocessing` (the same functions as eager inference), and returns plain
-tensors at the input size (resizing the input is left to the caller, as Detectron2's exported
-models do):
+K-Net has no boxes, NMS or matching at test time, so the whole model exports: the graph takes
+one uint8 image (3, H, W) of any size in ``INPUT.FORMAT``, normalises and pads it, runs the
+network and the post-processing of eager inference (:mod:`knet.modeling.postprocessing`), and
+returns plain tensors at the input size (resizing the input is the caller's, as in Detectron2):
 
 * panoptic: ``panoptic_seg`` (H, W) int32 segment ids and the segment table
   ``segment_category_id`` (S,) int64, ``segment_score`` (S,), ``segment_isthing`` (S,) bool,
@@ -43,27 +41,19 @@ METADATA_FILE = "knet.json"  # extra file of a TorchScript export / metadata key
 # output name -> its dynamic axes, by output (the order of the exported tuple)
 PANOPTIC_OUTPUTS = {
     "panoptic_seg": {0: "height", 1: "width"},
-    "segment_category_id": {0: "segments"},
-    "segment_score": {0: "segments"},
-    "segment_isthing": {0: "segments"},
-    "segment_area": {0: "segments"},
+    **{f"segment_{k}": {0: "segments"} for k in ("category_id", "score", "isthing", "area")},
 }
 INSTANCE_OUTPUTS = {
     "pred_masks": {0: "instances", 1: "height", 2: "width"},
-    "scores": {0: "instances"},
-    "pred_classes": {0: "instances"},
-    "pred_boxes": {0: "instances"},
+    **{k: {0: "instances"} for k in ("scores", "pred_classes", "pred_boxes")},
 }
 SEMANTIC_OUTPUTS = {"sem_seg": {1: "height", 2: "width"}}
 
 
 class KNetExportModule(nn.Module):
     """A K-Net model (``knet.modeling.KNet`` or ``SemanticKNet``, eval mode) as a function of
-    one uint8 image.
-
-    ``forward(image)``: (3, H, W) uint8 in ``INPUT.FORMAT`` -> a tuple of tensors named by
-    ``output_names`` (see the module docstring), at the input size.
-    """
+    one (3, H, W) uint8 image in ``INPUT.FORMAT`` -> a tuple of tensors named by ``output_names``
+    (see the module docstring), at the input size."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -208,12 +198,9 @@ def export_onnx(
 
 
 class ExportedKNet:
-    """Runs an exported K-Net file (``.ts``/``.pt``: TorchScript; ``.onnx``: ONNX Runtime).
-
-    ``exported(image)`` with a (3, H, W) uint8 tensor or array in ``metadata["input_format"]``
-    returns {output name: CPU tensor}; ``knet.modeling.postprocessing.detectron2_outputs``
-    turns that into Detectron2's outputs.
-    """
+    """Runs an exported K-Net file (``.ts``/``.pt``: TorchScript; ``.onnx``: ONNX Runtime):
+    {output name: CPU tensor}, which ``knet.modeling.postprocessing.detectron2_outputs`` turns
+    into Detectron2's outputs."""
 
     def __init__(self, path: str, num_threads: int = 0):
         self.path = path

@@ -1,26 +1,22 @@
-"""Checkpoint loading and saving for training, evaluation and inference: :class:`KNetCheckpointer`.
+"""Checkpoint loading and saving for training, evaluation and inference: :class:`KNetCheckpointer`,
+Detectron2's ``DetectionCheckpointer`` except that
 
-It is Detectron2's ``DetectionCheckpointer`` with these differences:
-
-* files are read by :func:`knet.checkpoint.safe_load.load_weights_file`: tensors, numpy arrays and
-  plain containers only, never code from the file;
+* files are read by :func:`knet.checkpoint.safe_load.load_weights_file`, never code from the file;
 * for a K-Net model, a ``MODEL.WEIGHTS`` file that does not exist or cannot be downloaded raises
-  :class:`WeightsNotFoundError`, whose message names, for the files of README's tables, the URL
-  to download and the one command that converts it (for any other file, the two converters);
+  :class:`WeightsNotFoundError`, naming the URL and the converter command that make it
+  (:func:`knet.checkpoint.model_zoo.weights_help`);
 * for a K-Net model in eval mode, a checkpoint that leaves a parameter at its initial value
   (missing key or shape mismatch) is an error: an evaluation of a partly random head is never
   reported; in training mode (fine-tuning) what fits is loaded and the rest is summarised in one
   warning, unless the file is another model (it would set less than half of the model from less
   than half of its weights): then it is an error unless ``MODEL.WEIGHTS_PARTIAL``. Each message
-  first says what the file holds and what the config builds (:func:`describe_weights`), then
-  lists the keys;
+  says what the file holds and what the config builds (:func:`describe_weights`), then the keys;
 * checkpoints and the ``last_checkpoint`` tag are written atomically (temporary file + rename),
   a failed write removes its temporary file (a killed one's is removed at the next start), and
   ``resume_or_load`` falls back to the readable checkpoint of the highest iteration, with a
   warning, when the tagged one cannot be read.
 
-The project's entry points build it; ``import knet`` makes Detectron2's defaults build it too
-(:mod:`knet.detectron2_defaults`).
+``import knet`` makes Detectron2's defaults build it too (:mod:`knet.detectron2_defaults`).
 """
 
 import contextlib
@@ -39,7 +35,6 @@ from .safe_load import CorruptCheckpointError, load_weights_file
 
 logger = logging.getLogger("knet")
 _PACKAGE = __name__.split(".")[0]
-_OTHER_WEIGHTS = " Or set MODEL.WEIGHTS to another file, or to '' to start from random weights."
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -103,10 +98,10 @@ def _remove_stale_temporary_files(folder: str) -> None:
 
 def _process_is_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)  # PermissionError: alive, another user's
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # alive, another user's
         pass
     return True
 
@@ -141,26 +136,26 @@ _OFFICIAL_LAYOUTS = {
 }
 
 
+def _blocks_per_stage(keys: Sequence[str], pattern: str) -> tuple[int, ...]:
+    """By stage, the number of distinct blocks that ``pattern`` (groups: stage, block) finds."""
+    blocks = defaultdict(set)
+    for key in keys:
+        if match := re.search(pattern, key):
+            blocks[match.group(1)].add(int(match.group(2)))
+    return tuple(len(blocks[s]) for s in sorted(blocks))
+
+
 def _backbone_of(keys: Sequence[str], shapes: Mapping[str, tuple]) -> str:
     """'ResNet-50', 'ResNet-101 with deformable convs', 'Swin-L', ... as far as keys tell."""
     embed = next(
         (k for k in keys if k.endswith(("embed.proj.weight", "embed.projection.weight"))), None
     )
     if embed:
-        blocks = defaultdict(set)
-        for key in keys:
-            if match := re.search(r"(?:layers|stages)\.(\d)\.blocks\.(\d+)\.", key):
-                blocks[match.group(1)].add(int(match.group(2)))
-        depths = tuple(len(blocks[s]) for s in sorted(blocks))
+        depths = _blocks_per_stage(keys, r"(?:layers|stages)\.(\d)\.blocks\.(\d+)\.")
         return SWIN_NAMES.get((shapes[embed][0], depths), "Swin")
-    blocks = defaultdict(set)
-    for key in keys:
-        match = re.search(r"(?:res|layer)([2-5]|[1-4](?=\.))\.(\d+)\.", key)
-        if match:
-            blocks[match.group(1)].add(int(match.group(2)))
-    if not blocks:
+    counts = _blocks_per_stage(keys, r"(?:res|layer)([2-5]|[1-4](?=\.))\.(\d+)\.")
+    if not counts:
         return "no known backbone"
-    counts = tuple(len(blocks[s]) for s in sorted(blocks))
     bottleneck = any(re.search(r"(res|layer)\w*\.0\.conv3\.", k) for k in keys)
     depth = RESNET_DEPTHS.get((counts, bottleneck), "?")
     deep_stem = any(k.endswith(("stem.conv2.weight", "stem.3.weight")) for k in keys)
@@ -191,8 +186,7 @@ def describe_weights(state: Mapping[str, Any]) -> str:
 
 
 class KNetCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` with safe reading, the checks and the atomic saves of the module
-    docstring.
+    """``DetectionCheckpointer`` with the safe reading, checks and atomic saves of the module doc.
 
     ``allow_partial`` (``MODEL.WEIGHTS_PARTIAL``): for training, load a file that sets less than
     half of the model from less than half of its own weights (by default such a file, another
@@ -225,22 +219,20 @@ class KNetCheckpointer(DetectionCheckpointer):
         # the model-zoo table is imported only to word this error: ``import knet`` does not load it
         from .model_zoo import weights_help
 
+        hint = f"{weights_help(path)} Or set MODEL.WEIGHTS to another file, or to '' to start from "
+        hint += "random weights."
         if "://" in path:
             try:
                 local = self.path_manager.get_local_path(path)
             except Exception as e:  # network and HTTP errors of every kind
+                why = f"{type(e).__name__}: {e}"
                 raise WeightsNotFoundError(
-                    f"MODEL.WEIGHTS {path} cannot be downloaded ({type(e).__name__}: {e}). "
-                    + weights_help(path)
-                    + _OTHER_WEIGHTS
+                    f"MODEL.WEIGHTS {path} cannot be downloaded ({why}). {hint}"
                 ) from e
             if os.path.isfile(local):
                 return
-        raise WeightsNotFoundError(
-            f"MODEL.WEIGHTS file not found: {path} (working directory {os.getcwd()}). "
-            + weights_help(path)
-            + _OTHER_WEIGHTS
-        )
+        where = f"working directory {os.getcwd()}"
+        raise WeightsNotFoundError(f"MODEL.WEIGHTS file not found: {path} ({where}). {hint}")
 
     def _load_file(self, filename: str) -> dict[str, Any]:
         """Detectron2's layouts (same return format), read by the restricted loader."""
@@ -316,8 +308,7 @@ class KNetCheckpointer(DetectionCheckpointer):
         if not self.save_dir or not self.save_to_disk:
             return
         data = {"model": self.model.state_dict()}
-        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
-        data.update(kwargs)
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()}, **kwargs)
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)
         self.logger.info("Saving checkpoint to %s", path)

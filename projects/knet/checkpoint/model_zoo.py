@@ -1,9 +1,8 @@
 """The released K-Net checkpoints, the ImageNet weights the configs start from, and the config
-of this project that each one loads into: the one source of README's tables ("Model zoo",
-"ImageNet weights for training"; ``python tools/convert_official_knet.py --markdown`` prints
-them), of the converters' choice of config, and of the message naming where a missing
-``MODEL.WEIGHTS`` file comes from (the one use at run time: ``import knet`` does not load this
-module, :class:`knet.checkpoint.KNetCheckpointer` imports it to word that error).
+that each one loads into: the one source of README's tables (``python
+tools/convert_official_knet.py --markdown`` prints them), of the converters' choice of config,
+and of the message naming where a missing ``MODEL.WEIGHTS`` file comes from (``import knet`` does
+not load this module; :class:`knet.checkpoint.KNetCheckpointer` imports it for that message).
 """
 
 import os
@@ -30,11 +29,8 @@ _HEAD_NAMES = {"fcn": "FCN", "psp": "PSPNet", "aspp": "DeepLabV3", "upernet": "U
 
 @dataclass(frozen=True)
 class ModelZooEntry:
-    """One released checkpoint.
-
-    ``task``, ``backbone``, ``decode_head`` and ``channels`` are what
-    :func:`knet.conversion.describe_official_knet_state_dict` reads from its keys.
-    """
+    """One released checkpoint; ``architecture`` is what
+    :func:`knet.conversion.describe_official_knet_state_dict` reads from its keys."""
 
     task: str  # "panoptic" | "instance" | "semantic"
     backbone: str  # e.g. "R-50", "R-101-DCN", "R-50-V1c", "Swin-L"

@@ -2,10 +2,9 @@
 
 A pickle can name any Python callable, so unpickling an untrusted file can run arbitrary code.
 ``torch.load(..., weights_only=True)`` and :class:`TensorUnpickler` only rebuild tensors, numpy
-arrays and plain containers (dict, list, tuple, str, numbers); anything else is refused with an
-:class:`UnsafeCheckpointError` naming the file and the offending global. A file that cannot be
-decoded at all (empty, truncated, not a checkpoint) raises :class:`CorruptCheckpointError`.
-Every entry point reads weights this way, through :class:`knet.checkpoint.KNetCheckpointer`.
+arrays and plain containers; anything else is refused with an :class:`UnsafeCheckpointError`
+naming the file and the offending global. Every entry point reads weights this way, through
+:class:`knet.checkpoint.KNetCheckpointer`.
 """
 
 import codecs
@@ -56,24 +55,26 @@ def _tensor_from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-_ALLOWED_GLOBALS: dict[tuple, Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("_codecs", "encode"): codecs.encode,  # how protocol-2 pickles store bytes
+# what rebuilds numpy arrays; ``weights_only`` torch.load needs them besides its defaults
+_NUMPY_GLOBALS: dict[tuple, Any] = {
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-    ("torch.storage", "_load_from_bytes"): _tensor_from_bytes,
     **{
         (module, name): getattr(multiarray, name)
         for module in ("numpy.core.multiarray", "numpy._core.multiarray")
         for name in ("_reconstruct", "scalar")
     },
+    # dtype classes in numpy >= 1.25 pickles
+    **{("numpy.dtypes", n): getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")},
 }
-# what ``weights_only`` torch.load needs besides its defaults to rebuild numpy arrays
-_NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar] + [
-    getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")
-]
+_ALLOWED_GLOBALS: dict[tuple, Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("_codecs", "encode"): codecs.encode,  # how protocol-2 pickles store bytes
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): _tensor_from_bytes,
+    **_NUMPY_GLOBALS,
+}
 
 
 class TensorUnpickler(pickle.Unpickler):
@@ -82,8 +83,6 @@ class TensorUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED_GLOBALS:
             return _ALLOWED_GLOBALS[(module, name)]
-        if module == "numpy.dtypes" and name.endswith("DType"):
-            return getattr(np.dtypes, name)  # dtype classes in numpy >= 1.25 pickles
         raise UnsafeCheckpointError(f"{module}.{name}")  # named in full by load_weights_file
 
 
@@ -101,7 +100,7 @@ def _load_pickle(path: str) -> Any:
 
 def _load_torch(path: str) -> Any:
     try:
-        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+        with torch.serialization.safe_globals(list(_NUMPY_GLOBALS.values())):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # a refused global, or a stream that cannot be decoded
         try:  # scans the opcodes without running them (torch >= 2.5)

@@ -12,9 +12,8 @@ semantic ones (MMSeg, ADE20K) hold ``backbone.*`` (ResNetV1c or Swin),
 ``decode_head.kernel_generate_head.*`` (UPerNet / FCN / PSPNet / ASPP),
 ``decode_head.kernel_update_head.{s}.*`` and ``auxiliary_head.*``. The architecture is read from
 the keys (:func:`describe_official_knet_state_dict`), the names are rewritten by the rule tables
-of :mod:`knet.conversion.rules`, and the result is checked key by key and shape by shape against
-the model built from a config: any key without a counterpart, and any model key left without a
-value, is an error.
+of :mod:`knet.conversion.rules` and checked, key by key and shape by shape, against the model a
+config builds.
 """
 
 import pickle
@@ -105,12 +104,9 @@ def _count(keys: Iterable[str], pattern: str) -> int:
 
 
 def describe_backbone(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, tuple[Rule, ...]]:
-    """(name, rename rules) of a backbone state dict without prefix.
-
-    ResNet (torchvision / MMDet names, MMCV ResNetV1c deep stem, DCNv1 offsets) or Swin (MMDet
-    or Microsoft layout). Names: "R-101-DCN" (DCN in res3-res5), "R-50-V1c", "Swin-L" (with
-    "-W12" for windows other than 7), ...
-    """
+    """(name, rename rules) of a ResNet (torchvision / MMDet names, MMCV ResNetV1c deep stem,
+    DCNv1 offsets) or Swin (MMDet or Microsoft layout) state dict without prefix. Names:
+    "R-101-DCN" (DCN in res3-res5), "R-50-V1c", "Swin-L" (with "-W12" for windows other than 7)."""
     keys = list(state_dict)
     if any(k.startswith("patch_embed.") for k in keys):
         return _describe_swin(state_dict)
@@ -161,11 +157,9 @@ def _decode_head_type(keys: Iterable[str]) -> str:
 
 
 def describe_official_knet_state_dict(checkpoint: Mapping[str, Any]) -> CheckpointInfo:
-    """Architecture of an official K-Net (MMDet) or MMSeg K-Net checkpoint.
-
-    Instance vs panoptic is read from the class count (80 / 133 COCO classes); other counts
-    give the task "instance/panoptic", which no shipped config matches.
-    """
+    """Architecture of an official K-Net (MMDet) or MMSeg K-Net checkpoint. Instance vs panoptic
+    is read from the class count (80 / 133 COCO classes); other counts give the task
+    "instance/panoptic", which no shipped config matches."""
     sd, meta = unwrap_state_dict(checkpoint)
     backbone, _ = describe_backbone(_strip(sd, "backbone."))
     if any(k.startswith("decode_head.") for k in sd):
@@ -195,18 +189,11 @@ def describe_official_knet_state_dict(checkpoint: Mapping[str, Any]) -> Checkpoi
 def convert_official_knet_state_dict(
     checkpoint: Mapping[str, Any], model_shapes: Mapping[str, Sequence[int]]
 ) -> dict[str, torch.Tensor]:
-    """Official K-Net (MMDetection) or MMSeg K-Net checkpoint -> this project's state dict.
-
-    Args:
-        checkpoint: the ``state_dict``, or the whole file (``{"meta": ..., "state_dict": ...}``)
-            as ``torch.load`` returns it.
-        model_shapes: {key: shape} of the model to load into (``model_state_shapes(cfg)``):
-            every converted key must be one of its keys with the same shape, and every one of
-            its keys must be produced (BN ``num_batches_tracked`` counters are optional).
-
-    Returns:
-        {model key: tensor}; tensors are the input tensors, except Swin's patch-merging
-        weights, whose channels are permuted from ``nn.Unfold`` order.
+    """Official K-Net (MMDetection) or MMSeg K-Net checkpoint (the ``state_dict`` or the whole
+    file) -> {model key: tensor} for the model of ``model_shapes`` ({key: shape},
+    ``model_state_shapes(cfg)``), whose every key must be produced (BN counters optional) with its
+    shape. Tensors are the input ones, except Swin's patch-merging weights (channels permuted
+    from ``nn.Unfold`` order).
 
     Raises:
         CheckpointKeyError: unknown keys, missing keys or shape mismatches (all listed).
@@ -230,12 +217,9 @@ def convert_pretrained_backbone(
     and MMSeg's converted Swin pretrains are recognised from their keys; the classifier and
     recomputed buffers are dropped. The keys carry no model prefix, so one file serves a
     backbone under an FPN (``backbone.bottom_up.``) and a plain one (``backbone.``):
-    :func:`save_detectron2_checkpoint` marks it for Detectron2's suffix matching.
-
-    Args:
-        model_shapes: if given, the converted keys are checked against the body of this model
-            (unknown keys and shape mismatches are errors; the model may have DCN offsets and
-            Swin output norms the ImageNet weights lack).
+    :func:`save_detectron2_checkpoint` marks it for Detectron2's suffix matching. With
+    ``model_shapes``, the keys are checked against that model's body (which may have DCN offsets
+    and Swin output norms the ImageNet weights lack).
 
     Returns:
         ({body key: tensor}, backbone name such as "Swin-L" or "R-101").
@@ -244,7 +228,6 @@ def convert_pretrained_backbone(
     name, rules = describe_backbone(sd)
     converted, origin = rename_state_dict(sd, (Section("", "", rules),))
     if model_shapes is not None:
-        # the body's keys: under an FPN ``backbone.bottom_up.``, else ``backbone.``
         fpn = any(k.startswith("backbone.bottom_up.") for k in model_shapes)
         body = _strip(model_shapes, "backbone.bottom_up." if fpn else "backbone.")
         what = f"the {name} ImageNet weights"
@@ -263,16 +246,9 @@ def model_state_shapes(cfg) -> dict[str, tuple[int, ...]]:
 
 
 def check_coco_class_names(classes: Sequence[str]) -> list[str]:
-    """Compare a checkpoint's class order with Detectron2's COCO contiguous ids.
-
-    Args:
-        classes: ``meta["CLASSES"]`` of the checkpoint: 80 thing classes (instance) or 80 things
-            followed by 53 stuff classes (panoptic).
-
-    Returns:
-        One line per position where the names differ (empty when the order matches, so that
-        ``fc_cls``/``conv_seg`` rows need no re-indexing).
-    """
+    """Compare a checkpoint's ``meta["CLASSES"]`` (80 things, or 80 things and 53 stuff) with
+    Detectron2's COCO contiguous ids: one line per position where the names differ (none when
+    the order matches, so that ``fc_cls``/``conv_seg`` rows need no re-indexing)."""
     from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
     things = [c["name"] for c in COCO_CATEGORIES if c["isthing"]]
@@ -291,13 +267,8 @@ def check_coco_class_names(classes: Sequence[str]) -> list[str]:
 
 
 def load_checkpoint_file(path: str, allow_pickle: bool = False) -> dict[str, Any]:
-    """Read a checkpoint to convert, restricted to tensors and plain containers by default.
-
-    Args:
-        path: a ``.pth`` or ``.pkl`` file (official K-Net, MMSeg, ImageNet weights, ...).
-        allow_pickle: fully unpickle (``weights_only=False``) a file whose metadata holds
-            other Python objects. Only for trusted files: unpickling can run code.
-    """
+    """Read a ``.pth`` / ``.pkl`` checkpoint to convert, restricted to tensors and plain
+    containers unless ``allow_pickle`` (for trusted files only: unpickling can run code)."""
     try:
         return load_weights_file(path)
     except UnsafeCheckpointError:
@@ -315,13 +286,10 @@ def save_detectron2_checkpoint(
     author: str,
     matching_heuristics: bool = False,
 ) -> None:
-    """Write ``{"model": ..., "__author__": author, "matching_heuristics": ...}``.
-
-    ``.pth``/``.pt`` files are written with ``torch.save`` (loadable with ``weights_only=True``);
-    ``.pkl`` files hold numpy arrays, the format of Detectron2's model zoo. Both load with
-    ``DetectionCheckpointer(model).load(path)``; with ``matching_heuristics`` Detectron2 matches
-    the keys to the model's by suffix (backbone weights without a model prefix).
-    """
+    """Write ``{"model": ..., "__author__": author, "matching_heuristics": ...}`` with
+    ``torch.save`` (``.pth``/``.pt``) or as numpy arrays (``.pkl``, Detectron2's model zoo format),
+    for ``DetectionCheckpointer(model).load(path)``; with ``matching_heuristics`` Detectron2
+    matches the keys to the model's by suffix (backbone weights without a model prefix)."""
     header = {"__author__": author, "matching_heuristics": matching_heuristics}
     if path.endswith(".pkl"):
         model = {k: v.detach().cpu().numpy() for k, v in state_dict.items()}

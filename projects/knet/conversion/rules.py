@@ -1,12 +1,9 @@
 """Rename rules from the official checkpoint layouts to this project's parameter names.
 
 A layout is a tuple of :class:`Section`: the keys under a source prefix go to a target prefix,
-with the rest of the key rewritten by the section's :class:`Rule` list (successive regular
-expression substitutions, as Detectron2's own converters chain ``str.replace``). A rule may
-also transform the tensor (Swin's patch-merging channel order) or drop the key (buffers that
-are recomputed, ImageNet classifiers). Whether every renamed key exists in the target model,
-with the same shape, and whether every model key was produced, is checked by
-:func:`check_against_model`, so the tables never list keys one by one.
+the rest of the key rewritten by the section's :class:`Rule` list (successive regular expression
+substitutions), which may also transform the tensor or drop the key. :func:`check_against_model`
+checks the result against the target model, so the tables never list keys one by one.
 """
 
 import re
@@ -55,15 +52,9 @@ def _format_keys(keys: Sequence[str], limit: int = 20) -> str:
 def rename_state_dict(
     state_dict: Mapping[str, torch.Tensor], layout: Sequence[Section]
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Apply a layout to every key.
-
-    Returns:
-        ({new key: tensor}, {new key: original key}). Keys under no section keep their name
-        (prefixed by nothing), so that the model check reports them as unknown.
-
-    Raises:
-        CheckpointKeyError: two keys map to the same name.
-    """
+    """Apply a layout to every key: ({new key: tensor}, {new key: original key}). Keys under no
+    section keep their name, so that the model check reports them as unknown; two keys mapped to
+    one name raise :class:`CheckpointKeyError`."""
     out: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     for key, value in state_dict.items():
@@ -95,15 +86,10 @@ def check_against_model(
     may_miss: str | None = None,
 ) -> None:
     """Raise :class:`CheckpointKeyError` naming ``what`` and listing the converted keys the
-    model lacks, the model keys nothing was converted to and the shape mismatches.
-
-    Args:
-        converted: {model key: tensor}; BN counters the model does not have are removed.
-        origin: {model key: checkpoint key}, for the messages.
-        model_shapes: {key: shape} of every parameter and persistent buffer of the model.
-        may_miss: regular expression of model keys the checkpoint need not provide (e.g.
-            the zero-initialised DCN offsets when loading ImageNet weights).
-    """
+    model (``model_shapes``, {key: shape}) lacks, the model keys nothing was converted to (except
+    those matching the regular expression ``may_miss``) and the shape mismatches; ``origin``
+    ({model key: checkpoint key}) words the messages. BN counters the model does not have are
+    removed from ``converted``."""
     for key in [k for k in converted if k.endswith(OPTIONAL_BUFFER) and k not in model_shapes]:
         del converted[key]
     unknown = [f"{origin.get(k, k)} -> {k}" for k in converted if k not in model_shapes]

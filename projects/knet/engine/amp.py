@@ -1,34 +1,25 @@
 """Mixed-precision training (``SOLVER.AMP.ENABLED``) on CUDA and on CPU.
 
 ``SOLVER.AMP.DTYPE`` chooses the autocast type: "float16", "bfloat16" or "auto" (the default:
-float16 on CUDA, bfloat16 on CPU). The trainer that runs the steps is
-
-* float16 on CUDA: Detectron2's ``AMPTrainer`` (autocast + ``GradScaler``), as in Detectron2
-  v0.6 and upstream;
-* bfloat16 (CUDA or CPU): :class:`AutocastTrainer`, the same step under
-  ``torch.autocast(device, torch.bfloat16)`` without a grad scaler (bfloat16 has fp32's exponent
-  range, so gradients do not underflow). Detectron2 v0.6's ``AMPTrainer`` asserts CUDA and has
-  no dtype argument, so it cannot do this.
-
-float16 on CPU is refused: CPU autocast's float16 coverage is partial and would need a CPU grad
-scaler. Whatever the dtype, K-Net keeps the group-feature sums, the matching costs and the losses
-in fp32 (see ``knet.modeling.criterion.numerics`` and the kernel heads).
+float16 on CUDA, bfloat16 on CPU). float16 on CUDA runs Detectron2's ``AMPTrainer`` (autocast +
+``GradScaler``); bfloat16 (CUDA or CPU) runs :class:`AutocastTrainer`, the same step without a
+grad scaler (bfloat16 has fp32's exponent range, so gradients do not underflow), which Detectron2
+v0.6's ``AMPTrainer`` cannot do (it asserts CUDA and has no dtype argument). float16 on CPU is
+refused: CPU autocast's float16 coverage is partial and would need a CPU grad scaler. Whatever the
+dtype, K-Net keeps the group-feature sums, the matching costs and the losses in fp32 (see
+``knet.modeling.criterion.numerics`` and the kernel heads).
 """
 
 import time
-from typing import Any
 
 import torch
 from detectron2.engine import AMPTrainer, SimpleTrainer
-
-__all__ = ["AMP_DTYPES", "amp_dtype", "AutocastTrainer", "build_amp_trainer"]
 
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def amp_dtype(cfg) -> torch.dtype:
-    """The autocast dtype of ``SOLVER.AMP.DTYPE`` on ``MODEL.DEVICE`` ("auto": float16 on CUDA,
-    bfloat16 elsewhere).
+    """The autocast dtype of ``SOLVER.AMP.DTYPE`` on ``MODEL.DEVICE``.
 
     Raises:
         ValueError: an unknown name, or float16 on a device other than CUDA.
@@ -50,27 +41,16 @@ def amp_dtype(cfg) -> torch.dtype:
 class AutocastTrainer(SimpleTrainer):
     """``SimpleTrainer`` whose forward pass and loss sum run under ``torch.autocast``.
 
-    Like Detectron2's ``AMPTrainer`` but for any device and dtype, with an optional grad scaler
-    (None for bfloat16). The backward pass runs outside autocast, as PyTorch recommends; the
-    gradients reach the fp32 parameters in fp32. Upstream ``SimpleTrainer`` options
-    (``zero_grad_before_forward``, ``after_backward``, ``async_write_metrics``) are honoured when
-    present, so this works with Detectron2 v0.6 and upstream.
+    The backward pass runs outside autocast, as PyTorch recommends; the gradients reach the fp32
+    parameters in fp32. Upstream ``SimpleTrainer`` options (``zero_grad_before_forward``,
+    ``after_backward``, ``async_write_metrics``) are honoured when present, so this works with
+    Detectron2 v0.6 and upstream.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        data_loader,
-        optimizer: torch.optim.Optimizer,
-        *,
-        device_type: str,
-        dtype: torch.dtype = torch.bfloat16,
-        grad_scaler: torch.amp.GradScaler | None = None,
-    ):
+    def __init__(self, model, data_loader, optimizer, *, device_type: str, dtype=torch.bfloat16):
         super().__init__(model, data_loader, optimizer)
         self.device_type = device_type
         self.dtype = dtype
-        self.grad_scaler = grad_scaler
 
     def run_step(self):
         assert self.model.training, "[AutocastTrainer] model was changed to eval mode!"
@@ -89,43 +69,20 @@ class AutocastTrainer(SimpleTrainer):
                 losses = sum(loss_dict.values())
         if not zero_grad_first:
             self.optimizer.zero_grad()
-        if self.grad_scaler is not None:
-            losses = self.grad_scaler.scale(losses)
         losses.backward()
         if callable(getattr(self, "after_backward", None)):  # upstream hook, absent in v0.6
             self.after_backward()
-
         if getattr(self, "async_write_metrics", False):
             self.concurrent_executor.submit(
                 self._write_metrics, loss_dict, data_time, iter=self.iter
             )
         else:
             self._write_metrics(loss_dict, data_time)
-
-        if self.grad_scaler is not None:
-            self.grad_scaler.step(self.optimizer)  # unscales first: clipping sees true norms
-            self.grad_scaler.update()
-        else:
-            self.optimizer.step()
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        if self.grad_scaler is not None:
-            state["grad_scaler"] = self.grad_scaler.state_dict()
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        # a checkpoint of a float16 run holds a scaler state that bfloat16 does not need
-        if self.grad_scaler is not None and "grad_scaler" in state_dict:
-            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+        self.optimizer.step()
 
 
 def build_amp_trainer(cfg, model, data_loader, optimizer) -> SimpleTrainer:
-    """The mixed-precision step runner for ``cfg`` (see the module docstring).
-
-    Called by ``KNetTrainer`` where Detectron2's ``DefaultTrainer`` would build ``AMPTrainer``.
-    """
+    """The mixed-precision step runner that ``KNetTrainer`` uses for ``cfg``."""
     dtype = amp_dtype(cfg)
     device_type = torch.device(cfg.MODEL.DEVICE).type
     if device_type == "cuda" and dtype == torch.float16:

@@ -9,20 +9,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from detectron2.data.catalog import Metadata
 
 from ..data.datasets.custom import DATASET_FORMATS, register_custom_dataset
-
-__all__ = [
-    "DatasetArgumentError",
-    "DatasetSpec",
-    "parse_args_with_datasets",
-    "parse_dataset_args",
-    "register_dataset_specs",
-]
 
 
 class DatasetArgumentError(ValueError):
@@ -36,16 +28,11 @@ class DatasetSpec:
     name: str
     format: str
     paths: tuple[str, ...]
-    options: tuple[tuple[str, Any], ...] = field(default=())  # keyword arguments, sorted
+    options: tuple[tuple[str, Any], ...] = ()  # keyword arguments, sorted
 
     def register(self, drop_categories: Sequence[str] = ()) -> Metadata:
-        return register_custom_dataset(
-            self.name,
-            self.format,
-            *self.paths,
-            drop_categories=drop_categories,
-            **dict(self.options),
-        )
+        options = dict(self.options, drop_categories=drop_categories)
+        return register_custom_dataset(self.name, self.format, *self.paths, **options)
 
 
 def _usage(fmt: str) -> str:
@@ -61,13 +48,10 @@ def dataset_usage() -> str:
 
 
 def parse_dataset_args(argv: Sequence[str]) -> tuple[list[str], list[DatasetSpec]]:
-    """Take every ``--dataset NAME FORMAT PATH... [OPTION VALUE]...`` group out of ``argv``.
+    """(the remaining arguments, for ``argparse``; the groups in order): every ``--dataset NAME
+    FORMAT PATH... [OPTION VALUE]...`` group taken out of ``argv``. The number of paths depends on
+    FORMAT, so the groups can stand anywhere, also among Detectron2's ``KEY VALUE`` overrides.
 
-    The number of paths depends on FORMAT, so the groups can stand anywhere on the command line,
-    also among Detectron2's trailing ``KEY VALUE`` overrides.
-
-    Returns:
-        the remaining arguments (for ``argparse``) and the groups, in order.
     Raises:
         DatasetArgumentError: an unknown format, a missing path or option value, a repeated
             name, or a per-dataset option outside a group that takes it.
@@ -155,11 +139,8 @@ def parse_args_with_datasets(parser: Any, argv: Sequence[str] | None = None) -> 
 def register_dataset_specs(
     specs: Sequence[DatasetSpec], drop_categories: Sequence[str] = ()
 ) -> list[str]:
-    """Register every spec (see :func:`register_custom_dataset`); returns their names.
-
-    Raises:
-        DatasetArgumentError: naming the ``--dataset`` whose files or arguments are wrong.
-    """
+    """Register every spec (see :func:`register_custom_dataset`); returns their names. Raises
+    :class:`DatasetArgumentError` naming the ``--dataset`` whose files or arguments are wrong."""
     for spec in specs:
         try:
             spec.register(drop_categories)

@@ -1,18 +1,15 @@
 """Multi-process training on GPUs (NCCL) and, for tests and CPU-only machines, on CPUs (gloo).
 
-Detectron2's ``launch`` (v0.6) always initialises NCCL and requires CUDA, and its
-``create_ddp_model`` passes ``device_ids`` that ``DistributedDataParallel`` rejects for CPU
-modules. :func:`launch` defers to Detectron2's on GPU machines and otherwise starts the same
-processes with a gloo process group; :func:`create_ddp_model` wraps CPU models without
-``device_ids``. With them, ``train_net.py --num-gpus N`` on a machine without a GPU runs N CPU
-processes with exactly the code path of N GPUs.
+Detectron2 v0.6's ``launch`` requires CUDA (NCCL) and its ``create_ddp_model`` passes
+``device_ids``, which ``DistributedDataParallel`` rejects for CPU modules; these two fall back to
+gloo and CPU models, so that ``train_net.py --num-gpus N`` without a GPU runs N CPU processes
+with exactly the code path of N GPUs.
 """
 
 import logging
 import os
 import socket
 from collections.abc import Callable, Sequence
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -20,11 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.engine import create_ddp_model as _d2_create_ddp_model
 from detectron2.engine import launch as _d2_launch
+from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
-
-__all__ = ["ExternalLauncherError", "create_ddp_model", "launch"]
-
-DEFAULT_TIMEOUT = timedelta(minutes=30)
 
 
 def create_ddp_model(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
@@ -36,11 +30,8 @@ def create_ddp_model(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
 
 
 def _create_local_process_group(workers_per_machine: int) -> None:
-    """The process group of this machine's workers, for ``comm.get_local_rank()`` and friends.
-
-    Adapter: Detectron2 after v0.6 has ``comm.create_local_process_group``; v0.6 (whose launch
-    assigns the group itself) has only the module global ``comm._LOCAL_PROCESS_GROUP``.
-    """
+    """The process group of this machine's workers, for ``comm.get_local_rank()`` and friends:
+    Detectron2 v0.6 lacks ``comm.create_local_process_group`` (its launch sets the global)."""
     if hasattr(comm, "create_local_process_group"):
         comm.create_local_process_group(workers_per_machine)
         return

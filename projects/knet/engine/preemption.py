@@ -1,21 +1,19 @@
-"""Preemption: on SIGTERM or SIGINT during training, write a checkpoint, then exit.
+"""Preemption: on SIGTERM (clusters preempting a job) or SIGINT (Ctrl-C) during training, write a
+checkpoint, then exit.
 
-Clusters preempt jobs with SIGTERM (and kill them some seconds later); Ctrl-C sends SIGINT. With
-:class:`PreemptionCheckpointer` among the trainer's hooks (``KNetTrainer`` adds it), such a
-signal lets the current iteration finish, then the checkpoint of that iteration is written
-(``model_<iteration>.pth``, atomically, tagged in ``last_checkpoint``, with the optimizer, the
-LR scheduler and the iteration, like the periodic ones) and the process exits with status
-``128 + signal number`` (143 for SIGTERM, 130 for SIGINT). Running the same command with
-``--resume`` continues from the next iteration; with ``SEED >= 0`` it continues exactly as the
-uninterrupted run would have (see ``knet.engine.seeded_loader``).
+With :class:`PreemptionCheckpointer` among the trainer's hooks (``KNetTrainer`` adds it), such a
+signal lets the current iteration finish, then its checkpoint is written like the periodic ones
+(``model_<iteration>.pth``) and the process exits with status ``128 + signal number`` (143 for
+SIGTERM, 130 for SIGINT). The same command with ``--resume`` continues from the next iteration,
+with ``SEED >= 0`` exactly as the uninterrupted run would have (``knet.engine.seeded_loader``).
 
-In a multi-process run every process stops after the same iteration: each step ends with an
-all-reduce of "a signal arrived" over the processes, so it is enough for one process to receive
-the signal. ``train_net.py`` forwards a signal that its launching process receives to the worker
-processes (:func:`forward_signals_to_workers`). Data-loader workers started during training
-inherit the handler, so a signal sent to the whole process group (as schedulers do) does not kill
-them before the checkpoint is written; a training loader wrapped in :class:`ClosableLoader` has
-them shut down when training ends.
+In a multi-process run every process stops after the same iteration (each step ends with an
+all-reduce of "a signal arrived"), so one process receiving the signal is enough; ``train_net.py``
+forwards one that its launching process receives to the workers
+(:func:`forward_signals_to_workers`). Data-loader workers started during training inherit the
+handler, so a signal sent to the whole process group (as schedulers do) does not kill them before
+the checkpoint is written; a training loader wrapped in :class:`ClosableLoader` has them shut
+down when training ends.
 """
 
 from __future__ import annotations
@@ -35,16 +33,6 @@ import torch.distributed as dist
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-__all__ = [
-    "PREEMPTION_SIGNALS",
-    "ClosableLoader",
-    "PreemptionCheckpointer",
-    "TrainingInterrupted",
-    "forward_signals_to_workers",
-    "interrupted_exit_code",
-    "with_preemption_checkpointer",
-]
-
 logger = logging.getLogger(__name__)
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -58,10 +46,8 @@ def interrupted_exit_code(signum: int) -> int:
 class ClosableLoader:
     """An iterable over ``loader`` whose :meth:`close` stops the iterators it has handed out.
 
-    A closed iterator drops the torch ``DataLoader`` iterator it was reading, which then shuts
-    its worker processes down (PyTorch does so when such an iterator is garbage-collected): the
-    way for :class:`PreemptionCheckpointer` to stop the workers of a loader that the trainer
-    iterates (workers with the signals blocked, which would not take a SIGTERM).
+    A closed iterator drops the torch ``DataLoader`` iterator it was reading, whose workers
+    (which have the signals blocked, so would not take a SIGTERM) PyTorch then shuts down.
     """
 
     def __init__(self, loader: Iterable[Any]):
@@ -82,11 +68,9 @@ class ClosableLoader:
 
 
 class TrainingInterrupted(SystemExit):
-    """Raised after the checkpoint of a signalled run is written; exits with 128 + signum.
-
-    A ``SystemExit``: Detectron2's training loop does not log it as a failure, and the hooks'
-    ``after_train`` still run (writers are flushed; no final evaluation, no ``model_final``).
-    """
+    """Raised after the checkpoint of a signalled run is written; exits with 128 + signum. A
+    ``SystemExit``: Detectron2's training loop does not log it as a failure, and the hooks'
+    ``after_train`` still run (writers are flushed; no final evaluation, no ``model_final``)."""
 
     def __init__(self, signum: int, iteration: int):
         super().__init__(interrupted_exit_code(signum))
@@ -112,26 +96,20 @@ os.register_at_fork(after_in_child=_restore_handlers_in_child)
 
 
 class PreemptionCheckpointer(HookBase):
-    """Write a checkpoint and stop when SIGTERM / SIGINT arrive during training (module doc).
+    """Write a checkpoint and stop when SIGTERM / SIGINT arrive during training (module doc). Put
+    it after the LR scheduler hook (the checkpoint then holds the scheduler state after the step,
+    as the periodic ones do) and before evaluation hooks.
 
-    Put it after the LR scheduler hook (so that the checkpoint holds the scheduler state after
-    the step, as the periodic checkpoints do) and before evaluation hooks.
-
-    During training a signal handler notes the signal; during each step the signals are also
-    blocked in the training thread and taken by a helper thread (``sigtimedwait``), so that
-    processes forked in the step (data-loader workers, which PyTorch lets die on a SIGTERM from
-    anyone but their parent) inherit them blocked and survive a signal sent to the whole process
-    group. Between steps (the evaluation and writer hooks) they are unblocked, so that process
-    pools forked there (panopticapi's PQ evaluation) can be terminated.
+    A signal handler notes the signal. During each step the signals are also blocked in the
+    training thread and taken by a helper thread (``sigtimedwait``), so that processes forked in
+    the step (data-loader workers, which PyTorch lets die on a SIGTERM from anyone but their
+    parent) inherit them blocked and survive a signal sent to the whole process group; between
+    steps they are unblocked, so that process pools forked there (PQ evaluation) can be ended.
     """
 
     def __init__(self, checkpointer, signals: Sequence[int] = PREEMPTION_SIGNALS):
-        """
-        Args:
-            checkpointer: the trainer's checkpointer (its checkpointables hold the trainer);
-                only the main process writes.
-            signals: the signals to handle.
-        """
+        """``checkpointer``: the trainer's (its checkpointables hold the trainer); only the main
+        process writes."""
         self.checkpointer = checkpointer
         self.signals = tuple(signals)
         self._received = 0
@@ -256,12 +234,3 @@ def forward_signals_to_workers(
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-def with_preemption_checkpointer(hooks: list[HookBase], checkpointer) -> list[HookBase]:
-    """``hooks`` (Detectron2's default list) with a :class:`PreemptionCheckpointer` inserted
-    before the first evaluation hook: after the LR scheduler and periodic checkpoint hooks."""
-    from detectron2.engine.hooks import EvalHook
-
-    at = next((i for i, h in enumerate(hooks) if isinstance(h, EvalHook)), len(hooks))
-    return hooks[:at] + [PreemptionCheckpointer(checkpointer)] + hooks[at:]

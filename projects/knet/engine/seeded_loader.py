@@ -1,8 +1,7 @@
 """A training data loader whose batches are a function of (seed, iteration), for exact resume.
 
-Detectron2's loader draws the image order from a seeded infinite stream and the augmentations
-from per-worker RNGs; after ``--resume`` both start over, so the resumed run sees other images
-and other crops than the uninterrupted one. Here, with ``SEED >= 0``:
+Detectron2's loader draws the image order and the augmentations from streams that start over
+after ``--resume``, so a resumed run sees other images and crops. Here, with ``SEED >= 0``:
 
 * the global batch of iteration ``i`` is read from a stream of seeded epoch permutations
   (``numpy.random.default_rng([seed, epoch])``), grouped into batches of one aspect-ratio
@@ -11,8 +10,7 @@ and other crops than the uninterrupted one. Here, with ``SEED >= 0``:
 * the mapper's augmentations for slot ``j`` of batch ``i`` run after ``seed_all_rng`` with a seed
   derived from ``(seed, i, j)``, in whichever worker process maps it.
 
-Skipping to iteration ``i`` therefore replays only index arithmetic, and a run resumed at ``i``
-receives exactly the batches an uninterrupted run would.
+A run resumed at ``i`` (replaying only index arithmetic) gets the uninterrupted run's batches.
 """
 
 from collections.abc import Callable, Iterator, Sequence
@@ -25,8 +23,6 @@ from detectron2.data.build import trivial_batch_collator
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
-__all__ = ["SeededTrainLoader", "iteration_seed", "seeded_batches"]
-
 
 def iteration_seed(seed: int, iteration: int, slot: int = -1) -> int:
     """A 32-bit RNG seed for (run seed, iteration, slot of the batch; -1: the training step)."""
@@ -36,15 +32,9 @@ def iteration_seed(seed: int, iteration: int, slot: int = -1) -> int:
 def seeded_batches(
     orientations: Sequence[bool], batch_size: int, seed: int, start_iter: int = 0
 ) -> Iterator[list[int]]:
-    """Global batches of record indices, from iteration ``start_iter`` on (infinite).
-
-    Args:
-        orientations: per record, True if landscape (``width > height``); all equal disables
-            grouping in effect.
-        batch_size: images per global batch.
-        seed: the run's seed.
-        start_iter: the first batch to yield; earlier ones are computed and dropped.
-    """
+    """Global batches of ``batch_size`` record indices, from iteration ``start_iter`` on
+    (earlier ones are computed and dropped), infinitely. ``orientations``: per record, True if
+    landscape (``width > height``); all equal disables grouping in effect."""
     buckets: dict[bool, list[int]] = {True: [], False: []}
     iteration, epoch = 0, 0
     while True:

@@ -1,33 +1,23 @@
 """Optimizer of the official K-Net recipe: AdamW, backbone lr multiplier, global grad clip."""
 
-import logging
 from typing import Any
 
 import torch
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from torch import nn
 
-logger = logging.getLogger(__name__)
-
-# Parameters of the backbone body; the FPN neck (backbone.fpn_*) keeps the full lr, as in MMDet.
-BACKBONE_BODY_PREFIX = "backbone.bottom_up."
-
-
 # Position tables of the Swin backbone (SOLVER.WEIGHT_DECAY_EMBED), by parameter name.
 EMBED_PARAMS = ("relative_position_bias_table", "absolute_pos_embed")
-
-
-def backbone_body_prefix(model: nn.Module) -> str:
-    """ "backbone.bottom_up." for an FPN-wrapped backbone, else the whole "backbone."."""
-    backbone = getattr(model, "backbone", None)
-    return BACKBONE_BODY_PREFIX if hasattr(backbone, "bottom_up") else "backbone."
 
 
 def split_backbone_body(
     groups: list[dict[str, Any]], model: nn.Module, multiplier: float
 ) -> list[dict[str, Any]]:
-    """Split param groups so the backbone body's parameters get ``lr * multiplier``."""
-    prefix = backbone_body_prefix(model)
+    """Split param groups so the backbone body's parameters get ``lr * multiplier``: those of
+    ``backbone.bottom_up.`` under an FPN (whose neck keeps the full lr, as in MMDet), else all of
+    ``backbone.``."""
+    fpn = hasattr(getattr(model, "backbone", None), "bottom_up")
+    prefix = "backbone.bottom_up." if fpn else "backbone."
     body = {id(p) for n, p in model.named_parameters() if n.startswith(prefix)}
     result = []
     for group in groups:
@@ -82,8 +72,7 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
 def add_global_grad_clipping(optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float):
     """Clip the norm of all gradients together before every ``optimizer.step()``.
 
-    A step pre-hook runs after ``GradScaler.step`` has unscaled the gradients, so it also works
-    with AMP.
+    A step pre-hook runs after ``GradScaler.step`` has unscaled the gradients: it works with AMP.
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
@@ -91,4 +80,3 @@ def add_global_grad_clipping(optimizer: torch.optim.Optimizer, max_norm: float, 
         torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
 
     optimizer.register_step_pre_hook(clip_hook)
-    return optimizer

@@ -8,6 +8,7 @@ from collections import OrderedDict
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine.hooks import EvalHook
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import JSONWriter
@@ -24,19 +25,16 @@ from ..modeling import SemanticKNet
 from .amp import build_amp_trainer
 from .dataset_config import configured_for_datasets
 from .launch import create_ddp_model
-from .preemption import ClosableLoader, with_preemption_checkpointer
+from .preemption import ClosableLoader, PreemptionCheckpointer
 from .seeded_loader import SeededTrainLoader, iteration_seed
 from .solver import build_optimizer
 from .tta import SemanticSegmentorWithTTA
 
 
 class KNetTrainer(DefaultTrainer):
-    """Detectron2's DefaultTrainer with K-Net's dataset mappers, evaluators and optimizer.
-
-    Checkpoints hold the optimizer (and AMP grad scaler) state besides the iteration and the
-    LR scheduler, and are written atomically, so ``--resume`` continues the same run.
-    ``SOLVER.AMP.ENABLED`` trains in mixed precision on CUDA and on CPU (:mod:`knet.engine.amp`).
-    """
+    """Detectron2's DefaultTrainer with K-Net's dataset mappers, evaluators and optimizer, mixed
+    precision on CUDA and CPU (:mod:`knet.engine.amp`), and checkpoints (written atomically) that
+    hold the optimizer and AMP grad scaler states too, so that ``--resume`` continues the run."""
 
     def __init__(self, cfg: CfgNode):
         # DefaultTrainer.__init__ (the same in Detectron2 v0.6 and upstream), except for the DDP
@@ -72,8 +70,11 @@ class KNetTrainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
-        # SIGTERM / SIGINT write a checkpoint before exiting (knet.engine.preemption)
-        return with_preemption_checkpointer(super().build_hooks(), self.checkpointer)
+        # SIGTERM / SIGINT write a checkpoint before exiting (knet.engine.preemption): after the
+        # LR scheduler and periodic checkpoint hooks, before the first evaluation hook
+        hooks = super().build_hooks()
+        at = next((i for i, h in enumerate(hooks) if isinstance(h, EvalHook)), len(hooks))
+        return hooks[:at] + [PreemptionCheckpointer(self.checkpointer)] + hooks[at:]
 
     def state_dict(self):
         state = super().state_dict()
@@ -89,11 +90,9 @@ class KNetTrainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         """With ``SEED >= 0`` and Detectron2's default sampler, batches are a function of (seed,
-        iteration) so that ``--resume`` continues with the batches of the uninterrupted run.
-
-        Closable, so that the preemption hook can stop its worker processes after training. The
-        training sets are checked first (``DATASETS.CHECK_GT``, ``knet.evaluation.ground_truth``),
-        so that a bad file or annotation fails now, listed with all others, not hours in."""
+        iteration), for exact ``--resume``; closable, for the preemption hook. The training sets
+        are checked first (``DATASETS.CHECK_GT``, ``knet.evaluation.ground_truth``), so that a bad
+        file fails now, listed with all others, not hours in."""
         check_training_datasets_once(cfg)
         mapper = build_train_mapper(cfg)
         if cfg.SEED >= 0 and cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler":
@@ -102,10 +101,8 @@ class KNetTrainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        """Detectron2's test loader with K-Net's test mapper (the checked image read of training).
-
-        The dataset's ground truth is checked first (``DATASETS.CHECK_GT``, once per process), so
-        that a bad file fails before inference rather than after it."""
+        """Detectron2's test loader with K-Net's test mapper, after a check of the dataset's ground
+        truth (``DATASETS.CHECK_GT``, once per process): a bad file fails before inference."""
         check_evaluation_dataset_once(cfg, dataset_name)
         return build_detection_test_loader(cfg, dataset_name, mapper=build_test_mapper(cfg))
 

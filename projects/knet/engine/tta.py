@@ -1,14 +1,10 @@
 """Test-time augmentation (multi-scale and horizontal flip) for semantic K-Net."""
 
-import copy
-
 import torch
 from detectron2.data.transforms import HFlipTransform
 from detectron2.modeling import DatasetMapperTTA
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-
-__all__ = ["SemanticSegmentorWithTTA"]
 
 
 class SemanticSegmentorWithTTA(nn.Module):
@@ -21,14 +17,9 @@ class SemanticSegmentorWithTTA(nn.Module):
     """
 
     def __init__(self, cfg, model: nn.Module, tta_mapper=None, batch_size: int = 1):
-        """
-        Args:
-            cfg: the config (``TEST.AUG.*``).
-            model: a model returning ``[{"sem_seg": (K, H, W)}]`` at the inputs' height/width.
-            tta_mapper: callable from one input dict to a list of augmented dicts with a
-                "transforms" entry; default ``DatasetMapperTTA(cfg)``.
-            batch_size: augmented images per forward pass.
-        """
+        """``model`` returns ``[{"sem_seg": (K, H, W)}]`` at the inputs' height/width;
+        ``tta_mapper`` maps one input dict to augmented dicts with a "transforms" entry (default
+        ``DatasetMapperTTA(cfg)``); ``batch_size`` augmented images go in one forward pass."""
         super().__init__()
         if isinstance(model, DistributedDataParallel):
             model = model.module
@@ -39,17 +30,11 @@ class SemanticSegmentorWithTTA(nn.Module):
 
     def __call__(self, batched_inputs: list[dict]) -> list[dict[str, torch.Tensor]]:
         """Same input and output format as the model's inference."""
-        return [self._inference_one_image(self._with_size(x)) for x in batched_inputs]
-
-    @staticmethod
-    def _with_size(x: dict) -> dict:
-        x = copy.copy(x)
-        x.setdefault("height", x["image"].shape[1])
-        x.setdefault("width", x["image"].shape[2])
-        return x
+        return [self._inference_one_image(x) for x in batched_inputs]
 
     def _inference_one_image(self, inputs: dict) -> dict[str, torch.Tensor]:
-        augmented = self.tta_mapper(inputs)
+        height, width = inputs["image"].shape[1:3]
+        augmented = self.tta_mapper({"height": height, "width": width, **inputs})
         total: torch.Tensor | None = None
         for start in range(0, len(augmented), self.batch_size):
             batch = augmented[start : start + self.batch_size]
