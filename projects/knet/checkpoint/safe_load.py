@@ -3,8 +3,9 @@
 A pickle can name any Python callable, so unpickling an untrusted file can run arbitrary code.
 ``torch.load(..., weights_only=True)`` and :class:`TensorUnpickler` only rebuild tensors, numpy
 arrays and plain containers; anything else is refused with an :class:`UnsafeCheckpointError`
-naming the file and the offending global. Every entry point reads weights this way, through
-:class:`knet.checkpoint.KNetCheckpointer`.
+naming the file and the offending global; a file that cannot be decoded at all (empty,
+truncated, not a checkpoint) raises :class:`CorruptCheckpointError`. Every entry point reads
+weights this way, through :class:`knet.checkpoint.KNetCheckpointer`.
 """
 
 import codecs
