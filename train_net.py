@@ -37,7 +37,7 @@ from knet.engine.arguments import (
     register_dataset_specs,
 )
 from knet.engine.dataset_config import configure_for_datasets
-from knet.engine.launch import ExternalLauncherError
+from knet.engine.launch import ExternalLauncherError, fit_threads_to_cores
 from knet.engine.preemption import (
     PREEMPTION_SIGNALS,
     forward_signals_to_workers,
@@ -60,6 +60,7 @@ USER_ERRORS = (
 def setup(args):
     cfg, explicit_keys = load_knet_config(args.config_file, args.opts)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="knet")
+    fit_threads_to_cores(cfg)
     register_dataset_specs(args.dataset, cfg.DATASETS.DROP_CATEGORIES)
     mode = "eval" if args.eval_only else "train"
     configure_for_datasets(cfg, explicit_keys, mode)

@@ -98,8 +98,8 @@ def test_semantic_train_and_eval_only_with_tta(tmp_path, toy_root):
 
 
 def test_process_of_an_external_launcher_stops_before_writing(tmp_path):
-    """torchrun's environment (WORLD_SIZE > 1) with a train_net.py that would train alone: an
-    error naming the variable and the command to use, and no output folder."""
+    """A launcher's environment that train_net.py cannot join (WORLD_SIZE > 1 without
+    MASTER_ADDR): an error naming the variables and the command to use, and no output folder."""
     env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
     out = tmp_path / "out"
     cmd = [
@@ -109,5 +109,6 @@ def test_process_of_an_external_launcher_stops_before_writing(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "WORLD_SIZE=2" in proc.stderr and "--num-gpus 2" in proc.stderr, proc.stderr[-2000:]
+    assert "MASTER_ADDR is not set" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()

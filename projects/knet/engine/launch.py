@@ -6,10 +6,13 @@ gloo and CPU models, so that ``train_net.py --num-gpus N`` without a GPU runs N 
 with exactly the code path of N GPUs.
 """
 
+import dataclasses
+import functools
 import logging
 import os
+import re
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -42,24 +45,20 @@ def _create_local_process_group(workers_per_machine: int) -> None:
             comm._LOCAL_PROCESS_GROUP = group
 
 
-def _cpu_worker(
-    local_rank: int,
-    main_func: Callable,
-    world_size: int,
-    workers_per_machine: int,
-    machine_rank: int,
-    dist_url: str,
-    args: Sequence[Any],
-) -> None:
-    rank = machine_rank * workers_per_machine + local_rank
+def _run_in_group(main_func: Callable, args: Sequence[Any], world: "ProcessWorld") -> None:
+    """Join the process group of ``world``, run ``main_func(*args)``, leave the group."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(world.local_rank)
     try:
         dist.init_process_group(
-            "gloo", init_method=dist_url, world_size=world_size, rank=rank, timeout=DEFAULT_TIMEOUT
-        )
+            backend, world.init_method, world_size=world.size, rank=world.rank,
+            timeout=DEFAULT_TIMEOUT,
+        )  # fmt: skip
     except Exception:
-        logging.getLogger("knet").error("Process group URL: %s", dist_url)
+        logging.getLogger("knet").error("Process group (%s): %s", world.source, world.init_method)
         raise
-    _create_local_process_group(workers_per_machine)
+    _create_local_process_group(world.local_size)
     comm.synchronize()
     try:
         main_func(*args)
@@ -67,24 +66,126 @@ def _cpu_worker(
         dist.destroy_process_group()
 
 
+def _cpu_worker(local_rank: int, main_func: Callable, world: "ProcessWorld", args) -> None:
+    rank = world.rank + local_rank  # world.rank: the rank of this machine's first process
+    _run_in_group(main_func, args, dataclasses.replace(world, rank=rank, local_rank=local_rank))
+
+
 class ExternalLauncherError(RuntimeError):
-    """This process is one of several started by a launcher that :func:`launch` does not join."""
+    """The environment of an external launcher is incomplete, or disagrees with the command line."""
 
 
-def _refuse_external_launcher() -> None:
-    """Stop before anything is written when an external launcher (torchrun, torch elastic, a
-    PyTorchJob: ``WORLD_SIZE`` > 1 in the environment) started this process: :func:`launch`
-    starts its own processes, so each of the launcher's would train alone into one folder."""
-    world_size = os.environ.get("WORLD_SIZE", "1")
-    if world_size.strip() in ("", "0", "1"):
+@dataclasses.dataclass(frozen=True)
+class ProcessWorld:
+    """This process's place among the training processes: where a launcher put it."""
+
+    source: str  # "torchrun" (torch elastic, a PyTorchJob), "SLURM" or "train_net.py"
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int  # processes on this machine
+    init_method: str  # "env://" or "tcp://HOST:PORT"
+
+
+def _tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """This node's entry of SLURM's ``SLURM_TASKS_PER_NODE`` ("2(x3),1": 2, 2, 2, 1)."""
+    counts = []
+    for part in tasks_per_node.split(","):
+        count, _, repeat = part.partition("(x")
+        counts += [int(count)] * int(repeat.rstrip(")") or 1)
+    return counts[node_id]
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[03-05,09],cpu1" -> "gpu03"."""
+    prefix, ranges = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip()).groups()
+    return prefix + re.split(r"[-,]", ranges)[0] if ranges else prefix
+
+
+def launcher_world(environ: Mapping[str, str] = os.environ) -> ProcessWorld | None:
+    """The world an external launcher started this process in, from its environment; None
+    when none did (one process, or ``train_net.py`` spawns the others).
+
+    * torchrun / torch elastic / a PyTorchJob: ``WORLD_SIZE`` > 1 with ``RANK``, ``LOCAL_RANK``,
+      ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` (joined by ``env://``);
+    * ``srun`` under SLURM: ``SLURM_NTASKS`` > 1 with ``SLURM_PROCID``, ``SLURM_LOCALID``,
+      ``SLURM_NTASKS_PER_NODE`` (else ``SLURM_TASKS_PER_NODE`` and ``SLURM_NODEID``) and the
+      first host of ``SLURM_JOB_NODELIST`` as master; the port is ``MASTER_PORT``, else
+      15000 + the job id modulo 20000 (one per job, the same in every task).
+    """
+
+    def need(name: str, source: str, size_name: str) -> str:
+        if not environ.get(name, "").strip():
+            raise ExternalLauncherError(
+                f"{source} started this process ({size_name}={environ[size_name]} in the "
+                f"environment) but {name} is not set: it would train alone into the shared "
+                f"output folder. Start it with {source}, which sets {name}, or start one "
+                f"process: python train_net.py --num-gpus {environ[size_name]} ..."
+            )
+        return environ[name].strip()
+
+    if int(environ.get("WORLD_SIZE", "1").strip() or 1) > 1:
+        torchrun = functools.partial(need, source="torchrun", size_name="WORLD_SIZE")
+        torchrun("MASTER_ADDR"), torchrun("MASTER_PORT")
+        return ProcessWorld(
+            "torchrun", int(torchrun("RANK")), int(environ["WORLD_SIZE"]),
+            int(environ.get("LOCAL_RANK", 0)), int(environ.get("LOCAL_WORLD_SIZE", 1)), "env://",
+        )  # fmt: skip
+    if int(environ.get("SLURM_NTASKS", "1").strip() or 1) > 1 and "SLURM_PROCID" in environ:
+        slurm = functools.partial(need, source="SLURM", size_name="SLURM_NTASKS")
+        if environ.get("SLURM_NTASKS_PER_NODE"):
+            local_size = int(environ["SLURM_NTASKS_PER_NODE"])
+        else:
+            tasks = slurm("SLURM_TASKS_PER_NODE")
+            local_size = _tasks_on_node(tasks, int(environ.get("SLURM_NODEID", 0)))
+        host = _first_host(slurm("SLURM_JOB_NODELIST"))
+        port = environ.get("MASTER_PORT") or 15000 + int(environ.get("SLURM_JOB_ID", 0)) % 20000
+        return ProcessWorld(
+            "SLURM", int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]),
+            int(slurm("SLURM_LOCALID")), local_size, f"tcp://{host}:{port}",
+        )  # fmt: skip
+    return None
+
+
+def _join_launcher(world: ProcessWorld, num_gpus: int, num_machines: int) -> None:
+    """Refuse a ``--num-gpus`` / ``--num-machines`` given on the command line (anything but the
+    default 1 x 1) that disagrees with the launcher's numbers."""
+    machines = world.size // world.local_size
+    if (num_gpus, num_machines) not in ((1, 1), (world.local_size, machines)):
+        raise ExternalLauncherError(
+            f"--num-gpus {num_gpus} --num-machines {num_machines} (command line) disagree with "
+            f"{world.source}'s {world.local_size} processes per machine x {machines} machines "
+            "(environment); leave both out under a launcher, or make them agree"
+        )
+    logging.getLogger("knet").info(
+        "Joining the %d processes started by %s: rank %d (local rank %d of %d)",
+        world.size, world.source, world.rank, world.local_rank, world.local_size,
+    )  # fmt: skip
+
+
+def fit_threads_to_cores(cfg) -> None:
+    """On the CPU, give each of this machine's processes an equal share of the cores, less its
+    loader workers, so that threads x processes + workers do not oversubscribe them (two
+    processes with PyTorch's default threads ran 4-5x slower on a busy 2-core machine).
+
+    One process keeps PyTorch's default; ``OMP_NUM_THREADS`` in the environment overrides the
+    choice. The layout is logged either way.
+    """
+    if cfg.MODEL.DEVICE != "cpu":
         return
-    raise ExternalLauncherError(
-        f"this process was started by a multi-process launcher (WORLD_SIZE={world_size}, "
-        f"RANK={os.environ.get('RANK', '?')} in the environment, as torchrun sets them), but "
-        "train_net.py starts its own processes and does not join the launcher's: each of them "
-        "would train alone into the same output folder. Start one process instead: "
-        f"python train_net.py --num-gpus {world_size} ... (or unset WORLD_SIZE)."
-    )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    processes, workers = comm.get_local_size(), cfg.DATALOADER.NUM_WORKERS
+    if os.environ.get("OMP_NUM_THREADS"):
+        reason = "OMP_NUM_THREADS"
+    elif processes > 1:
+        torch.set_num_threads(max(1, cores // processes - workers))
+        reason = "cores / processes - loader workers; set OMP_NUM_THREADS to override"
+    else:
+        reason = "PyTorch's default for one process"
+    logging.getLogger("knet").info(
+        "CPU layout: %d process(es) x %d torch threads + %d loader workers each, on %d cores (%s)",
+        processes, torch.get_num_threads(), workers, cores, reason,
+    )  # fmt: skip
 
 
 def launch(
@@ -95,12 +196,20 @@ def launch(
     dist_url: str | None = None,
     args: Sequence[Any] = (),
 ) -> None:
-    """``detectron2.engine.launch`` with a CPU fallback: ``num_gpus_per_machine`` gloo processes.
+    """``detectron2.engine.launch`` that also joins an external launcher's processes and falls
+    back to gloo CPU processes without a GPU.
 
-    Args as for Detectron2's ``launch``; ``dist_url="auto"`` picks a free local port. Raises
-    :class:`ExternalLauncherError` in a process that an external launcher started.
+    Started by torchrun or ``srun`` (:func:`launcher_world`), this process joins their group
+    (NCCL on GPUs, gloo on CPUs) and runs ``main_func`` itself; otherwise it spawns
+    ``num_gpus_per_machine`` processes as Detectron2 does. Args as for Detectron2's
+    ``launch``; ``dist_url="auto"`` picks a free local port. Raises
+    :class:`ExternalLauncherError` for an incomplete launcher environment or a command line
+    that disagrees with it.
     """
-    _refuse_external_launcher()
+    world = launcher_world()
+    if world is not None:
+        _join_launcher(world, num_gpus_per_machine, num_machines)
+        return _run_in_group(main_func, args, world)
     world_size = num_machines * num_gpus_per_machine
     if torch.cuda.is_available() or world_size == 1:
         return _d2_launch(
@@ -115,9 +224,6 @@ def launch(
     logging.getLogger("knet").info(
         "No GPU: starting %d CPU processes with a gloo process group", num_gpus_per_machine
     )
-    mp.spawn(
-        _cpu_worker,
-        nprocs=num_gpus_per_machine,
-        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, tuple(args)),
-        daemon=False,
-    )
+    first_rank = machine_rank * num_gpus_per_machine
+    world = ProcessWorld("train_net.py", first_rank, world_size, 0, num_gpus_per_machine, dist_url)
+    mp.spawn(_cpu_worker, nprocs=num_gpus_per_machine, args=(main_func, world, tuple(args)))
