@@ -13,7 +13,9 @@
 datasets/README.md, "Your own data"); class counts and outputs the config leaves unset come from
 the training dataset (``knet.engine.dataset_config``). Without a GPU, ``--num-gpus N`` starts N
 CPU processes (gloo) running the same code path. SIGTERM / SIGINT during training write a
-checkpoint, then the run exits (status 128 + signal); ``--resume`` continues it.
+checkpoint, then the run exits (status 128 + signal); ``--resume`` continues it. Under torchrun or
+SLURM the processes of the launcher are joined (``knet.engine.launch``), and a run the launcher
+restarts (``--max-restarts``, a requeued job) resumes by itself.
 """
 
 import contextlib
@@ -37,7 +39,7 @@ from knet.engine.arguments import (
     register_dataset_specs,
 )
 from knet.engine.dataset_config import configure_for_datasets
-from knet.engine.launch import ExternalLauncherError, fit_threads_to_cores
+from knet.engine.launch import ExternalLauncherError, fit_threads_to_cores, launcher_restart
 from knet.engine.preemption import (
     PREEMPTION_SIGNALS,
     forward_signals_to_workers,
@@ -83,7 +85,10 @@ def main(args):
             verify_results(cfg, res)
         return res
     trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
+    restart = launcher_restart()
+    if restart and not args.resume:
+        logging.getLogger("knet").info("Restarted by the launcher (%s): resuming", restart)
+    trainer.resume_or_load(resume=args.resume or restart is not None)
     if cfg.TEST.AUG.ENABLED:
         trainer.register_hooks(
             [hooks.EvalHook(0, lambda: trainer.test_with_TTA(cfg, trainer.model))]

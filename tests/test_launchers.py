@@ -3,9 +3,11 @@ group; the launchers' environments are read and checked."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from knet.engine.launch import (
     ProcessWorld,
     _join_launcher,
     fit_threads_to_cores,
+    launcher_restart,
     launcher_world,
 )
 
@@ -98,8 +101,8 @@ TRAIN = [
     "--config-file", "configs/toy/knet_R18_toy_panoptic.yaml",
     "MODEL.KNET.NUM_PROPOSALS", "4", "MODEL.KNET.NUM_STAGES", "1",
     "MODEL.KNET.STAGE_LOSS_WEIGHTS", "[1.0]", "INPUT.MIN_SIZE_TRAIN", "(96, 96)",
-    "INPUT.MAX_SIZE_TRAIN", "128", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "2",
-    "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "()", "SOLVER.CHECKPOINT_PERIOD", "100",
+    "INPUT.MAX_SIZE_TRAIN", "128", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "6",
+    "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "()", "SOLVER.CHECKPOINT_PERIOD", "2",
     "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "TEST.EVAL_PERIOD", "0",
 ]  # fmt: skip
 LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")
@@ -124,15 +127,16 @@ def _start(cmd: list[str], out: Path, **environ: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def _finish(procs: list[subprocess.Popen], out: Path) -> dict:
+def _finish(procs: list[subprocess.Popen], out: Path, restarted: bool = False) -> dict:
     """Wait for the processes; the final weights, after checking that one process group ran."""
     for proc in procs:
         stdout, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, stdout[-3000:]
     log = (out / "log.txt").read_text()
     assert "World size: 2" in log, log[-2000:]
-    iterations = [json.loads(line)["iteration"] for line in (out / "metrics.json").open()]
-    assert iterations == sorted(set(iterations)), iterations  # one writer: each row once
+    if not restarted:  # (a restarted run logs the iterations after its checkpoint again)
+        iterations = [json.loads(line)["iteration"] for line in (out / "metrics.json").open()]
+        assert iterations == sorted(set(iterations)), iterations  # one writer: each row once
     return torch.load(out / "model_final.pth", weights_only=True)["model"]
 
 
@@ -182,3 +186,64 @@ def _assert_same_weights(weights: dict, reference: dict) -> None:
     assert weights.keys() == reference.keys()
     for key, value in weights.items():
         torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_torchrun_restart_resumes_to_the_uninterrupted_weights(tmp_path, spawned_weights):
+    """``torchrun --max-restarts 1`` with a worker killed (SIGKILL) after the first checkpoint:
+    the restarted workers resume by themselves and end with the uninterrupted run's weights."""
+    out = tmp_path / "out"
+    cmd = _torchrun(1, 0, f"127.0.0.1:{_free_port()}")
+    proc = _start([*cmd[:2], "--max-restarts", "1", *cmd[2:]], out)
+    deadline = time.monotonic() + 300
+    while not (out / "last_checkpoint").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.05)
+    workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert workers, "the run ended before a worker was killed"
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    weights = _finish([proc], out, restarted=True)
+    log = (out / "log.txt").read_text()
+    assert "Restarted by the launcher (TORCHELASTIC_RESTART_COUNT=1): resuming" in log
+    _assert_same_weights(weights, spawned_weights)
+
+
+def test_a_launcher_restart_is_named():
+    assert launcher_restart({"TORCHELASTIC_RESTART_COUNT": "0"}) is None
+    assert launcher_restart({"TORCHELASTIC_RESTART_COUNT": "2"}) == "TORCHELASTIC_RESTART_COUNT=2"
+    assert launcher_restart({"SLURM_RESTART_COUNT": "1"}) == "SLURM_RESTART_COUNT=1"
+
+
+def _descendants(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [d for c in map(int, children) for d in (c, *_descendants(c))]
+
+
+@pytest.mark.slow
+def test_submitit_requeue_resumes_to_the_uninterrupted_weights(
+    tmp_path, monkeypatch, spawned_weights
+):
+    """tools/submit_slurm.py on submitit's local cluster, 2 tasks: the time-out signal after
+    the first checkpoint requeues the job with --resume; it ends with the uninterrupted weights."""
+    from scripts import load_script
+
+    submit_slurm = load_script("tools/submit_slurm.py")
+    monkeypatch.chdir(REPO)
+    for name, value in _clean_environ().items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "out"
+    args = ["--cluster", "local", "--gpus-per-node", "0", "--tasks-per-node", "2"]
+    args += ["--folder", str(tmp_path / "jobs"), "--", *TRAIN, "OUTPUT_DIR", str(out)]
+    job = submit_slurm.main(args)
+    deadline = time.monotonic() + 300
+    while not (out / "last_checkpoint").exists():
+        assert not job.done() and time.monotonic() < deadline, job.stdout()
+        time.sleep(0.05)
+    for pid in _descendants(job._process.pid):  # what SLURM does: signal the first task
+        if b"SUBMITIT_LOCAL_GLOBALID=0\0" in Path(f"/proc/{pid}/environ").read_bytes():
+            os.kill(pid, signal.SIGUSR2)
+    job.wait()
+    assert "Requeued job" in job.stdout(), job.stdout()[-3000:]
+    assert job.state == "FINISHED", job.stderr()
+    final = torch.load(out / "model_final.pth", weights_only=True)["model"]
+    _assert_same_weights(final, spawned_weights)

@@ -45,16 +45,32 @@ def _create_local_process_group(workers_per_machine: int) -> None:
             comm._LOCAL_PROCESS_GROUP = group
 
 
+def _torchrun_store(world: "ProcessWorld") -> dist.Store:
+    """torchrun's store (hosted by its agent, else by rank 0, as ``env://`` does) under a prefix
+    per restart: the agent keeps one store across restarts, where the killed workers' addresses
+    would be read by the new ones."""
+    hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world.size,
+        is_master=not hosted_by_agent and world.rank == 0, timeout=DEFAULT_TIMEOUT,
+        multi_tenant=True,
+    )  # fmt: skip
+    return dist.PrefixStore(f"knet_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def _run_in_group(main_func: Callable, args: Sequence[Any], world: "ProcessWorld") -> None:
     """Join the process group of ``world``, run ``main_func(*args)``, leave the group."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(world.local_rank)
+    if world.init_method == "env://":
+        where = {"store": _torchrun_store(world)}
+    else:
+        where = {"init_method": world.init_method}
     try:
         dist.init_process_group(
-            backend, world.init_method, world_size=world.size, rank=world.rank,
-            timeout=DEFAULT_TIMEOUT,
-        )  # fmt: skip
+            backend, **where, world_size=world.size, rank=world.rank, timeout=DEFAULT_TIMEOUT
+        )
     except Exception:
         logging.getLogger("knet").error("Process group (%s): %s", world.source, world.init_method)
         raise
@@ -102,6 +118,12 @@ def _first_host(nodelist: str) -> str:
     return prefix + re.split(r"[-,]", ranges)[0] if ranges else prefix
 
 
+def job_port(job_id: str) -> int:
+    """The master's port of a SLURM job: 15000 + the job id modulo 20000, the same in every task
+    and different for jobs submitted one after another."""
+    return 15000 + int(job_id.split("_")[0]) % 20000
+
+
 def launcher_world(environ: Mapping[str, str] = os.environ) -> ProcessWorld | None:
     """The world an external launcher started this process in, from its environment; None
     when none did (one process, or ``train_net.py`` spawns the others).
@@ -139,11 +161,20 @@ def launcher_world(environ: Mapping[str, str] = os.environ) -> ProcessWorld | No
             tasks = slurm("SLURM_TASKS_PER_NODE")
             local_size = _tasks_on_node(tasks, int(environ.get("SLURM_NODEID", 0)))
         host = _first_host(slurm("SLURM_JOB_NODELIST"))
-        port = environ.get("MASTER_PORT") or 15000 + int(environ.get("SLURM_JOB_ID", 0)) % 20000
+        port = environ.get("MASTER_PORT") or job_port(environ.get("SLURM_JOB_ID", "0"))
         return ProcessWorld(
             "SLURM", int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]),
             int(slurm("SLURM_LOCALID")), local_size, f"tcp://{host}:{port}",
         )  # fmt: skip
+    return None
+
+
+def launcher_restart(environ: Mapping[str, str] = os.environ) -> str | None:
+    """ "NAME=N" when a launcher restarted this run (torchrun's ``--max-restarts``, a requeued
+    SLURM job), so that it resumes from its last checkpoint without ``--resume``; else None."""
+    for name in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"):
+        if int(environ.get(name, "0").strip() or 0) > 0:
+            return f"{name}={environ[name].strip()}"
     return None
 
 
