@@ -247,3 +247,24 @@ def test_submitit_requeue_resumes_to_the_uninterrupted_weights(
     assert job.state == "FINISHED", job.stderr()
     final = torch.load(out / "model_final.pth", weights_only=True)["model"]
     _assert_same_weights(final, spawned_weights)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_stops_every_machine_promptly(tmp_path, toy_root):
+    """Two torchrun "machines" of one process each: SIGKILL to the worker of one makes both
+    commands exit with an error within a minute, not at the 30-minute collective timeout."""
+    out = tmp_path / "out"
+    endpoint = f"127.0.0.1:{_free_port()}"
+    machines = [_start(_torchrun(2, n, endpoint), out) for n in range(2)]
+    deadline = time.monotonic() + 300
+    while not (out / "last_checkpoint").exists():
+        assert all(m.poll() is None for m in machines) and time.monotonic() < deadline
+        time.sleep(0.05)
+    workers = [Path(f"/proc/{m.pid}/task/{m.pid}/children").read_text().split() for m in machines]
+    assert all(workers), "the run ended before a worker was killed"
+    os.kill(int(workers[1][0]), signal.SIGKILL)
+    killed_at = time.monotonic()
+    for machine in machines:
+        machine.communicate(timeout=60)
+        assert machine.returncode != 0
+    assert time.monotonic() - killed_at < 60
