@@ -50,23 +50,25 @@ def register_panoptic_with_sem_seg(
 def register_instances(
     name: str, load: Callable[[], list[dict]], paths: dict[str, str], metadata: dict[str, Any]
 ) -> None:
-    """Register the instance records of ``load()`` with the thing classes of panoptic
-    ``metadata``, mask AP scored against ``paths["json_file"]``."""
+    """Register the instance records of ``load()`` with the thing classes of ``metadata`` and the
+    ``image_root`` and ``json_file`` (mask AP scored against it) that ``paths`` has."""
     DatasetCatalog.register(name, load)
     things = {k: v for k, v in metadata.items() if k.startswith("thing_")}
-    files = {k: paths[k] for k in ("image_root", "json_file")}
+    files = {k: paths[k] for k in ("image_root", "json_file") if k in paths}
     MetadataCatalog.get(name).set(**files, evaluator_type="coco", **things)
 
 
 def register_sem_seg(
     name: str, load: Callable[[], list[dict]], paths: dict[str, str], metadata: dict[str, Any]
 ) -> None:
-    """Register the label-map records of ``load()`` (ignore label 255) with the ``stuff_*``
-    classes of ``metadata`` and the ``image_root`` / ``sem_seg_root`` of ``paths``."""
+    """Register the label-map records of ``load()`` with the ``stuff_*`` classes and
+    ``ignore_label`` (default 255) of ``metadata`` and the ``image_root`` / ``sem_seg_root`` that
+    ``paths`` has."""
     DatasetCatalog.register(name, load)
     stuff = {k: v for k, v in metadata.items() if k.startswith("stuff_")}
-    roots = {k: paths[k] for k in ("image_root", "sem_seg_root")}
-    MetadataCatalog.get(name).set(**roots, evaluator_type="sem_seg", ignore_label=255, **stuff)
+    roots = {k: paths[k] for k in ("image_root", "sem_seg_root") if k in paths}
+    kind = {"evaluator_type": "sem_seg", "ignore_label": metadata.get("ignore_label", 255)}
+    MetadataCatalog.get(name).set(**roots, **kind, **stuff)
 
 
 def _load_toy_sem_seg(root: str, paths: dict[str, str]) -> list[dict]:
