@@ -13,7 +13,6 @@ PATH...``, datasets/README.md) for its class names and counts. More in demo/READ
 from __future__ import annotations
 
 import argparse
-import glob
 import logging
 import os
 import time
@@ -28,10 +27,11 @@ from detectron2.utils.logger import setup_logger
 from predictor import VisualizationDemo, build_demo_cfg, count_predictions
 
 from knet.data.dataset_mappers import read_image_checked
+from knet.data.datasets.custom import IMAGE_EXTENSIONS
 from knet.engine.arguments import parse_args_with_datasets
+from knet.visualization import expand_inputs
 
 WINDOW_NAME = "K-Net"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
 
 logger = logging.getLogger("knet.demo")
@@ -55,24 +55,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--amp", action="store_true", help=amp)
     add("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return parse_args_with_datasets(parser, argv)
-
-
-def expand_inputs(patterns: Sequence[str]) -> list[str]:
-    """Paths, glob patterns and folders (their images, sorted) -> list of image paths."""
-    paths: list[str] = []
-    for pattern in patterns:
-        pattern = os.path.expanduser(pattern)
-        if os.path.isdir(pattern):
-            names = [n for n in os.listdir(pattern) if n.lower().endswith(IMAGE_EXTENSIONS)]
-            found = sorted(os.path.join(pattern, name) for name in names)
-        elif glob.has_magic(pattern):
-            found = sorted(glob.glob(pattern))
-        else:
-            found = [pattern]
-        if not found:
-            raise FileNotFoundError(f"--input {pattern!r} matches no image")
-        paths.extend(p for p in found if p not in paths)
-    return paths
 
 
 def image_output_paths(inputs: Sequence[str], output: str) -> list[str]:

@@ -40,7 +40,7 @@ from panoptic_conversion import (
     prepare_semantic_from_panoptic,
 )
 
-from knet.data.datasets.builtin import PANOPTIC_EXTRA
+from knet.data.datasets.builtin import PANOPTIC_EXTRA, register_instances, register_sem_seg
 from knet.data.datasets.panoptic import coco_panoptic_metadata, load_panoptic_json_with_sem_seg
 from knet.data.datasets.toy import TOY_MARKER as MARKER  # the stamp file of a prepared folder
 from knet.data.datasets.toy import read_toy_marker
@@ -201,22 +201,11 @@ def register_samples() -> None:
     name = "coco_sample_val_panoptic_with_sem_seg"
     DatasetCatalog.register(name, partial(_load_coco_sample, True))
     MetadataCatalog.get(name).set(**paths, **_COCO_META, **PANOPTIC_EXTRA)
-    DatasetCatalog.register("coco_sample_val", partial(_load_coco_sample, False))
-    MetadataCatalog.get("coco_sample_val").set(
-        image_root=paths["image_root"],
-        json_file=paths["json_file"],
-        evaluator_type="coco",
-        **{k: v for k, v in _COCO_META.items() if k.startswith("thing_")},
-    )
+    register_instances("coco_sample_val", partial(_load_coco_sample, False), paths, _COCO_META)
     for split in ADE_SPLITS:
-        name = f"ade20k_sample_sem_seg_{split}"
-        DatasetCatalog.register(name, partial(_load_ade20k_sample, split))
-        MetadataCatalog.get(name).set(
-            **ade20k_sample_paths(split),
-            stuff_classes=list(ADE20K_SEM_SEG_CATEGORIES),
-            evaluator_type="sem_seg",
-            ignore_label=255,
-        )
+        metadata = {"stuff_classes": list(ADE20K_SEM_SEG_CATEGORIES)}
+        load, paths = partial(_load_ade20k_sample, split), ade20k_sample_paths(split)
+        register_sem_seg(f"ade20k_sample_sem_seg_{split}", load, paths, metadata)
 
 
 def main(argv=None) -> int:

@@ -1,11 +1,35 @@
-"""K-Net's outputs drawn with Detectron2's ``Visualizer`` (the demo and the main job)."""
+"""K-Net's outputs drawn with Detectron2's ``Visualizer`` (the demo and the main job), and the
+image files that the demo and ``tools/deploy/run_exported.py`` take as ``--input``."""
 
+import glob
+import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from detectron2.utils.visualizer import VisImage, Visualizer
 
-__all__ = ["draw_predictions"]
+from .data.datasets.custom import IMAGE_EXTENSIONS
+
+__all__ = ["draw_predictions", "expand_inputs"]
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[str]:
+    """Paths, glob patterns and folders (their images, sorted) -> list of image paths."""
+    paths: list[str] = []
+    for pattern in patterns:
+        pattern = os.path.expanduser(pattern)
+        if os.path.isdir(pattern):
+            names = [n for n in os.listdir(pattern) if n.lower().endswith(IMAGE_EXTENSIONS)]
+            found = sorted(os.path.join(pattern, name) for name in names)
+        elif glob.has_magic(pattern):
+            found = sorted(glob.glob(pattern))
+        else:
+            found = [pattern]
+        if not found:
+            raise FileNotFoundError(f"--input {pattern!r} matches no image")
+        paths.extend(p for p in found if p not in paths)
+    return paths
 
 
 def draw_predictions(visualizer: Visualizer, predictions: dict[str, Any]) -> VisImage | None:

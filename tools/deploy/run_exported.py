@@ -13,7 +13,6 @@ config's test dataset (``--dataset`` chooses another registered one).
 from __future__ import annotations
 
 import argparse
-import glob
 import logging
 import os
 import sys
@@ -32,7 +31,7 @@ import knet  # noqa: F401  (registers the datasets whose class names are drawn)
 from knet.data.dataset_mappers import read_image_checked
 from knet.export import ExportedKNet
 from knet.modeling.postprocessing import detectron2_outputs
-from knet.visualization import draw_predictions
+from knet.visualization import draw_predictions, expand_inputs
 
 logger = logging.getLogger("knet.export")
 
@@ -40,21 +39,11 @@ logger = logging.getLogger("knet.export")
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model.ts or model.onnx")
-    parser.add_argument("--input", nargs="+", required=True, help="images or glob patterns")
+    parser.add_argument("--input", nargs="+", required=True, help="images, globs or folders")
     parser.add_argument("--output", required=True, help="folder for the drawings")
     parser.add_argument("--dataset", help="registered dataset whose class names are drawn")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: default)")
     return parser.parse_args(argv)
-
-
-def expand(patterns: Sequence[str]) -> list[str]:
-    paths = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(pattern)))
-        if not matches:
-            raise FileNotFoundError(f"no image matches {pattern!r}")
-        paths += matches
-    return paths
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metadata = MetadataCatalog.get(args.dataset or meta["dataset"] or "__unused")
     resize = T.ResizeShortestEdge(meta["min_size_test"], meta["max_size_test"])
     os.makedirs(args.output, exist_ok=True)
-    for path in expand(args.input):
+    for path in expand_inputs(args.input):
         image = read_image_checked(path, meta["input_format"], "image")
         image = resize.get_transform(image).apply_image(image)
         start = time.perf_counter()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -46,6 +47,30 @@ def register_panoptic_with_sem_seg(
     MetadataCatalog.get(name).set(**paths, **metadata, **PANOPTIC_EXTRA)
 
 
+def register_instances(
+    name: str, load: Callable[[], list[dict]], paths: dict[str, str], metadata: dict[str, Any]
+) -> None:
+    """Register the instance records of ``load()`` with the thing classes of ``metadata`` and the
+    ``image_root`` and ``json_file`` (mask AP scored against it) that ``paths`` has."""
+    DatasetCatalog.register(name, load)
+    things = {k: v for k, v in metadata.items() if k.startswith("thing_")}
+    files = {k: paths[k] for k in ("image_root", "json_file") if k in paths}
+    MetadataCatalog.get(name).set(**files, evaluator_type="coco", **things)
+
+
+def register_sem_seg(
+    name: str, load: Callable[[], list[dict]], paths: dict[str, str], metadata: dict[str, Any]
+) -> None:
+    """Register the label-map records of ``load()`` with the ``stuff_*`` classes and
+    ``ignore_label`` (default 255) of ``metadata`` and the ``image_root`` / ``sem_seg_root`` that
+    ``paths`` has."""
+    DatasetCatalog.register(name, load)
+    stuff = {k: v for k, v in metadata.items() if k.startswith("stuff_")}
+    roots = {k: paths[k] for k in ("image_root", "sem_seg_root") if k in paths}
+    kind = {"evaluator_type": "sem_seg", "ignore_label": metadata.get("ignore_label", 255)}
+    MetadataCatalog.get(name).set(**roots, **kind, **stuff)
+
+
 def _load_toy_sem_seg(root: str, paths: dict[str, str]) -> list[dict]:
     require_toy_dataset(root)
     records = load_sem_seg(paths["sem_seg_root"], paths["image_root"], "png", "jpg")
@@ -65,8 +90,6 @@ def _load_toy_instances(root: str, paths: dict[str, str], name: str) -> list[dic
 def register_toy(root: str) -> None:
     """The six toy datasets, with the files under ``<root>/knet_toy``."""
     meta = get_panoptic_metadata(TOY_CATEGORIES)
-    things = {k: meta[k] for k in meta if k.startswith("thing_")}
-    stuff = {k: meta[k] for k in meta if k.startswith("stuff_")}
     toy = toy_dataset_dir(root)
     for split in ("train", "val"):
         p = {
@@ -79,19 +102,9 @@ def register_toy(root: str) -> None:
         register_panoptic_with_sem_seg(
             f"knet_toy_{split}_panoptic_with_sem_seg", meta, p, lambda: require_toy_dataset(root)
         )
-        instances, semantic = f"knet_toy_{split}", f"knet_toy_sem_seg_{split}"
-        DatasetCatalog.register(instances, lambda p=p, n=instances: _load_toy_instances(root, p, n))
-        MetadataCatalog.get(instances).set(
-            image_root=p["image_root"], json_file=p["json_file"], evaluator_type="coco", **things
-        )
-        DatasetCatalog.register(semantic, lambda p=p: _load_toy_sem_seg(root, p))
-        MetadataCatalog.get(semantic).set(
-            image_root=p["image_root"],
-            sem_seg_root=p["sem_seg_root"],
-            evaluator_type="sem_seg",
-            ignore_label=255,
-            **stuff,
-        )
+        instances = f"knet_toy_{split}"
+        register_instances(instances, partial(_load_toy_instances, root, p, instances), p, meta)
+        register_sem_seg(f"knet_toy_sem_seg_{split}", partial(_load_toy_sem_seg, root, p), p, meta)
 
 
 def register_coco_panoptic_with_sem_seg(root: str) -> None:

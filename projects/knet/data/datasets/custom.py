@@ -35,6 +35,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,7 @@ from detectron2.data.catalog import Metadata
 from detectron2.data.datasets import load_coco_json, load_sem_seg, register_coco_instances
 from detectron2.utils.colormap import colormap
 
-from .builtin import register_panoptic_with_sem_seg
+from .builtin import register_instances, register_panoptic_with_sem_seg, register_sem_seg
 from .panoptic import get_panoptic_metadata, load_json
 
 __all__ = ["DATASET_FORMATS", "DatasetFormat", "register_custom_dataset"]
@@ -193,8 +194,8 @@ def _register_coco_instances(
             "mask AP is computed against the COCO json Detectron2's COCOEvaluator converts from "
             "the records"
         )
-    DatasetCatalog.register(name, lambda: _load_coco_instances(json_file, image_root, id_map))
-    MetadataCatalog.get(name).set(image_root=image_root, evaluator_type="coco", **metadata)
+    load = partial(_load_coco_instances, json_file, image_root, id_map)
+    register_instances(name, load, {"image_root": image_root}, metadata)
 
 
 def _load_coco_instances(
@@ -294,7 +295,6 @@ def _sem_seg_metadata(
             f"({len(names)}) and a valid PNG value"
         )
     return {
-        "evaluator_type": "sem_seg",
         "ignore_label": ignore_label,
         "stuff_classes": names,
         "stuff_colors": palette(len(names)),
@@ -311,10 +311,8 @@ def _register_sem_seg(
     _require_dir(label_dir, "Label folder")
     image_ext = (image_ext or _guess_image_ext(image_dir)).lstrip(".")
     label_ext = label_ext.lstrip(".")
-    DatasetCatalog.register(
-        name, lambda: _load_sem_seg_checked(label_dir, image_dir, label_ext, image_ext)
-    )
-    MetadataCatalog.get(name).set(image_root=image_dir, sem_seg_root=label_dir, **metadata)
+    load = partial(_load_sem_seg_checked, label_dir, image_dir, label_ext, image_ext)
+    register_sem_seg(name, load, {"image_root": image_dir, "sem_seg_root": label_dir}, metadata)
 
 
 def _load_sem_seg_checked(
@@ -343,8 +341,7 @@ def _register_sem_seg_list(
     metadata = _sem_seg_metadata(name, drop_categories, **options)
     if not os.path.isfile(list_file):
         raise FileNotFoundError(f"List file not found: {list_file}")
-    DatasetCatalog.register(name, lambda: _load_sem_seg_list(list_file))
-    MetadataCatalog.get(name).set(**metadata)
+    register_sem_seg(name, partial(_load_sem_seg_list, list_file), {}, metadata)
 
 
 def _load_sem_seg_list(list_file: str) -> list[dict[str, Any]]:
