@@ -36,10 +36,9 @@ class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
         size = self.output_size
         integral = F.pad(x.double().cumsum(2).cumsum(3), (1, 0, 1, 0))  # (B, C, h + 1, w + 1)
         cells = torch.arange(size, device=x.device)
-        windows = []
-        for length in x.shape[-2:]:
-            windows.append(((cells * length) // size, ((cells + 1) * length + size - 1) // size))
-        (top, bottom), (left, right) = windows
+        (top, bottom), (left, right) = (
+            ((cells * n) // size, ((cells + 1) * n + size - 1) // size) for n in x.shape[-2:]
+        )
 
         def corner(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
             return integral.index_select(2, rows).index_select(3, cols)
