@@ -30,15 +30,9 @@ class AuxiliaryFCNHead(KNetFCNHead):
         num_classes: int,
         dropout: float,
     ):
-        """
-        Args:
-            input_shape: exactly one input feature (e.g. "res4").
-            channels: channels of the convs.
-            norm: Detectron2 norm name ("BN", "SyncBN", ...; "" for none).
-            num_convs: number of 3x3 convs.
-            num_classes: number of classifier outputs.
-            dropout: Dropout2d probability before the classifier.
-        """
+        """``KNetFCNHead``'s arguments (one input feature, e.g. "res4"; ``channels`` is its
+        ``conv_dim``), ``num_classes`` classifier outputs and the Dropout2d probability before
+        the classifier."""
         super().__init__(
             input_shape, conv_dim=channels, norm=norm, num_convs=num_convs, concat_input=False
         )

@@ -55,12 +55,9 @@ def _build_stem(cfg, in_channels: int) -> nn.Module:
 def build_knet_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
     """Detectron2 ``ResNet`` with a choice of stem and per-stage dilation (no FPN).
 
-    Config (``MODEL.RESNETS.*`` unless noted): ``DEPTH``, ``NORM``, ``STEM_TYPE`` ("basic": 7x7
-    conv; "deeplab": 3x3 convs 3->C/2->C/2->C, C = ``STEM_OUT_CHANNELS``, each with norm and
-    ReLU, then a 3x3/2 max pool), ``RES2_OUT_CHANNELS``, ``NUM_GROUPS``, ``WIDTH_PER_GROUP``,
-    ``STRIDE_IN_1X1`` (False for MMSeg/torchvision "pytorch" style), ``RES4_DILATION``,
-    ``RES5_DILATION``, ``CONTRACT_DILATION``, ``DEFORM_ON_PER_STAGE`` (+ ``DEFORM_MODULATED``,
-    ``DEFORM_NUM_GROUPS``), ``OUT_FEATURES`` and ``MODEL.BACKBONE.FREEZE_AT``.
+    ``MODEL.RESNETS.STEM_TYPE`` "basic" is a 7x7 conv, "deeplab" 3x3 convs 3->C/2->C/2->C
+    (C = ``STEM_OUT_CHANNELS``), each with norm and ReLU, then a 3x3/2 max pool;
+    ``STRIDE_IN_1X1`` False is the MMSeg/torchvision "pytorch" style.
 
     A stage with dilation > 1 does not downsample (stride 1), so R50-D8 (``RES4_DILATION=2``,
     ``RES5_DILATION=4``) gives res4/res5 at stride 8; their blocks use dilations

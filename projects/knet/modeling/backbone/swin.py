@@ -420,14 +420,12 @@ class SwinTransformer(Backbone):
 
 
 def _init_weights(module: nn.Module) -> None:
-    """Swin's initialisation for training from scratch: truncated N(0, 0.02) linears."""
+    """Swin's initialisation for training from scratch: truncated N(0, 0.02) linears (the
+    LayerNorms keep PyTorch's weight 1, bias 0)."""
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 @BACKBONE_REGISTRY.register()

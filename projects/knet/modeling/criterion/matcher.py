@@ -70,9 +70,8 @@ class HungarianMatcher(nn.Module):
         """(N, H, W) logits, (G, H, W) soft targets [, (N, K) logits, (G,) labels] -> (N, G)."""
         probs = mask_logits.float().flatten(1).sigmoid()
         targets = gt_masks.float().flatten(1)
-        cost = self.cost_dice * dice_cost(probs, targets) + self.cost_mask * mask_cost(
-            probs, targets
-        )
+        cost = self.cost_dice * dice_cost(probs, targets)
+        cost = cost + self.cost_mask * mask_cost(probs, targets)
         if cls_logits is not None and self.cost_class != 0:
             cost = cost + self.cost_class * focal_cost(
                 cls_logits.float(), gt_labels, self.focal_alpha, self.focal_gamma

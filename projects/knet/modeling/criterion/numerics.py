@@ -13,15 +13,6 @@ from typing import Any
 import torch
 from detectron2.utils.events import get_event_storage
 
-__all__ = [
-    "current_iteration",
-    "finite_flag",
-    "check_finite",
-    "raise_non_finite",
-    "named_tensors",
-    "at_least_fp32",
-]
-
 
 def current_iteration() -> int | None:
     """The iteration of the active Detectron2 ``EventStorage``, or None outside training."""

@@ -137,10 +137,9 @@ class KNetCriterion(nn.Module):
     def rank_targets(self, positive: torch.Tensor, pos_masks: list[torch.Tensor], shape):
         """(B, H, W) index of the last positive kernel whose target covers each pixel."""
         target = torch.full(shape, self.ignore_value, dtype=torch.int64, device=positive.device)
-        i = 0
-        for b, n in positive.nonzero().tolist():  # ascending kernel index within each image
+        # ascending kernel index within each image
+        for i, (b, n) in enumerate(positive.nonzero().tolist()):
             target[b][pos_masks[i] > 0] = n
-            i += 1
         return target
 
     def mask_losses(self, mask_logits, positive, pos_masks, prefix: str) -> dict[str, torch.Tensor]:
@@ -176,19 +175,16 @@ class KNetCriterion(nn.Module):
         for i, target in enumerate(targets):
             for label, mask in zip(target["stuff_labels"], target["stuff_masks"]):
                 seg_target[i][mask > 0] = label
-        i = 0
-        for bi, n in positive.nonzero().tolist():
+        for i, (bi, n) in enumerate(positive.nonzero().tolist()):
             seg_target[bi][pos_masks[i] > 0] = labels[bi, n]
-            i += 1
         num_fg = (seg_target < k).sum().clamp(min=1).float()
         logits = seg_logits.permute(0, 2, 3, 1).reshape(-1, k)
+        return self.focal_loss(logits, seg_target.flatten(), torch.ones_like(logits), num_fg)
+
+    def focal_loss(self, logits, labels, weights, avg_factor) -> torch.Tensor:
+        """``weighted_focal_loss`` with the criterion's alpha and gamma."""
         return weighted_focal_loss(
-            logits,
-            seg_target.flatten(),
-            torch.ones_like(logits),
-            num_fg,
-            self.focal_alpha,
-            self.focal_gamma,
+            logits, labels, weights, avg_factor, self.focal_alpha, self.focal_gamma
         )
 
     def label_weights(self, num_kernels: int, device) -> torch.Tensor:
@@ -209,17 +205,8 @@ class KNetCriterion(nn.Module):
         labels, positive, pos_masks = self.kernel_targets(assignments, targets, n)
         num_pos = all_reduce_mean(positive.sum().float()).clamp(min=1.0)
         weights = self.label_weights(n, cls_logits.device).repeat(b, 1)
-        losses = {
-            f"{prefix}loss_cls": self.weight_dict["cls"]
-            * weighted_focal_loss(
-                cls_logits.reshape(b * n, k),
-                labels.flatten(),
-                weights,
-                num_pos,
-                self.focal_alpha,
-                self.focal_gamma,
-            )
-        }
+        cls_loss = self.focal_loss(cls_logits.reshape(b * n, k), labels.flatten(), weights, num_pos)
+        losses = {f"{prefix}loss_cls": self.weight_dict["cls"] * cls_loss}
         losses.update(self.mask_losses(mask_logits, positive, pos_masks, prefix))
         return losses
 

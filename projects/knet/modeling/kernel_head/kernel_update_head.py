@@ -146,12 +146,9 @@ class KernelUpdateHead(nn.Module):
 def build_update_stages(
     cfg, *, num_classes: int, hard_mask_threshold: float | None
 ) -> list[KernelUpdateHead]:
-    """``MODEL.KNET.NUM_STAGES`` unshared update stages configured by ``MODEL.KNET``.
-
-    Args:
-        num_classes: classification outputs of each stage (0: no class branch).
-        hard_mask_threshold: see ``KernelUpdateHead`` (None: softmax group features).
-    """
+    """``MODEL.KNET.NUM_STAGES`` unshared update stages configured by ``MODEL.KNET``, with
+    ``num_classes`` (0: no class branch) and ``hard_mask_threshold`` (None: softmax group
+    features) as in ``KernelUpdateHead``."""
     k = cfg.MODEL.KNET
     return [
         KernelUpdateHead(

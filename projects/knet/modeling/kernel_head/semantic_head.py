@@ -54,11 +54,10 @@ class KNetSemanticKernelHead(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        stages = build_update_stages(cfg, num_classes=0, hard_mask_threshold=None)
         return {
             "channels": cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM,
             "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
-            "stages": stages,
+            "stages": build_update_stages(cfg, num_classes=0, hard_mask_threshold=None),
             "dropout": cfg.MODEL.KNET.DECODE_HEAD.DROPOUT,
         }
 

@@ -222,10 +222,9 @@ class KNetBase(nn.Module):
         geometries = []
         for x, image_size in zip(batched_inputs, images.image_sizes):
             output_size = (x.get("height", image_size[0]), x.get("width", image_size[1]))
-            same = tuple(output_size) == tuple(image_size)
-            geometries.append(
-                OutputGeometry(padded_size, image_size, None if same else output_size)
-            )
+            if tuple(output_size) == tuple(image_size):
+                output_size = None
+            geometries.append(OutputGeometry(padded_size, image_size, output_size))
         return geometries
 
     def losses(

@@ -94,9 +94,7 @@ class KNet(KNetBase):
 
         Binary masks are zero-padded to the padded batch size, then bilinearly downsampled;
         the resulting soft values are the targets (as in the official code)."""
-        num_classes = self.criterion.num_classes
-        num_thing_classes = self.criterion.num_thing_classes
-        ignore_value = self.criterion.ignore_value
+        c = self.criterion
         targets = []
         for x in batched_inputs:
             instances = x["instances"].to(self.device)
@@ -106,14 +104,11 @@ class KNet(KNetBase):
             labels = instances.gt_classes.to(torch.int64)
             stuff_labels = torch.zeros(0, dtype=torch.int64, device=self.device)
             stuff_masks = gt_masks.new_zeros((0,) + tuple(gt_masks.shape[-2:]))
-            if self.criterion.has_stuff_kernels and "sem_seg" in x:
+            if c.has_stuff_kernels and "sem_seg" in x:
                 sem_seg = x["sem_seg"].to(self.device)
                 present = sem_seg.unique()
-                stuff_labels = present[
-                    (present >= num_thing_classes)
-                    & (present < num_classes)
-                    & (present != ignore_value)
-                ]
+                stuff = (present >= c.num_thing_classes) & (present < c.num_classes)
+                stuff_labels = present[stuff & (present != c.ignore_value)]
                 stuff_masks = sem_seg[None] == stuff_labels[:, None, None]
             targets.append(
                 {

@@ -19,13 +19,7 @@ from torch import nn
 from ..layers import conv_norm_relu, resize
 from .build import PIXEL_DECODER_REGISTRY
 
-__all__ = [
-    "PyramidPoolingModule",
-    "KNetUPerHead",
-    "KNetFCNHead",
-    "KNetPSPHead",
-    "KNetASPPHead",
-]
+__all__ = ["PyramidPoolingModule", "KNetUPerHead", "KNetFCNHead", "KNetPSPHead", "KNetASPPHead"]
 
 
 class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
@@ -42,10 +36,9 @@ class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
         size = self.output_size
         integral = F.pad(x.double().cumsum(2).cumsum(3), (1, 0, 1, 0))  # (B, C, h + 1, w + 1)
         cells = torch.arange(size, device=x.device)
-        windows = []
-        for length in x.shape[-2:]:
-            windows.append(((cells * length) // size, ((cells + 1) * length + size - 1) // size))
-        (top, bottom), (left, right) = windows
+        (top, bottom), (left, right) = (
+            ((cells * n) // size, ((cells + 1) * n + size - 1) // size) for n in x.shape[-2:]
+        )
 
         def corner(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
             return integral.index_select(2, rows).index_select(3, cols)
@@ -68,53 +61,73 @@ def _select_features(
     return {f: input_shape[f] for f in in_features}
 
 
-def _single_feature(input_shape: dict[str, ShapeSpec], owner: str) -> tuple[str, ShapeSpec]:
-    if len(input_shape) != 1:
-        raise ValueError(
-            f"{owner} expects exactly one input feature, got {list(input_shape)} "
-            "(set MODEL.SEM_SEG_HEAD.IN_FEATURES to one feature, e.g. ['res5'])"
-        )
-    return next(iter(input_shape.items()))
+class DecodeHead(nn.Module):
+    """Base of the decode heads: ``decode`` maps the input maps (``in_features`` order) to the
+    (B, conv_dim, h0, w0) feature at the finest input's size.
 
-
-def _decoder_config(cfg, input_shape: dict[str, ShapeSpec], owner: str) -> dict:
-    """The constructor arguments every decode head takes from ``MODEL.SEM_SEG_HEAD``."""
-    return {
-        "input_shape": _select_features(input_shape, cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES, owner),
-        "conv_dim": cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM,
-        "norm": cfg.MODEL.SEM_SEG_HEAD.NORM,
-    }
-
-
-class SingleInputDecodeHead(nn.Module):
-    """Base of the decode heads that read one backbone map (FCN, PSPNet, ASPP).
-
-    Subclasses build their layers from ``self.in_channels`` and implement ``decode``.
+    Every head takes ``input_shape`` (the input features), ``conv_dim`` (channels of every conv
+    and of the output) and ``norm`` (Detectron2 norm name: "BN", "SyncBN", ...; "" for none)
+    from ``MODEL.SEM_SEG_HEAD``, and its other arguments from the ``MODEL.KNET.DECODE_HEAD``
+    keys named in ``config_keys``.
     """
 
-    def __init__(self, input_shape: dict[str, ShapeSpec], conv_dim: int):
-        super().__init__()
-        name, shape = _single_feature(input_shape, type(self).__name__)
-        self.in_features = [name]
-        self.in_channels = shape.channels
-        self.output_stride = shape.stride
-        self.out_channels = conv_dim
+    config_keys: dict[str, str] = {}
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_channels, h, w) -> (B, conv_dim, h, w)."""
+    def __init__(self, conv_dim: int, norm: str):
+        super().__init__()
+        self.out_channels = conv_dim
+        self._norm = norm
+
+    def conv(self, c_in: int, kernel_size: int, dilation: int = 1) -> nn.Module:
+        """``conv_norm_relu`` to ``conv_dim`` channels with the head's norm."""
+        return conv_norm_relu(c_in, self.out_channels, kernel_size, self._norm, dilation=dilation)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]):
+        head = cfg.MODEL.SEM_SEG_HEAD
+        return {
+            "input_shape": _select_features(input_shape, head.IN_FEATURES, cls.__name__),
+            "conv_dim": head.CONVS_DIM,
+            "norm": head.NORM,
+            **{arg: cfg.MODEL.KNET.DECODE_HEAD[key] for arg, key in cls.config_keys.items()},
+        }
+
+    def decode(self, *inputs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward_features(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:
         """
         Args:
-            features: backbone maps containing the input, e.g. {"res5": (B, C, h, w)}.
+            features: backbone maps containing the inputs, e.g. {"res2": (B, C2, H/4, W/4),
+                ..., "res5": (B, C5, H/32, W/32)}.
 
         Returns:
-            1-tuple (feats,), feats (B, conv_dim, h, w).
+            1-tuple (feats,), feats (B, conv_dim, h0, w0) at the finest input's size.
         """
-        return (self.decode(features[self.in_features[0]]),)
+        return (self.decode(*[features[f] for f in self.in_features]),)
 
     forward = forward_features
+
+
+class SingleInputDecodeHead(DecodeHead):
+    """Base of the decode heads that read one backbone map (FCN, PSPNet, ASPP).
+
+    Subclasses build their layers from ``self.in_channels`` and implement ``decode``:
+    (B, in_channels, h, w) -> (B, conv_dim, h, w).
+    """
+
+    def __init__(self, input_shape: dict[str, ShapeSpec], conv_dim: int, norm: str):
+        super().__init__(conv_dim, norm)
+        if len(input_shape) != 1:
+            raise ValueError(
+                f"{type(self).__name__} expects exactly one input feature, got "
+                f"{list(input_shape)} (set MODEL.SEM_SEG_HEAD.IN_FEATURES to one feature, e.g. "
+                "['res5'])"
+            )
+        ((name, shape),) = input_shape.items()
+        self.in_features = [name]
+        self.in_channels = shape.channels
+        self.output_stride = shape.stride
 
 
 class PyramidPoolingModule(nn.ModuleList):
@@ -142,13 +155,15 @@ class PyramidPoolingModule(nn.ModuleList):
 
 
 @PIXEL_DECODER_REGISTRY.register()
-class KNetUPerHead(nn.Module):
+class KNetUPerHead(DecodeHead):
     """UPerNet's decode head (MMSeg ``UPerHead``) without its classifier.
 
     A PPM on the coarsest input feeds ``bottleneck``, which becomes the top of an FPN over the
     other inputs (``lateral_convs``, top-down sum, ``fpn_convs``); all levels are resized to the
     finest one, concatenated and fused by ``fpn_bottleneck``.
     """
+
+    config_keys = {"pool_scales": "POOL_SCALES"}
 
     @configurable
     def __init__(
@@ -162,11 +177,9 @@ class KNetUPerHead(nn.Module):
         """
         Args:
             input_shape: the input features (at least two); used finest (smallest stride) first.
-            conv_dim: channels of every conv and of the output.
-            norm: Detectron2 norm name ("BN", "SyncBN", ...; "" for none).
             pool_scales: output sizes of the PPM's adaptive poolings.
         """
-        super().__init__()
+        super().__init__(conv_dim, norm)
         if len(input_shape) < 2:
             raise ValueError(
                 f"KNetUPerHead expects at least two input features, got {list(input_shape)}"
@@ -176,37 +189,14 @@ class KNetUPerHead(nn.Module):
         self.in_features = [k for k, _ in ordered]
         in_channels = [v.channels for _, v in ordered]
         self.output_stride = ordered[0][1].stride
-        self.out_channels = conv_dim
 
         self.psp_modules = PyramidPoolingModule(pool_scales, in_channels[-1], conv_dim, norm)
-        self.bottleneck = conv_norm_relu(
-            in_channels[-1] + len(pool_scales) * conv_dim, conv_dim, 3, norm
-        )
-        self.lateral_convs = nn.ModuleList(
-            conv_norm_relu(c, conv_dim, 1, norm) for c in in_channels[:-1]
-        )
-        self.fpn_convs = nn.ModuleList(
-            conv_norm_relu(conv_dim, conv_dim, 3, norm) for _ in in_channels[:-1]
-        )
-        self.fpn_bottleneck = conv_norm_relu(len(in_channels) * conv_dim, conv_dim, 3, norm)
+        self.bottleneck = self.conv(in_channels[-1] + len(pool_scales) * conv_dim, 3)
+        self.lateral_convs = nn.ModuleList(self.conv(c, 1) for c in in_channels[:-1])
+        self.fpn_convs = nn.ModuleList(self.conv(conv_dim, 3) for _ in in_channels[:-1])
+        self.fpn_bottleneck = self.conv(len(in_channels) * conv_dim, 3)
 
-    @classmethod
-    def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]):
-        return {
-            **_decoder_config(cfg, input_shape, cls.__name__),
-            "pool_scales": tuple(cfg.MODEL.KNET.DECODE_HEAD.POOL_SCALES),
-        }
-
-    def forward_features(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:
-        """
-        Args:
-            features: backbone maps, e.g. {"res2": (B, C2, H/4, W/4), ..., "res5": (B, C5, H/32,
-                W/32)}.
-
-        Returns:
-            1-tuple (feats,), feats (B, conv_dim, h0, w0) at the finest input's size.
-        """
-        inputs = [features[f] for f in self.in_features]
+    def decode(self, *inputs: torch.Tensor) -> torch.Tensor:
         x_top = inputs[-1]
         laterals = [conv(x) for conv, x in zip(self.lateral_convs, inputs[:-1])]
         laterals.append(self.bottleneck(torch.cat([x_top] + self.psp_modules(x_top), dim=1)))
@@ -216,9 +206,7 @@ class KNetUPerHead(nn.Module):
         fpn_outs.append(laterals[-1])
         size = fpn_outs[0].shape[-2:]
         fpn_outs = [fpn_outs[0]] + [resize(out, size) for out in fpn_outs[1:]]
-        return (self.fpn_bottleneck(torch.cat(fpn_outs, dim=1)),)
-
-    forward = forward_features
+        return self.fpn_bottleneck(torch.cat(fpn_outs, dim=1))
 
 
 @PIXEL_DECODER_REGISTRY.register()
@@ -227,6 +215,8 @@ class KNetFCNHead(SingleInputDecodeHead):
 
     ``num_convs`` 3x3 convs, then (``concat_input``) ``conv_cat`` over [input, convs(input)].
     """
+
+    config_keys = {"num_convs": "NUM_CONVS", "concat_input": "CONCAT_INPUT"}
 
     @configurable
     def __init__(
@@ -240,36 +230,20 @@ class KNetFCNHead(SingleInputDecodeHead):
     ):
         """
         Args:
-            input_shape: exactly one input feature.
-            conv_dim: channels of every conv and of the output.
-            norm: Detectron2 norm name ("BN", "SyncBN", ...; "" for none).
             num_convs: number of 3x3 convs (0: identity, needs in channels == conv_dim).
             concat_input: fuse [input, convs(input)] with one more 3x3 conv.
         """
-        super().__init__(input_shape, conv_dim)
+        super().__init__(input_shape, conv_dim, norm)
         in_channels = self.in_channels
         if num_convs < 0 or (num_convs == 0 and in_channels != conv_dim):
             raise ValueError(
                 f"{type(self).__name__}: num_convs must be >= 1, or 0 with input channels == "
                 f"conv_dim; got num_convs={num_convs}, {in_channels} -> {conv_dim}"
             )
-        self.convs = nn.Sequential(
-            *(
-                conv_norm_relu(in_channels if i == 0 else conv_dim, conv_dim, 3, norm)
-                for i in range(num_convs)
-            )
-        )  # empty Sequential = identity (MMSeg's num_convs=0)
-        self.conv_cat = (
-            conv_norm_relu(in_channels + conv_dim, conv_dim, 3, norm) if concat_input else None
-        )
-
-    @classmethod
-    def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]):
-        return {
-            **_decoder_config(cfg, input_shape, cls.__name__),
-            "num_convs": cfg.MODEL.KNET.DECODE_HEAD.NUM_CONVS,
-            "concat_input": cfg.MODEL.KNET.DECODE_HEAD.CONCAT_INPUT,
-        }
+        conv_inputs = ([in_channels] + [conv_dim] * num_convs)[:num_convs]
+        # an empty Sequential is the identity (MMSeg's num_convs=0)
+        self.convs = nn.Sequential(*(self.conv(c, 3) for c in conv_inputs))
+        self.conv_cat = self.conv(in_channels + conv_dim, 3) if concat_input else None
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.convs(x)
@@ -282,8 +256,11 @@ class KNetFCNHead(SingleInputDecodeHead):
 class KNetPSPHead(SingleInputDecodeHead):
     """PSPNet's decode head (MMSeg ``PSPHead``) without its classifier.
 
-    ``bottleneck`` (3x3) over [input, PPM(input)].
+    ``bottleneck`` (3x3) over [input, PPM(input)], ``pool_scales`` the output sizes of the PPM's
+    adaptive poolings.
     """
+
+    config_keys = {"pool_scales": "POOL_SCALES"}
 
     @configurable
     def __init__(
@@ -294,26 +271,10 @@ class KNetPSPHead(SingleInputDecodeHead):
         norm: str,
         pool_scales: Sequence[int],
     ):
-        """
-        Args:
-            input_shape: exactly one input feature.
-            conv_dim: channels of every conv and of the output.
-            norm: Detectron2 norm name ("BN", "SyncBN", ...; "" for none).
-            pool_scales: output sizes of the PPM's adaptive poolings.
-        """
-        super().__init__(input_shape, conv_dim)
+        super().__init__(input_shape, conv_dim, norm)
         in_channels = self.in_channels
         self.psp_modules = PyramidPoolingModule(pool_scales, in_channels, conv_dim, norm)
-        self.bottleneck = conv_norm_relu(
-            in_channels + len(pool_scales) * conv_dim, conv_dim, 3, norm
-        )
-
-    @classmethod
-    def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]):
-        return {
-            **_decoder_config(cfg, input_shape, cls.__name__),
-            "pool_scales": tuple(cfg.MODEL.KNET.DECODE_HEAD.POOL_SCALES),
-        }
+        self.bottleneck = self.conv(in_channels + len(pool_scales) * conv_dim, 3)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return self.bottleneck(torch.cat([x] + self.psp_modules(x), dim=1))
@@ -324,8 +285,10 @@ class KNetASPPHead(SingleInputDecodeHead):
     """DeepLabV3's decode head (MMSeg ``ASPPHead``) without its classifier.
 
     ``bottleneck`` (3x3) over [image pooling resized to the input size, one atrous conv per
-    dilation (1x1 for dilation 1, else 3x3)].
+    entry of ``dilations`` (1x1 for dilation 1, else 3x3)].
     """
+
+    config_keys = {"dilations": "DILATIONS"}
 
     @configurable
     def __init__(
@@ -336,30 +299,13 @@ class KNetASPPHead(SingleInputDecodeHead):
         norm: str,
         dilations: Sequence[int],
     ):
-        """
-        Args:
-            input_shape: exactly one input feature.
-            conv_dim: channels of every conv and of the output.
-            norm: Detectron2 norm name ("BN", "SyncBN", ...; "" for none).
-            dilations: dilation of each ASPP branch.
-        """
-        super().__init__(input_shape, conv_dim)
+        super().__init__(input_shape, conv_dim, norm)
         in_channels = self.in_channels
-        self.image_pool = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), conv_norm_relu(in_channels, conv_dim, 1, norm)
-        )
+        self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), self.conv(in_channels, 1))
         self.aspp_modules = nn.ModuleList(
-            conv_norm_relu(in_channels, conv_dim, 1 if d == 1 else 3, norm, dilation=d)
-            for d in dilations
+            self.conv(in_channels, 1 if d == 1 else 3, dilation=d) for d in dilations
         )
-        self.bottleneck = conv_norm_relu((len(dilations) + 1) * conv_dim, conv_dim, 3, norm)
-
-    @classmethod
-    def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]):
-        return {
-            **_decoder_config(cfg, input_shape, cls.__name__),
-            "dilations": tuple(cfg.MODEL.KNET.DECODE_HEAD.DILATIONS),
-        }
+        self.bottleneck = self.conv((len(dilations) + 1) * conv_dim, 3)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         outs = [resize(self.image_pool(x), x.shape[-2:])]

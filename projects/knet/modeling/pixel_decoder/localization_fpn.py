@@ -45,33 +45,24 @@ class KNetLocalizationFPN(nn.Module):
             raise ValueError(f"expected 4 features at strides 4, 8, 16, 32, got {strides}")
         in_channels = [v.channels for _, v in input_shape]
 
+        def conv(c_in: int, kernel_size: int = 3, stride: int = 1) -> nn.Module:
+            return conv_norm_relu(c_in, conv_dim, kernel_size, norm, stride=stride, init_std=0.01)
+
         self.convs_all_levels = nn.ModuleList()
-        level0 = nn.Sequential()
-        level0.add_module(
-            "conv0", conv_norm_relu(in_channels[0], conv_dim, 3, norm, stride=2, init_std=0.01)
-        )
-        self.convs_all_levels.append(level0)
-        for level in range(1, 4):
+        for level, c_in in enumerate(in_channels):
             branch = nn.Sequential()
-            c_in = in_channels[level]
-            for j in range(level):
-                branch.add_module(
-                    f"conv{j}",
-                    conv_norm_relu(c_in if j == 0 else conv_dim, conv_dim, 3, norm, init_std=0.01),
-                )
+            for j in range(max(level, 1)):  # P2: one stride-2 conv
+                branch.add_module(f"conv{j}", conv(c_in, stride=1 if level else 2))
+                c_in = conv_dim
                 if j < level - 1:
                     branch.add_module(
                         f"upsample{j}",
                         nn.Upsample(scale_factor=2.0, mode="bilinear", align_corners=False),
                     )
             self.convs_all_levels.append(branch)
-        self.conv_pred = conv_norm_relu(conv_dim, conv_dim, 1, norm, init_std=0.01)
-        self.aux_conv = conv_norm_relu(conv_dim, conv_dim, 1, norm, init_std=0.01)
-        self.pe = (
-            PositionEmbeddingSine(in_channels[3] // 2, normalize=True)
-            if positional_encoding
-            else None
-        )
+        self.conv_pred = conv(conv_dim, kernel_size=1)
+        self.aux_conv = conv(conv_dim, kernel_size=1)
+        self.pe = PositionEmbeddingSine(in_channels[3] // 2) if positional_encoding else None
         self.output_stride = 8
 
     @classmethod

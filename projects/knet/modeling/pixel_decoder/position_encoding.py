@@ -25,24 +25,16 @@ class PositionEmbeddingSine(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        # cumsum of an all-ones mask is simply the 1-based row / column index.
-        y_embed = torch.arange(1, h + 1, device=x.device, dtype=torch.float32).view(1, h, 1)
-        x_embed = torch.arange(1, w + 1, device=x.device, dtype=torch.float32).view(1, 1, w)
-        y_embed = y_embed.expand(b, h, w)
-        x_embed = x_embed.expand(b, h, w)
-        if self.normalize:
-            y_embed = y_embed / (y_embed[:, -1:, :] + self.eps) * self.scale
-            x_embed = x_embed / (x_embed[:, :, -1:] + self.eps) * self.scale
         dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=x.device)
         dim_t = self.temperature ** (
             2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats
         )
-        pos_x = x_embed[:, :, :, None] / dim_t
-        pos_y = y_embed[:, :, :, None] / dim_t
-        pos_x = torch.stack(
-            (pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4
-        ).flatten(3)
-        pos_y = torch.stack(
-            (pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4
-        ).flatten(3)
-        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2).to(x.dtype)
+        pos = []
+        for size, shape in ((h, (1, h, 1)), (w, (1, 1, w))):  # y, then x
+            # cumsum of an all-ones mask is simply the 1-based row / column index.
+            embed = torch.arange(1, size + 1, device=x.device, dtype=torch.float32).view(shape)
+            if self.normalize:
+                embed = embed / (embed.flatten()[-1:] + self.eps) * self.scale
+            embed = embed.expand(b, h, w)[:, :, :, None] / dim_t
+            pos.append(torch.stack((embed[..., 0::2].sin(), embed[..., 1::2].cos()), 4).flatten(3))
+        return torch.cat(pos, dim=3).permute(0, 3, 1, 2).to(x.dtype)
