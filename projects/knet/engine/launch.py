@@ -1,9 +1,12 @@
-"""Multi-process training on GPUs (NCCL) and, for tests and CPU-only machines, on CPUs (gloo).
+"""Multi-process training: Detectron2's launch, external launchers, and CPUs (gloo).
 
-Detectron2 v0.6's ``launch`` requires CUDA (NCCL) and its ``create_ddp_model`` passes
-``device_ids``, which ``DistributedDataParallel`` rejects for CPU modules; these two fall back to
-gloo and CPU models, so that ``train_net.py --num-gpus N`` without a GPU runs N CPU processes
-with exactly the code path of N GPUs.
+* Started by torchrun (torch elastic, a PyTorchJob) or SLURM's ``srun``, a process joins the
+  launcher's group from its environment (:func:`launcher_world`) instead of spawning; a run the
+  launcher restarts resumes (:func:`launcher_restart`).
+* Started by hand, Detectron2's ``launch`` spawns the processes; Detectron2 v0.6's requires CUDA
+  (NCCL) and its ``create_ddp_model`` passes ``device_ids``, which ``DistributedDataParallel``
+  rejects for CPU modules, so without a GPU these fall back to gloo and CPU models: ``train_net.py
+  --num-gpus N`` then runs N CPU processes with exactly the code path of N GPUs.
 """
 
 import dataclasses
