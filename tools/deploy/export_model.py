@@ -74,6 +74,7 @@ def export(args: argparse.Namespace) -> str:
         )
     cfg = get_knet_cfg(args.config_file, list(args.opts) + ["MODEL.DEVICE", "cpu"])
     cfg.freeze()
+    torch.manual_seed(0)  # without MODEL.WEIGHTS the exported random weights are reproducible
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:
         KNetCheckpointer(model).load(cfg.MODEL.WEIGHTS)
