@@ -734,3 +734,36 @@ def test_exported_statistics_of_saturated_maps(half):
     assert torch.equal(got.owner, ref.owner) and torch.equal(got.won_area, ref.won_area)
     assert torch.equal(got.own_area, ref.own_area)
     assert torch.equal(got.selected_masks, ref.selected_masks)
+
+
+class _TracedStatistics(torch.nn.Module):
+    """The exported graphs' statistics as a module of tensors: the image size from ``image``."""
+
+    def forward(self, image, mask_logits, scores, selected):
+        h, w = mask_logits.shape[1:]
+        geometry = OutputGeometry((4 * h, 4 * w), (image.shape[1], image.shape[2]))
+        stats = statistics.tiled_mask_statistics(
+            mask_logits, geometry, scores, selected, 0.5, traced=True
+        )
+        return stats.owner, stats.won_area, stats.own_area, stats.selected_masks
+
+
+def test_statistics_traced_with_one_pair_of_each_kind_run_on_many():
+    """A trace whose sample has one tile shared by two kernels, one kernel selected and one
+    undecided (kernel, tile) pair keeps those counts dynamic (an assignment of one row can be
+    recorded as a reshape to its row's shape): the traced graph then serves inputs with many."""
+    mask_logits = torch.full((3, 16, 24), -8.0)
+    mask_logits[0] = 8.0  # kernel 0 covers the image; kernel 1 its top-left corner only
+    mask_logits[1, :4, :4] = 8.0
+    scores, selected = torch.tensor([0.6, 0.9, 0.3]), torch.tensor([1])
+    sample = (torch.zeros(1, 61, 90), mask_logits, scores, selected)
+    eager = _TracedStatistics()(*sample)
+    assert int((eager[1] > 0).sum()) == 2  # two kernels own pixels: one tile is shared
+    traced = torch.jit.trace(_TracedStatistics(), sample, check_trace=False)
+    hw, image = EXPORT_CASES["cropped"]
+    cls_logits, mask_logits = trained_like(30, 5, hw, seed=0)
+    scores = kernel_scores_and_labels(cls_logits, 7, 30)[0]
+    selected = select_instances(cls_logits, 7, 30, topk=40, score_thresh=0.0)[2]
+    got = statistics.MaskStatistics(*traced(torch.zeros(1, *image), mask_logits, scores, selected))
+    geometry = OutputGeometry((4 * hw[0], 4 * hw[1]), image)
+    assert_statistics_agree(got, full_mask_statistics(mask_logits, geometry, scores, selected))

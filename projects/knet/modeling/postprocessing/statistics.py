@@ -25,7 +25,10 @@ R_cols[tile]^T``. Its two forms differ only in how the tiles are made and the pa
 * traced (exported graphs, whose output is the padded input cropped: an exact upsampling by the
   stride f): a tile of ``CELLS`` f pixels depends on the ``CELLS`` + 2 stride-4 values around its
   cells (the map is replicate-padded by one, the clamping of ``F.interpolate`` at the borders),
-  so the tiles are tensors of the input size; all pairs are evaluated at once.
+  so the tiles are tensors of the input size; all pairs are evaluated at once. Rows are
+  written with ``index_put_``, never ``x[index] = rows``: Python's assignment drops leading
+  dimensions of size 1 from the rows, which a trace records as a reshape to a constant shape
+  (a graph traced with one shared tile would fail on an image with two).
 
 Adding a per-kernel statistic that sums a pixel term of P_n over the output (as ``own_area``
 counts ``P_n >= threshold``) is one change: a column of :func:`_pixel_terms` (and its field in
@@ -332,12 +335,14 @@ def _owner_tiles(
         # each tile's candidates padded to ``width`` (score -1)
         width = count.max() if exporting() else int(rank.max()) + 1  # (a tensor in a trace)
         scored = probs.new_full((first.shape[0], width, tile, tile), -1.0)
-        scored[slot, rank] = _tile_values(probs, k, r, c, rows, cols) * scores[k][:, None, None]
+        scored.index_put_(
+            (slot, rank), _tile_values(probs, k, r, c, rows, cols) * scores[k][:, None, None]
+        )
         # the first candidate (lowest kernel) at the maximum (argmax over dim 1 is slow, and so
         # is amin over int64)
         ranks = torch.arange(width, dtype=torch.int32, device=k.device)[:, None, None]
         at_max = torch.where(scored == scored.amax(1, keepdim=True), ranks, width).amin(1)
-        owner[r[first], c[first]] = k[first[:, None, None] + at_max]
+        owner.index_put_((r[first], c[first]), k[first[:, None, None] + at_max])
     return owner
 
 
@@ -405,6 +410,8 @@ def tiled_mask_statistics(
         kernels, inverse = selected.unique(return_inverse=True)
         tiles = above[kernels][..., None, None].repeat(1, 1, 1, tile, tile)  # (U, n_r, n_c, T, T)
         for m, r, c in _batches(undecided[kernels].nonzero()):
-            tiles[m, r, c] = _tile_values(probs, kernels[m], r, c, rows, cols) > mask_threshold
+            tiles.index_put_(
+                (m, r, c), _tile_values(probs, kernels[m], r, c, rows, cols) > mask_threshold
+            )
         masks = _image(tiles.transpose(2, 3), size)[inverse]
     return _statistics(masks, owner, won_area, sums)
