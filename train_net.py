@@ -63,7 +63,7 @@ def setup(args):
     cfg, explicit_keys = load_knet_config(args.config_file, args.opts)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="knet")
     fit_threads_to_cores(cfg)
-    register_dataset_specs(args.dataset, cfg.DATASETS.DROP_CATEGORIES)
+    register_dataset_specs(args.dataset, cfg)  # DATASETS.DROP_* first
     mode = "eval" if args.eval_only else "train"
     configure_for_datasets(cfg, explicit_keys, mode)
     cfg.freeze()

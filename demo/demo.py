@@ -6,8 +6,9 @@
     python demo/demo.py --config-file CONFIG --video-input clip.mp4 --output clip_vis.mp4
     python demo/demo.py --config-file CONFIG --webcam
 
-A model trained on your own data takes the dataset options of training (``--dataset NAME FORMAT
-PATH...``, datasets/README.md) for its class names and counts. More in demo/README.md.
+``--config-file`` takes a run's output folder (``output/my_run``): its ``config.yaml``, which
+names the classes, and its last checkpoint. ``--dataset NAME FORMAT PATH...`` (as in training,
+datasets/README.md) registers a dataset, whose names then win. More in demo/README.md.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="K-Net demo (Detectron2)", formatter_class=argparse.RawTextHelpFormatter
     )
     add = parser.add_argument
-    add("--config-file", required=True, metavar="FILE", help="path to a config")
+    add("--config-file", required=True, metavar="FILE", help="a config, or a run's output folder")
     add("--webcam", action="store_true", help="take frames from webcam 0")
     add("--video-input", help="path to a video file")
     add("--input", nargs="+", help="image files, glob patterns (quote them) or folders")

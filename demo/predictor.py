@@ -2,7 +2,7 @@
 
 ``VisualizationDemo`` follows Detectron2's demo: a ``DefaultPredictor`` (or, with
 ``parallel=True``, an :class:`AsyncPredictor`) plus ``Visualizer`` / ``VideoVisualizer`` with the
-class names and colours of :func:`demo_metadata`.
+class names and colours of the model (:func:`knet.data.kinds.model_metadata`).
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ import cv2
 import numpy as np
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.catalog import Metadata
 from detectron2.engine import DefaultPredictor
 from detectron2.structures import Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
 
 from knet.config import load_knet_config  # importing knet registers its models and datasets
+from knet.data.kinds import model_metadata
 from knet.engine.arguments import DatasetSpec, register_dataset_specs
 from knet.engine.dataset_config import configure_for_datasets
 from knet.visualization import draw_predictions
@@ -41,29 +40,23 @@ def build_demo_cfg(
     datasets: Sequence[DatasetSpec] = (),
 ) -> CfgNode:
     """A frozen K-Net config for inference, ``MODEL.DEVICE`` ``cpu`` when CUDA is asked for but
-    absent. ``datasets`` (``--dataset`` options) are registered first: unset class counts are
-    taken from them (``knet.engine.dataset_config``, inference mode). ``confidence_threshold`` sets
-    the instance and panoptic-thing score thresholds before ``opts``, which still win."""
+    absent. ``config_file`` may be a run's output folder (``knet.config.load_knet_config``: its
+    config and last checkpoint). ``datasets`` (``--dataset`` options) are registered first:
+    unset class counts are taken from them (``knet.engine.dataset_config``, inference mode).
+    ``confidence_threshold`` sets the instance and panoptic-thing score thresholds before
+    ``opts``, which still win."""
     thresholds = []
     if confidence_threshold is not None:
         for key in ["INSTANCES_SCORE_THRESH", "PANOPTIC_THING_SCORE_THRESH"]:
             thresholds += [f"MODEL.KNET.TEST.{key}", str(float(confidence_threshold))]
     cfg, explicit_keys = load_knet_config(config_file, thresholds + list(opts))
-    register_dataset_specs(datasets, cfg.DATASETS.DROP_CATEGORIES)
+    register_dataset_specs(datasets, cfg)
     configure_for_datasets(cfg, explicit_keys, mode="inference")
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.info("CUDA is not available: running on CPU (MODEL.DEVICE cpu).")
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     return cfg
-
-
-def demo_metadata(cfg: CfgNode) -> Metadata:
-    """The metadata of the first registered dataset of ``DATASETS.TEST`` then
-    ``DATASETS.TRAIN`` (empty metadata if none is: classes are then drawn as numbers)."""
-    registered = set(DatasetCatalog.list())
-    names = [n for n in [*cfg.DATASETS.TEST, *cfg.DATASETS.TRAIN] if n in registered]
-    return MetadataCatalog.get(names[0] if names else "__unused")
 
 
 def count_predictions(predictions: dict[str, Any]) -> str:
@@ -100,7 +93,7 @@ class VisualizationDemo:
     ):
         """``parallel``: predict in worker processes (one per GPU, or one on CPU), video frames
         while earlier ones are drawn; ``instance_mode``: Detectron2's colour mode."""
-        self.metadata = demo_metadata(cfg)
+        self.metadata = model_metadata(cfg)
         self.instance_mode = instance_mode
         self.parallel = parallel
         self.predictor: Any = AsyncPredictor(cfg) if parallel else DefaultPredictor(cfg)

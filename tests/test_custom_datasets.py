@@ -1,6 +1,8 @@
 """Your own data: datasets written by the test in the three formats are registered from the
 command line, their class counts and outputs configure the model, wrong counts fail early and
-clearly, training and evaluation run, and the demo draws the class names."""
+clearly, training and evaluation run, and the demo draws the class names. A run describes its
+model: later processes that register nothing (DefaultPredictor, the demo, the export tool, the
+exported file) draw the class names from the run's folder."""
 
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import pytest
 import torch
+import yaml
 from custom_data import (
     PANOPTIC_CATEGORIES,
     SEMANTIC_CLASSES,
@@ -30,10 +34,15 @@ from knet.checkpoint import KNetCheckpointer
 from knet.config import load_knet_config
 from knet.data import DatasetClassError, DatasetNotRegisteredError
 from knet.data.datasets import register_custom_dataset
-from knet.data.kinds import dataset_classes
+from knet.data.kinds import dataset_classes, model_metadata
 from knet.engine import KNetTrainer, get_knet_cfg
-from knet.engine.arguments import DatasetArgumentError, parse_dataset_args
+from knet.engine.arguments import (
+    DatasetArgumentError,
+    parse_dataset_args,
+    register_dataset_specs,
+)
 from knet.engine.dataset_config import configure_for_datasets
+from knet.export import ExportedKNet
 
 REPO = Path(__file__).resolve().parents[1]
 CUSTOM = REPO / "configs" / "custom"
@@ -166,7 +175,8 @@ def test_malformed_dataset_groups(argv, message):
 # ----------------------------------------------------------------------------- registration
 def test_instances_registration_and_background_category(data, knet_log):
     register(data, "instances", "inst_bg")
-    assert "'_background_' (id 0)" in knet_log.text and "DATASETS.DROP_CATEGORIES" in knet_log.text
+    assert "'_background_' (id 0)" in knet_log.text
+    assert "DATASETS.DROP_EMPTY_CATEGORIES True" in knet_log.text
     meta = MetadataCatalog.get("inst_bg_train")
     assert meta.evaluator_type == "coco" and meta.json_file == data["instances"]["train"][0]
     assert meta.thing_classes == ["_background_", "cat", "dog"]
@@ -196,6 +206,44 @@ def test_instances_registration_and_background_category(data, knet_log):
                             drop_categories=["_background_"])  # fmt: skip
     with pytest.raises(ValueError, match="already registered"):
         register_custom_dataset("inst_train", "coco-instances", *data["instances"]["val"])
+
+
+def test_drop_empty_categories_leaves_out_those_of_the_training_data_and_lists_them(data):
+    register(data, "instances", "listed", drop=["_background_"])
+    splits = ["DATASETS.TRAIN", "('empty_train',)", "DATASETS.TEST", "('empty_val',)"]
+    cfg, explicit = load_knet_config(
+        INSTANCE_CPU, [*splits, "DATASETS.DROP_EMPTY_CATEGORIES", "True"]
+    )
+    _, specs = parse_dataset_args(dataset_args(data, "instances", "empty"))
+    register_dataset_specs(specs[::-1], cfg)  # the training dataset is registered first
+    assert cfg.DATASETS.DROP_CATEGORIES == ["_background_"]  # what config.yaml then records
+    for split in ("train", "val"):
+        got, listed = MetadataCatalog.get(f"empty_{split}"), MetadataCatalog.get(f"listed_{split}")
+        assert got.thing_classes == listed.thing_classes == ["cat", "dog"]
+        assert got.thing_dataset_id_to_contiguous_id == listed.thing_dataset_id_to_contiguous_id
+    configure_for_datasets(cfg, explicit)
+    assert cfg.MODEL.KNET.CLASS_NAMES == ["cat", "dog"] and len(cfg.MODEL.KNET.CLASS_COLORS) == 2
+    assert model_metadata(cfg) is MetadataCatalog.get("empty_val")  # registered metadata wins
+    # without registered datasets the names come from the config, as the datasets hold them
+    unregistered = ["DATASETS.TRAIN", "('nowhere',)", "DATASETS.TEST", "()"]
+    cfg.merge_from_list(unregistered)
+    assert model_metadata(cfg).thing_classes == ["cat", "dog"]
+    names = ["MODEL.KNET.CLASS_NAMES", "['cat', 'dog', 'sky', 'grass']", *unregistered]
+    meta = model_metadata(
+        get_knet_cfg(
+            PANOPTIC_CPU,
+            [*names, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "4", "MODEL.KNET.NUM_THING_CLASSES", "2"],
+        )
+    )
+    assert meta.thing_classes == ["cat", "dog"] and meta.stuff_classes[2:] == ["sky", "grass"]
+    meta = model_metadata(
+        get_knet_cfg(SEMANTIC_CPU, [*names, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "4"])
+    )
+    assert meta.stuff_classes == ["cat", "dog", "sky", "grass"] and not hasattr(
+        meta, "thing_classes"
+    )
+    with pytest.raises(DatasetClassError, match="CLASS_NAMES has 4 names.*model has 3 classes"):
+        model_metadata(get_knet_cfg(SEMANTIC_CPU, [*names, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "3"]))
 
 
 def test_panoptic_registration_puts_things_first(data):
@@ -497,3 +545,95 @@ def test_sem_seg_list_registration(data, tmp_path):
     register_custom_dataset("sem_bad_list", "sem-seg-list", str(bad), classes=classes)
     with pytest.raises(ValueError, match="bad.txt, line 2: expected 'IMAGE LABEL'"):
         DatasetCatalog.get("sem_bad_list")
+
+
+# ----------------------------------------------------------------------------- self-describing runs
+# runs a repository script as __main__ and prints the texts its Visualizer drew
+RECORD_DRAWN = """
+import json, os, runpy, sys
+from detectron2.utils.visualizer import Visualizer
+drawn, draw_text = [], Visualizer.draw_text
+def record(self, text, *args, **kwargs):
+    drawn.append(text)
+    return draw_text(self, text, *args, **kwargs)
+Visualizer.draw_text = record
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("DRAWN " + json.dumps(drawn))
+"""
+PREDICT = """
+import sys, cv2, knet
+from detectron2.data import DatasetCatalog
+from detectron2.engine import DefaultPredictor
+from detectron2.utils.visualizer import Visualizer
+from knet.config import get_knet_cfg
+predictor = DefaultPredictor(get_knet_cfg(sys.argv[1], ["MODEL.DEVICE", "cpu"]))
+assert not [name for name in DatasetCatalog.list() if name.startswith("self_")]
+image = cv2.imread(sys.argv[2])
+instances = predictor(image)["instances"].to("cpu")
+Visualizer(image[:, :, ::-1], predictor.metadata).draw_instance_predictions(instances)
+"""
+
+
+def run_drawing(tmp_path, script: str, *args: str) -> list:
+    """Run ``script`` (a repository path, or Python code) in a fresh process; returns the texts
+    its Visualizer drew."""
+    if "\n" in script:
+        (tmp_path / "script.py").write_text(script)
+        script = str(tmp_path / "script.py")
+    cmd = [sys.executable, "-c", RECORD_DRAWN, str(REPO / script), *args]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return json.loads(result.stdout.split("DRAWN ")[-1])
+
+
+@pytest.mark.slow
+def test_a_run_names_its_classes_to_processes_that_register_nothing(tmp_path, data):
+    run = tmp_path / "run"
+    result = run_train_net(
+        "--config-file", INSTANCE_CPU, *dataset_args(data, "instances", "self"), *TINY,
+        "DATASETS.TRAIN", "('self_train',)", "DATASETS.TEST", "('self_val',)",
+        "DATASETS.DROP_EMPTY_CATEGORIES", "True", "OUTPUT_DIR", str(run),
+    )  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    # the same classes as DATASETS.DROP_CATEGORIES "['_background_']", recorded as that list
+    assert saved["DATASETS"]["DROP_CATEGORIES"] == ["_background_"]
+    assert saved["DATASETS"]["DROP_EMPTY_CATEGORIES"] is True
+    assert saved["MODEL"]["KNET"]["CLASS_NAMES"] == ["cat", "dog"]
+    assert len(saved["MODEL"]["KNET"]["CLASS_COLORS"]) == 2
+    checkpoint = torch.load(run / "model_final.pth", weights_only=True)
+    assert checkpoint["metadata"]["thing_classes"] == ["cat", "dog"]
+    assert checkpoint["metadata"]["input_format"] == saved["INPUT"]["FORMAT"]
+    assert checkpoint["metadata"]["min_size_test"] == 64
+
+    names = {"cat", "dog"}
+    image = Path(data["instances"]["val"][1]) / "img_004.jpg"
+    drawn = run_drawing(tmp_path, PREDICT, str(run), str(image))  # DefaultPredictor + Visualizer
+    assert drawn and {text.split()[0] for text in drawn} <= names, drawn
+    vis = tmp_path / "demo.jpg"
+    demo = ["--config-file", str(run), "--input", str(image), "--output", str(vis)]
+    drawn = run_drawing(tmp_path, "demo/demo.py", *demo, "--confidence-threshold", "0")
+    assert drawn and {text.split()[0] for text in drawn} <= names, drawn
+
+    export = [sys.executable, "tools/deploy/export_model.py", "--config-file", str(run),
+              "--output", str(tmp_path / "export")]  # fmt: skip
+    result = subprocess.run(export, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = tmp_path / "export" / "model.ts"
+    metadata = ExportedKNet(str(exported)).metadata
+    assert metadata["thing_classes"] == ["cat", "dog"] and len(metadata["thing_colors"]) == 2
+
+    large = tmp_path / "large.jpg"  # twice the test size: run at 64x80, drawn at 128x160
+    cv2.imwrite(str(large), cv2.resize(cv2.imread(str(image)), (160, 128)))
+    for threshold, expected in (("0", names), ("1.01", set())):
+        out = tmp_path / f"vis_{threshold}"
+        drawn = run_drawing(
+            tmp_path, "tools/deploy/run_exported.py", "--model", str(exported), "--input",
+            str(large), "--output", str(out), "--confidence-threshold", threshold,
+        )  # fmt: skip
+        assert {text.split()[0] for text in drawn} == expected, drawn
+        assert cv2.imread(str(out / "large.png")).shape == (128, 160, 3)

@@ -17,7 +17,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
+from scripts import load_script
 
 from knet.engine import KNetTrainer, get_knet_cfg
 from knet.export import (
@@ -187,6 +189,9 @@ def test_exported_file_holds_its_outputs_and_metadata(fmt, toy_model, tmp_path):
     exported = export(model, cfg, fmt, tmp_path)
     assert exported.metadata["input_format"] == cfg.INPUT.FORMAT == "RGB"  # (official order)
     assert exported.metadata["dataset"] == "knet_toy_val_panoptic_with_sem_seg"
+    toy = MetadataCatalog.get("knet_toy_val_panoptic_with_sem_seg")  # the names to draw with
+    assert exported.metadata["stuff_classes"] == list(toy.stuff_classes)
+    assert exported.metadata["thing_classes"] == list(toy.thing_classes)
     assert exported.metadata["min_size_test"] == cfg.INPUT.MIN_SIZE_TEST
     image = torch.randint(0, 256, (3, 111, 97), dtype=torch.uint8)
     outputs = exported(image)
@@ -353,6 +358,35 @@ def test_export_and_run_commands(fmt, suffix, tmp_path, shared_data_root):
     assert drawn == sorted(p.stem + ".png" for p in photos.glob("*.jpg"))
     image = cv2.imread(str(tmp_path / "vis" / drawn[0]))
     assert image is not None and image.shape[2] == 3
+
+
+def test_run_exported_thresholds_and_resizes_the_outputs():
+    run_exported = load_script("tools/deploy/run_exported.py")
+    ids = torch.tensor([[1, 1, 2, 0], [3, 3, 2, 0]], dtype=torch.int32)
+    outputs = {
+        "panoptic_seg": ids,
+        "segment_category_id": torch.tensor([0, 5, 1]),
+        "segment_score": torch.tensor([0.9, 0.2, 0.4]),
+        "segment_isthing": torch.tensor([True, False, True]),
+        "segment_area": torch.tensor([2, 2, 2]),
+        "pred_masks": ids[None] == torch.tensor([1, 3])[:, None, None],
+        "scores": torch.tensor([0.9, 0.4]),
+        "pred_classes": torch.tensor([0, 1]),
+        "pred_boxes": torch.tensor([[0.0, 0.0, 2.0, 1.0], [0.0, 1.0, 2.0, 2.0]]),
+        "sem_seg": torch.rand(6, 2, 4),
+    }
+    kept = run_exported.thresholded(outputs, 0.5)  # thing 3 (0.4) goes, stuff 2 (0.2) stays
+    assert kept["panoptic_seg"].tolist() == [[1, 1, 2, 0], [0, 0, 2, 0]]
+    assert kept["segment_area"].tolist() == [2, 2, 0]
+    assert kept["pred_classes"].tolist() == [0] and kept["pred_masks"].shape == (1, 2, 4)
+    large = run_exported.at_size(kept, (4, 12))  # x2 in height, x3 in width
+    assert torch.equal(large["panoptic_seg"], kept["panoptic_seg"].repeat_interleave(2, 0)
+                       .repeat_interleave(3, 1))  # fmt: skip
+    assert large["pred_masks"].shape == (1, 4, 12) and large["pred_masks"].dtype == torch.bool
+    assert large["pred_boxes"].tolist() == [[0.0, 0.0, 6.0, 2.0]]
+    assert large["sem_seg"].shape == (6, 4, 12)
+    none = run_exported.at_size(run_exported.thresholded(outputs, 1.0), (4, 12))
+    assert none["pred_masks"].shape == (0, 4, 12) and none["pred_boxes"].shape == (0, 4)
 
 
 @pytest.mark.slow

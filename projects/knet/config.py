@@ -5,6 +5,7 @@ specific values. Key names follow Mask2Former where they mean the same thing.
 """
 
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -34,6 +35,9 @@ def add_knet_config(cfg: CN) -> None:
     # Datasets registered from files (--dataset, knet.data.datasets.register_custom_dataset):
     # categories without annotations to leave out, e.g. ["_background_"] of labelling tools.
     cfg.DATASETS.DROP_CATEGORIES = []
+    # True: also leave out every category without annotations in the training datasets; training
+    # adds their names to DROP_CATEGORIES, so the run's config.yaml lists them for later commands.
+    cfg.DATASETS.DROP_EMPTY_CATEGORIES = False
 
     # Training from MODEL.WEIGHTS: load a file that would set less than half of the model from
     # less than half of its own weights (another model's file; refused by default, knet.checkpoint)
@@ -120,6 +124,13 @@ def add_knet_config(cfg: CN) -> None:
     # ---------------------------------------------------------------- K-Net
     cfg.MODEL.KNET.KERNEL_HEAD_NAME = "KNetIterativeKernelHead"
     cfg.MODEL.KNET.NUM_THING_CLASSES = -1  # classes 0..K-1 are things, the rest stuff; -1: data
+    # The names and RGB colours of the classes, in the classifier's order: filled from the training
+    # dataset when training starts, so that the run's config.yaml (and its checkpoints) name the
+    # model's outputs without the dataset (knet.data.kinds.model_metadata). They belong to the
+    # model like the class counts; [] (a config that never trained): names from a registered
+    # dataset, or class numbers.
+    cfg.MODEL.KNET.CLASS_NAMES = []
+    cfg.MODEL.KNET.CLASS_COLORS = []
     cfg.MODEL.KNET.NUM_PROPOSALS = 100  # thing kernels (stuff kernels are added for panoptic)
     cfg.MODEL.KNET.NUM_STAGES = 3
     cfg.MODEL.KNET.NHEADS = 8
@@ -204,6 +215,10 @@ def load_knet_config(config_file: str = "", opts: Sequence[str] = ()) -> tuple[C
     """A Detectron2 config with the K-Net keys, merged from ``config_file`` (with its ``_BASE_``
     files) and the ``KEY VALUE`` list ``opts``, and the keys these two set.
 
+    A run's output folder as ``config_file`` stands for the trained model: its ``config.yaml``
+    (class counts and names included) and, unless ``opts`` set ``MODEL.WEIGHTS``, its last
+    checkpoint (the ``last_checkpoint`` tag, else ``model_final.pth``).
+
     The YAML is parsed once. The keys tell ``knet.engine.dataset_config`` which outputs
     and ignore value the user chose (a ``CfgNode`` cannot tell a default from a set value).
     """
@@ -212,6 +227,8 @@ def load_knet_config(config_file: str = "", opts: Sequence[str] = ()) -> tuple[C
     cfg = get_cfg()
     add_knet_config(cfg)
     keys: set[str] = set()
+    if config_file and os.path.isdir(config_file):
+        config_file, opts = _run_config(config_file, list(opts))
     if config_file:
         loaded = CN.load_yaml_with_base(config_file, allow_unsafe=True)
         # K-Net's configs are of the current Detectron2 config version: no upgrade to run
@@ -220,6 +237,22 @@ def load_knet_config(config_file: str = "", opts: Sequence[str] = ()) -> tuple[C
     cfg.merge_from_list(list(opts))
     keys.update(str(k) for k in list(opts)[0::2])
     return cfg, frozenset(keys)
+
+
+def _run_config(folder: str, opts: list[str]) -> tuple[str, list[str]]:
+    config_file = os.path.join(folder, "config.yaml")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{folder} holds no config.yaml: not the output folder of a run")
+    if "MODEL.WEIGHTS" in opts[0::2]:
+        return config_file, opts
+    tag, name = os.path.join(folder, "last_checkpoint"), "model_final.pth"
+    if os.path.isfile(tag):
+        with open(tag, encoding="utf-8") as f:
+            name = f.read().strip()
+    weights = os.path.join(folder, name)
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"No checkpoint in the run folder {folder} ({name} not found)")
+    return config_file, ["MODEL.WEIGHTS", weights, *opts]
 
 
 def get_knet_cfg(config_file: str = "", opts: Sequence[str] = ()) -> CN:

@@ -1,4 +1,4 @@
-"""What ``import knet`` changes in Detectron2: two things in ``detectron2.engine.defaults``, both
+"""What ``import knet`` changes in Detectron2: three things in ``detectron2.engine.defaults``, all
 made here, by :func:`adapt_detectron2_defaults`, and nowhere else.
 
 1. ``DefaultPredictor`` and ``DefaultTrainer`` build their checkpointer from the module-level
@@ -13,6 +13,9 @@ made here, by :func:`adapt_detectron2_defaults`, and nowhere else.
    first, with the model's messages (:func:`knet.modeling.meta_arch.base.check_image`), and an
    (H, W, 1) grayscale array is given 3 channels; any other model's predictor runs Detectron2's
    ``__call__`` unchanged. Detectron2 offers no hook before its resize, hence the wrapper.
+3. ``DefaultPredictor.metadata`` (Detectron2: the metadata of ``DATASETS.TEST[0]``, empty when it
+   is not registered) is, for a K-Net model, :func:`knet.data.kinds.model_metadata`: registered
+   metadata as before, else the class names and colours the config of a run carries.
 """
 
 import functools
@@ -21,6 +24,7 @@ import numpy as np
 from detectron2.engine import DefaultPredictor, defaults
 
 from .checkpoint import KNetCheckpointer
+from .data.kinds import model_metadata
 from .modeling.meta_arch.base import KNetBase, check_image, pixel_range_top
 
 __all__ = ["adapt_detectron2_defaults"]
@@ -42,8 +46,23 @@ def _check_knet_input_first(call):
     return checked_call
 
 
+def _model_metadata_after(init):
+    """``DefaultPredictor.__init__`` with the metadata of a K-Net model set after it."""
+
+    @functools.wraps(init)
+    def init_with_metadata(predictor: DefaultPredictor, cfg) -> None:
+        init(predictor, cfg)
+        if isinstance(predictor.model, KNetBase):
+            predictor.metadata = model_metadata(cfg)
+
+    init_with_metadata.sets_knet_metadata = True
+    return init_with_metadata
+
+
 def adapt_detectron2_defaults() -> None:
-    """Make the two changes of the module docstring (once; a second call changes nothing)."""
+    """Make the changes of the module docstring (once; a second call changes nothing)."""
     defaults.DetectionCheckpointer = KNetCheckpointer
     if not getattr(DefaultPredictor.__call__, "checks_knet_input", False):
         DefaultPredictor.__call__ = _check_knet_input_first(DefaultPredictor.__call__)
+    if not getattr(DefaultPredictor.__init__, "sets_knet_metadata", False):
+        DefaultPredictor.__init__ = _model_metadata_after(DefaultPredictor.__init__)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.onnx import symbolic_helper
 
+from .data.kinds import model_description
 from .modeling.meta_arch.base import check_image
 from .modeling.postprocessing import OutputGeometry
 
@@ -79,12 +80,11 @@ class KNetExportModule(nn.Module):
         return tuple(outputs[name] for name in self.output_names)
 
     def metadata(self, cfg) -> dict:
-        """What a runner needs besides the graph: outputs, input format, test resizing."""
+        """What a runner needs besides the graph: outputs, input format, test resizing, class
+        names and colours (``knet.data.kinds.model_description``) and the test dataset."""
         return {
             "output_names": self.output_names,
-            "input_format": cfg.INPUT.FORMAT,
-            "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
-            "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
+            **model_description(cfg),
             "dataset": cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "",
         }
 

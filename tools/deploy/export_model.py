@@ -1,14 +1,17 @@
 #!/usr/bin/env python
 """Export a K-Net model to TorchScript or ONNX (Detectron2's ``export_model.py`` options).
 
+    python tools/deploy/export_model.py --config-file output/my_run --format onnx \\
+        --output output/export --sample-image photo.jpg
     python tools/deploy/export_model.py --config-file \\
-        configs/coco/panoptic-segmentation/knet_R50_bs16_1x.yaml --format onnx \\
-        --output output/export --sample-image photo.jpg --opts MODEL.WEIGHTS model.pth
+        configs/coco/panoptic-segmentation/knet_R50_bs16_1x.yaml --opts MODEL.WEIGHTS model.pth
 
 writes ``output/export/model.onnx`` (or ``model.ts``): a graph from one uint8 image (3, H, W) of
 any size in the config's ``INPUT.FORMAT`` to plain tensors at that size (``knet.export``). It is
 traced with the sample image (default: synthetic), resized like the test loader, and its outputs
-on it are compared with the eager model's. Only ``--export-method tracing`` works.
+on it are compared with the eager model's. Only ``--export-method tracing`` works. A run's output
+folder as ``--config-file`` exports its last checkpoint with its config; the file holds the class
+names and colours (``knet.data.kinds.model_description``).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ logger = logging.getLogger("knet.export")
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
-    add("--config-file", required=True, metavar="FILE")
+    add("--config-file", required=True, metavar="FILE", help="a config, or a run's output folder")
     add("--format", choices=["torchscript", "onnx"], default="torchscript")
     add("--export-method", choices=["tracing", "scripting"], default="tracing", help="(tracing)")
     add("--sample-image", help="image to trace with (default: synthetic)")

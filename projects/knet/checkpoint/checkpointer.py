@@ -191,10 +191,13 @@ class KNetCheckpointer(DetectionCheckpointer):
     ``allow_partial`` (``MODEL.WEIGHTS_PARTIAL``): for training, load a file that sets less than
     half of the model from less than half of its own weights (by default such a file, another
     model's, is refused; a pretrained backbone or a model of another class count is not).
+    ``metadata``: what the saved checkpoints hold under "metadata", next to "model" (the trainer's:
+    class names and colours, input format, test sizes; ``knet.data.kinds.model_description``).
     """
 
     def __init__(self, model: torch.nn.Module, save_dir: str = "", **kwargs: Any) -> None:
         self.allow_partial = kwargs.pop("allow_partial", False)
+        self.metadata = kwargs.pop("metadata", None)
         super().__init__(model, save_dir, **kwargs)
 
     def load(self, path: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -287,10 +290,14 @@ class KNetCheckpointer(DetectionCheckpointer):
         used = len(file_weights) - len(unexpected) - len(shapes)
         another_model = total - unset < total / 2 and used < len(file_weights) / 2
         if unset and not model.training:
+            run = os.path.dirname(os.path.abspath(path))
+            hint = "the converters print the config to use"
+            if os.path.isfile(os.path.join(run, "config.yaml")):
+                hint = f"the run's output folder {run} as --config-file has its config"
             raise CheckpointMismatchError(
                 f"{holds} Evaluating would use {unset} randomly initialised parameters and "
-                "buffers: check that the config matches the checkpoint (the converters print "
-                f"the config to use) or convert the checkpoint again.\nKeys: {details}."
+                f"buffers: check that the config matches the checkpoint ({hint}) or convert the "
+                f"checkpoint again.\nKeys: {details}."
             )
         if another_model and not self.allow_partial:
             raise CheckpointMismatchError(
@@ -308,6 +315,8 @@ class KNetCheckpointer(DetectionCheckpointer):
         if not self.save_dir or not self.save_to_disk:
             return
         data = {"model": self.model.state_dict()}
+        if self.metadata:
+            data["metadata"] = self.metadata
         data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()}, **kwargs)
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)

@@ -8,12 +8,13 @@ outputs (scored by ``knet.evaluation``) and class-count reader (used by
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.catalog import Metadata
 
 from .dataset_mappers import (
     KNetInstanceDatasetMapper,
@@ -23,6 +24,8 @@ from .dataset_mappers import (
 )
 
 AUTO = -1  # class-count value meaning "from the training dataset" (the config's default)
+# Detectron2's class metadata, as the visualiser reads it (what a model describes of itself)
+CLASS_FIELDS = ("thing_classes", "thing_colors", "stuff_classes", "stuff_colors")
 
 
 class DatasetClassError(ValueError):
@@ -45,6 +48,7 @@ class DatasetClasses:
     class_names: tuple[str, ...]
     num_thing_classes: int  # instance: all classes; semantic: 0
     ignore_label: int | None = None  # semantic data: the label value of void pixels
+    colors: tuple[tuple[int, ...], ...] = ()  # RGB, one per class (or none)
 
     @property
     def num_classes(self) -> int:
@@ -68,15 +72,23 @@ class DatasetKind:
     read_classes: Callable[[str, Any], DatasetClasses | None]  # (name, metadata)
 
 
+def _colors(*lists: Any) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(int(v) for v in c) for colors in lists for c in (colors or ()))
+
+
 def _instance_classes(name: str, meta: Any) -> DatasetClasses | None:
     things = meta.get("thing_classes", None)
-    return DatasetClasses(name, "instance", tuple(things), len(things)) if things else None
+    colors = _colors(meta.get("thing_colors", None))
+    if not things:
+        return None
+    return DatasetClasses(name, "instance", tuple(things), len(things), colors=colors)
 
 
 def _semantic_classes(name: str, meta: Any) -> DatasetClasses | None:
     stuff = meta.get("stuff_classes", None)
     ignore = meta.get("ignore_label", 255)
-    return DatasetClasses(name, "semantic", tuple(stuff), 0, ignore) if stuff else None
+    colors = _colors(meta.get("stuff_colors", None))
+    return DatasetClasses(name, "semantic", tuple(stuff), 0, ignore, colors) if stuff else None
 
 
 def _panoptic_classes(name: str, meta: Any) -> DatasetClasses | None:
@@ -95,15 +107,17 @@ def _panoptic_classes(name: str, meta: Any) -> DatasetClasses | None:
         )
     things = list(meta.get("thing_classes", None) or [])
     stuff = list(meta.get("stuff_classes", None) or [])
+    thing_colors, stuff_colors = meta.get("thing_colors", None), meta.get("stuff_colors", None)
+    colors = _colors(thing_colors, stuff_colors)
     if len(stuff) == n:  # Mask2Former / K-Net: stuff_classes lists all classes
-        names = stuff
+        names, colors = stuff, _colors(stuff_colors)
     elif len(things) == n:  # Detectron2's standard panoptic metadata
-        names = things
+        names, colors = things, _colors(thing_colors)
     elif len(things) == t and len(stuff) == n - t:
         names = things + stuff
     else:
         names = [str(i) for i in range(n)]
-    return DatasetClasses(name, "panoptic", tuple(names), t)
+    return DatasetClasses(name, "panoptic", tuple(names), t, colors=colors)
 
 
 DATASET_KINDS: dict[str, DatasetKind] = {
@@ -183,3 +197,50 @@ def dataset_classes(name: str, load: bool = True) -> DatasetClasses | None:
         DatasetCatalog.get(name)
         info = read(name, MetadataCatalog.get(name))
     return info
+
+
+def _config_classes(cfg: CfgNode) -> dict[str, list]:
+    """The class metadata of ``MODEL.KNET.CLASS_NAMES`` / ``CLASS_COLORS`` as the datasets of the
+    model's kind hold it: things (instance), things and all classes as stuff (panoptic, as
+    Mask2Former), stuff (semantic); {} without names."""
+    names, colors = list(cfg.MODEL.KNET.CLASS_NAMES), [list(c) for c in cfg.MODEL.KNET.CLASS_COLORS]
+    n = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    if names and (len(names) != n or len(colors) not in (0, n)):
+        raise DatasetClassError(
+            f"MODEL.KNET.CLASS_NAMES has {len(names)} names and CLASS_COLORS {len(colors)} "
+            f"colours, but the model has {n} classes (MODEL.SEM_SEG_HEAD.NUM_CLASSES)"
+        )
+    semantic = cfg.MODEL.META_ARCHITECTURE == DATASET_KINDS["semantic"].meta_architecture
+    things = 0 if semantic else cfg.MODEL.KNET.NUM_THING_CLASSES
+    fields = {"thing_classes": names[:things], "thing_colors": colors[:things]}
+    if things < len(names):
+        fields.update(stuff_classes=names, stuff_colors=colors)
+    return {key: value for key, value in fields.items() if value}
+
+
+def registered_or(names: Sequence[str], classes: Mapping[str, Any]) -> Metadata:
+    """The metadata of the first registered dataset of ``names`` (it wins: it may hold more, e.g.
+    the files of evaluation), else a ``Metadata`` of ``classes`` (:data:`CLASS_FIELDS`)."""
+    registered = set(DatasetCatalog.list())
+    name = next((n for n in names if n in registered), None)
+    return MetadataCatalog.get(name) if name else Metadata().set(**classes)
+
+
+def model_metadata(cfg: CfgNode) -> Metadata:
+    """The class names and colours to draw a model's outputs with: those of the first registered
+    dataset of ``DATASETS.TEST`` then ``DATASETS.TRAIN``, else those its config carries (a run's
+    ``config.yaml``: ``MODEL.KNET.CLASS_NAMES``), so no dataset needs registering; empty if neither
+    (classes are drawn as numbers)."""
+    return registered_or([*cfg.DATASETS.TEST, *cfg.DATASETS.TRAIN], _config_classes(cfg))
+
+
+def model_description(cfg: CfgNode) -> dict[str, Any]:
+    """What a checkpoint or an exported file stores to describe its model: the class metadata of
+    :func:`model_metadata`, the input format and the test sizes."""
+    meta = model_metadata(cfg)
+    description = {k: list(meta.get(k)) for k in CLASS_FIELDS if meta.get(k, None)}
+    return description | {
+        "input_format": cfg.INPUT.FORMAT,
+        "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
+        "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
+    }

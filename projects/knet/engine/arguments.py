@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from detectron2.config import CfgNode
 from detectron2.data.catalog import Metadata
 
 from ..data.datasets.custom import DATASET_FORMATS, register_custom_dataset
@@ -30,8 +31,8 @@ class DatasetSpec:
     paths: tuple[str, ...]
     options: tuple[tuple[str, Any], ...] = ()  # keyword arguments, sorted
 
-    def register(self, drop_categories: Sequence[str] = ()) -> Metadata:
-        options = dict(self.options, drop_categories=drop_categories)
+    def register(self, drop_categories: Sequence[str] = (), drop_empty: bool = False) -> Metadata:
+        options = dict(self.options, drop_categories=drop_categories, drop_empty=drop_empty)
         return register_custom_dataset(self.name, self.format, *self.paths, **options)
 
 
@@ -136,17 +137,23 @@ def parse_args_with_datasets(parser: Any, argv: Sequence[str] | None = None) -> 
     return args
 
 
-def register_dataset_specs(
-    specs: Sequence[DatasetSpec], drop_categories: Sequence[str] = ()
-) -> list[str]:
-    """Register every spec (see :func:`register_custom_dataset`); returns their names. Raises
+def register_dataset_specs(specs: Sequence[DatasetSpec], cfg: CfgNode) -> list[str]:
+    """Register every spec (see :func:`register_custom_dataset`) without the categories of
+    ``cfg.DATASETS.DROP_CATEGORIES``, those of ``DATASETS.TRAIN`` first; returns their names.
+    With ``DATASETS.DROP_EMPTY_CATEGORIES`` the categories without annotations in the training
+    datasets are dropped and added to ``DROP_CATEGORIES`` (``cfg`` unfrozen), so that the other
+    datasets drop them too and the run's ``config.yaml`` lists them for later commands. Raises
     :class:`DatasetArgumentError` naming the ``--dataset`` whose files or arguments are wrong."""
-    for spec in specs:
+    train = set(cfg.DATASETS.TRAIN)
+    for spec in sorted(specs, key=lambda s: s.name not in train):
+        drop = list(cfg.DATASETS.DROP_CATEGORIES)
         try:
-            spec.register(drop_categories)
+            meta = spec.register(drop, cfg.DATASETS.DROP_EMPTY_CATEGORIES and spec.name in train)
         except DatasetArgumentError:
             raise
         except (OSError, ValueError, KeyError) as e:
             paths = " ".join(spec.paths)
             raise DatasetArgumentError(f"--dataset {spec.name} {spec.format} {paths}: {e}") from e
+        dropped = meta.get("dropped_categories", [])
+        cfg.DATASETS.DROP_CATEGORIES = drop + [n for n in dropped if n not in drop]
     return [s.name for s in specs]

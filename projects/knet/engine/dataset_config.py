@@ -8,6 +8,8 @@ of them things; a dataset that disagrees would fail deep in the matcher or the l
   (:data:`knet.data.kinds.DATASET_KINDS`): instance data ``len(thing_classes)`` for both;
   panoptic data all classes, things first; semantic data ``len(stuff_classes)``, and its
   ``ignore_label`` sets ``MODEL.SEM_SEG_HEAD.IGNORE_VALUE``;
+* ``MODEL.KNET.CLASS_NAMES`` / ``CLASS_COLORS`` are the reference dataset's (in training always,
+  otherwise when the config names none), so that the run's ``config.yaml`` names the classes;
 * ``MODEL.KNET.TEST.*_ON`` not set explicitly are switched to what the training data lets the
   model predict and the test datasets can evaluate;
 * one log line says what was chosen; every value is then checked against every training and test
@@ -116,11 +118,12 @@ def configure_for_datasets(
     auto = {key: _is_auto(cfg, key, explicit) for key in (NUM_CLASSES, NUM_THING_CLASSES)}
     if ref_name is None:
         unresolved = [key for key, is_auto in auto.items() if is_auto]
-        if mode == "inference" and (train or test):
+        if mode == "inference" and (train or test) and not cfg.MODEL.KNET.CLASS_NAMES:
             logger.warning(
                 f"None of the datasets {list(dict.fromkeys(train + test))} is registered with "
-                "class names: outputs are drawn with class numbers. Pass the dataset options of "
-                "training (--dataset ...) for names."
+                "class names and the config names none: outputs are drawn with class numbers. "
+                "Give the run's output folder as --config-file, or the dataset options of "
+                "training (--dataset ...), for names."
             )
         if unresolved:
             raise DatasetClassError(
@@ -158,6 +161,10 @@ def configure_for_datasets(
         if auto[key]:
             _set(cfg, key, value)
             chosen.append(f"{key.rsplit('.', 1)[1]} {value}")
+    if mode == "train" or not cfg.MODEL.KNET.CLASS_NAMES:  # the model's classes, for later use
+        cfg.MODEL.KNET.CLASS_NAMES = list(ref.class_names)
+        colors = [list(c) for c in ref.colors]
+        cfg.MODEL.KNET.CLASS_COLORS = colors if len(colors) == ref.num_classes else []
     ignore = ref.ignore_label  # semantic data only
     auto_ignore = ignore is not None and _is_auto(cfg, IGNORE_VALUE, explicit)
     if auto_ignore and _get(cfg, IGNORE_VALUE) != ignore:

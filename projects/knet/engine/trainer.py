@@ -15,7 +15,7 @@ from detectron2.utils.events import JSONWriter
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import KNetCheckpointer
-from ..data.kinds import build_test_mapper, build_train_mapper
+from ..data.kinds import build_test_mapper, build_train_mapper, model_description
 from ..evaluation import (
     build_evaluator,
     check_evaluation_dataset_once,
@@ -62,6 +62,7 @@ class KNetTrainer(DefaultTrainer):
             model,
             cfg.OUTPUT_DIR,
             allow_partial=cfg.MODEL.WEIGHTS_PARTIAL,
+            metadata=model_description(cfg),  # checkpoints describe their model
             trainer=weakref.proxy(self),
         )
         self.start_iter = 0

@@ -24,7 +24,9 @@ Detectron2's records and metadata, so training, the evaluators and the visualise
 * ``sem-seg-list``: the same, with the image / label pairs listed in a text file.
 
 Categories without annotations (e.g. a labelling tool's ``_background_``) are reported in one
-warning; ``drop_categories`` (``DATASETS.DROP_CATEGORIES``) leaves them out of the class list.
+warning; ``drop_categories`` (``DATASETS.DROP_CATEGORIES``) leaves those named out of the class
+list, ``drop_empty`` (``DATASETS.DROP_EMPTY_CATEGORIES``, for the training datasets) all of them,
+and the metadata's ``dropped_categories`` lists the names left out.
 Registration reads the json (or the class list) and checks that the folders exist.
 """
 
@@ -67,9 +69,11 @@ def register_custom_dataset(
 
     Args:
         drop_categories: names of categories without annotations to leave out.
-        options: the sem-seg formats take ``classes`` (a text file with one class name per line,
-            or the list of names) and ``ignore_label`` (255), sem-seg also ``image_ext``
-            (default: the one extension of the images) and ``label_ext`` ("png").
+        options: ``drop_empty``: leave out every category without annotations (not label maps,
+            whose classes are their label values); the sem-seg formats take ``classes`` (a text
+            file with one class name per line, or the list of names) and ``ignore_label`` (255),
+            sem-seg also ``image_ext`` (default: the one extension of the images) and
+            ``label_ext`` ("png").
     Raises:
         FileNotFoundError: a file or folder does not exist (named in the message).
         ValueError: bad arguments or annotations, or ``name`` already registered otherwise.
@@ -82,7 +86,9 @@ def register_custom_dataset(
             f"{fmt} dataset {name!r} takes {len(spec.positional)} paths: "
             + ", ".join(spec.positional)
         )
-    unknown = sorted(set(options) - {spec.keyword(o) for o in spec.options})
+    if not options.get("drop_empty") or spec.kind == "semantic":
+        options.pop("drop_empty", None)  # (a label map's classes are its label values)
+    unknown = sorted(set(options) - {spec.keyword(o) for o in spec.options} - {"drop_empty"})
     if unknown:
         raise ValueError(f"{', '.join(unknown)}: not options of {fmt} datasets")
     paths = tuple(os.fspath(p) for p in paths)
@@ -124,15 +130,18 @@ def _split_categories(
     source: str,
     categories: Sequence[Mapping[str, Any]],
     counts: Mapping[int, int],
-    drop_categories: Sequence[str],
     what: str,
+    drop_categories: Sequence[str],
+    drop_empty: bool = False,
 ) -> list[Mapping[str, Any]]:
-    """The categories to keep; report unused ones, drop the requested unused ones."""
+    """The categories to keep; report unused ones, drop the requested unused ones (all unused
+    ones with ``drop_empty``) and list them in the metadata's ``dropped_categories``."""
 
     def listed(cats: Sequence[Mapping[str, Any]]) -> str:
         return ", ".join(f"{c['name']!r} (id {c['id']})" for c in cats)
 
-    dropped = [c for c in categories if c["name"] in drop_categories]
+    unused = [c for c in categories if not counts.get(int(c["id"]), 0)]
+    dropped = [c for c in categories if c["name"] in drop_categories or drop_empty and c in unused]
     used = [c for c in dropped if counts.get(int(c["id"]), 0)]
     if used:
         c = used[0]
@@ -141,13 +150,14 @@ def _split_categories(
             f"{counts[int(c['id'])]} {what} of {source} use it; only categories without "
             "annotations can be dropped"
         )
-    kept = [c for c in categories if c["name"] not in drop_categories]
+    kept = [c for c in categories if c not in dropped]
     if not kept:
         raise ValueError(f"Dataset {name!r}: no category left in {source}")
     if dropped:
+        MetadataCatalog.get(name).set(dropped_categories=[c["name"] for c in dropped])
         logger.info(
             f"Dataset {name!r}: left out the categories without {what} {listed(dropped)} "
-            "(DATASETS.DROP_CATEGORIES)"
+            "(DATASETS.DROP_CATEGORIES / DROP_EMPTY_CATEGORIES)"
         )
     empty = [c for c in kept if not counts.get(int(c["id"]), 0)]
     if empty:
@@ -158,14 +168,13 @@ def _split_categories(
             f"{source}: {listed(empty)}."
             + (" A background class exported by the labelling tool?" if background else "")
             + " They count as classes the model must learn; to leave them out, add "
-            f'DATASETS.DROP_CATEGORIES "{names!r}" to the command line (train and demo alike).'
+            "DATASETS.DROP_EMPTY_CATEGORIES True to the training command (its config.yaml "
+            "records them for later commands)."
         )
     return kept
 
 
-def _register_coco_instances(
-    name: str, json_file: str, image_root: str, drop_categories: Sequence[str]
-) -> None:
+def _register_coco_instances(name: str, json_file: str, image_root: str, **drop: Any) -> None:
     data = load_json(json_file)
     _require_dir(image_root, f"Image folder of {json_file}")
     _require_lists(json_file, data, ("images", "annotations", "categories"), "instances")
@@ -173,7 +182,7 @@ def _register_coco_instances(
     if not categories:
         raise ValueError(f"{json_file} has an empty 'categories' list")
     counts = collections.Counter(int(a["category_id"]) for a in data["annotations"])
-    kept = _split_categories(name, json_file, categories, counts, drop_categories, "annotations")
+    kept = _split_categories(name, json_file, categories, counts, "annotations", **drop)
     # as load_coco_json computes them (it sets the same values when loading)
     colors = palette(len(kept))
     id_map = {int(c["id"]): i for i, c in enumerate(kept)}
@@ -210,7 +219,7 @@ def _load_coco_instances(
 
 
 def _register_coco_panoptic(
-    name: str, json_file: str, png_dir: str, image_root: str, drop_categories: Sequence[str]
+    name: str, json_file: str, png_dir: str, image_root: str, **drop: Any
 ) -> None:
     data = load_json(json_file)
     _require_dir(png_dir, f"Panoptic PNG folder of {json_file}")
@@ -230,7 +239,7 @@ def _register_coco_panoptic(
     counts = collections.Counter(
         int(s["category_id"]) for a in data["annotations"] for s in a.get("segments_info", [])
     )
-    kept = _split_categories(name, json_file, categories, counts, drop_categories, "segments")
+    kept = _split_categories(name, json_file, categories, counts, "segments", **drop)
     paths = {"image_root": image_root, "panoptic_root": png_dir, "panoptic_json": json_file}
     register_panoptic_with_sem_seg(name, get_panoptic_metadata(kept), paths)
 
