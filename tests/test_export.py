@@ -19,12 +19,12 @@ import pytest
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
-from scripts import load_script
 
 from knet.engine import KNetTrainer, get_knet_cfg
 from knet.export import (
     ExportedKNet,
     KNetExportModule,
+    at_size,
     compare_outputs,
     export_onnx,
     export_torchscript,
@@ -32,6 +32,7 @@ from knet.export import (
 )
 from knet.modeling import SemanticKNet
 from knet.modeling.postprocessing import detectron2_outputs
+from knet.visualization import above_threshold
 
 onnx = pytest.importorskip("onnx", reason="ONNX export tests need `pip install onnx`")
 onnxruntime = pytest.importorskip(
@@ -360,8 +361,9 @@ def test_export_and_run_commands(fmt, suffix, tmp_path, shared_data_root):
     assert image is not None and image.shape[2] == 3
 
 
-def test_run_exported_thresholds_and_resizes_the_outputs():
-    run_exported = load_script("tools/deploy/run_exported.py")
+def test_outputs_brought_to_the_image_size_and_thresholded():
+    """``at_size`` (exported outputs of a resized image -> the image size) and
+    ``above_threshold`` (Detectron2's outputs), as run_exported.py and the server apply them."""
     ids = torch.tensor([[1, 1, 2, 0], [3, 3, 2, 0]], dtype=torch.int32)
     outputs = {
         "panoptic_seg": ids,
@@ -375,17 +377,20 @@ def test_run_exported_thresholds_and_resizes_the_outputs():
         "pred_boxes": torch.tensor([[0.0, 0.0, 2.0, 1.0], [0.0, 1.0, 2.0, 2.0]]),
         "sem_seg": torch.rand(6, 2, 4),
     }
-    kept = run_exported.thresholded(outputs, 0.5)  # thing 3 (0.4) goes, stuff 2 (0.2) stays
-    assert kept["panoptic_seg"].tolist() == [[1, 1, 2, 0], [0, 0, 2, 0]]
-    assert kept["segment_area"].tolist() == [2, 2, 0]
-    assert kept["pred_classes"].tolist() == [0] and kept["pred_masks"].shape == (1, 2, 4)
-    large = run_exported.at_size(kept, (4, 12))  # x2 in height, x3 in width
-    assert torch.equal(large["panoptic_seg"], kept["panoptic_seg"].repeat_interleave(2, 0)
-                       .repeat_interleave(3, 1))  # fmt: skip
-    assert large["pred_masks"].shape == (1, 4, 12) and large["pred_masks"].dtype == torch.bool
-    assert large["pred_boxes"].tolist() == [[0.0, 0.0, 6.0, 2.0]]
+    large = at_size(outputs, (4, 12))  # x2 in height, x3 in width
+    assert torch.equal(large["panoptic_seg"], ids.repeat_interleave(2, 0).repeat_interleave(3, 1))
+    assert large["pred_masks"].shape == (2, 4, 12) and large["pred_masks"].dtype == torch.bool
+    assert large["pred_boxes"].tolist() == [[0.0, 0.0, 6.0, 2.0], [0.0, 2.0, 6.0, 4.0]]
     assert large["sem_seg"].shape == (6, 4, 12)
-    none = run_exported.at_size(run_exported.thresholded(outputs, 1.0), (4, 12))
+    same = at_size(outputs, (2, 4))  # same size: unchanged
+    assert all(torch.equal(same[k], v) for k, v in outputs.items())
+    kept = above_threshold(detectron2_outputs(outputs), 0.5)  # thing 3 (0.4) goes, stuff stays
+    kept_ids, segments = kept["panoptic_seg"]
+    assert kept_ids.tolist() == [[1, 1, 2, 0], [0, 0, 2, 0]]
+    assert [s["id"] for s in segments] == [1, 2]
+    assert kept["instances"].pred_classes.tolist() == [0]
+    none = at_size({k: v[:0] for k, v in outputs.items() if k in ("pred_masks", "pred_boxes")},
+                   (4, 12))  # fmt: skip
     assert none["pred_masks"].shape == (0, 4, 12) and none["pred_boxes"].shape == (0, 4)
 
 

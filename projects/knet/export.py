@@ -14,7 +14,9 @@ returns plain tensors at the input size (resizing the input is the caller's, as 
   probabilities of semantic K-Net).
 
 Which outputs a model has follows ``MODEL.KNET.TEST.{PANOPTIC,INSTANCE,SEMANTIC}_ON``.
-:class:`ExportedKNet` runs a file with TorchScript or ONNX Runtime and returns the same dict.
+:class:`ExportedKNet` runs a file with TorchScript or ONNX Runtime and returns the same dict;
+its ``run_on_image`` also resizes an image like the test loader and brings the outputs back to
+the image size.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from detectron2.data import transforms as T
+from detectron2.data.catalog import Metadata
 from torch import Tensor, nn
 from torch.onnx import symbolic_helper
 
-from .data.kinds import model_description
+from .data.kinds import CLASS_FIELDS, model_description, registered_or
 from .modeling.meta_arch.base import check_image
 from .modeling.postprocessing import OutputGeometry
 
@@ -238,6 +243,47 @@ class ExportedKNet:
         with torch.no_grad():
             values = self.module(torch.from_numpy(array))
         return dict(zip(self.output_names, values))
+
+    def run_on_image(self, image: np.ndarray) -> dict[str, Tensor]:
+        """(H, W, 3) uint8 image in the file's input format, resized like the test loader
+        (``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST`` of the export), run, and the outputs
+        brought back to (H, W) by :func:`at_size`."""
+        meta = self.metadata
+        resize = T.ResizeShortestEdge(meta["min_size_test"], meta["max_size_test"])
+        resized = resize.get_transform(image).apply_image(image)
+        outputs = self(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+        return at_size(outputs, image.shape[:2])
+
+    def class_metadata(self, dataset: str | None = None) -> Metadata:
+        """The class names and colours to draw with: those of a registered ``dataset`` (default:
+        the export's), else those the file carries."""
+        classes = {key: self.metadata[key] for key in CLASS_FIELDS if key in self.metadata}
+        return registered_or([dataset or self.metadata["dataset"]], classes)
+
+
+def at_size(outputs: dict[str, Tensor], size: tuple[int, int]) -> dict[str, Tensor]:
+    """Exported outputs brought to ``size`` (H, W): id maps and masks by nearest neighbour,
+    ``sem_seg`` bilinearly, boxes scaled (an exact inverse only where the size is unchanged:
+    the eager model resizes the probabilities instead)."""
+    out = dict(outputs)
+
+    def resize(x: Tensor, mode: str = "nearest") -> Tensor:
+        if tuple(x.shape[-2:]) == tuple(size):
+            return x
+        if not x.numel():  # no instance
+            return x.new_zeros((*x.shape[:-2], *size))
+        return F.interpolate(x[None], size=size, mode=mode)[0]
+
+    if "panoptic_seg" in out:
+        out["panoptic_seg"] = resize(out["panoptic_seg"][None].double())[0].int()
+    if "pred_masks" in out:
+        masks = out["pred_masks"]
+        scale = torch.tensor([size[1] / masks.shape[2], size[0] / masks.shape[1]] * 2)
+        out["pred_masks"] = resize(masks.to(torch.uint8)).bool()
+        out["pred_boxes"] = out["pred_boxes"] * scale
+    if "sem_seg" in out:
+        out["sem_seg"] = resize(out["sem_seg"], "bilinear")
+    return out
 
 
 def compare_outputs(got: dict[str, Tensor], expected: dict[str, Tensor]) -> dict[str, float]:

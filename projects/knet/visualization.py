@@ -11,7 +11,7 @@ from detectron2.utils.visualizer import VisImage, Visualizer
 
 from .data.datasets.custom import IMAGE_EXTENSIONS
 
-__all__ = ["draw_predictions", "expand_inputs"]
+__all__ = ["above_threshold", "draw_predictions", "expand_inputs"]
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
@@ -46,3 +46,19 @@ def draw_predictions(visualizer: Visualizer, predictions: dict[str, Any]) -> Vis
     if "instances" in predictions:
         drawing = visualizer.draw_instance_predictions(predictions["instances"].to(cpu))
     return drawing
+
+
+def above_threshold(predictions: dict[str, Any], threshold: float) -> dict[str, Any]:
+    """Detectron2's outputs without the instances and panoptic thing segments scoring below
+    ``threshold``: their pixels become void (0) (the merge that made the segments is not redone,
+    so the pixels do not go to other segments)."""
+    out = dict(predictions)
+    if "instances" in out:
+        out["instances"] = out["instances"][out["instances"].scores >= threshold]
+    if "panoptic_seg" in out:
+        ids, segments = out["panoptic_seg"]
+        low = [s["id"] for s in segments if s["isthing"] and s["score"] < threshold]
+        if low:
+            ids = torch.where(torch.isin(ids, torch.tensor(low, dtype=ids.dtype)), 0, ids)
+        out["panoptic_seg"] = (ids, [s for s in segments if s["id"] not in low])
+    return out

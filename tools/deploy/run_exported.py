@@ -23,19 +23,15 @@ import time
 from collections.abc import Sequence
 
 import cv2
-import numpy as np
 import torch
-import torch.nn.functional as F
-from detectron2.data import transforms as T
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 
 import knet  # noqa: F401  (registers the datasets whose class names are drawn)
 from knet.data.dataset_mappers import read_image_checked
-from knet.data.kinds import CLASS_FIELDS, registered_or
-from knet.export import INSTANCE_OUTPUTS, ExportedKNet
+from knet.export import ExportedKNet
 from knet.modeling.postprocessing import detectron2_outputs
-from knet.visualization import draw_predictions, expand_inputs
+from knet.visualization import above_threshold, draw_predictions, expand_inputs
 
 logger = logging.getLogger("knet.export")
 
@@ -54,67 +50,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def thresholded(outputs: dict[str, torch.Tensor], threshold: float) -> dict[str, torch.Tensor]:
-    """The exported outputs without the instances and panoptic things scoring below
-    ``threshold`` (the pixels of those things become void)."""
-    out = dict(outputs)
-    if "scores" in out:
-        keep = out["scores"] >= threshold
-        out.update({name: out[name][keep] for name in INSTANCE_OUTPUTS})
-    if "panoptic_seg" in out:
-        low = out["segment_isthing"].bool() & (out["segment_score"] < threshold)
-        ids = out["panoptic_seg"]
-        out["panoptic_seg"] = torch.where(torch.isin(ids, low.nonzero()[:, 0] + 1), 0, ids)
-        out["segment_area"] = torch.where(low, 0, out["segment_area"])
-    return out
-
-
-def at_size(outputs: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """The exported outputs brought to ``size`` (H, W): id maps and masks by nearest neighbour,
-    ``sem_seg`` bilinearly, boxes scaled."""
-    out = dict(outputs)
-
-    def resize(x: torch.Tensor, mode: str = "nearest") -> torch.Tensor:
-        if not x.numel():  # no instance
-            return x.new_zeros((*x.shape[:-2], *size))
-        return F.interpolate(x[None], size=size, mode=mode)[0]
-
-    if "panoptic_seg" in out:
-        out["panoptic_seg"] = resize(out["panoptic_seg"][None].double())[0].int()
-    if "pred_masks" in out:
-        masks = out["pred_masks"]
-        scale = torch.tensor([size[1] / masks.shape[2], size[0] / masks.shape[1]] * 2)
-        out["pred_masks"] = resize(masks.to(torch.uint8)).bool()
-        out["pred_boxes"] = out["pred_boxes"] * scale
-    if "sem_seg" in out:
-        out["sem_seg"] = resize(out["sem_seg"], "bilinear")
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logger(name="knet")
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     exported = ExportedKNet(args.model, num_threads=args.threads)
-    meta = exported.metadata
-    classes = {key: meta[key] for key in CLASS_FIELDS if key in meta}
-    metadata = registered_or([args.dataset or meta["dataset"]], classes)
-    resize = T.ResizeShortestEdge(meta["min_size_test"], meta["max_size_test"])
+    input_format = exported.metadata["input_format"]
+    metadata = exported.class_metadata(args.dataset)
     os.makedirs(args.output, exist_ok=True)
     for path in expand_inputs(args.input):
-        original = read_image_checked(path, meta["input_format"], "image")
-        image = resize.get_transform(original).apply_image(original)
+        image = read_image_checked(path, input_format, "image")
         start = time.perf_counter()
-        outputs = exported(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        outputs = detectron2_outputs(exported.run_on_image(image))
         seconds = time.perf_counter() - start
-        outputs = thresholded(outputs, args.confidence_threshold)
-        outputs = detectron2_outputs(at_size(outputs, original.shape[:2]))
-        rgb = original if meta["input_format"] == "RGB" else original[:, :, ::-1]
+        outputs = above_threshold(outputs, args.confidence_threshold)
+        rgb = image if input_format == "RGB" else image[:, :, ::-1]
         out_path = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
         drawing = draw_predictions(Visualizer(rgb, metadata), outputs).get_image()
         cv2.imwrite(out_path, drawing[:, :, ::-1])
-        logger.info("%s: run at %dx%d in %.2fs -> %s", path, *image.shape[1::-1], seconds, out_path)
+        logger.info("%s: %dx%d in %.2fs -> %s", path, *image.shape[1::-1], seconds, out_path)
     return 0
 
 
