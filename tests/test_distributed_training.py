@@ -61,8 +61,8 @@ def _run(task: str, out: Path, max_iter: int, resume: bool = False) -> dict:
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     weights = [torch.load(out / f"rank{r}_weights.pth", weights_only=True) for r in range(2)]
     diverged = [k for k in weights[0] if not torch.equal(weights[0][k], weights[1][k])]
-    # the toy configs use plain "BN": like Detectron2, each process keeps its own running
-    # statistics (SyncBN shares them); every parameter must be identical
+    # every parameter must be identical; so must the BN running statistics of the toy configs
+    # ("SyncBN"), which a config with plain "BN" keeps per process, as Detectron2 does
     assert all(k.endswith(("running_mean", "running_var")) for k in diverged), diverged
     assert [r["saves"] for r in ranks] == [True, False]  # only rank 0 writes checkpoints
     assert not ranks[1]["losses"]

@@ -160,6 +160,15 @@ def add_knet_config(cfg: CN) -> None:
     cfg.MODEL.KNET.COST_CLASS = 2.0
     cfg.MODEL.KNET.COST_MASK = 1.0
     cfg.MODEL.KNET.COST_DICE = 4.0
+    # Training in several processes. False (official): each process pads its images to its own
+    # largest and divides the mask, dice and initial semantic losses by its own counts (and the
+    # semantic cross-entropy with SEM_SEG_LOSS_AVG_NON_IGNORE); the classification loss by the
+    # mean count over processes, clamped to >= 1. True: the images are padded to the global
+    # batch's largest, and every normaliser is max(global count, 1) / processes, so that DDP's
+    # average of the gradients is the gradient of the global batch's loss. With SEED >= 0 and
+    # batch statistics shared ("SyncBN", or no BN in training), the weights then do not depend on
+    # the number of processes (up to rounding). One process: the same results either way.
+    cfg.MODEL.KNET.GLOBAL_BATCH_LOSSES = False
 
     cfg.MODEL.KNET.TEST = CN()
     cfg.MODEL.KNET.TEST.PANOPTIC_ON = True

@@ -26,12 +26,17 @@ from detectron2.engine import launch as _d2_launch
 from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
 
+from ..modeling.batch_norm import share_cpu_batch_statistics
+
 
 def create_ddp_model(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
-    """Detectron2's ``create_ddp_model``, also for a model on the CPU (gloo)."""
+    """Detectron2's ``create_ddp_model``, also for a model on the CPU (gloo): there the
+    ``nn.SyncBatchNorm`` layers ("SyncBN"), which refuse CPU tensors, become
+    ``GlobalBatchNorm2d`` layers (the same statistics, parameters and buffers)."""
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
     if comm.get_world_size() > 1 and on_cpu:
         kwargs.setdefault("device_ids", None)
+        model = share_cpu_batch_statistics(model)
     return _d2_create_ddp_model(model, **kwargs)
 
 

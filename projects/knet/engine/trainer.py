@@ -31,6 +31,17 @@ from .solver import build_optimizer
 from .tta import SemanticSegmentorWithTTA
 
 
+def check_global_batch(ims_per_batch: int, world_size: int) -> None:
+    """Raise ``ValueError`` when the global batch cannot be shared evenly by the processes:
+    each takes ``ims_per_batch / world_size`` images, so that the global batch, hence the
+    recipe, does not depend on their number."""
+    if ims_per_batch % world_size:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH ({ims_per_batch}) is the global batch and must be divisible "
+            f"by the number of processes ({world_size}); change one of them"
+        )
+
+
 class KNetTrainer(DefaultTrainer):
     """Detectron2's DefaultTrainer with K-Net's dataset mappers, evaluators and optimizer, mixed
     precision on CUDA and CPU (:mod:`knet.engine.amp`), and checkpoints (written atomically) that
@@ -49,6 +60,7 @@ class KNetTrainer(DefaultTrainer):
         # (knet.engine.dataset_config; -1 class counts are taken from the training dataset)
         cfg = configured_for_datasets(cfg)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        check_global_batch(cfg.SOLVER.IMS_PER_BATCH, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)

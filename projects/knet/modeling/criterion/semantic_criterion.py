@@ -4,10 +4,12 @@
 from collections.abc import Sequence
 
 import torch
+from detectron2.utils import comm
 from torch import nn
 
 from .losses import semantic_cross_entropy
 from .numerics import at_least_fp32, check_finite, named_tensors
+from .set_criterion import global_avg_factor
 
 
 class KNetSemanticCriterion(nn.Module):
@@ -29,16 +31,32 @@ class KNetSemanticCriterion(nn.Module):
         aux_weight: float = 0.4,
         ignore_value: int = 255,
         avg_non_ignore: bool = False,
+        global_batch_losses: bool = False,
     ):
+        """
+        Args:
+            init_weight, stage_loss_weights, aux_weight: the weights of the terms.
+            ignore_value: the void label.
+            avg_non_ignore: divide by the non-ignored pixels instead of all pixels.
+            global_batch_losses: in several processes, with ``avg_non_ignore``, divide by the
+                global count of non-ignored pixels (``global_avg_factor``) instead of each
+                process's. The mean over all pixels needs no such change: every process holds
+                as many pixels (an equal share of images padded to one size).
+        """
         super().__init__()
         self.init_weight = init_weight
         self.stage_loss_weights = list(stage_loss_weights)
         self.aux_weight = aux_weight
         self.ignore_value = ignore_value
         self.avg_non_ignore = avg_non_ignore
+        self.global_batch_losses = global_batch_losses
 
     def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return semantic_cross_entropy(logits, labels, self.ignore_value, self.avg_non_ignore)
+        use_global = self.global_batch_losses and comm.get_world_size() > 1
+        normalizer = global_avg_factor if use_global else None
+        return semantic_cross_entropy(
+            logits, labels, self.ignore_value, self.avg_non_ignore, normalizer
+        )
 
     def forward(
         self, outputs: dict, labels: torch.Tensor, aux_logits: torch.Tensor | None = None
@@ -82,5 +100,5 @@ class KNetSemanticCriterion(nn.Module):
         return (
             f"init_weight={self.init_weight}, stage_loss_weights={self.stage_loss_weights}, "
             f"aux_weight={self.aux_weight}, ignore_value={self.ignore_value}, "
-            f"avg_non_ignore={self.avg_non_ignore}"
+            f"avg_non_ignore={self.avg_non_ignore}, global_batch_losses={self.global_batch_losses}"
         )

@@ -24,6 +24,20 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def global_avg_factor(count: torch.Tensor) -> torch.Tensor:
+    """``max(count summed over all workers, 1) / world size``, a float scalar without gradient.
+
+    A process dividing its loss sum by this makes DDP's mean of the gradients over the workers
+    the gradient of (sum over the global batch) / max(global count, 1): the loss of one process
+    holding the whole global batch, whatever the number of workers.
+    """
+    total = count.detach().float().clone()
+    world_size = comm.get_world_size()
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+    return total.clamp(min=1) / world_size
+
+
 # The official loss weights: focal classification, mask BCE, dice, rank (stuff kernels) and the
 # initial head's semantic loss.
 LOSS_WEIGHTS = {"cls": 2.0, "mask": 1.0, "dice": 4.0, "rank": 0.1, "seg": 1.0}
@@ -59,6 +73,7 @@ class KNetCriterion(nn.Module):
         focal_gamma: float = 2.0,
         stage_loss_weights: Sequence[float] = (1.0, 1.0, 1.0),
         ignore_value: int = 255,
+        global_batch_losses: bool = False,
     ):
         """
         Args:
@@ -69,6 +84,10 @@ class KNetCriterion(nn.Module):
             focal_alpha, focal_gamma: the focal classification loss.
             stage_loss_weights: one factor per update stage.
             ignore_value: the void label of the rank and semantic targets.
+            global_batch_losses: in several processes, divide the mask, dice, semantic and
+                classification losses by the global counts (:func:`global_avg_factor`) instead
+                of the official per-process means (and, for classification, the clamped mean of
+                the counts). The same losses in one process.
         """
         super().__init__()
         self.matcher = matcher
@@ -82,10 +101,19 @@ class KNetCriterion(nn.Module):
         self.focal_gamma = focal_gamma
         self.stage_loss_weights = list(stage_loss_weights)
         self.ignore_value = ignore_value
+        self.global_batch_losses = global_batch_losses
 
     @property
     def has_stuff_kernels(self) -> bool:
         return self.num_classes > self.num_thing_classes
+
+    def global_avg_factor(self, count: torch.Tensor) -> torch.Tensor | None:
+        """:func:`global_avg_factor` of ``count`` with ``global_batch_losses`` in several
+        processes; None (the official per-process mean) otherwise, so that one process takes
+        exactly the official code path."""
+        if self.global_batch_losses and comm.get_world_size() > 1:
+            return global_avg_factor(count)
+        return None
 
     def match(
         self,
@@ -145,9 +173,12 @@ class KNetCriterion(nn.Module):
     def mask_losses(self, mask_logits, positive, pos_masks, prefix: str) -> dict[str, torch.Tensor]:
         pred = mask_logits[positive]
         tgt = torch.stack(pos_masks) if pos_masks else torch.zeros_like(pred)
+        num_masks = positive.sum()
+        mask_avg = self.global_avg_factor(num_masks * mask_logits[0, 0].numel())
+        dice_avg = self.global_avg_factor(num_masks)
         losses = {
-            f"{prefix}loss_mask": self.weight_dict["mask"] * mask_bce_loss(pred, tgt),
-            f"{prefix}loss_dice": self.weight_dict["dice"] * dice_loss(pred, tgt),
+            f"{prefix}loss_mask": self.weight_dict["mask"] * mask_bce_loss(pred, tgt, mask_avg),
+            f"{prefix}loss_dice": self.weight_dict["dice"] * dice_loss(pred, tgt, 1e-3, dice_avg),
         }
         if self.has_stuff_kernels and self.weight_dict["rank"] > 0:
             b, _, h, w = mask_logits.shape
@@ -169,7 +200,8 @@ class KNetCriterion(nn.Module):
 
     def semantic_loss(self, seg_logits, labels, positive, pos_masks, targets) -> torch.Tensor:
         """Focal loss of the initial semantic logits (B, K, H, W): stuff pixels get their class,
-        then pixels of matched things theirs; normalised by the number of foreground pixels."""
+        then pixels of matched things theirs; normalised by the number of foreground pixels
+        (this process's, or the global count with ``global_batch_losses``)."""
         b, k, h, w = seg_logits.shape
         seg_target = torch.full((b, h, w), k, dtype=torch.int64, device=seg_logits.device)
         for i, target in enumerate(targets):
@@ -177,9 +209,12 @@ class KNetCriterion(nn.Module):
                 seg_target[i][mask > 0] = label
         for i, (bi, n) in enumerate(positive.nonzero().tolist()):
             seg_target[bi][pos_masks[i] > 0] = labels[bi, n]
-        num_fg = (seg_target < k).sum().clamp(min=1).float()
+        num_fg = (seg_target < k).sum()
+        avg_factor = self.global_avg_factor(num_fg)
+        if avg_factor is None:  # official: this process's count, not all-reduced
+            avg_factor = num_fg.clamp(min=1).float()
         logits = seg_logits.permute(0, 2, 3, 1).reshape(-1, k)
-        return self.focal_loss(logits, seg_target.flatten(), torch.ones_like(logits), num_fg)
+        return self.focal_loss(logits, seg_target.flatten(), torch.ones_like(logits), avg_factor)
 
     def focal_loss(self, logits, labels, weights, avg_factor) -> torch.Tensor:
         """``weighted_focal_loss`` with the criterion's alpha and gamma."""
@@ -203,7 +238,9 @@ class KNetCriterion(nn.Module):
         b, n, k = cls_logits.shape
         assignments = self.match(prev_masks, prev_cls, targets, prev_name)
         labels, positive, pos_masks = self.kernel_targets(assignments, targets, n)
-        num_pos = all_reduce_mean(positive.sum().float()).clamp(min=1.0)
+        num_pos = self.global_avg_factor(positive.sum())
+        if num_pos is None:  # official: the mean over workers, clamped
+            num_pos = all_reduce_mean(positive.sum().float()).clamp(min=1.0)
         weights = self.label_weights(n, cls_logits.device).repeat(b, 1)
         cls_loss = self.focal_loss(cls_logits.reshape(b * n, k), labels.flatten(), weights, num_pos)
         losses = {f"{prefix}loss_cls": self.weight_dict["cls"] * cls_loss}
@@ -246,5 +283,6 @@ class KNetCriterion(nn.Module):
             f"KNetCriterion(matcher={self.matcher!r}, num_classes={self.num_classes}, "
             f"num_thing_classes={self.num_thing_classes}, num_proposals={self.num_proposals}, "
             f"weight_dict={self.weight_dict}, "
-            f"stage_loss_weights={self.stage_loss_weights})"
+            f"stage_loss_weights={self.stage_loss_weights}, "
+            f"global_batch_losses={self.global_batch_losses})"
         )

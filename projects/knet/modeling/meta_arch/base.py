@@ -5,15 +5,18 @@ import math
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from detectron2.modeling import Backbone, build_backbone
 from detectron2.structures import ImageList
+from detectron2.utils import comm
 from torch import nn
 
 from ..kernel_head import build_kernel_head
 from ..pixel_decoder import build_pixel_decoder
 from ..postprocessing import OutputGeometry, detectron2_outputs
 
-__all__ = ["KNetBase", "check_image", "checked_image", "inference_amp_dtype"]
+__all__ = ["KNetBase", "check_image", "checked_image", "inference_amp_dtype", "pad_to_global_batch"]
 
 
 def pixel_range_top(pixel_mean) -> int:
@@ -101,6 +104,20 @@ def inference_amp_dtype(cfg) -> torch.dtype | None:
     return getattr(torch, name) if name else None
 
 
+def pad_to_global_batch(images: ImageList) -> ImageList:
+    """``images`` zero-padded (bottom/right) to the largest padded size of all processes' batches
+    (one all-reduce), the size one process holding the global batch would pad it to; the
+    images themselves and their ``image_sizes`` are unchanged. Every process must call it."""
+    h, w = images.tensor.shape[-2:]
+    size = torch.tensor([h, w], device=images.tensor.device)
+    if comm.get_world_size() > 1:
+        dist.all_reduce(size, op=dist.ReduceOp.MAX)
+    pad_h, pad_w = int(size[0]) - h, int(size[1]) - w
+    if pad_h == pad_w == 0:
+        return images
+    return ImageList(F.pad(images.tensor, (0, pad_w, 0, pad_h)), images.image_sizes)
+
+
 class KNetBase(nn.Module):
     """backbone -> pixel decoder -> kernel head, trained by ``criterion``.
 
@@ -122,6 +139,7 @@ class KNetBase(nn.Module):
         pixel_std: list[float],
         channels_last: bool = False,
         amp_dtype: torch.dtype | None = None,
+        global_batch_padding: bool = False,
     ):
         """
         Args:
@@ -132,6 +150,9 @@ class KNetBase(nn.Module):
             pixel_mean, pixel_std: the input normalisation (``MODEL.PIXEL_MEAN/STD``).
             channels_last: run the network on channels-last tensors.
             amp_dtype: inference under autocast in this dtype (None: float32).
+            global_batch_padding: in training with several processes, pad every process's
+                batch to the size of the global batch (``pad_to_global_batch``), so that
+                images, mask targets and losses are those of one process holding it.
         """
         super().__init__()
         self.backbone = backbone
@@ -141,6 +162,7 @@ class KNetBase(nn.Module):
         self.size_divisibility = size_divisibility
         self.channels_last = channels_last
         self.amp_dtype = amp_dtype
+        self.global_batch_padding = global_batch_padding
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -169,6 +191,7 @@ class KNetBase(nn.Module):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "channels_last": k.CHANNELS_LAST,
             "amp_dtype": inference_amp_dtype(cfg),
+            "global_batch_padding": k.GLOBAL_BATCH_LOSSES,
         }
 
     @property
@@ -177,13 +200,17 @@ class KNetBase(nn.Module):
 
     def preprocess_image(self, batched_inputs: list[dict]) -> ImageList:
         """Checked, normalised images padded to a batch (bottom/right, to a multiple of
-        ``size_divisibility``), channels-last when ``channels_last``."""
+        ``size_divisibility``; in training with ``global_batch_padding``, to the global batch's
+        size), channels-last when ``channels_last``."""
         images = [
             (checked_image(x, i, self.pixel_mean).to(self.device) - self.pixel_mean)
             / self.pixel_std
             for i, x in enumerate(batched_inputs)
         ]
         images = ImageList.from_tensors(images, self.size_divisibility)
+        # training only: inference batches are not shared out evenly (a collective could hang)
+        if self.training and self.global_batch_padding and comm.get_world_size() > 1:
+            images = pad_to_global_batch(images)
         if self.channels_last:
             images.tensor = images.tensor.contiguous(memory_format=torch.channels_last)
         return images

@@ -78,6 +78,7 @@ class KNet(KNetBase):
             focal_gamma=k.FOCAL_GAMMA,
             stage_loss_weights=k.STAGE_LOSS_WEIGHTS,
             ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            global_batch_losses=k.GLOBAL_BATCH_LOSSES,
         )
         ret["postprocessor"] = KNetPostProcessor(cfg, num_thing_classes=initial.num_thing_classes)
         return ret

@@ -62,6 +62,7 @@ class SemanticKNet(KNetBase):
             aux_weight=k.AUX_HEAD.LOSS_WEIGHT,
             ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
             avg_non_ignore=k.SEM_SEG_LOSS_AVG_NON_IGNORE,
+            global_batch_losses=k.GLOBAL_BATCH_LOSSES,
         )
         ret["auxiliary_head"] = build_auxiliary_head(cfg, ret["backbone"].output_shape())
         return ret
