@@ -11,10 +11,16 @@ from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[1]
 PRODUCT = ["projects", "tools", "demo", "train_net.py"]
-REQUIREMENTS = ["requirements.txt", "requirements-export.txt", "requirements-nodeps.txt"]
-# the package, demo/predictor.py (imported by demo/demo.py) and the tools' own modules, which
+REQUIREMENTS = [
+    "requirements.txt",
+    "requirements-export.txt",
+    "requirements-serve.txt",
+    "requirements-nodeps.txt",
+]
+# the package, demo/predictor.py and demo/server.py (imported by demo/demo.py and
+# tools/benchmark_server.py) and the tools' own modules, which
 # the scripts next to them import
-OWN = {"knet", "predictor"} | {p.stem for p in (REPO / "tools").glob("*.py")}
+OWN = {"knet", "predictor", "server"} | {p.stem for p in (REPO / "tools").glob("*.py")}
 # installed by tools/install_detectron2.py (not on PyPI); torch and torchvision: constraints.txt
 INSTALLED_APART = {"detectron2", "torch", "torchvision"}
 
@@ -65,7 +71,7 @@ def test_constraints_satisfy_the_requirements():
             (version,) = [spec.version for spec in req.specifier if spec.operator == "=="]
             pins[canonicalize_name(req.name)] = version
     unpinned, outside = [], []
-    for name in ["requirements.txt", "requirements-export.txt"]:
+    for name in ["requirements.txt", "requirements-export.txt", "requirements-serve.txt"]:
         for dist, req in requirements(REPO / name).items():
             if dist not in pins:
                 unpinned.append(dist)

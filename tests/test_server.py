@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # a short training run, then servers in subprocesses
 pytest.importorskip(
     "fastapi", reason="the server tests need `pip install -r requirements-serve.txt`"
 )

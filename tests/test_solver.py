@@ -13,7 +13,7 @@ from knet.engine.solver import build_optimizer
 
 TOY_CONFIG = str(Path(__file__).resolve().parents[1] / "configs/toy/knet_R18_toy_panoptic.yaml")
 SMALL = ["MODEL.KNET.NUM_PROPOSALS", "4", "SOLVER.BACKBONE_MULTIPLIER", "0.25"]
-NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
+NORM_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-inputs=(requirements.txt requirements-export.txt requirements-nodeps.txt constraints.txt pyproject.toml
+inputs=(requirements.txt requirements-export.txt requirements-serve.txt requirements-nodeps.txt
+        constraints.txt pyproject.toml
         tools/install_detectron2.py tools/setup_env.sh)
 hash=$(cat "${inputs[@]}" | sha256sum | cut -c1-16)
 stamp="$VENV/.knet-install-$hash"
@@ -33,8 +34,18 @@ pip_install -c constraints.txt pip setuptools wheel
 pip_install -c constraints.txt torch torchvision
 pip_install -r requirements.txt -c constraints.txt
 pip_install -r requirements-export.txt -c constraints.txt
+pip_install -r requirements-serve.txt -c constraints.txt
 pip_install --no-deps -r requirements-nodeps.txt
 "$py" tools/install_detectron2.py
+# The browser test of the web demo drives Debian's chromium (no browser download): installed
+# when missing and apt-get can run (as root); without it that test is skipped.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
+  else
+    echo "[setup_env] chromium/chromedriver missing: the browser test will be skipped"
+  fi
+fi
 pip_install --no-deps --no-build-isolation -e .
 "$py" -c "import detectron2, knet, panopticapi; print('[setup_env] detectron2', detectron2.__version__)"
 
