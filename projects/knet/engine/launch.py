@@ -148,7 +148,7 @@ class _FailureWatch:
                 try:
                     report = self._beat()
                 except Exception as e:  # the store's holder is gone
-                    report = f"{holder} failed: lost the store at {store_at} ({e})"
+                    report = f"{holder} failed or exited: lost the store at {store_at} ({e})"
                 if report:
                     _say(f"{report}; stopping {self.me}")
                     self._depart(3 * HEARTBEAT_S)
@@ -203,9 +203,10 @@ class _FailureWatch:
             self._depart(3 * HEARTBEAT_S)
 
     def close(self) -> None:
-        """The end without failure: rank 0 waits for the others to end, its watch running."""
+        """The end without failure: rank 0 waits (``SILENCE_S`` at most: one of the others may
+        wait for it in a collective) for the others to end, its watch running."""
         if not self._closed:
-            self._depart(DEFAULT_TIMEOUT.total_seconds())
+            self._depart(SILENCE_S)
             with self._lock:
                 self._closed = True
 
