@@ -39,7 +39,12 @@ from knet.engine.arguments import (
     register_dataset_specs,
 )
 from knet.engine.dataset_config import configure_for_datasets
-from knet.engine.launch import ExternalLauncherError, fit_threads_to_cores, launcher_restart
+from knet.engine.launch import (
+    ExternalLauncherError,
+    ProcessGroupError,
+    fit_threads_to_cores,
+    launcher_restart,
+)
 from knet.engine.preemption import (
     PREEMPTION_SIGNALS,
     forward_signals_to_workers,
@@ -47,13 +52,15 @@ from knet.engine.preemption import (
 )
 from knet.evaluation import TrainingSetError
 
-# errors whose message says all (no traceback): bad datasets, class counts, weights, launchers
+# errors whose message says all (no traceback): bad datasets, class counts, weights, launchers,
+# networks
 USER_ERRORS = (
     CheckpointMismatchError,
     DatasetArgumentError,
     DatasetClassError,
     DatasetNotRegisteredError,
     ExternalLauncherError,
+    ProcessGroupError,
     TrainingSetError,
     WeightsNotFoundError,
 )

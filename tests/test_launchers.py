@@ -1,8 +1,10 @@
 """train_net.py under external launchers: torchrun and SLURM's srun environment join one process
-group; the launchers' environments are read and checked."""
+group; the launchers' environments are read and checked; a failed process stops the others
+promptly, named, and network errors name the variable to set."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,8 +17,11 @@ import torch
 
 from knet.engine.launch import (
     ExternalLauncherError,
+    ProcessGroupError,
     ProcessWorld,
     _join_launcher,
+    _run_in_group,
+    explain_network_error,
     fit_threads_to_cores,
     launcher_restart,
     launcher_world,
@@ -120,10 +125,10 @@ def _clean_environ(**extra: str) -> dict:
     return {**keep, "OMP_NUM_THREADS": "1", **extra}
 
 
-def _start(cmd: list[str], out: Path, **environ: str) -> subprocess.Popen:
+def _start(cmd: list[str], out: Path, console=subprocess.PIPE, **environ: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, *cmd, *TRAIN, "OUTPUT_DIR", str(out)], cwd=REPO,
-        env=_clean_environ(**environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=_clean_environ(**environ), stdout=console, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
 
 
@@ -208,6 +213,63 @@ def test_torchrun_restart_resumes_to_the_uninterrupted_weights(tmp_path, spawned
     _assert_same_weights(weights, spawned_weights)
 
 
+def _by_hand(port: str, rank: int) -> ProcessWorld:
+    return ProcessWorld("train_net.py", rank, 2, 0, 1, f"tcp://127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize(
+    "error, backend, variables",
+    [
+        ("The server socket has failed to listen ... code: -98, name: EADDRINUSE", "gloo",
+         ["port 29500 is in use", "MASTER_PORT", "--dist-url"]),
+        ("The client socket has timed out after 1800000ms while trying to connect to "
+         "(10.0.0.5, 29500).", "gloo", ["master 127.0.0.1:29500", "MASTER_ADDR", "MASTER_PORT"]),
+        ("[enforce fail at gloo/transport/tcp/device.cc:84] ifa != nullptr. Unable to find "
+         "address for: eth7", "gloo", ["GLOO_SOCKET_IFNAME=eth7", "lo"]),
+        ("[gloo/transport/tcp/pair.cc:144] Connect timeout [127.0.1.1]:4242", "gloo",
+         ["GLOO_SOCKET_IFNAME"]),
+        ("NCCL error: internal error. Last error: Bootstrap : no socket interface found", "nccl",
+         ["NCCL_SOCKET_IFNAME=eth7"]),
+    ],
+    ids=["port in use", "no master", "no interface", "unreachable peer", "NCCL interface"],
+)  # fmt: skip
+def test_network_errors_name_the_variable_to_set(monkeypatch, error, backend, variables):
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        monkeypatch.setenv(name, "eth7")
+    explained = explain_network_error(RuntimeError(error), _by_hand("29500", 1), backend)
+    assert all(variable in explained for variable in variables), explained
+    assert explain_network_error(ValueError("bad config"), _by_hand("29500", 1), backend) is None
+
+
+def test_a_port_in_use_names_master_port():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        with pytest.raises(ProcessGroupError, match=f"port {port} is in use .* MASTER_PORT"):
+            _run_in_group(print, (), _by_hand(port, 0))
+
+
+def test_an_unreachable_master_names_master_addr():
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    port = str(_free_port())
+    with pytest.raises(dist.DistNetworkError) as error:
+        dist.TCPStore("127.0.0.1", int(port), is_master=False, timeout=timedelta(seconds=1))
+    explained = explain_network_error(error.value, _by_hand(port, 1), "gloo")
+    assert f"could not reach the master 127.0.0.1:{port}" in explained
+    assert "MASTER_ADDR, MASTER_PORT" in explained
+
+
+def test_a_wrong_gloo_interface_names_gloo_socket_ifname(monkeypatch):
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "knet_no_such_if")
+    world = ProcessWorld("train_net.py", 0, 1, 0, 1, f"tcp://127.0.0.1:{_free_port()}")
+    with pytest.raises(ProcessGroupError, match="GLOO_SOCKET_IFNAME=knet_no_such_if .* lo"):
+        _run_in_group(print, (), world)
+
+
 def test_a_launcher_restart_is_named():
     assert launcher_restart({"TORCHELASTIC_RESTART_COUNT": "0"}) is None
     assert launcher_restart({"TORCHELASTIC_RESTART_COUNT": "2"}) == "TORCHELASTIC_RESTART_COUNT=2"
@@ -249,22 +311,132 @@ def test_submitit_requeue_resumes_to_the_uninterrupted_weights(
     _assert_same_weights(final, spawned_weights)
 
 
-@pytest.mark.slow
-def test_a_killed_rank_stops_every_machine_promptly(tmp_path, toy_root):
-    """Two torchrun "machines" of one process each: SIGKILL to the worker of one makes both
-    commands exit with an error within a minute, not at the 30-minute collective timeout."""
-    out = tmp_path / "out"
-    endpoint = f"127.0.0.1:{_free_port()}"
-    machines = [_start(_torchrun(2, n, endpoint), out) for n in range(2)]
+# train_net.py with rank 1 failing where FAIL_AT says: "step" (an exception at iteration 3) or
+# "after" (after training, while rank 0 stands in a long evaluation without collectives); the
+# file FAIL_MARK is written when it fails
+FAILING_TRAIN_NET = """
+import os, sys, time
+from pathlib import Path
+
+sys.path.insert(0, os.getcwd())
+import train_net
+from detectron2.utils import comm
+from knet.engine import KNetTrainer
+
+run_step, main = KNetTrainer.run_step, train_net.main
+
+
+def fail(where):
+    if os.environ["FAIL_AT"] == where and comm.get_rank() == 1:
+        Path(os.environ["FAIL_MARK"]).touch()
+        raise OSError(28, "No space left on device")
+
+
+def failing_run_step(self):
+    if self.iter == 3:
+        fail("step")
+    run_step(self)
+
+
+def failing_main(args):
+    result = main(args)
+    fail("after")
+    time.sleep(300)
+    return result
+
+
+KNetTrainer.run_step, train_net.main = failing_run_step, failing_main
+if __name__ == "__main__":
+    train_net.run(train_net.parse_args_with_datasets(train_net.default_argument_parser()))
+"""
+
+
+def _start_machines(launcher: str, script: str, out: Path, **environ) -> list[subprocess.Popen]:
+    """Two processes (rank 0's command first, where two) started by ``launcher``, their console
+    in a file (``.console``); the second machine after the first listens, as the store is then held
+    there (torchrun's agent on the rendezvous endpoint's machine, rank 0 by hand), as on separate
+    machines."""
+    port = _free_port()
+    endpoint = f"127.0.0.1:{port}"
+    by_hand = [script, "--num-machines", "2", "--dist-url", f"tcp://{endpoint}"]
+    commands = {
+        "torchrun 2 machines": [[*_torchrun(2, n, endpoint)[:-1], script] for n in range(2)],
+        "2 machines": [[*by_hand, "--machine-rank", str(m)] for m in range(2)],
+        "--num-gpus 2": [[script, "--num-gpus", "2"]],
+    }[launcher]
+    out.mkdir()
+    consoles = [(out.parent / f"console{i}.txt").open("w") for i in range(len(commands))]
+    first = _start(commands[0], out, consoles[0], **environ)
+    while len(commands) > 1 and first.poll() is None:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    started = [
+        first,
+        *(_start(cmd, out, c, **environ) for cmd, c in zip(commands[1:], consoles[1:])),
+    ]
+    for command, console in zip(started, consoles):
+        command.console = Path(console.name)
+    return started
+
+
+def _assert_stop_promptly(commands: list[subprocess.Popen], failed_at: float, named: str) -> None:
+    """Every command exits with an error within 60 s of ``failed_at``, the first (the
+    survivor's) saying ``named`` (a regular expression)."""
+    for command in commands:
+        command.wait(timeout=max(1, failed_at + 60 - time.monotonic()))
+        assert command.returncode != 0, command.console.read_text()[-3000:]
+    assert time.monotonic() - failed_at < 60
+    output = commands[0].console.read_text()
+    assert re.search(named, output), output[-3000:]
+
+
+def _wait_for(path: Path, commands: list[subprocess.Popen]) -> float:
     deadline = time.monotonic() + 300
-    while not (out / "last_checkpoint").exists():
-        assert all(m.poll() is None for m in machines) and time.monotonic() < deadline
+    while not path.exists():
+        assert all(c.poll() is None for c in commands) and time.monotonic() < deadline
         time.sleep(0.05)
-    workers = [Path(f"/proc/{m.pid}/task/{m.pid}/children").read_text().split() for m in machines]
-    assert all(workers), "the run ended before a worker was killed"
-    os.kill(int(workers[1][0]), signal.SIGKILL)
+    return time.monotonic()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun 2 machines", "2 machines", "--num-gpus 2"])
+@pytest.mark.parametrize("fail_at", ["step", "after"])
+def test_a_failing_rank_stops_every_process_promptly(launcher, fail_at, tmp_path, toy_root):
+    """Rank 1 raises (mid-training, or after training while rank 0 is busy for 5 minutes without
+    a collective): every process exits within a minute, with "rank 1 on host H ... failed: ..."."""
+    script = tmp_path / "failing_train_net.py"
+    script.write_text(FAILING_TRAIN_NET)
+    mark = tmp_path / "failed"
+    environ = {"FAIL_AT": fail_at, "FAIL_MARK": str(mark)}
+    out = tmp_path / "out"
+    commands = _start_machines(launcher, str(script), out, **environ)
+    failed_at = _wait_for(mark, commands)
+    host = re.escape(socket.gethostname())
+    named = rf"rank 1 on host {host} \(pid \d+\) failed: OSError: \[Errno 28\]"
+    _assert_stop_promptly(commands, failed_at, named)
+
+
+def _worker_of(pid: int) -> int:
+    """The training process of the command ``pid``: torchrun's worker, or the one it spawned."""
+    for child in _descendants(pid):
+        if re.search(rb"spawn_main|train_net", Path(f"/proc/{child}/cmdline").read_bytes()):
+            return child
+    raise AssertionError("the run ended before a worker was killed")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher, killed", [("torchrun 2 machines", 1), ("2 machines", 0)])
+def test_a_killed_rank_stops_every_machine_promptly(launcher, killed, tmp_path, toy_root):
+    """Two "machines" of one process each: SIGKILL to the worker of one (rank 1, or rank 0,
+    which holds the store of the hand-started run) makes both commands exit with an error within
+    a minute, not at the 30-minute collective timeout, the survivor naming the killed rank and
+    its host."""
+    out = tmp_path / "out"
+    machines = _start_machines(launcher, "train_net.py", out)
+    _wait_for(out / "last_checkpoint", machines)
+    os.kill(_worker_of(machines[killed].pid), signal.SIGKILL)
     killed_at = time.monotonic()
-    for machine in machines:
-        machine.communicate(timeout=60)
-        assert machine.returncode != 0
-    assert time.monotonic() - killed_at < 60
+    named = rf"rank {killed} on host {re.escape(socket.gethostname())} \(pid \d+\) failed"
+    _assert_stop_promptly([machines[1 - killed], machines[killed]], killed_at, named)
