@@ -2,7 +2,7 @@
 """K-Net behind HTTP: a REST API and a web page on one app (FastAPI, Gradio, uvicorn).
 
     python demo/server.py --config-file CONFIG --opts MODEL.WEIGHTS model.pth   # eager
-    python demo/server.py --model output/export/model.onnx                      # exported file
+    python demo/server.py --model output/export/model.onnx                      # exported file(s)
 
 serves, on ``--host`` (default 127.0.0.1) and ``--port``:
 
@@ -94,7 +94,8 @@ class Engine:
     metadata: Any
     outputs: list[str]  # API output names the model gives
 
-    def __call__(self, rgb: np.ndarray) -> dict[str, Any]:
+    def __call__(self, rgb: np.ndarray, outputs: Sequence[str]) -> dict[str, Any]:
+        """The outputs of ``rgb``: at least the API ``outputs`` asked for."""
         raise NotImplementedError
 
 
@@ -112,25 +113,33 @@ class EagerEngine(Engine):
             on.update(panoptic=False, instances=False)
         self.outputs = [name for name in OUTPUT_KEYS if on[name]]
 
-    def __call__(self, rgb: np.ndarray) -> dict[str, Any]:
+    def __call__(self, rgb: np.ndarray, outputs: Sequence[str]) -> dict[str, Any]:
         return self.predictor(rgb[:, :, ::-1])  # (Detectron2's predictors take BGR)
 
 
 class ExportedEngine(Engine):
-    """An exported file (``knet.export``: ONNX Runtime or TorchScript), run by
-    ``ExportedKNet.run_on_image`` (resized like the test loader, outputs at the image size)."""
+    """Exported files of one model (``knet.export``: ONNX Runtime or TorchScript), run by
+    ``ExportedKNet.run_on_image`` (resized like the test loader, outputs at the image size).
 
-    def __init__(self, path: str, threads: int = 0):
-        self.model = ExportedKNet(path, num_threads=threads)
-        self.metadata = self.model.class_metadata()
-        self.name = "onnxruntime" if path.endswith(".onnx") else "torchscript"
-        names = self.model.output_names
+    Given files with different output sets (e.g. one exported with only the panoptic output),
+    a request runs the one with the fewest outputs that covers it: the semantic scores of 133
+    COCO classes at full size dominate the time and memory of a graph with every output."""
+
+    def __init__(self, paths: Sequence[str], threads: int = 0):
+        models = [ExportedKNet(path, num_threads=threads) for path in paths]
         given = {"panoptic": "panoptic_seg", "instances": "pred_masks", "semantic": "sem_seg"}
-        self.outputs = [name for name, key in given.items() if key in names]
+        self.models = sorted(
+            (([name for name, key in given.items() if key in m.output_names], m) for m in models),
+            key=lambda pair: len(pair[0]),
+        )  # fewest outputs first
+        self.metadata = self.models[-1][1].class_metadata()
+        self.name = "onnxruntime" if paths[0].endswith(".onnx") else "torchscript"
+        self.outputs = [name for name in OUTPUT_KEYS if any(name in o for o, _ in self.models)]
 
-    def __call__(self, rgb: np.ndarray) -> dict[str, Any]:
-        image = rgb if self.model.metadata["input_format"] == "RGB" else rgb[:, :, ::-1]
-        return detectron2_outputs(self.model.run_on_image(image))
+    def __call__(self, rgb: np.ndarray, outputs: Sequence[str]) -> dict[str, Any]:
+        model = next(m for given, m in self.models if set(outputs) <= set(given))
+        image = rgb if model.metadata["input_format"] == "RGB" else rgb[:, :, ::-1]
+        return detectron2_outputs(model.run_on_image(image))
 
 
 # ----------------------------------------------------------------------------- inputs, outputs
@@ -242,22 +251,22 @@ class Server:
             raise BadInput(400, f"outputs {unknown}: this model gives {self.engine.outputs}")
         return wanted or list(self.engine.outputs)
 
-    async def predict(self, rgb: np.ndarray) -> dict[str, Any]:
+    async def predict(self, rgb: np.ndarray, outputs: Sequence[str]) -> dict[str, Any]:
         """The engine's outputs of one image, run in the pool once a slot is free."""
         with self.lock:
             if self.admitted >= self.limits.max_concurrent + self.limits.max_queue:
                 raise BadInput(503, "the server is busy: try again shortly")
             self.admitted += 1
-        future = self.pool.submit(self.infer, rgb)
+        future = self.pool.submit(self.infer, rgb, outputs)
         future.add_done_callback(self._release)  # the slot is held until the work ends
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.limits.timeout_s)
         except TimeoutError:
             raise BadInput(504, f"inference took over {self.limits.timeout_s} s") from None
 
-    def infer(self, rgb: np.ndarray) -> dict[str, Any]:
+    def infer(self, rgb: np.ndarray, outputs: Sequence[str]) -> dict[str, Any]:
         with torch.no_grad():
-            return self.engine(rgb)
+            return self.engine(rgb, outputs)
 
     def _release(self, _future) -> None:
         with self.lock:
@@ -353,7 +362,7 @@ def build_app(server: Server, examples: Sequence[str] = ()):
         wanted = server.parse_outputs(outputs)
         data, content_type = await read_upload(request, server.limits)
         rgb = decode_image(data, content_type, server.limits)
-        predictions = above_threshold(await server.predict(rgb), threshold)
+        predictions = above_threshold(await server.predict(rgb, wanted), threshold)
         height, width = rgb.shape[:2]
         encoded = encode_outputs(predictions, wanted, server.engine.metadata)
         return {"height": height, "width": width, "engine": server.engine.name, **encoded}
@@ -396,7 +405,8 @@ def build_page(server: Server, examples: Sequence[str] = ()):
     def run(rgb, output: str, threshold: float):
         if rgb is None:
             return None, None, [], None
-        predictions = asyncio.run(server.predict(np.ascontiguousarray(rgb[:, :, :3])))
+        rgb = np.ascontiguousarray(rgb[:, :, :3])
+        predictions = asyncio.run(server.predict(rgb, engine.outputs))
         return (predictions, *show(predictions, rgb, output, threshold))
 
     with gr.Blocks(title="K-Net") as page:
@@ -435,7 +445,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--config-file", metavar="FILE", help="eager model: its config")
-    model.add_argument("--model", metavar="FILE", help="exported model.onnx or model.ts")
+    model.add_argument(
+        "--model", nargs="+", metavar="FILE", help="exported model.onnx or model.ts (several: "
+        "files of one model with different outputs; each request runs the smallest that fits)"
+    )  # fmt: skip
     add("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     add("--port", type=int, default=8000)
     add("--max-concurrent", type=int, default=1, help="inferences at once (one shared model)")
@@ -457,7 +470,7 @@ def build_server(args: argparse.Namespace) -> Server:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.model:
-        return Server(ExportedEngine(args.model, args.threads), limits, args.model)
+        return Server(ExportedEngine(args.model, args.threads), limits, " ".join(args.model))
     # every instance comes out of the model; ``?threshold`` (default 0.5) filters per request
     opts = ["MODEL.KNET.TEST.INSTANCES_SCORE_THRESH", "0.0", *args.opts]
     cfg = build_demo_cfg(args.config_file, opts, datasets=args.dataset)

@@ -264,7 +264,16 @@ def onnx_server(weights, tmp_path_factory):
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    server = RunningServer(["--model", str(folder / "model.onnx")], folder / "log.txt")
+    # and the same model with its panoptic output only, for the requests that ask for no more
+    only = ["MODEL.KNET.TEST.INSTANCE_ON", "False", "MODEL.KNET.TEST.SEMANTIC_ON", "False"]
+    result = subprocess.run(
+        [sys.executable, "tools/deploy/export_model.py", "--config-file", TOY, "--format", "onnx",
+         "--output", str(folder / "panoptic"), "--opts", *OPTS, *only, "MODEL.WEIGHTS", weights],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = [str(folder / "model.onnx"), str(folder / "panoptic/model.onnx")]
+    server = RunningServer(["--model", *files], folder / "log.txt")
     yield server
     server.stop()
 
@@ -306,6 +315,12 @@ def test_exported_and_eager_engines_return_the_same_json(onnx_server, eager_serv
 
     labels = [_decode_png(r["semantic"]["png"]) for r in (eager, exported)]
     assert int((labels[0] != labels[1]).sum()) <= 1e-4 * pixels
+
+    # the panoptic-only file answers a panoptic request: the same segments as the full file
+    alone = onnx_server.post(png.tobytes(), "image/png", outputs="panoptic", threshold=0.0)
+    alone = alone.json()["panoptic"]
+    assert alone["segments_info"] == exported["panoptic"]["segments_info"]
+    assert alone["png"] == exported["panoptic"]["png"]
 
 
 # ----------------------------------------------------------------------------- serving

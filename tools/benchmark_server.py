@@ -66,7 +66,7 @@ def engine_images_per_second(server_argv: list[str], images: list[bytes], output
     wanted = server.parse_outputs(outputs)
 
     def one(rgb: np.ndarray) -> None:
-        knet_server.encode_outputs(server.infer(rgb), wanted, server.engine.metadata)
+        knet_server.encode_outputs(server.infer(rgb, wanted), wanted, server.engine.metadata)
 
     for rgb in decoded:
         one(rgb)
