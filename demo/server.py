@@ -406,7 +406,10 @@ def build_page(server: Server, examples: Sequence[str] = ()):
         if rgb is None:
             return None, None, [], None
         rgb = np.ascontiguousarray(rgb[:, :, :3])
-        predictions = asyncio.run(server.predict(rgb, engine.outputs))
+        try:  # the page's requests wait in the same queue as the API's
+            predictions = asyncio.run(server.predict(rgb, engine.outputs))
+        except BadInput as e:
+            raise gr.Error(str(e)) from e  # (shown on the page)
         return (predictions, *show(predictions, rgb, output, threshold))
 
     with gr.Blocks(title="K-Net") as page:

@@ -125,18 +125,26 @@ def _clean_environ(**extra: str) -> dict:
     return {**keep, "OMP_NUM_THREADS": "1", **extra}
 
 
-def _start(cmd: list[str], out: Path, console=subprocess.PIPE, **environ: str) -> subprocess.Popen:
-    return subprocess.Popen(
+def _start(cmd: list[str], out: Path, console=None, **environ: str) -> subprocess.Popen:
+    """Start ``cmd`` with the training arguments; its console goes to ``console`` (default: a
+    new file next to ``out``, ``proc.console``), never to a pipe that nobody reads while the
+    test waits (a full pipe blocks the run)."""
+    if console is None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        console = open(out.parent / f"console-{time.monotonic_ns()}.txt", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
         [sys.executable, *cmd, *TRAIN, "OUTPUT_DIR", str(out)], cwd=REPO,
         env=_clean_environ(**environ), stdout=console, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
+    proc.console = Path(console.name)
+    return proc
 
 
 def _finish(procs: list[subprocess.Popen], out: Path, restarted: bool = False) -> dict:
     """Wait for the processes; the final weights, after checking that one process group ran."""
     for proc in procs:
-        stdout, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stdout[-3000:]
+        proc.wait(timeout=600)
+        assert proc.returncode == 0, proc.console.read_text()[-3000:]
     log = (out / "log.txt").read_text()
     assert "World size: 2" in log, log[-2000:]
     if not restarted:  # (a restarted run logs the iterations after its checkpoint again)
