@@ -160,6 +160,9 @@ def add_knet_config(cfg: CN) -> None:
     cfg.MODEL.KNET.COST_CLASS = 2.0
     cfg.MODEL.KNET.COST_MASK = 1.0
     cfg.MODEL.KNET.COST_DICE = 4.0
+    # Lower bounds of the mask probabilities in the (dice, mask) costs: none in image K-Net;
+    # Video K-Net's matcher clamps them to (0.001, 0.01) (the video configs set that).
+    cfg.MODEL.KNET.MATCHER_MIN_PROBS = [0.0, 0.0]
     # Training in several processes. False (official): each process pads its images to its own
     # largest and divides the mask, dice and initial semantic losses by its own counts (and the
     # semantic cross-entropy with SEM_SEG_LOSS_AVG_NON_IGNORE); the classification loss by the
@@ -192,6 +195,39 @@ def add_knet_config(cfg: CN) -> None:
     # this dtype: "" (off, float32), "float16", "bfloat16" or "auto" (float16 on CUDA, bfloat16
     # on the CPU); the demo's and the benchmark's --amp set "auto".
     cfg.MODEL.KNET.TEST.AMP_DTYPE = ""
+
+    # ---------------------------------------------------------------- Video K-Net (VideoKNet)
+    # Defaults: the official R-50 video panoptic configs (kernel association embedding and
+    # kernel linking; no kernel fusion).
+    cfg.MODEL.KNET.VIDEO = CN()
+    # kernel linking: the last stage's kernels attend to the previous frame's before they are
+    # embedded (False: the plain kernels are embedded, "+KAE" of the paper's ablation)
+    cfg.MODEL.KNET.VIDEO.LINK_PREVIOUS = True
+    cfg.MODEL.KNET.VIDEO.EMBED_DIM = 256
+    # association losses: multi-positive cross-entropy of the embeddings' dot products, and the
+    # hard-mined L2 loss of their cosine similarities (negative margin, negatives per positive)
+    cfg.MODEL.KNET.VIDEO.TRACK_WEIGHT = 0.25
+    cfg.MODEL.KNET.VIDEO.TRACK_AUX_WEIGHT = 1.0
+    cfg.MODEL.KNET.VIDEO.TRACK_AUX_NEG_MARGIN = 0.1
+    cfg.MODEL.KNET.VIDEO.TRACK_AUX_NEG_POS_RATIO = 3
+    # tracker boxes (duplicate removal, backdrops) keep only the pixels the initial head's
+    # semantic map calls a thing
+    cfg.MODEL.KNET.VIDEO.SEMANTIC_FILTER = True
+    # the quasi-dense embedding tracker (official values of the video panoptic configs)
+    cfg.MODEL.KNET.VIDEO.TRACKER = CN()
+    cfg.MODEL.KNET.VIDEO.TRACKER.INIT_SCORE_THRESH = 0.35  # a new track needs this score
+    cfg.MODEL.KNET.VIDEO.TRACKER.OBJ_SCORE_THRESH = 0.3  # a match needs this score
+    cfg.MODEL.KNET.VIDEO.TRACKER.MATCH_SCORE_THRESH = 0.5  # ... and this bi-softmax similarity
+    cfg.MODEL.KNET.VIDEO.TRACKER.MEMORY_FRAMES = 5  # a track unseen this long is deleted
+    cfg.MODEL.KNET.VIDEO.TRACKER.BACKDROP_FRAMES = 1
+    cfg.MODEL.KNET.VIDEO.TRACKER.MOMENTUM = 0.8  # weight of the new embedding
+    cfg.MODEL.KNET.VIDEO.TRACKER.NMS_CONF_THRESH = 0.5
+    cfg.MODEL.KNET.VIDEO.TRACKER.NMS_BACKDROP_IOU_THRESH = 0.3
+    cfg.MODEL.KNET.VIDEO.TRACKER.NMS_CLASS_IOU_THRESH = 0.7
+    cfg.MODEL.KNET.VIDEO.TRACKER.WITH_CATS = True  # class-aware matching
+    # True: the official code's assignment of ids to segments (ids of the sorted, deduplicated
+    # detections painted on the segments in their own order); False: each id on its segment
+    cfg.MODEL.KNET.VIDEO.TRACKER.OFFICIAL_ID_ALIGNMENT = False
 
     # ---------------------------------------------------------------- mixed-precision training
     # Autocast dtype of SOLVER.AMP.ENABLED (knet.engine.amp): "auto" (float16 on CUDA, bfloat16 on

@@ -224,6 +224,55 @@ def make_official_state_dict(
     return w.sd
 
 
+def make_video_knet_state_dict(
+    num_classes: int = 19,
+    num_stages: int = 3,
+    channels: int = 256,
+    ffn_channels: int = 2048,
+    link_ffn_channels: int = 2048,
+    seed: int = 0,
+    **kwargs,
+) -> dict[str, torch.Tensor]:
+    """An official Video K-Net (R-50 "ffn" linking) ``state_dict`` with random values: image
+    K-Net's keys (:func:`make_official_state_dict` with ``kwargs``), kernel linking in every
+    stage, the detector's embedding layers and the track head (47 extra tensors at C = 256)."""
+    sd = make_official_state_dict(
+        num_classes=num_classes,
+        num_stages=num_stages,
+        channels=channels,
+        ffn_channels=ffn_channels,
+        seed=seed,
+        **kwargs,
+    )
+    w = Writer(seed + 1, False)
+    c = channels
+    for s in range(num_stages):
+        p = f"roi_head.mask_head.{s}"
+        w.add(f"{p}.attention_previous.attn.in_proj_weight", 3 * c, c)
+        w.add(f"{p}.attention_previous.attn.in_proj_bias", 3 * c)
+        w.add(f"{p}.attention_previous.attn.out_proj.weight", c, c)
+        w.add(f"{p}.attention_previous.attn.out_proj.bias", c)
+        w.add(f"{p}.attention_previous_norm.weight", c)
+        w.add(f"{p}.attention_previous_norm.bias", c)
+        w.add(f"{p}.link_ffn.layers.0.0.weight", link_ffn_channels, c)
+        w.add(f"{p}.link_ffn.layers.0.0.bias", link_ffn_channels)
+        w.add(f"{p}.link_ffn.layers.1.weight", c, link_ffn_channels)
+        w.add(f"{p}.link_ffn.layers.1.bias", c)
+        w.add(f"{p}.link_ffn_norm.weight", c)
+        w.add(f"{p}.link_ffn_norm.bias", c)
+    w.add("embed_fcs.0.weight", c, c)
+    w.add("embed_fcs.1.weight", c)
+    w.add("embed_fcs.1.bias", c)
+    w.add("fc_embed.weight", c, c)
+    w.add("fc_embed.bias", c)
+    for i in range(2):
+        w.add(f"track_head.fcs.{i}.weight", c, c)
+        w.add(f"track_head.fcs.{i}.bias", c)
+    w.add("track_head.fc_embed.weight", c, c)
+    w.add("track_head.fc_embed.bias", c)
+    return {**sd, **w.sd}
+
+
 def make_mmseg_state_dict(
     head: str,
     backbone: str = "R-50-V1c",

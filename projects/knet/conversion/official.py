@@ -8,6 +8,9 @@ Official instance/panoptic checkpoints (``ZwwWayne/K-Net``, MMDetection 2.x) hol
     rpn_head.*                 initial kernel head and its localization FPN
     roi_head.mask_head.{s}.*   one kernel update stage each
 
+Official Video K-Net checkpoints (``lxtGH/Video-K-Net``) add ``embed_fcs.*``, ``fc_embed.*``,
+``track_head.*`` (the association embedding) and ``roi_head.mask_head.{s}.attention_previous*`` /
+``link_ffn*`` (kernel linking, used in the last stage only; the other stages' copies are dropped);
 semantic ones (MMSeg, ADE20K) hold ``backbone.*`` (ResNetV1c or Swin),
 ``decode_head.kernel_generate_head.*`` (UPerNet / FCN / PSPNet / ASPP),
 ``decode_head.kernel_update_head.{s}.*`` and ``auxiliary_head.*``. The architecture is read from
@@ -32,6 +35,7 @@ from .rules import (
     RESNET,
     SWIN_MICROSOFT,
     SWIN_MMDET,
+    VIDEO_KNET_MMDET,
     CheckpointKeyError,
     Rule,
     Section,
@@ -47,6 +51,8 @@ DECODE_HEAD_SIGNATURES = (
     ("fcn", ("convs", "conv_cat")),
 )
 COCO_TASKS = {133: "panoptic", 80: "instance"}
+VIDEO_TASK = "video panoptic"
+VIDEO_HEADS = r"^(kernel_link|association_head)\."  # VideoKNet's modules image K-Net lacks
 # Model keys ImageNet weights do not provide: zero-initialised DCN offsets, Swin output norms.
 NOT_IN_IMAGENET_WEIGHTS = r"(\.conv2_offset\.|^norm\d\.)"
 
@@ -59,7 +65,7 @@ class UnsupportedCheckpointError(ValueError):
 class CheckpointInfo:
     """Architecture of a checkpoint, read from its keys and shapes."""
 
-    task: str  # "panoptic" | "instance" | "semantic" | "" (a plain backbone)
+    task: str  # "panoptic" | "instance" | "semantic" | "video panoptic" | "" (a backbone)
     backbone: str  # "R-50", "R-101-DCN", "R-50-V1c", "Swin-T", "Swin-L", ...
     decode_head: str = ""  # semantic: "upernet" | "fcn" | "psp" | "aspp"
     channels: int = 0  # kernel width
@@ -175,6 +181,8 @@ def describe_official_knet_state_dict(checkpoint: Mapping[str, Any]) -> Checkpoi
     elif "rpn_head.conv_seg.weight" in sd and "rpn_head.init_kernels.weight" in sd:
         num_classes = sd["rpn_head.conv_seg.weight"].shape[0]
         task, decode_head = COCO_TASKS.get(num_classes, "instance/panoptic"), ""
+        if any(k.startswith(("embed_fcs.", "track_head.")) for k in sd):
+            task = VIDEO_TASK
         channels = sd["rpn_head.init_kernels.weight"].shape[1]
         stages = _count(sd, r"^roi_head\.mask_head\.(\d+)\.")
     else:
@@ -202,9 +210,17 @@ def convert_official_knet_state_dict(
     sd, _ = unwrap_state_dict(checkpoint)
     info = describe_official_knet_state_dict(sd)
     _, backbone_rules = describe_backbone(_strip(sd, "backbone."))
-    layout = (KNET_MMSEG if info.task == "semantic" else KNET_MMDET)(backbone_rules)
+    if info.task == "semantic":
+        layout = KNET_MMSEG(backbone_rules)
+    elif info.task == VIDEO_TASK:
+        layout = VIDEO_KNET_MMDET(backbone_rules, info.num_stages)
+    else:
+        layout = KNET_MMDET(backbone_rules)
     converted, origin = rename_state_dict(sd, layout)
-    check_against_model(converted, origin, model_shapes, f"the checkpoint ({info.summary()})")
+    # an image checkpoint initialises a video model: its video heads keep their initial values
+    may_miss = VIDEO_HEADS if info.task != VIDEO_TASK else None
+    what = f"the checkpoint ({info.summary()})"
+    check_against_model(converted, origin, model_shapes, what, may_miss)
     return converted
 
 

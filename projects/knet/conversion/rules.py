@@ -201,6 +201,35 @@ def KNET_MMDET(backbone: tuple[Rule, ...]) -> tuple[Section, ...]:  # noqa: N802
     )
 
 
+# Kernel linking is built in every stage but runs in the last only: the others' keys are dropped.
+UNUSED_LINKS = Rule(r"^\d+\.(attention_previous|link_ffn)", None)
+
+
+def VIDEO_KNET_MMDET(  # noqa: N802
+    backbone: tuple[Rule, ...], num_stages: int
+) -> tuple[Section, ...]:
+    """Official Video K-Net (``VideoKNetQuansiEmbedFCJointTrain``, R-50 "ffn" linking): image
+    K-Net's keys, the last stage's kernel linking and the association embedding layers."""
+    last = f"roi_head.mask_head.{num_stages - 1}."
+    image = KNET_MMDET(backbone)
+    stages = next(s for s in image if s.source == "roi_head.mask_head.")
+    return (
+        # MMCV attention / FFN wrappers -> KernelLink (the norms follow from the prefixes)
+        Section(last + "attention_previous", "kernel_link.attention", (Rule(r"^\.attn\.", "."),)),
+        Section(
+            last + "link_ffn",
+            "kernel_link.ffn",
+            (Rule(r"^\.layers\.0\.0\.", ".0."), Rule(r"^\.layers\.1\.", ".2.")),
+        ),
+        Section("embed_fcs.", "association_head.embed_fcs."),
+        Section("fc_embed.", "association_head.fc_embed."),
+        Section("track_head.fcs.", "association_head.track_fcs.", (Rule(r"^1\.", "2."),)),
+        Section("track_head.fc_embed.", "association_head.track_embed."),
+        *(s for s in image if s is not stages),
+        Section(stages.source, stages.target, (UNUSED_LINKS, *stages.rules)),
+    )
+
+
 def KNET_MMSEG(backbone: tuple[Rule, ...]) -> tuple[Section, ...]:  # noqa: N802
     """MMSeg / official semantic K-Net with the given backbone rules."""
     return (

@@ -80,7 +80,9 @@ class KNetIterativeKernelHead(nn.Module):
               "init": {"mask_logits": (B, P, 2h, 2w), "seg_logits": (B, K, 2h, 2w)}
                   (training only: the initial head's own losses),
               "stages": list of {"cls_logits": (B, N, K), "mask_logits": (B, N, 2h, 2w)}, one
-                  per stage in training, only the last one in eval. N = P (+ stuff kernels).
+                  per stage in training, only the last one in eval. N = P (+ stuff kernels),
+              "kernels": (B, N, C) the last stage's kernels (what Video K-Net links and embeds),
+              "seg_logits": (B, K, h, w) the initial head's semantic logits.
         """
         up = self.mask_upsample_stride
         init = self.initial_head(loc_feature, sem_feature)
@@ -91,7 +93,11 @@ class KNetIterativeKernelHead(nn.Module):
             kernels, masks, cls_logits = stage(features, kernels, masks)
             if self.training or i == len(self.stages) - 1:
                 stages.append({"cls_logits": cls_logits, "mask_logits": upsample(masks, up)})
-        out = {"stages": stages if self.training else stages[-1:]}
+        out = {
+            "stages": stages if self.training else stages[-1:],
+            "kernels": kernels,
+            "seg_logits": init["seg_logits"],
+        }
         if self.training:
             out["init"] = {
                 "mask_logits": upsample(init["thing_masks"], up),

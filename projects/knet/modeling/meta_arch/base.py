@@ -121,11 +121,16 @@ def pad_to_global_batch(images: ImageList) -> ImageList:
 class KNetBase(nn.Module):
     """backbone -> pixel decoder -> kernel head, trained by ``criterion``.
 
+    ``extra_predictions``: kernel-head outputs besides the last stage's that ``predict`` returns
+    (Video K-Net's kernels).
+
     Inputs follow Detectron2's contract: a list of dicts with "image" (C, H, W) in
     ``INPUT.FORMAT`` (uint8 or float, unnormalised), optional "height"/"width" (output size) and
     the training targets of the subclass. Subclasses define ``losses`` (training) and
     ``postprocess`` (eval mode).
     """
+
+    extra_predictions: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -239,7 +244,9 @@ class KNetBase(nn.Module):
         ):
             features = self.backbone(images)
             outputs = self.kernel_head(*self.pixel_decoder(features))
-        return {k: v.float() for k, v in outputs["stages"][-1].items() if v is not None}
+        predictions = {k: v for k, v in outputs["stages"][-1].items() if v is not None}
+        predictions.update({k: outputs[k] for k in self.extra_predictions})
+        return {k: v.float() for k, v in predictions.items()}
 
     @staticmethod
     def output_geometries(batched_inputs, images: ImageList) -> list[OutputGeometry]:

@@ -60,6 +60,8 @@ class KNet(KNetBase):
             cost_dice=k.COST_DICE,
             focal_alpha=k.FOCAL_ALPHA,
             focal_gamma=k.FOCAL_GAMMA,
+            dice_min_prob=k.MATCHER_MIN_PROBS[0],
+            mask_min_prob=k.MATCHER_MIN_PROBS[1],
         )
         initial = head.initial_head
         ret["criterion"] = KNetCriterion(
@@ -111,14 +113,15 @@ class KNet(KNetBase):
                 stuff = (present >= c.num_thing_classes) & (present < c.num_classes)
                 stuff_labels = present[stuff & (present != c.ignore_value)]
                 stuff_masks = sem_seg[None] == stuff_labels[:, None, None]
-            targets.append(
-                {
-                    "labels": labels,
-                    "masks": downsample_masks(gt_masks, padded_size, mask_size),
-                    "stuff_labels": stuff_labels,
-                    "stuff_masks": downsample_masks(stuff_masks, padded_size, mask_size),
-                }
-            )
+            target = {
+                "labels": labels,
+                "masks": downsample_masks(gt_masks, padded_size, mask_size),
+                "stuff_labels": stuff_labels,
+                "stuff_masks": downsample_masks(stuff_masks, padded_size, mask_size),
+            }
+            if instances.has("gt_ids"):  # video: the object each mask shows, across frames
+                target["ids"] = instances.gt_ids.to(torch.int64)
+            targets.append(target)
         return targets
 
     def postprocess(self, predictions: dict[str, torch.Tensor], index: int, geometry):

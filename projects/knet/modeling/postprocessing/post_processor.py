@@ -78,7 +78,8 @@ def panoptic_segments(
 
     Returns:
         panoptic_seg: (H_out, W_out) int32 ids;
-        table: {"category_id", "score", "isthing", "area"}, one (S,) row per segment id.
+        table: {"category_id", "score", "isthing", "area", "kernel"}, one (S,) row per segment
+            id ("kernel": the kernel each segment comes from).
     """
     won, own = stats.won_area, stats.own_area
     owns_enough = won.double() / own.clamp(min=1).double() >= overlap_threshold
@@ -93,6 +94,7 @@ def panoptic_segments(
         "score": scores[kernels],
         "isthing": is_thing[kernels],
         "area": won[kernels],
+        "kernel": kernels,
     }
     return segment_of_kernel[stats.owner].int(), table
 
@@ -174,7 +176,8 @@ class KNetPostProcessor(nn.Module):
 
     Returns a dict with, for each enabled output:
       panoptic: "panoptic_seg" (H, W) int32 and the segment table "segment_category_id",
-          "segment_score", "segment_isthing", "segment_area" (S,);
+          "segment_score", "segment_isthing", "segment_area" (S,) (and "segment_kernel", the
+          kernel of each segment, with ``segment_kernels``);
       instance: "pred_masks" (M, H, W) bool, "scores" (M,), "pred_classes" (M,) int64,
           "pred_boxes" (M, 4) XYXY, the top ``topk`` (kernel, thing class) pairs scoring >=
           ``instances_score_thresh``;
@@ -195,6 +198,7 @@ class KNetPostProcessor(nn.Module):
         instances_score_thresh: float = 0.0,
         topk: int = 100,
         chunk_size: int = 16,
+        segment_kernels: bool = False,
     ):
         """
         Args:
@@ -204,6 +208,8 @@ class KNetPostProcessor(nn.Module):
             thing_score_thresh, overlap_threshold: the panoptic merge's thresholds.
             instances_score_thresh, topk: the instance output's selection.
             chunk_size: kernels / classes resized to full resolution at once.
+            segment_kernels: also return each panoptic segment's kernel (Video K-Net embeds
+                and tracks it).
         """
         super().__init__()
         self.num_thing_classes = num_thing_classes
@@ -216,6 +222,7 @@ class KNetPostProcessor(nn.Module):
         self.instances_score_thresh = instances_score_thresh
         self.topk = topk
         self.chunk_size = chunk_size
+        self.segment_kernels = segment_kernels
 
     @classmethod
     def from_config(cls, cfg) -> dict:
@@ -260,6 +267,8 @@ class KNetPostProcessor(nn.Module):
             out["panoptic_seg"], table = panoptic_segments(
                 scores, labels, is_thing, stats, self.thing_score_thresh, self.overlap_threshold
             )
+            if not self.segment_kernels:
+                del table["kernel"]
             out.update({f"segment_{key}": value for key, value in table.items()})
         if self.instance_on:
             masks = stats.selected_masks

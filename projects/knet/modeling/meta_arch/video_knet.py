@@ -1,0 +1,229 @@
+"""Video K-Net for video panoptic segmentation (``VideoKNet``; lxtGH/Video-K-Net
+``knet/video/knet_quansi_dense_embed_fc_joint_train.py``): image K-Net whose thing kernels are
+linked to the previous frame's, embedded, and associated across frames by a tracker."""
+
+from __future__ import annotations
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.structures import ImageList
+
+from ..criterion.association import association_losses, association_targets
+from ..kernel_head.video_heads import KernelAssociationHead, KernelLink
+from ..postprocessing import KNetPostProcessor, OutputGeometry, detectron2_outputs
+from ..postprocessing.base import resize_to_output
+from ..tracking import QuasiDenseTracker, masks_to_tracker_boxes
+from .knet import KNet
+
+
+@META_ARCH_REGISTRY.register()
+class VideoKNet(KNet):
+    """K-Net on video frames: the image model's outputs, plus a track id per thing segment.
+
+    Training inputs: the image model's, plus "reference": the same for a nearby frame of the same
+    video (shared augmentation), and ``gt_ids`` (the object each mask shows) in both frames'
+    "instances". Losses: the image losses of both frames (the reference's with the suffix
+    "_ref") and the association losses of the key frame's linked, embedded kernels against the
+    reference frame's plain ones (``criterion.association``), positives and negatives from the
+    Hungarian assignment of each frame's last stage to its own thing masks.
+
+    Inference: frames of one video in order (one process). ``panoptic_seg``'s thing segments get
+    "track_id" (>= 1 while tracked, 0 untracked); a new video starts (memory and tracker reset)
+    when "video_id" changes, when "frame_index" is 0 or goes back, or on :meth:`reset`. The
+    network is the image model's (it exports); linking, embedding and tracking run after it on
+    the last stage's kernels, with plain tensors as state.
+    """
+
+    extra_predictions = ("kernels", "seg_logits")
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        kernel_link: KernelLink | None,
+        association_head: KernelAssociationHead,
+        tracker: QuasiDenseTracker,
+        association_weights: dict[str, float],
+        association_options: dict[str, float],
+        semantic_filter: bool = True,
+        **kwargs,
+    ):
+        """
+        Args:
+            kernel_link: links the last stage's kernels to the previous frame's (None: off).
+            association_head: kernels -> association embeddings.
+            tracker: the online tracker of the thing segments.
+            association_weights: {"track", "track_aux"} loss weights.
+            association_options: :func:`~..criterion.association.hard_mined_l2`'s options.
+            semantic_filter: tracker boxes keep only the pixels the initial head's semantic
+                map calls a thing.
+            kwargs: see ``KNet``.
+        """
+        super().__init__(**kwargs)
+        self.kernel_link = kernel_link
+        self.association_head = association_head
+        self.tracker = tracker
+        self.association_weights = association_weights
+        self.association_options = association_options
+        self.semantic_filter = semantic_filter
+        self.reset()
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        ret = super().from_config(cfg)
+        v, k = cfg.MODEL.KNET.VIDEO, cfg.MODEL.KNET
+        channels = cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM
+        t = v.TRACKER
+        ret["postprocessor"] = KNetPostProcessor(
+            cfg, num_thing_classes=k.NUM_THING_CLASSES, segment_kernels=True
+        )
+        ret.update(
+            kernel_link=KernelLink(channels, k.NHEADS, k.DIM_FEEDFORWARD)
+            if v.LINK_PREVIOUS
+            else None,
+            association_head=KernelAssociationHead(channels, v.EMBED_DIM),
+            tracker=QuasiDenseTracker(
+                init_score_thresh=t.INIT_SCORE_THRESH,
+                obj_score_thresh=t.OBJ_SCORE_THRESH,
+                match_score_thresh=t.MATCH_SCORE_THRESH,
+                memo_tracklet_frames=t.MEMORY_FRAMES,
+                memo_backdrop_frames=t.BACKDROP_FRAMES,
+                memo_momentum=t.MOMENTUM,
+                nms_conf_thresh=t.NMS_CONF_THRESH,
+                nms_backdrop_iou_thresh=t.NMS_BACKDROP_IOU_THRESH,
+                nms_class_iou_thresh=t.NMS_CLASS_IOU_THRESH,
+                with_cats=t.WITH_CATS,
+                official_id_alignment=t.OFFICIAL_ID_ALIGNMENT,
+            ),
+            association_weights={"track": v.TRACK_WEIGHT, "track_aux": v.TRACK_AUX_WEIGHT},
+            association_options={
+                "neg_pos_ratio": v.TRACK_AUX_NEG_POS_RATIO,
+                "neg_margin": v.TRACK_AUX_NEG_MARGIN,
+            },
+            semantic_filter=v.SEMANTIC_FILTER,
+        )
+        return ret
+
+    # ------------------------------------------------------------------------ training
+    def losses(self, outputs: dict, features, batched_inputs, images: ImageList):
+        """Both frames' image losses and the association losses (see the class docstring)."""
+        references = [x["reference"] for x in batched_inputs]
+        ref_images = self.preprocess_image(references)
+        ref_outputs = self.kernel_head(*self.pixel_decoder(self.backbone(ref_images.tensor)))
+        targets = self.frame_targets(outputs, batched_inputs, images)
+        ref_targets = self.frame_targets(ref_outputs, references, ref_images)
+        losses = self.criterion(outputs, targets)
+        losses.update({f"{k}_ref": v for k, v in self.criterion(ref_outputs, ref_targets).items()})
+        kernels, ref_kernels = outputs["kernels"], ref_outputs["kernels"]
+        if self.kernel_link is not None:
+            kernels = self.kernel_link(kernels, ref_kernels)
+        key_embeds, ref_embeds, pair_targets = [], [], []
+        key_positives = self.track_positives(outputs, targets)
+        ref_positives = self.track_positives(ref_outputs, ref_targets)
+        for b, ((key, key_ids), (ref, ref_ids)) in enumerate(zip(key_positives, ref_positives)):
+            key_embeds.append(self.association_head(kernels[b, key]))
+            ref_embeds.append(self.association_head(ref_kernels[b, ref]))
+            pair_targets.append(association_targets(key_ids, ref_ids)[0])
+        losses.update(
+            association_losses(
+                key_embeds,
+                ref_embeds,
+                pair_targets,
+                self.association_weights,
+                self.association_options,
+            )
+        )
+        return losses
+
+    def frame_targets(self, outputs: dict, batched_inputs, images: ImageList) -> list[dict]:
+        for x in batched_inputs:
+            if not x["instances"].has("gt_ids"):
+                raise ValueError(
+                    f"VideoKNet needs instances.gt_ids (the object of each mask) in its training "
+                    f"inputs; {x.get('file_name', 'an input')} has none: use the video mapper "
+                    "(INPUT.DATASET_MAPPER_NAME 'knet_video_panoptic')"
+                )
+        mask_size = outputs["init"]["mask_logits"].shape[-2:]
+        return self.prepare_targets(batched_inputs, images.tensor.shape[-2:], mask_size)
+
+    def track_positives(self, outputs: dict, targets: list[dict]):
+        """Per image: the thing kernels the last stage's (detached) predictions match to a thing
+        mask, ascending, and the object ids they were matched to."""
+        last = outputs["stages"][-1]
+        assignments = self.criterion.match(
+            last["mask_logits"], last["cls_logits"], targets, "track assignment"
+        )
+        for assigned, target in zip(assignments, targets):
+            kernels = (assigned >= 0).nonzero().squeeze(1)
+            yield kernels, target["ids"][assigned[kernels]]
+
+    # ------------------------------------------------------------------------ inference
+    def reset(self) -> None:
+        """Start a new video: no previous kernels, an empty tracker."""
+        self.memory: torch.Tensor | None = None
+        self.stream: tuple | None = None  # (video_id, frame_index) of the last frame
+        self.tracker.reset()
+
+    def next_frame_index(self, inputs: dict) -> int:
+        """The frame index of ``inputs`` (resetting at the start of a new video): its
+        "frame_index", else one more than the last frame's."""
+        video = inputs.get("video_id")
+        last_video, last_frame = self.stream or (video, -1)
+        frame = int(inputs.get("frame_index", last_frame + 1))
+        if self.stream is not None and (video != last_video or frame <= last_frame):
+            self.reset()
+        self.stream = (video, frame)
+        return frame
+
+    def inference(self, predictions: dict, batched_inputs, images: ImageList) -> list[dict]:
+        """Per frame, in order: the image outputs, thing segments with a "track_id"."""
+        results = []
+        for i, (x, geometry) in enumerate(
+            zip(batched_inputs, self.output_geometries(batched_inputs, images))
+        ):
+            outputs = self.postprocess(predictions, i, geometry)
+            result = detectron2_outputs(outputs)
+            if "panoptic_seg" in result:
+                frame = self.next_frame_index(x)
+                self.track(predictions, i, geometry, frame, result["panoptic_seg"])
+            results.append(result)
+        return results
+
+    def track(
+        self,
+        predictions: dict,
+        index: int,
+        geometry: OutputGeometry,
+        frame: int,
+        panoptic: tuple[torch.Tensor, list[dict]],
+    ) -> None:
+        """Give the thing segments of ``panoptic`` (ids, segments_info) a "track_id" (in place)
+        and remember this frame's kernels."""
+        kernels = predictions["kernels"][index : index + 1]  # (1, N, C)
+        track_kernels = kernels
+        if self.kernel_link is not None and self.memory is not None:
+            track_kernels = self.kernel_link(kernels, self.memory)
+        self.memory = kernels
+        ids, segments = panoptic
+        things = [s for s in segments if s["isthing"]]
+        selected = torch.tensor([s["kernel"] for s in things], dtype=torch.int64)
+        for s in segments:
+            del s["kernel"]
+        if not things:  # the official code does not call the tracker on such a frame
+            return
+        numbers = torch.tensor([s["id"] for s in things], device=ids.device)
+        masks = ids[None] == numbers[:, None, None]
+        if self.semantic_filter:  # (the official code resizes without cropping the padding)
+            semantic = resize_to_output(predictions["seg_logits"][index], geometry)
+            masks = masks & (semantic.argmax(0) < self.postprocessor.num_thing_classes)
+        embeddings = self.association_head(track_kernels[0, selected.to(kernels.device)])
+        track_ids = self.tracker.match(
+            masks_to_tracker_boxes(masks),
+            torch.tensor([s["score"] for s in things], device=ids.device),
+            torch.tensor([s["category_id"] for s in things], device=ids.device),
+            embeddings,
+            frame,
+        )
+        for s, track_id in zip(things, track_ids.tolist()):
+            s["track_id"] = track_id + 1 if track_id >= 0 else 0
