@@ -96,7 +96,10 @@ class VisualizationDemo:
         self.metadata = model_metadata(cfg)
         self.instance_mode = instance_mode
         self.parallel = parallel
-        self.predictor: Any = AsyncPredictor(cfg) if parallel else DefaultPredictor(cfg)
+        # a video model (VideoKNet) tracks across the frames it sees: in order, in one process
+        self.tracking = cfg.MODEL.META_ARCHITECTURE == "VideoKNet"
+        workers = 1 if self.tracking else None
+        self.predictor: Any = AsyncPredictor(cfg, workers) if parallel else DefaultPredictor(cfg)
 
     def run_on_image(self, image: np.ndarray) -> tuple[dict[str, Any], VisImage | None]:
         """(H, W, 3) uint8 BGR image -> (the model's outputs, their RGB drawing at that size, as
@@ -113,6 +116,9 @@ class VisualizationDemo:
 
         def draw(frame: np.ndarray, predictions: dict[str, Any]) -> np.ndarray:
             rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            if tracking:  # colours by track id: the same object keeps its colour
+                vis = draw_predictions(Visualizer(rgb, self.metadata), predictions)
+                return cv2.cvtColor(vis.get_image(), cv2.COLOR_RGB2BGR)
             if "panoptic_seg" in predictions:
                 panoptic_seg, segments = predictions["panoptic_seg"]
                 vis = visualizer.draw_panoptic_seg_predictions(rgb, panoptic_seg.cpu(), segments)
@@ -125,6 +131,9 @@ class VisualizationDemo:
             return cv2.cvtColor(vis.get_image(), cv2.COLOR_RGB2BGR)
 
         frames = (frame for _, frame in takewhile(lambda read: read[0], iter(video.read, None)))
+        tracking = self.tracking
+        if tracking and not self.parallel:
+            self.predictor.model.reset()  # a new video
         if not self.parallel:
             for frame in frames:
                 yield draw(frame, self.predictor(frame))

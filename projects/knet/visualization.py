@@ -7,11 +7,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from detectron2.utils.colormap import colormap
 from detectron2.utils.visualizer import VisImage, Visualizer
 
 from .data.datasets.custom import IMAGE_EXTENSIONS
 
-__all__ = ["above_threshold", "draw_predictions", "expand_inputs"]
+__all__ = ["above_threshold", "draw_predictions", "draw_tracked_panoptic", "expand_inputs"]
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
@@ -39,6 +40,8 @@ def draw_predictions(visualizer: Visualizer, predictions: dict[str, Any]) -> Vis
     cpu = torch.device("cpu")
     if "panoptic_seg" in predictions:
         panoptic_seg, segments_info = predictions["panoptic_seg"]
+        if any("track_id" in s for s in segments_info):
+            return draw_tracked_panoptic(visualizer, panoptic_seg.to(cpu), segments_info)
         return visualizer.draw_panoptic_seg(panoptic_seg.to(cpu), segments_info)
     drawing = None
     if "sem_seg" in predictions:
@@ -46,6 +49,29 @@ def draw_predictions(visualizer: Visualizer, predictions: dict[str, Any]) -> Vis
     if "instances" in predictions:
         drawing = visualizer.draw_instance_predictions(predictions["instances"].to(cpu))
     return drawing
+
+
+def draw_tracked_panoptic(
+    visualizer: Visualizer, panoptic_seg: torch.Tensor, segments_info: list[dict]
+) -> VisImage:
+    """A video frame's panoptic output: stuff as Detectron2 draws it, each tracked thing segment
+    in the colour of its "track_id" (the same in every frame) and labelled "class #id";
+    untracked things (id 0) in grey."""
+    stuff = [s for s in segments_info if not s["isthing"]]
+    visualizer.draw_panoptic_seg(panoptic_seg, stuff)  # things are void to it
+    things = [s for s in segments_info if s["isthing"]]
+    if not things:
+        return visualizer.output
+    names = visualizer.metadata.get("thing_classes", None)
+    palette = colormap(rgb=True, maximum=1)
+    masks = (panoptic_seg[None] == torch.tensor([s["id"] for s in things])[:, None, None]).numpy()
+    labels, colors = [], []
+    for s in things:
+        name = names[s["category_id"]] if names else str(s["category_id"])
+        track = s.get("track_id", 0)
+        labels.append(f"{name} #{track}" if track else name)
+        colors.append(palette[track % len(palette)] if track else (0.5, 0.5, 0.5))
+    return visualizer.overlay_instances(masks=masks, labels=labels, assigned_colors=colors)
 
 
 def above_threshold(predictions: dict[str, Any], threshold: float) -> dict[str, Any]:

@@ -60,15 +60,19 @@ class _SeededMapDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, item: tuple[int, int]) -> Any:
+        """The mapped record ``index``; when the mapper drops it (returns None, e.g. a video
+        pair whose crop keeps no object of both frames), the next records in turn, each with the
+        same seed: a function of (index, seed) still, so batches stay full and reproducible."""
         index, seed = item
-        seed_all_rng(seed)
-        mapped = self.mapper(dict(self.records[index]))
-        if mapped is None:
-            raise ValueError(
-                f"The mapper dropped {self.records[index].get('file_name')}; filter such "
-                "records when registering the dataset (exact resume needs every batch full)"
-            )
-        return mapped
+        for offset in range(len(self.records)):
+            seed_all_rng(seed)
+            mapped = self.mapper(dict(self.records[(index + offset) % len(self.records)]))
+            if mapped is not None:
+                return mapped
+        raise ValueError(
+            f"The mapper dropped every record of the training set (first: "
+            f"{self.records[index].get('file_name')}): nothing to train on"
+        )
 
 
 class SeededTrainLoader:

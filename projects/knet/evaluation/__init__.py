@@ -62,10 +62,23 @@ def _coco_segm(name: str, folder: str) -> DatasetEvaluator:
     return COCOEvaluator(name, tasks=("segm",), output_dir=folder, use_fast_impl=False)
 
 
+def _panoptic(name: str, folder: str) -> DatasetEvaluator:
+    """PQ of images; STQ and VPQ of videos (frames in order, one process)."""
+    if kind_of(name) == "video_panoptic":
+        from .video import VideoPanopticEvaluator
+
+        return VideoPanopticEvaluator(name, output_dir=folder)
+    return COCOPanopticEvaluator(name, folder)
+
+
+def _check_panoptic(dataset_name: str, metadata, records, mode: str) -> str:
+    if kind_of(dataset_name) == "video_panoptic":
+        return ground_truth.check_label_files(dataset_name, records(), "label_file_name")
+    return ground_truth.check_panoptic(dataset_name, metadata, records, mode)
+
+
 OUTPUTS: dict[str, Output] = {
-    "panoptic": Output(
-        "PANOPTIC_ON", "panoptic_seg", None, COCOPanopticEvaluator, ground_truth.check_panoptic
-    ),
+    "panoptic": Output("PANOPTIC_ON", "panoptic_seg", None, _panoptic, _check_panoptic),
     "instance": Output(
         "INSTANCE_ON", "instances", "json_file", _coco_segm, ground_truth.check_instances
     ),
@@ -88,6 +101,11 @@ def evaluable(output: str, name: str, kind: str) -> bool:
     return output == kind or needs is None or MetadataCatalog.get(name).get(needs, None) is not None
 
 
+def default_output(kind: str) -> str:
+    """The output a dataset of ``kind`` scores (its own, or the first its models predict)."""
+    return kind if kind in OUTPUTS else DATASET_KINDS[kind].outputs[0]
+
+
 def evaluation_tasks(cfg: CfgNode, dataset_name: str) -> tuple[str, ...]:
     """The outputs that evaluating ``dataset_name`` under ``cfg`` scores: on a panoptic dataset
     those switched on by ``MODEL.KNET.TEST.*_ON``, on another the output of its kind."""
@@ -95,7 +113,7 @@ def evaluation_tasks(cfg: CfgNode, dataset_name: str) -> tuple[str, ...]:
     if kind is None:
         return ()
     if kind != "panoptic":
-        return (kind,)
+        return (default_output(kind),)
     test = cfg.MODEL.KNET.TEST
     return tuple(o for o in OUTPUTS if test[OUTPUTS[o].switch])
 
@@ -135,7 +153,7 @@ def check_evaluation_dataset(
     if ground_truth.skip_checks(mode, off, dataset_name):
         return
     kind = kind_of(dataset_name)
-    tasks = tuple((kind,) if kind and tasks is None else tasks or ())
+    tasks = tuple((default_output(kind),) if kind and tasks is None else tasks or ())
     unknown = sorted(set(tasks) - set(OUTPUTS))
     if unknown:
         raise ValueError(f"Unknown ground-truth check tasks {unknown}; valid: {list(OUTPUTS)}")

@@ -373,6 +373,26 @@ def check_semantic(dataset_name: str, metadata: Any, load_records: Records, mode
     return f"{checked} semantic label PNGs"
 
 
+def check_label_files(dataset_name: str, records: list[dict], key: str) -> str:
+    """Every record's label file ``key`` (e.g. a video frame's) exists and has its image's size,
+    read from the files' headers."""
+    for r in records:
+        path = r.get(key)
+        if not path:
+            raise _fail(dataset_name, r["file_name"], f"the record has no {key!r}")
+        if not os.path.isfile(path):
+            raise _fail(dataset_name, path, "the label file does not exist")
+        size, label = _record_size(r) or _image_size(r["file_name"]), _image_size(path)
+        if label != size:
+            raise _fail(
+                dataset_name,
+                path,
+                f"the label file is {label[1]}x{label[0]} but the image is {size[1]}x{size[0]} "
+                "(width x height)",
+            )
+    return f"{len(records)} label files"
+
+
 def check_instances(dataset_name: str, metadata: Any, load_records: Records, mode: str) -> str:
     """The instances json exists and has ``images`` and ``categories``; without ``annotations``
     Detectron2's ``COCOEvaluator`` only writes the predictions, which is warned about."""
@@ -458,6 +478,13 @@ def _check_record(item: tuple[int, dict[str, Any], list[dict], str | None]) -> _
         add(("image size differs from its record", f"{file_name}: {size[1]}x{size[0]}, record "
              f"{stated[1]}x{stated[0]} (width x height){why}"))  # fmt: skip
     label_key = {"panoptic": "pan_seg_file_name", "semantic": "sem_seg_file_name"}.get(kind or "")
+    if kind == "video_panoptic":
+        label_key = "label_file_name"
+        try:
+            check_label_files("", [{**record, "height": size[0], "width": size[1]}], label_key)
+        except ValueError as e:
+            add(("bad label file", str(e).split(": ", 1)[1]))
+        return result
     if label_key and label_key not in record:
         add(("bad label file", f"{file_name}: the record has no {label_key!r}"))
     elif label_key:
