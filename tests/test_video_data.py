@@ -148,6 +148,19 @@ def test_kitti_step_loader_and_ground_truth(kitti_root):
     assert instance[3, 3] == 0 and semantic[3, 3] == 1
 
 
+def test_kitti_step_test_split_and_missing_labels(kitti_root):
+    folder = kitti_root / "video_sequence" / "val"
+    os.remove(folder / "000001_000001_panoptic.png")
+    with pytest.raises(FileNotFoundError, match="000001_000001_leftImg8bit"):
+        load_kitti_step_frames(str(folder))
+    for label in folder.glob("*_panoptic.png"):
+        label.unlink()
+    records = load_kitti_step_frames(str(folder))  # the test split: images only
+    assert len(records) == 5 and not any("label_file_name" in r for r in records)
+    with pytest.raises(FileNotFoundError, match="leftImg8bit"):
+        load_kitti_step_frames(str(kitti_root))
+
+
 def test_kitti_step_custom_classes(tmp_path):
     """The toy's own classes: ids interleave things (1, 3) and stuff (0, 2, 4)."""
     folder = tmp_path / "video_sequence" / "train"
@@ -502,6 +515,17 @@ def test_mapper_filters(tmp_path):
     crop = [T.CropTransform(0, 0, 60, 9)]
     cropped = KNetVideoPanopticDatasetMapper(augmentations=crop, image_format="RGB")
     assert cropped(_pair_dataset(tmp_path / "d", label, label)[0]) is None
+    small = np.zeros((20, 30, 3), np.uint8)
+    _write_kitti(
+        tmp_path / "e" / "video_sequence" / "val", 0, 0, small, _kitti_label(*_scene(20, 30))
+    )
+    _write_kitti(
+        tmp_path / "e" / "video_sequence" / "val", 0, 1, np.zeros((40, 60, 3), np.uint8), label
+    )
+    frames = DatasetCatalog.get(_register("sizes", "kitti_step", str(tmp_path / "e"), "val"))
+    frames[1].update(height=40, width=60)  # the loader reads the size of a video's first frame
+    with pytest.raises(ValueError, match="one transform"):
+        mapper({**frames[0], "reference": frames[1]})
     with pytest.raises(ValueError, match="pair"):
         mapper(DatasetCatalog.get(_register("plain", "kitti_step", str(tmp_path / "d"), "val"))[0])
 
