@@ -1,15 +1,16 @@
 """The kinds of dataset K-Net trains on and evaluates: the one table every other place asks.
 
 A dataset's kind follows from its ``evaluator_type`` metadata ("coco", "coco_panoptic_seg",
-"sem_seg"). :data:`DATASET_KINDS` holds, per kind, its training mapper, meta-architecture,
-outputs (scored by ``knet.evaluation``) and class-count reader (used by
-``knet.engine.dataset_config``); each format of ``knet.data.datasets.custom`` names its kind.
+"sem_seg", "video_panoptic", "ytvis"). :data:`DATASET_KINDS` holds, per kind, its training
+mapper, meta-architecture, outputs (scored by ``knet.evaluation``) and class-count reader (used by
+``knet.engine.dataset_config``); each format of ``knet.data.datasets.custom`` names its kind. A
+video kind's classes are laid out as those of an image kind (:func:`class_layout`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from detectron2.config import CfgNode
@@ -21,6 +22,7 @@ from .dataset_mappers import (
     KNetPanopticDatasetMapper,
     KNetSemanticDatasetMapper,
     KNetTestDatasetMapper,
+    KNetVideoPanopticDatasetMapper,
 )
 
 AUTO = -1  # class-count value meaning "from the training dataset" (the config's default)
@@ -57,7 +59,8 @@ class DatasetClasses:
     def describe(self) -> str:
         names = list(self.class_names)
         shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
-        things = f", {self.num_thing_classes} things" if self.kind == "panoptic" else ""
+        panoptic = class_layout(self.kind) == "panoptic"
+        things = f", {self.num_thing_classes} things" if panoptic else ""
         return f"{self.kind}, {self.num_classes} classes{things}: {shown}"
 
 
@@ -70,6 +73,8 @@ class DatasetKind:
     meta_architecture: str
     outputs: tuple[str, ...]  # what a model trained on it predicts; the first is the default
     read_classes: Callable[[str, Any], DatasetClasses | None]  # (name, metadata)
+    # the image kind whose class layout (counts, things first) this kind has; None: its own
+    layout: str | None = None
 
 
 def _colors(*lists: Any) -> tuple[tuple[int, ...], ...]:
@@ -120,6 +125,18 @@ def _panoptic_classes(name: str, meta: Any) -> DatasetClasses | None:
     return DatasetClasses(name, "panoptic", tuple(names), t, colors=colors)
 
 
+def _video_classes(
+    kind: str, read: Callable[[str, Any], DatasetClasses | None]
+) -> Callable[[str, Any], DatasetClasses | None]:
+    """The class reader of video ``kind``: ``read``'s classes, marked with ``kind``."""
+
+    def read_video(name: str, meta: Any) -> DatasetClasses | None:
+        info = read(name, meta)
+        return None if info is None else replace(info, kind=kind)
+
+    return read_video
+
+
 DATASET_KINDS: dict[str, DatasetKind] = {
     "instance": DatasetKind(
         "coco", KNetInstanceDatasetMapper, "KNet", ("instance",), _instance_classes
@@ -134,7 +151,30 @@ DATASET_KINDS: dict[str, DatasetKind] = {
     "semantic": DatasetKind(
         "sem_seg", KNetSemanticDatasetMapper, "SemanticKNet", ("semantic",), _semantic_classes
     ),
+    # key/reference frame pairs (knet.data.datasets.video); one mapper reads both video kinds
+    "video_panoptic": DatasetKind(
+        "video_panoptic",
+        KNetVideoPanopticDatasetMapper,
+        "VideoKNet",
+        ("panoptic",),
+        _video_classes("video_panoptic", _panoptic_classes),
+        layout="panoptic",
+    ),
+    "video_instance": DatasetKind(
+        "ytvis",
+        KNetVideoPanopticDatasetMapper,
+        "VideoKNet",
+        ("instance",),
+        _video_classes("video_instance", _instance_classes),
+        layout="instance",
+    ),
 }
+
+
+def class_layout(kind: str) -> str:
+    """The image kind ("instance", "panoptic", "semantic") whose class layout ``kind`` has:
+    "video_panoptic" -> "panoptic", "video_instance" -> "instance", an image kind -> itself."""
+    return DATASET_KINDS[kind].layout or kind
 
 
 def mapper_name(kind: str) -> str:

@@ -1,5 +1,6 @@
 """K-Net dataset mappers: one training mapper per dataset kind and the inference mapper
-(:mod:`.mappers`), and their checked, resizing reads (:mod:`.common`)."""
+(:mod:`.mappers`; video pairs: :mod:`.video`), and their checked, resizing reads
+(:mod:`.common`)."""
 
 from .common import build_augmentations, read_image_checked
 from .mappers import (
@@ -8,3 +9,4 @@ from .mappers import (
     KNetSemanticDatasetMapper,
     KNetTestDatasetMapper,
 )
+from .video import KNetVideoPanopticDatasetMapper, build_video_augmentations

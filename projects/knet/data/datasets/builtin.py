@@ -6,6 +6,9 @@
   labels): the synthetic toy data of ``tools/make_toy_dataset.py``, named when it is absent.
 * ``coco_2017_{train,val}_panoptic_with_sem_seg``: COCO in Mask2Former's layout (unless already
   registered, e.g. by Mask2Former).
+* video data (:mod:`.video`): ``kitti_step_{train,val}``, ``vipseg_{train,val}``,
+  ``ytvis_2019_{train,val}`` in their official layouts, and ``knet_toy_video_{train,val}`` of
+  ``tools/make_toy_video_dataset.py``; the training splits return key/reference pairs.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from detectron2.data.datasets import load_coco_json, load_sem_seg
 
 from .panoptic import coco_panoptic_metadata, get_panoptic_metadata, load_panoptic_json_with_sem_seg
 from .toy import TOY_CATEGORIES, get_datasets_root, require_toy_dataset, toy_dataset_dir
+from .video import register_builtin_video
 
 # Detectron2's metadata of panoptic datasets
 PANOPTIC_EXTRA = {"evaluator_type": "coco_panoptic_seg", "ignore_label": 255, "label_divisor": 1000}
@@ -135,3 +139,4 @@ def register_coco_panoptic_with_sem_seg(root: str) -> None:
 _root = get_datasets_root()
 register_toy(_root)
 register_coco_panoptic_with_sem_seg(_root)
+register_builtin_video(_root)
