@@ -213,7 +213,10 @@ def test_build_train_mapper_names(cfg):
         "knet_panoptic",
         "knet_instance",
         "knet_semantic",
+        "knet_video_panoptic",
+        "knet_video_instance",
     }
     cfg.INPUT.DATASET_MAPPER_NAME = "mask_former_panoptic"
-    with pytest.raises(ValueError, match="knet_instance, knet_panoptic, knet_semantic"):
+    names = "knet_instance, knet_panoptic, knet_semantic, knet_video_instance, knet_video_panoptic"
+    with pytest.raises(ValueError, match=names):
         build_train_mapper(cfg)

@@ -21,7 +21,6 @@ from references.layouts import (
 )
 from references.video_knet import (
     ref_association_embedding,
-    ref_cosine,
     ref_hard_mined_l2,
     ref_kernel_link,
     ref_multi_positive_cross_entropy,

@@ -3,12 +3,14 @@
 
     python tools/run_demo.py                 # panoptic K-Net on knet_toy (`make demo`)
     python tools/run_demo.py --task semantic # semantic K-Net (`make demo TASK=semantic`)
+    python tools/run_demo.py --task video    # Video K-Net: STQ / VPQ (`make demo TASK=video`)
     python tools/run_demo.py --max-iter 200  # quicker, lower scores
     python tools/run_demo.py --opts SOLVER.IMS_PER_BATCH 8
 
 It creates the data its config needs first (generates the toy dataset, or prepares the shared
 sample, when absent or stale), trains with ``train_net.py``'s trainer, evaluates PQ, mask AP
-and mIoU on the validation split with Detectron2's evaluators, and writes into the output folder:
+and mIoU (STQ and VPQ for video, also of the untrained model) on the validation split with
+Detectron2's evaluators, and writes into the output folder:
 ``metrics.json`` and TensorBoard events (Detectron2's writers), ``model_final.pth``,
 ``vis/*.png`` (ground truth | prediction, drawn with Detectron2's Visualizer), ``curves.png``
 (loss and PQ during training) and ``summary.json``.
@@ -30,9 +32,11 @@ from detectron2.engine import DefaultPredictor, default_setup
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 from make_toy_dataset import ensure_toy_dataset  # run as a script: tools/ is on sys.path
+from make_toy_video_dataset import generate_toy_video_dataset
 from prepare_samples import prepare_ade20k_sample, prepare_coco_sample, register_samples
 from tabulate import tabulate
 
+from knet.data.datasets import read_panoptic_frame
 from knet.data.datasets.toy import TOY_DIRNAME
 from knet.engine import KNetTrainer, get_knet_cfg
 from knet.visualization import draw_predictions
@@ -44,11 +48,14 @@ TASK_CONFIGS = {
     "ade20k_sample": "configs/toy/knet_upernet_R18_ade20k_sample.yaml",
     # train and evaluate on the 2 real COCO images of the shared sample
     "coco_sample_overfit": "configs/toy/knet_R18_coco_sample_overfit.yaml",
+    # Video K-Net on the synthetic videos: tracks objects from frame to frame
+    "video": "configs/toy/video_knet_R18_toy.yaml",
 }
 REPORTED_METRICS = [
     ("panoptic_seg", ["PQ", "SQ", "RQ", "PQ_th", "PQ_st"]),
     ("segm", ["AP", "AP50", "AP75"]),
     ("sem_seg", ["mIoU", "pACC"]),
+    ("video_panoptic_seg", ["STQ", "AQ", "SQ", "VPQ", "VPQ@1", "VPQ@2", "VPQ@4", "VPQ@6"]),
 ]
 logger = logging.getLogger("knet.demo")
 
@@ -82,12 +89,16 @@ def build_cfg(args):
     return cfg
 
 
-def results_table(results: dict[str, dict[str, float]]) -> str:
+def results_table(results: dict[str, dict[str, float]], baseline: dict | None = None) -> str:
+    """The reported metrics; with ``baseline``, a column with the untrained model's."""
     rows = []
     for task, metrics in REPORTED_METRICS:
-        if task in results:
-            rows += [[task, m, f"{results[task][m]:.2f}"] for m in metrics if m in results[task]]
-    return tabulate(rows, headers=["task", "metric", "value"], tablefmt="github")
+        for m in metrics if task in results else ():
+            if m in results[task]:
+                row = [task, m, f"{results[task][m]:.2f}"]
+                rows.append(row + ([f"{baseline[task][m]:.2f}"] if baseline else []))
+    headers = ["task", "metric", "value"] + (["untrained"] if baseline else [])
+    return tabulate(rows, headers=headers, tablefmt="github")
 
 
 def save_visualisations(cfg, weights: str, num: int) -> list[str]:
@@ -101,10 +112,14 @@ def save_visualisations(cfg, weights: str, num: int) -> list[str]:
     out_dir = os.path.join(cfg.OUTPUT_DIR, "vis")
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    for record in DatasetCatalog.get(dataset)[:num]:
+    for record in DatasetCatalog.get(dataset)[:num]:  # a video's frames in order: tracked
         bgr = read_image(record["file_name"], format="BGR")
         rgb = bgr[:, :, ::-1]
-        truth = Visualizer(rgb, metadata).draw_dataset_dict(record)
+        if "label_file_name" in record:  # a video frame: its classes (ids are in the labels)
+            semantic = read_panoptic_frame(record)[0]
+            truth = Visualizer(rgb, metadata).draw_sem_seg(semantic)
+        else:
+            truth = Visualizer(rgb, metadata).draw_dataset_dict(record)
         drawn = draw_predictions(Visualizer(rgb, metadata), predictor(bgr))
         panel = np.concatenate([truth.get_image(), drawn.get_image()], axis=1)
         stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
@@ -128,7 +143,13 @@ def plot_curves(output_dir: str) -> str:
     if loss:
         ax_loss.plot(*zip(*loss))
     ax_loss.set(xlabel="iteration", ylabel="total loss", title="training loss", yscale="log")
-    for key, label in [("panoptic_seg/PQ", "PQ"), ("segm/AP", "mask AP"), ("sem_seg/mIoU", "mIoU")]:
+    for key, label in [
+        ("panoptic_seg/PQ", "PQ"),
+        ("segm/AP", "mask AP"),
+        ("sem_seg/mIoU", "mIoU"),
+        ("video_panoptic_seg/STQ", "STQ"),
+        ("video_panoptic_seg/VPQ", "VPQ"),
+    ]:
         points = [(r["iteration"], r[key]) for r in records if key in r]
         if points:
             ax_metric.plot(*zip(*points), marker="o", label=label)
@@ -155,15 +176,22 @@ def main(argv=None) -> int:
     register_samples()
     names = cfg.DATASETS.TRAIN + cfg.DATASETS.TEST
     creators = {
+        TOY_DIRNAME + "_video": generate_toy_video_dataset,
         TOY_DIRNAME: ensure_toy_dataset,
         "coco_sample": prepare_coco_sample,
         "ade20k_sample": prepare_ade20k_sample,
     }
-    ready = {p: create() for p, create in creators.items() if any(n.startswith(p) for n in names)}
+    # each dataset's creator: that of its longest prefix (knet_toy_video is not knet_toy)
+    wanted = {max((p for p in creators if n.startswith(p)), key=len, default=None) for n in names}
+    ready = {p: creators[p]() for p in creators if p in wanted}
     for prefix, folder in ready.items():
         logger.info("%s data ready at %s (%.1f s)", prefix, folder, time.time() - start)
     trainer = KNetTrainer(cfg)
     trainer.resume_or_load(resume=False)
+    baseline = None
+    if cfg.MODEL.META_ARCHITECTURE == "VideoKNet":  # what tracking learns: the untrained model's
+        baseline = KNetTrainer.test(cfg, trainer.model)
+        baseline = baseline.get(cfg.DATASETS.TEST[0], baseline)
     train_start = time.time()
     trainer.train()
     train_time = time.time() - train_start
@@ -184,13 +212,14 @@ def main(argv=None) -> int:
         "total_seconds": round(total, 1),
         "torch_threads": torch.get_num_threads(),
         "results": results,
+        "untrained_results": baseline,
     }
     with open(os.path.join(cfg.OUTPUT_DIR, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
 
     print()
     print(f"K-Net ({args.task}) on {cfg.DATASETS.TEST[0]} after {cfg.SOLVER.MAX_ITER} iterations")
-    print(results_table(results))
+    print(results_table(results, baseline))
     print(f"\ntraining: {train_time / 60:.1f} min, total: {total / 60:.1f} min")
     print(f"model:           {weights}")
     print(f"metrics:         {os.path.join(cfg.OUTPUT_DIR, 'metrics.json')} (+ TensorBoard events)")

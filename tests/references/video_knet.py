@@ -14,6 +14,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+
 from references.knet_heads import ref_layer_norm, ref_linear
 
 Tensor = torch.Tensor
@@ -77,9 +78,7 @@ def ref_multi_positive_cross_entropy(similarity: Tensor, targets: Tensor) -> flo
         neg = [j for j in range(similarity.shape[1]) if targets[i, j] == 0]
         if not pos:
             continue
-        inner = sum(
-            math.exp(float(similarity[i, q] - similarity[i, p])) for p in pos for q in neg
-        )
+        inner = sum(math.exp(float(similarity[i, q] - similarity[i, p])) for p in pos for q in neg)
         total += math.log(1 + inner)
         weight += 1
     return total / max(weight, 1.0)
@@ -101,6 +100,3 @@ def ref_hard_mined_l2(cosine: Tensor, targets: Tensor, ratio: int = 3, margin: f
     kept = positives + negatives
     return sum(kept) / len(kept)
 
-
-def ref_cosine(a: Tensor, b: Tensor) -> Tensor:
-    return F.normalize(a, dim=1) @ F.normalize(b, dim=1).T

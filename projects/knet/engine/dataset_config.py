@@ -37,6 +37,7 @@ from ..data.kinds import (
     DATASET_KINDS,
     DatasetClassError,
     DatasetClasses,
+    class_layout,
     dataset_classes,
     mapper_name,
     not_registered,
@@ -75,12 +76,14 @@ def _is_auto(cfg: CfgNode, key: str, explicit: frozenset[str] | None) -> bool:
 
 
 def _expected_counts(d: DatasetClasses, ref: DatasetClasses) -> dict[str, int]:
-    """The class-count keys dataset ``d`` determines, for a model trained on ``ref``'s kind."""
-    if d.kind == "semantic":
+    """The class-count keys dataset ``d`` determines, for a model trained on ``ref``'s kind (a
+    video kind counts its classes as its image kind)."""
+    layout, ref_layout = class_layout(d.kind), class_layout(ref.kind)
+    if layout == "semantic":
         return {NUM_CLASSES: d.num_classes}
-    if d.kind == "panoptic":
+    if layout == "panoptic":
         return {NUM_CLASSES: d.num_classes, NUM_THING_CLASSES: d.num_thing_classes}
-    if ref.kind == "instance":
+    if ref_layout == "instance":
         return {NUM_CLASSES: d.num_classes, NUM_THING_CLASSES: d.num_classes}
     return {NUM_THING_CLASSES: d.num_classes}  # instance AP of a panoptic model
 
