@@ -20,6 +20,7 @@ restarts (``--max-restarts``, a requeued job) resumes by itself.
 
 import contextlib
 import logging
+import os
 import sys
 
 import detectron2.utils.comm as comm
@@ -74,6 +75,8 @@ def setup(args):
     mode = "eval" if args.eval_only else "train"
     configure_for_datasets(cfg, explicit_keys, mode)
     cfg.freeze()
+    if os.path.isdir(args.config_file):  # a run's folder: Detectron2 logs the file it names
+        args.config_file = os.path.join(args.config_file, "config.yaml")
     default_setup(cfg, args)  # writes OUTPUT_DIR/config.yaml, with the class counts chosen
     return cfg
 

@@ -2,10 +2,12 @@
 segment and to track (STQ, AQ and VPQ well above the untrained model's)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from make_toy_video_dataset import generate_toy_video_dataset
-from scripts import load_script
+from scripts import REPO, load_script
 
 
 @pytest.mark.slow
@@ -22,3 +24,13 @@ def test_short_training_improves_stq_over_the_untrained_model(tmp_path):
     assert trained["AQ"] > untrained["AQ"] + 5
     assert trained["VPQ"] > untrained["VPQ"] + 10
     assert len(list((tmp_path / "vis").glob("*.png"))) == 2  # frames drawn with track colours
+
+    # the run's folder is its model: evaluating it again gives the same scores
+    eval_dir = tmp_path / "eval"
+    command = [sys.executable, str(REPO / "train_net.py"), "--config-file", str(tmp_path)]
+    command += ["--eval-only", "OUTPUT_DIR", str(eval_dir)]
+    subprocess.run(command, check=True, capture_output=True)
+    (results_file,) = eval_dir.glob("inference/*/video_panoptic_results.json")
+    with open(results_file) as f:
+        again = json.load(f)
+    assert again["metrics"]["STQ"] == pytest.approx(trained["STQ"], abs=1e-9)
