@@ -307,3 +307,30 @@ def test_ids_follow_the_objects_across_frames_and_restart_with_a_new_video():
     assert track_ids("b", 0, {2: (0, 2, 2)}) == {2: 1}  # a new video: the counter restarts
     model.reset()
     assert model.memory is None and model.tracker.empty
+
+
+def test_video_configs_train_the_official_loss_set():
+    """The initial head keeps its rank loss, the stages lose theirs; the initial semantic loss
+    is the softmax cross-entropy, background ignored, over all pixels (mmdet's mean)."""
+    torch.manual_seed(0)
+    model = build_model(video_cfg()).train()
+    g = torch.Generator().manual_seed(1)
+    x = frame_input(g, [1, 2, 3])
+    x["reference"] = frame_input(g, [2, 1])
+    losses = model([x])
+    assert "loss_rpn_rank" in losses and not any(k.startswith("s0_loss_rank") for k in losses)
+    criterion = model.criterion
+    logits = torch.randn(2, 19, 6, 5, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 20, (2, 6, 5), generator=g)  # 19 = background
+    expected = 0.0
+    for b, i, j in torch.cartesian_prod(*(torch.arange(n) for n in (2, 6, 5))).tolist():
+        c = int(target[b, i, j])
+        if c < 19:
+            expected -= torch.log_softmax(logits[b, :, i, j], 0)[c].item()
+    labels = torch.full((2, 0), 19)
+    stuff = [{"stuff_labels": t.unique()[t.unique() < 19], "stuff_masks": None} for t in target]
+    for entry, t in zip(stuff, target):  # every pixel's class as a stuff target
+        entry["stuff_masks"] = (t[None] == entry["stuff_labels"][:, None, None]).double()
+    positive = torch.zeros(2, 0, dtype=torch.bool)
+    got = criterion.semantic_loss(logits, labels, positive, [], stuff)
+    assert got.item() == pytest.approx(expected / target.numel(), rel=1e-10)

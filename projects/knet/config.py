@@ -153,6 +153,12 @@ def add_knet_config(cfg: CN) -> None:
     cfg.MODEL.KNET.DICE_WEIGHT = 4.0
     cfg.MODEL.KNET.RANK_WEIGHT = 0.1  # panoptic only; 0 disables
     cfg.MODEL.KNET.SEG_WEIGHT = 1.0  # semantic focal loss of the initial head
+    # the initial head's semantic loss: "focal" (K-Net) or "cross_entropy" (softmax, background
+    # ignored, the mean over all pixels: Video K-Net's video panoptic configs)
+    cfg.MODEL.KNET.SEG_LOSS_TYPE = "focal"
+    # panoptic: the rank loss in the update stages as well as the initial head (False: the
+    # initial head only, as Video K-Net's video panoptic configs)
+    cfg.MODEL.KNET.STAGE_RANK_LOSS = True
     cfg.MODEL.KNET.FOCAL_ALPHA = 0.25
     cfg.MODEL.KNET.FOCAL_GAMMA = 2.0
     cfg.MODEL.KNET.STAGE_LOSS_WEIGHTS = [1.0, 1.0, 1.0]

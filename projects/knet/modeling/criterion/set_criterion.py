@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from detectron2.utils import comm
 from torch import nn
 
@@ -74,6 +75,8 @@ class KNetCriterion(nn.Module):
         stage_loss_weights: Sequence[float] = (1.0, 1.0, 1.0),
         ignore_value: int = 255,
         global_batch_losses: bool = False,
+        stage_rank_loss: bool = True,
+        semantic_loss: str = "focal",
     ):
         """
         Args:
@@ -88,6 +91,11 @@ class KNetCriterion(nn.Module):
                 classification losses by the global counts (:func:`global_avg_factor`) instead
                 of the official per-process means (and, for classification, the clamped mean of
                 the counts). The same losses in one process.
+            stage_rank_loss: the rank loss of the update stages too, not only of the initial
+                head (Video K-Net's configs train without it).
+            semantic_loss: the initial head's semantic loss: "focal" (sigmoid focal loss per
+                class, K-Net) or "cross_entropy" (softmax over the classes, the mean over all
+                pixels with background pixels ignored, as Video K-Net's configs).
         """
         super().__init__()
         self.matcher = matcher
@@ -102,6 +110,10 @@ class KNetCriterion(nn.Module):
         self.stage_loss_weights = list(stage_loss_weights)
         self.ignore_value = ignore_value
         self.global_batch_losses = global_batch_losses
+        if semantic_loss not in ("focal", "cross_entropy"):
+            raise ValueError(f"semantic_loss must be 'focal' or 'cross_entropy': {semantic_loss!r}")
+        self.stage_rank_loss = stage_rank_loss
+        self.semantic_loss_type = semantic_loss
 
     @property
     def has_stuff_kernels(self) -> bool:
@@ -180,7 +192,8 @@ class KNetCriterion(nn.Module):
             f"{prefix}loss_mask": self.weight_dict["mask"] * mask_bce_loss(pred, tgt, mask_avg),
             f"{prefix}loss_dice": self.weight_dict["dice"] * dice_loss(pred, tgt, 1e-3, dice_avg),
         }
-        if self.has_stuff_kernels and self.weight_dict["rank"] > 0:
+        ranked = prefix == "rpn_" or self.stage_rank_loss
+        if self.has_stuff_kernels and self.weight_dict["rank"] > 0 and ranked:
             b, _, h, w = mask_logits.shape
             rank_tgt = self.rank_targets(positive, pos_masks, (b, h, w))
             losses[f"{prefix}loss_rank"] = self.weight_dict["rank"] * rank_loss(
@@ -201,7 +214,9 @@ class KNetCriterion(nn.Module):
     def semantic_loss(self, seg_logits, labels, positive, pos_masks, targets) -> torch.Tensor:
         """Focal loss of the initial semantic logits (B, K, H, W): stuff pixels get their class,
         then pixels of matched things theirs; normalised by the number of foreground pixels
-        (this process's, or the global count with ``global_batch_losses``)."""
+        (this process's, or the global count with ``global_batch_losses``). With
+        ``semantic_loss`` "cross_entropy": the softmax cross-entropy of the same targets, summed
+        over the foreground pixels and divided by all B H W (mmdet's mean with ignored pixels)."""
         b, k, h, w = seg_logits.shape
         seg_target = torch.full((b, h, w), k, dtype=torch.int64, device=seg_logits.device)
         for i, target in enumerate(targets):
@@ -209,6 +224,9 @@ class KNetCriterion(nn.Module):
                 seg_target[i][mask > 0] = label
         for i, (bi, n) in enumerate(positive.nonzero().tolist()):
             seg_target[bi][pos_masks[i] > 0] = labels[bi, n]
+        if self.semantic_loss_type == "cross_entropy":
+            total = F.cross_entropy(seg_logits, seg_target, ignore_index=k, reduction="sum")
+            return total / seg_target.numel()
         num_fg = (seg_target < k).sum()
         avg_factor = self.global_avg_factor(num_fg)
         if avg_factor is None:  # official: this process's count, not all-reduced
@@ -284,5 +302,6 @@ class KNetCriterion(nn.Module):
             f"num_thing_classes={self.num_thing_classes}, num_proposals={self.num_proposals}, "
             f"weight_dict={self.weight_dict}, "
             f"stage_loss_weights={self.stage_loss_weights}, "
-            f"global_batch_losses={self.global_batch_losses})"
+            f"global_batch_losses={self.global_batch_losses}, "
+            f"stage_rank_loss={self.stage_rank_loss}, semantic_loss={self.semantic_loss_type!r})"
         )

@@ -81,6 +81,8 @@ class KNet(KNetBase):
             stage_loss_weights=k.STAGE_LOSS_WEIGHTS,
             ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
             global_batch_losses=k.GLOBAL_BATCH_LOSSES,
+            stage_rank_loss=k.STAGE_RANK_LOSS,
+            semantic_loss=k.SEG_LOSS_TYPE,
         )
         ret["postprocessor"] = KNetPostProcessor(cfg, num_thing_classes=initial.num_thing_classes)
         return ret
