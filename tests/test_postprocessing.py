@@ -248,6 +248,58 @@ def test_panoptic_matches_the_official_merge(seed, chunk_size, path):
     assert_same_segments(got, ref_panoptic(cls_logits, mask_logits))
 
 
+def ref_joint_panoptic(cls_logits, mask_logits, score_thr=0.3, overlap_thr=0.6, topk=100):
+    """Video K-Net's merge_stuff_thing_stuff_joint as a loop: the top-k (thing kernel, thing
+    class) pairs and the stuff kernels by score compete pixel by pixel (score x probability),
+    then are visited by descending score; kernel of each segment in "kernel"."""
+    probs = ref_probs(mask_logits, PADDED, IMAGE, OUTPUT)
+    cls = torch.sigmoid(cls_logits.double())
+    pairs = sorted(
+        ((float(cls[n, c]), n, c) for n in range(P) for c in range(T)),
+        key=lambda x: -x[0],  # a stable sort: ties keep (kernel, class) order
+    )[:topk]
+    stuff = sorted(((float(cls[P + i, T + i]), P + i, T + i) for i in range(K - T)),
+                   key=lambda x: -x[0])  # fmt: skip
+    candidates = pairs + stuff
+    weighted = torch.stack([score * probs[n] for score, n, _ in candidates])
+    owner = weighted.argmax(0)
+    panoptic = torch.zeros(OUTPUT, dtype=torch.int32)
+    info = []
+    for k in sorted(range(len(candidates)), key=lambda k: -candidates[k][0]):
+        score, n, label = candidates[k]
+        if label < T and score < score_thr:
+            continue
+        mask = owner == k
+        area, own = int(mask.sum()), int((probs[n] >= 0.5).sum())
+        if area > 0 and own > 0 and area / own >= overlap_thr:
+            info.append({"id": len(info) + 1, "category_id": label, "isthing": label < T,
+                         "score": score, "area": area, "kernel": n})  # fmt: skip
+            panoptic[mask] = len(info)
+    return panoptic, info
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_joint_merge_matches_video_knet(seed, path):
+    """Thing candidates are (kernel, class) pairs: one kernel may enter with two classes."""
+    cls_logits = random_cls(seed=seed)
+    cls_logits[0, :T] = torch.tensor([3.0, 2.5, 2.0])  # kernel 0 comes with every thing class
+    mask_logits = blob_logits(N, seed=seed)
+    expected_ids, expected = ref_joint_panoptic(cls_logits, mask_logits)
+    processor = KNetPostProcessor(
+        num_thing_classes=T, panoptic_on=True, instance_on=True, semantic_on=False,
+        joint_merge=True, segment_kernels=True,
+    )  # fmt: skip
+    out = processor(cls_logits, mask_logits, geometry_of(SIZES))
+    ids, info = detectron2_outputs(out)["panoptic_seg"]
+    assert int((ids != expected_ids).sum()) <= MAX_DIFFERING * ids.numel()
+    assert [(s["category_id"], s["kernel"], s["isthing"]) for s in info] == [
+        (r["category_id"], r["kernel"], r["isthing"]) for r in expected
+    ]
+    assert [s["score"] for s in info] == pytest.approx([r["score"] for r in expected], rel=1e-6)
+    # the instances are the first thing candidates: the instance output is unchanged
+    torch.testing.assert_close(out["scores"], select_instances(cls_logits, T, P, 100, 0.0)[0])
+
+
 def test_panoptic_reference_inputs_are_not_trivial():
     """The random inputs above produce kept things and stuff, dropped kernels and void."""
     kept_things = kept_stuff = dropped = void = 0

@@ -189,6 +189,10 @@ def add_knet_config(cfg: CN) -> None:
     cfg.MODEL.KNET.TEST.PANOPTIC_THING_SCORE_THRESH = 0.3
     # "panoptic_seg": a kernel must own this share of its own mask to be kept (overlap_thr)
     cfg.MODEL.KNET.TEST.OVERLAP_THRESHOLD = 0.6
+    # "panoptic_seg": the thing candidates are the top TEST.DETECTIONS_PER_IMAGE (kernel, class)
+    # pairs, so a kernel may compete with two classes (Video K-Net's merge_joint), instead of
+    # each thing kernel with its best class (K-Net)
+    cfg.MODEL.KNET.TEST.PANOPTIC_JOINT_MERGE = False
     # "instances": the top TEST.DETECTIONS_PER_IMAGE (kernel, class) pairs scoring >= this
     # (0.0: unthresholded, the official output for COCO mask AP)
     cfg.MODEL.KNET.TEST.INSTANCES_SCORE_THRESH = 0.0

@@ -60,6 +60,28 @@ def select_instances(
     return scores, flat % num_thing_classes, flat.div(num_thing_classes, rounding_mode="floor")
 
 
+def joint_candidates(
+    cls_logits: Tensor, num_thing_classes: int, num_proposals: int, topk: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Video K-Net's panoptic candidates (its ``merge_joint``): the top-k (thing kernel, thing
+    class) pairs (:func:`select_instances`, descending; a kernel may come with several classes),
+    then the stuff kernels by descending score.
+
+    Returns:
+        kernels (M,) int64 (the kernel of each candidate), scores (M,), labels (M,) int64.
+    """
+    thing_scores, thing_labels, thing_kernels = select_instances(
+        cls_logits, num_thing_classes, num_proposals, topk, 0.0
+    )
+    scores, labels = kernel_scores_and_labels(cls_logits, num_thing_classes, num_proposals)
+    order = _descending_order(scores[num_proposals:])
+    return (
+        torch.cat([thing_kernels, num_proposals + order]),
+        torch.cat([thing_scores, scores[num_proposals:][order]]),
+        torch.cat([thing_labels, labels[num_proposals:][order]]),
+    )
+
+
 # ----------------------------------------------------------------------------- outputs
 def panoptic_segments(
     scores: Tensor,
@@ -199,6 +221,7 @@ class KNetPostProcessor(nn.Module):
         topk: int = 100,
         chunk_size: int = 16,
         segment_kernels: bool = False,
+        joint_merge: bool = False,
     ):
         """
         Args:
@@ -210,6 +233,8 @@ class KNetPostProcessor(nn.Module):
             chunk_size: kernels / classes resized to full resolution at once.
             segment_kernels: also return each panoptic segment's kernel (Video K-Net embeds
                 and tracks it).
+            joint_merge: merge :func:`joint_candidates` (Video K-Net's ``merge_joint``)
+                instead of one candidate per kernel (K-Net's merge).
         """
         super().__init__()
         self.num_thing_classes = num_thing_classes
@@ -223,6 +248,7 @@ class KNetPostProcessor(nn.Module):
         self.topk = topk
         self.chunk_size = chunk_size
         self.segment_kernels = segment_kernels
+        self.joint_merge = joint_merge
 
     @classmethod
     def from_config(cls, cfg) -> dict:
@@ -238,6 +264,7 @@ class KNetPostProcessor(nn.Module):
             "instances_score_thresh": test_option(cfg, "INSTANCES_SCORE_THRESH"),
             "topk": cfg.TEST.DETECTIONS_PER_IMAGE,
             "chunk_size": test.MERGE_CHUNK_SIZE,
+            "joint_merge": test.PANOPTIC_JOINT_MERGE,
         }
 
     def forward(
@@ -249,24 +276,33 @@ class KNetPostProcessor(nn.Module):
             geometry: where the image lies in the padded input and the output size.
         """
         out: dict[str, Tensor] = {}
-        scores = labels = selected = None
+        scores = labels = selected = candidates = None
         things = self.num_thing_classes
         num_proposals = cls_logits.shape[0] - (cls_logits.shape[1] - things)
-        if self.panoptic_on:
+        if self.panoptic_on and self.joint_merge:
+            candidates, scores, labels = joint_candidates(
+                cls_logits, things, num_proposals, self.topk
+            )
+        elif self.panoptic_on:
             scores, labels = kernel_scores_and_labels(cls_logits, things, num_proposals)
         if self.instance_on:
             inst_scores, inst_labels, selected = select_instances(
                 cls_logits, things, num_proposals, self.topk, self.instances_score_thresh
             )
+            if candidates is not None:  # the instances are the first thing candidates
+                selected = torch.arange(inst_scores.shape[0], device=cls_logits.device)
         if self.panoptic_on or self.instance_on:
+            masks = mask_logits if candidates is None else mask_logits[candidates]
             stats = mask_statistics(
-                mask_logits, geometry, scores, selected, self.mask_threshold, self.chunk_size
+                masks, geometry, scores, selected, self.mask_threshold, self.chunk_size
             )
         if self.panoptic_on:
             is_thing = labels < things
             out["panoptic_seg"], table = panoptic_segments(
                 scores, labels, is_thing, stats, self.thing_score_thresh, self.overlap_threshold
             )
+            if candidates is not None:
+                table["kernel"] = candidates[table["kernel"]]
             if not self.segment_kernels:
                 del table["kernel"]
             out.update({f"segment_{key}": value for key, value in table.items()})
