@@ -334,3 +334,15 @@ def test_video_configs_train_the_official_loss_set():
     positive = torch.zeros(2, 0, dtype=torch.bool)
     got = criterion.semantic_loss(logits, labels, positive, [], stuff)
     assert got.item() == pytest.approx(expected / target.numel(), rel=1e-10)
+
+
+def test_periodic_evaluation_of_videos_in_several_processes_is_refused_before_training():
+    from knet.engine.trainer import check_periodic_evaluation
+
+    cfg = video_cfg("DATASETS.TEST", "('knet_toy_video_val',)", "TEST.EVAL_PERIOD", "100")
+    check_periodic_evaluation(cfg, 1)
+    with pytest.raises(ValueError, match="TEST.EVAL_PERIOD 0"):
+        check_periodic_evaluation(cfg, 2)
+    cfg.defrost()
+    cfg.TEST.EVAL_PERIOD = 0
+    check_periodic_evaluation(cfg, 2)

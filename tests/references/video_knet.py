@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from references.knet_heads import ref_layer_norm, ref_linear
 
@@ -99,4 +98,3 @@ def ref_hard_mined_l2(cosine: Tensor, targets: Tensor, ratio: int = 3, margin: f
         negatives = sorted(negatives, reverse=True)[: len(positives) * ratio]
     kept = positives + negatives
     return sum(kept) / len(kept)
-

@@ -15,7 +15,13 @@ from detectron2.utils.events import JSONWriter
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import KNetCheckpointer
-from ..data.kinds import build_test_mapper, build_train_mapper, model_description
+from ..data.kinds import (
+    build_test_mapper,
+    build_train_mapper,
+    class_layout,
+    kind_of,
+    model_description,
+)
 from ..evaluation import (
     build_evaluator,
     check_evaluation_dataset_once,
@@ -42,6 +48,20 @@ def check_global_batch(ims_per_batch: int, world_size: int) -> None:
         )
 
 
+def check_periodic_evaluation(cfg: CfgNode, world_size: int) -> None:
+    """Raise ``ValueError`` before training when a periodic evaluation would fail hours in: a
+    video dataset is evaluated video by video, frames in order, in one process."""
+    kinds = {name: kind_of(name) for name in cfg.DATASETS.TEST}
+    videos = [name for name, kind in kinds.items() if kind and class_layout(kind) != kind]
+    if world_size > 1 and cfg.TEST.EVAL_PERIOD > 0 and videos:
+        raise ValueError(
+            f"TEST.EVAL_PERIOD {cfg.TEST.EVAL_PERIOD} would evaluate the video dataset(s) "
+            f"{videos} in {world_size} processes, but tracking needs each video's frames in order "
+            "in one process: set TEST.EVAL_PERIOD 0 and evaluate after training with one "
+            "process (train_net.py --eval-only)"
+        )
+
+
 class KNetTrainer(DefaultTrainer):
     """Detectron2's DefaultTrainer with K-Net's dataset mappers, evaluators and optimizer, mixed
     precision on CUDA and CPU (:mod:`knet.engine.amp`), and checkpoints (written atomically) that
@@ -61,6 +81,7 @@ class KNetTrainer(DefaultTrainer):
         cfg = configured_for_datasets(cfg)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         check_global_batch(cfg.SOLVER.IMS_PER_BATCH, comm.get_world_size())
+        check_periodic_evaluation(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
