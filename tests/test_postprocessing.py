@@ -208,6 +208,24 @@ def test_resize_in_chunks_equals_all_at_once(chunk_size):
     )
 
 
+class _TracedResize(torch.nn.Module):
+    """The exported graphs' resizing of 8 maps in chunks of 3: the image size from ``image``."""
+
+    def forward(self, image, maps):
+        h, w = maps.shape[1:]
+        geometry = OutputGeometry((4 * h, 4 * w), (image.shape[1], image.shape[2]))
+        return resize_to_output(maps, geometry, chunk_size=3)
+
+
+def test_resize_traced_in_chunks_equals_all_at_once_at_other_sizes():
+    gen = torch.Generator().manual_seed(4)
+    sample = (torch.zeros(1, 61, 90), torch.rand(8, 16, 24, generator=gen))
+    traced = torch.jit.trace(_TracedResize(), sample, check_trace=False)
+    maps = torch.rand(8, 14, 20, generator=gen)
+    got = traced(torch.zeros(1, 53, 77), maps)
+    torch.testing.assert_close(got, resize_to_output(maps, OutputGeometry((56, 80), (53, 77))))
+
+
 def test_resize_crops_padding_before_resizing():
     # padded 64x64, image 32x40: the stride-4 logits cover the image in rows < 8, cols < 10
     geometry = OutputGeometry((64, 64), (32, 40), (48, 60))

@@ -70,15 +70,22 @@ def resize_to_output(
 
     Args:
         maps: (C, h, w) floating-point maps at any stride of the padded input.
-        chunk_size: > 0: with a second resize, resize that many channels at a time into one
-            output tensor, so that only one chunk's padded-size maps exist at once (ignored
-            when exporting).
+        chunk_size: > 0: with a second resize, or when exporting, resize that many channels
+            at a time, so that only one chunk's padded-size maps exist at once.
         crop: False: stop at the padded size, (C, H_pad, W_pad) (no second resize allowed).
     """
     # Chunks bound the padded-size maps that a second resize consumes; without one, the
-    # crop of a single resize is the output itself (no copy).
-    chunked = chunk_size > 0 and maps.shape[0] > chunk_size and geometry.output_size is not None
-    if chunked and not exporting():
+    # crop of a single resize is the output itself (no copy) in eager mode.
+    chunked = chunk_size > 0 and maps.shape[0] > chunk_size
+    if chunked and exporting() and crop:
+        # In an exported graph every step is a new tensor (the crop is an ONNX Slice, a copy):
+        # at once, all the channels would need two padded-size copies besides the output. By
+        # chunks, the steps' copies are one chunk's, and the chunks' pieces fit the memory
+        # that the network freed; the chunks' results and their concatenation (the output)
+        # are what remains at full size.
+        starts = range(0, maps.shape[0], chunk_size)  # (the channel count is a constant)
+        return torch.cat([resize_to_output(maps[i : i + chunk_size], geometry) for i in starts])
+    if chunked and geometry.output_size is not None:
         out = maps.new_empty((maps.shape[0], *geometry.out_size))
         for start in range(0, maps.shape[0], chunk_size):
             out[start : start + chunk_size] = resize_to_output(
@@ -89,8 +96,8 @@ def resize_to_output(
     if not crop:
         if geometry.output_size is not None:
             raise ValueError("an uncropped resize cannot also resize to another output size")
-        return x[0]
+        return x.squeeze(0)
     x = x[:, :, : geometry.image_size[0], : geometry.image_size[1]]
     if geometry.output_size is not None:
         x = resize(x, geometry.output_size)
-    return x[0]
+    return x.squeeze(0)  # (a view in exported graphs too, where x[0] is a copy)
