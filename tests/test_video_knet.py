@@ -22,6 +22,7 @@ from references.layouts import (
 from references.video_knet import (
     ref_association_embedding,
     ref_hard_mined_l2,
+    ref_kernel_fusion,
     ref_kernel_link,
     ref_multi_positive_cross_entropy,
 )
@@ -93,6 +94,57 @@ def test_converted_link_and_embedding_equal_the_official_forward(converted_model
     with torch.no_grad():
         linked32 = model32.kernel_link(kernels.float(), previous.float())[0]
     assert ((linked32.double() - expected).abs().max() / expected.abs().max()) < 1e-5
+
+
+def test_converted_kernel_fusion_equals_the_official_forward():
+    """Kernel fusion (the official update_dynamic_cov): converted into the last stage, its
+    output equals the official computation from the official keys; stages 0 and 1's copies are
+    dropped."""
+    official = make_video_knet_state_dict(
+        num_classes=19, link_ffn_channels=64, fusion=True, **SMALL
+    )
+    cfg = video_cfg("MODEL.KNET.VIDEO.KERNEL_FUSION", "True")
+    converted = convert_official_knet_state_dict(official, model_state_shapes(cfg))
+    assert len([k for k in converted if ".fusion." in k]) == 20 + 12
+    model = build_model(cfg).double().eval()
+    model.load_state_dict({k: v.double() for k, v in converted.items()})
+    g = torch.Generator().manual_seed(0)
+    group, kernels, previous = (
+        torch.randn(1, 27, 32, generator=g, dtype=torch.float64) for _ in range(3)
+    )
+    with torch.no_grad():
+        fused = model.kernel_head.stages[2].fusion(group, kernels, previous)[0]
+    state = {k: v.double() for k, v in official.items()}
+    expected = ref_kernel_fusion(state, "roi_head.mask_head.2.", group[0], kernels[0], previous[0])
+    assert ((fused - expected).abs().max() / expected.abs().max()) < 1e-10
+
+
+def test_kernel_fusion_reads_the_previous_frame_in_training_and_inference():
+    torch.manual_seed(0)
+    cfg = video_cfg("MODEL.KNET.VIDEO.KERNEL_FUSION", "True", *EVAL_OPTS)
+    model = build_model(cfg).train()
+    g = torch.Generator().manual_seed(1)
+    x = frame_input(g, [1, 2, 3])
+    x["reference"] = frame_input(g, [2, 1])
+    sum(model([x]).values()).backward()
+    fusion = model.kernel_head.stages[-1].fusion
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fusion.parameters())
+    model.eval()
+    image = build_model(video_cfg(*EVAL_OPTS, "MODEL.META_ARCHITECTURE", "KNet")).eval()
+    keys = image.state_dict().keys()
+    image.load_state_dict({k: v for k, v in model.state_dict().items() if k in keys})
+    first, second = frames(2)
+    with torch.no_grad():
+        video_first = model([{**first, "video_id": "a", "frame_index": 0}])[0]
+        model([{**second, "video_id": "a", "frame_index": 1}])  # reads frame a0's kernels
+        fused = model.predict(model.preprocess_image([second]).tensor)  # memory: frame a1's
+        again = model([{**second, "video_id": "b", "frame_index": 0}])[0]  # no previous frame
+        plain = image.predict(image.preprocess_image([second]).tensor)
+        expected_first, expected = image([first])[0], image([second])[0]
+    # a first frame is the image model's; later frames are not (the last stage reads the memory)
+    assert without_tracks(video_first)[1] == expected_first["panoptic_seg"][1]
+    assert torch.equal(without_tracks(again)[0], expected["panoptic_seg"][0])
+    assert not torch.allclose(fused["cls_logits"], plain["cls_logits"])
 
 
 def test_image_checkpoint_initialises_a_video_model():
@@ -289,6 +341,7 @@ def test_ids_follow_the_objects_across_frames_and_restart_with_a_new_video():
     def track_ids(video_id, frame_index, objects):
         predictions, images = crafted_frame(objects, identities)
         inputs = [{"video_id": video_id, "frame_index": frame_index}]
+        model.frame = model.next_frame_index(inputs[0])  # what forward does before the network
         with torch.no_grad():
             out = model.inference(predictions, inputs, images)[0]
         seg, segments = out["panoptic_seg"]

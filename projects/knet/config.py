@@ -213,6 +213,9 @@ def add_knet_config(cfg: CN) -> None:
     # kernel linking: the last stage's kernels attend to the previous frame's before they are
     # embedded (False: the plain kernels are embedded, "+KAE" of the paper's ablation)
     cfg.MODEL.KNET.VIDEO.LINK_PREVIOUS = True
+    # kernel fusion: the last stage's input kernels attend to the previous frame's, updated with
+    # this frame's group features (the Swin configs' update_dynamic_cov; off in the R-50 ones)
+    cfg.MODEL.KNET.VIDEO.KERNEL_FUSION = False
     cfg.MODEL.KNET.VIDEO.EMBED_DIM = 256
     # association losses: multi-positive cross-entropy of the embeddings' dot products, and the
     # hard-mined L2 loss of their cosine similarities (negative margin, negatives per positive)

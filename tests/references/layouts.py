@@ -231,11 +231,14 @@ def make_video_knet_state_dict(
     ffn_channels: int = 2048,
     link_ffn_channels: int = 2048,
     seed: int = 0,
+    fusion: bool = False,
     **kwargs,
 ) -> dict[str, torch.Tensor]:
     """An official Video K-Net (R-50 "ffn" linking) ``state_dict`` with random values: image
     K-Net's keys (:func:`make_official_state_dict` with ``kwargs``), kernel linking in every
-    stage, the detector's embedding layers and the track head (47 extra tensors at C = 256)."""
+    stage, the detector's embedding layers and the track head (47 extra tensors at C = 256);
+    with ``fusion``, also kernel fusion in every stage (``update_dynamic_cov``: the ``*_link``
+    modules, a KernelUpdator, an attention, two norms and an FFN)."""
     sd = make_official_state_dict(
         num_classes=num_classes,
         num_stages=num_stages,
@@ -248,18 +251,33 @@ def make_video_knet_state_dict(
     c = channels
     for s in range(num_stages):
         p = f"roi_head.mask_head.{s}"
-        w.add(f"{p}.attention_previous.attn.in_proj_weight", 3 * c, c)
-        w.add(f"{p}.attention_previous.attn.in_proj_bias", 3 * c)
-        w.add(f"{p}.attention_previous.attn.out_proj.weight", c, c)
-        w.add(f"{p}.attention_previous.attn.out_proj.bias", c)
-        w.add(f"{p}.attention_previous_norm.weight", c)
-        w.add(f"{p}.attention_previous_norm.bias", c)
-        w.add(f"{p}.link_ffn.layers.0.0.weight", link_ffn_channels, c)
-        w.add(f"{p}.link_ffn.layers.0.0.bias", link_ffn_channels)
-        w.add(f"{p}.link_ffn.layers.1.weight", c, link_ffn_channels)
-        w.add(f"{p}.link_ffn.layers.1.bias", c)
-        w.add(f"{p}.link_ffn_norm.weight", c)
-        w.add(f"{p}.link_ffn_norm.bias", c)
+        for suffix in ("", "_link") if fusion else ("",):
+            w.add(f"{p}.attention_previous{suffix}.attn.in_proj_weight", 3 * c, c)
+            w.add(f"{p}.attention_previous{suffix}.attn.in_proj_bias", 3 * c)
+            w.add(f"{p}.attention_previous{suffix}.attn.out_proj.weight", c, c)
+            w.add(f"{p}.attention_previous{suffix}.attn.out_proj.bias", c)
+            w.add(f"{p}.attention_previous_norm{suffix}.weight", c)
+            w.add(f"{p}.attention_previous_norm{suffix}.bias", c)
+            w.add(f"{p}.link_ffn{suffix}.layers.0.0.weight", link_ffn_channels, c)
+            w.add(f"{p}.link_ffn{suffix}.layers.0.0.bias", link_ffn_channels)
+            w.add(f"{p}.link_ffn{suffix}.layers.1.weight", c, link_ffn_channels)
+            w.add(f"{p}.link_ffn{suffix}.layers.1.bias", c)
+            w.add(f"{p}.link_ffn_norm{suffix}.weight", c)
+            w.add(f"{p}.link_ffn_norm{suffix}.bias", c)
+        if fusion:
+            u = f"{p}.attention_previous_update_link"
+            for name, rows in (
+                ("dynamic_layer", 2 * c),
+                ("input_layer", 2 * c),
+                ("input_gate", c),
+                ("update_gate", c),
+                ("fc_layer", c),
+            ):
+                w.add(f"{u}.{name}.weight", rows, c)
+                w.add(f"{u}.{name}.bias", rows)
+            for name in ("norm_in", "norm_out", "input_norm_in", "input_norm_out", "fc_norm"):
+                w.add(f"{u}.{name}.weight", c)
+                w.add(f"{u}.{name}.bias", c)
     w.add("embed_fcs.0.weight", c, c)
     w.add("embed_fcs.1.weight", c)
     w.add("embed_fcs.1.bias", c)

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from references.knet_heads import ref_layer_norm, ref_linear
+from references.knet_heads import ref_layer_norm, ref_linear, ref_updator
 
 Tensor = torch.Tensor
 
@@ -41,19 +41,35 @@ def sub(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 
 def ref_kernel_link(
-    state: dict[str, Tensor], stage: str, kernels: Tensor, previous: Tensor, num_heads: int = 8
+    state: dict[str, Tensor],
+    stage: str,
+    kernels: Tensor,
+    previous: Tensor,
+    num_heads: int = 8,
+    suffix: str = "",
 ) -> Tensor:
     """Official kernel linking of one image: kernels (N, C), previous (M, C) -> (N, C);
-    ``stage`` is the official prefix, e.g. ``roi_head.mask_head.2.``.
+    ``stage`` is the official prefix, e.g. ``roi_head.mask_head.2.``; ``suffix`` "_link" reads
+    kernel fusion's copy of the modules.
 
     A = LN(K + MHA(K, P, P)) (MMCV's MultiheadAttention adds the query as identity),
     out = LN(A + FFN(A)) (MMCV's FFN adds its input)."""
-    attention = sub(state, stage + "attention_previous.")
+    attention = sub(state, f"{stage}attention_previous{suffix}.")
     linked = kernels + ref_cross_attention(kernels, previous, attention, num_heads)
-    linked = ref_layer_norm(linked, state, stage + "attention_previous_norm")
-    hidden = torch.relu(ref_linear(linked, state, stage + "link_ffn.layers.0.0"))
-    ffn = ref_linear(hidden, state, stage + "link_ffn.layers.1")
-    return ref_layer_norm(linked + ffn, state, stage + "link_ffn_norm")
+    linked = ref_layer_norm(linked, state, f"{stage}attention_previous_norm{suffix}")
+    hidden = torch.relu(ref_linear(linked, state, f"{stage}link_ffn{suffix}.layers.0.0"))
+    ffn = ref_linear(hidden, state, f"{stage}link_ffn{suffix}.layers.1")
+    return ref_layer_norm(linked + ffn, state, f"{stage}link_ffn_norm{suffix}")
+
+
+def ref_kernel_fusion(
+    state: dict[str, Tensor], stage: str, group_feats: Tensor, kernels: Tensor, previous: Tensor
+) -> Tensor:
+    """Official kernel fusion (``update_dynamic_cov``) of one image's last-stage input kernels
+    (N, C): the previous kernels updated by ``attention_previous_update_link`` (a KernelUpdator)
+    with this frame's group features, then linked with the ``*_link`` modules."""
+    updated = ref_updator(state, group_feats, previous, f"{stage}attention_previous_update_link.")
+    return ref_kernel_link(state, stage, kernels, updated, suffix="_link")
 
 
 def ref_association_embedding(state: dict[str, Tensor], kernels: Tensor) -> Tensor:

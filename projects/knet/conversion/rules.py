@@ -201,26 +201,38 @@ def KNET_MMDET(backbone: tuple[Rule, ...]) -> tuple[Section, ...]:  # noqa: N802
     )
 
 
-# Kernel linking is built in every stage but runs in the last only: the others' keys are dropped.
+# Kernel linking (and fusion) is built in every stage but runs in the last only: the other
+# stages' copies are dropped.
 UNUSED_LINKS = Rule(r"^\d+\.(attention_previous|link_ffn)", None)
+
+
+def _kernel_link(source: str, suffix: str, target: str) -> tuple[Section, ...]:
+    """The official linking modules ``attention_previous{suffix}`` (MMCV MultiheadAttention),
+    ``attention_previous_norm{suffix}``, ``link_ffn{suffix}`` (MMCV FFN), ``link_ffn_norm{suffix}``
+    under ``source`` -> a ``KernelLink`` at ``target``."""
+    return (
+        Section(f"{source}attention_previous{suffix}.attn.", f"{target}attention."),
+        Section(f"{source}attention_previous_norm{suffix}.", f"{target}attention_norm."),
+        Section(f"{source}link_ffn{suffix}.layers.0.0.", f"{target}ffn.0."),
+        Section(f"{source}link_ffn{suffix}.layers.1.", f"{target}ffn.2."),
+        Section(f"{source}link_ffn_norm{suffix}.", f"{target}ffn_norm."),
+    )
 
 
 def VIDEO_KNET_MMDET(  # noqa: N802
     backbone: tuple[Rule, ...], num_stages: int
 ) -> tuple[Section, ...]:
-    """Official Video K-Net (``VideoKNetQuansiEmbedFCJointTrain``, R-50 "ffn" linking): image
-    K-Net's keys, the last stage's kernel linking and the association embedding layers."""
+    """Official Video K-Net (``VideoKNetQuansiEmbedFCJointTrain``, "ffn" linking): image K-Net's
+    keys, the last stage's kernel linking and (when present) kernel fusion (the ``*_link``
+    modules, ``update_dynamic_cov``), and the association embedding layers."""
     last = f"roi_head.mask_head.{num_stages - 1}."
+    fusion = f"kernel_head.stages.{num_stages - 1}.fusion."
     image = KNET_MMDET(backbone)
     stages = next(s for s in image if s.source == "roi_head.mask_head.")
     return (
-        # MMCV attention / FFN wrappers -> KernelLink (the norms follow from the prefixes)
-        Section(last + "attention_previous", "kernel_link.attention", (Rule(r"^\.attn\.", "."),)),
-        Section(
-            last + "link_ffn",
-            "kernel_link.ffn",
-            (Rule(r"^\.layers\.0\.0\.", ".0."), Rule(r"^\.layers\.1\.", ".2.")),
-        ),
+        Section(last + "attention_previous_update_link.", fusion + "updator."),
+        *_kernel_link(last, "_link", fusion + "link."),
+        *_kernel_link(last, "", "kernel_link."),
         Section("embed_fcs.", "association_head.embed_fcs."),
         Section("fc_embed.", "association_head.fc_embed."),
         Section("track_head.fcs.", "association_head.track_fcs.", (Rule(r"^1\.", "2."),)),

@@ -70,10 +70,17 @@ class KNetIterativeKernelHead(nn.Module):
             "mask_upsample_stride": k.MASK_UPSAMPLE_STRIDE,
         }
 
-    def forward(self, loc_feature: torch.Tensor, sem_feature: torch.Tensor) -> dict:
+    def forward(
+        self,
+        loc_feature: torch.Tensor,
+        sem_feature: torch.Tensor,
+        previous: torch.Tensor | None = None,
+    ) -> dict:
         """
         Args:
             loc_feature, sem_feature: (B, C, h, w) pixel decoder outputs (stride 8).
+            previous: (B, N, C) the previous frame's last-stage kernels: the last stage's input
+                (Video K-Net's kernel fusion, when the stage has one).
 
         Returns:
             dict with
@@ -90,7 +97,8 @@ class KNetIterativeKernelHead(nn.Module):
         kernels, masks = self.initial_head.with_stuff(init)
         stages = []
         for i, stage in enumerate(self.stages):
-            kernels, masks, cls_logits = stage(features, kernels, masks)
+            last = i == len(self.stages) - 1
+            kernels, masks, cls_logits = stage(features, kernels, masks, previous if last else None)
             if self.training or i == len(self.stages) - 1:
                 stages.append({"cls_logits": cls_logits, "mask_logits": upsample(masks, up)})
         out = {

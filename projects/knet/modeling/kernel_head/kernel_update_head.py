@@ -35,6 +35,9 @@ class KernelUpdateHead(nn.Module):
         logits = fc_cls(cls_fcs(K'))                            (absent when num_classes == 0)
         M' = einsum(fc_mask(mask_fcs(K')), F')                  (dynamic 1x1 conv, no bias)
     K' (not the mask kernel) is handed to the next stage.
+
+    ``fusion`` (None; Video K-Net's kernel fusion sets it on the last stage): given the previous
+    frame's kernels, K is first replaced by ``fusion(G, K, K_previous)``.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class KernelUpdateHead(nn.Module):
             nn.init.zeros_(self.feat_transform.bias)
         if num_classes > 0:
             nn.init.constant_(self.fc_cls.bias, bias_init_with_prob(0.01))
+        self.fusion: nn.Module | None = None
 
     def group_weights(self, mask_logits: torch.Tensor) -> torch.Tensor:
         """(B, N, h, w) mask logits -> the weights with which each kernel pools features."""
@@ -108,13 +112,18 @@ class KernelUpdateHead(nn.Module):
         return (mask_logits.sigmoid() > self.hard_mask_threshold).to(mask_logits.dtype)
 
     def forward(
-        self, features: torch.Tensor, kernels: torch.Tensor, mask_logits: torch.Tensor
+        self,
+        features: torch.Tensor,
+        kernels: torch.Tensor,
+        mask_logits: torch.Tensor,
+        previous: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """
         Args:
             features: (B, C, h, w) the shared kernel-head feature F (same at every stage).
             kernels: (B, N, C) kernels of the previous stage.
             mask_logits: (B, N, h, w) mask logits of the previous stage.
+            previous: (B, N, C) the previous frame's last-stage kernels, for ``fusion``.
 
         Returns:
             kernels (B, N, C), mask_logits (B, N, h, w), cls_logits (B, N, num_classes) or None.
@@ -127,6 +136,8 @@ class KernelUpdateHead(nn.Module):
             group_feats = torch.einsum(
                 "bnhw,bchw->bnc", self.group_weights(mask_logits.to(acc)), feats.to(acc)
             ).to(kernels.dtype)
+        if self.fusion is not None and previous is not None:
+            kernels = self.fusion(group_feats, kernels, previous)
         chunks = c // self.updator_channels
         kernels = self.kernel_update_conv(
             group_feats.reshape(b * n * chunks, self.updator_channels),

@@ -1,9 +1,12 @@
 """The heads Video K-Net adds on the last stage's kernels (lxtGH/Video-K-Net
-``knet/video/kernel_update_head.py`` "previous" branch and the detector's / track head's embedding
-layers): kernel linking to the previous frame and the kernel association embedding."""
+``knet/video/kernel_update_head.py`` "previous" branches and the detector's / track head's
+embedding layers): kernel linking to the previous frame, kernel fusion, and the kernel association
+embedding."""
 
 import torch
 from torch import nn
+
+from .kernel_updator import KernelUpdator
 
 
 class KernelLink(nn.Module):
@@ -40,6 +43,36 @@ class KernelLink(nn.Module):
         attended = self.attention(kernels, previous, previous, need_weights=False)[0]
         linked = self.attention_norm(kernels + attended)
         return self.ffn_norm(linked + self.ffn(linked))
+
+
+class KernelFusion(nn.Module):
+    """Kernel fusion (KF; the official ``previous_link="update_dynamic_cov"`` of the Swin
+    configs): before the last stage's update, its input kernels P (B, N, C) absorb the previous
+    frame's kernels K_{t-1}, first updated with this frame's group features G (B, N, C):
+
+        K~  = KernelUpdator(G, K_{t-1})
+        P'' = KernelLink(P, K~) = LN2(P' + FFN(P')),  P' = LN1(P + MHA(P, K~, K~))
+
+    P'' replaces P as the stage's input. Xavier-uniform on every >= 2-D parameter (the official
+    stage initialisation covers these modules).
+    """
+
+    def __init__(
+        self, channels: int = 256, num_heads: int = 8, dim_feedforward: int = 2048
+    ) -> None:
+        super().__init__()
+        self.updator = KernelUpdator(channels, channels, channels)
+        self.link = KernelLink(channels, num_heads, dim_feedforward)
+        for p in self.updator.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(
+        self, group_feats: torch.Tensor, kernels: torch.Tensor, previous: torch.Tensor
+    ) -> torch.Tensor:
+        b, n, c = previous.shape
+        updated = self.updator(group_feats.reshape(b * n, c), previous.reshape(b * n, c))
+        return self.link(kernels, updated.reshape(b, n, c))
 
 
 class KernelAssociationHead(nn.Module):

@@ -233,9 +233,10 @@ class KNetBase(nn.Module):
         outputs = self.kernel_head(*self.pixel_decoder(features))
         return self.losses(outputs, features, batched_inputs, images)
 
-    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def predict(self, images: torch.Tensor, **head_inputs) -> dict[str, torch.Tensor]:
         """The network in eval mode: (B, 3, H, W) normalised, padded images -> the last stage's
-        float32 predictions (see the kernel head).
+        float32 predictions (see the kernel head); ``head_inputs``: the kernel head's keyword
+        arguments (Video K-Net's previous kernels).
 
         With ``amp_dtype`` the network runs under autocast in that dtype (post-processing is
         always float32)."""
@@ -243,7 +244,7 @@ class KNetBase(nn.Module):
             images.device.type, dtype=self.amp_dtype or torch.float32, enabled=bool(self.amp_dtype)
         ):
             features = self.backbone(images)
-            outputs = self.kernel_head(*self.pixel_decoder(features))
+            outputs = self.kernel_head(*self.pixel_decoder(features), **head_inputs)
         predictions = {k: v for k, v in outputs["stages"][-1].items() if v is not None}
         predictions.update({k: outputs[k] for k in self.extra_predictions})
         return {k: v.float() for k, v in predictions.items()}

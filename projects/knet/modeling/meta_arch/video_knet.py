@@ -10,7 +10,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import ImageList
 
 from ..criterion.association import association_losses, association_targets
-from ..kernel_head.video_heads import KernelAssociationHead, KernelLink
+from ..kernel_head.video_heads import KernelAssociationHead, KernelFusion, KernelLink
 from ..postprocessing import KNetPostProcessor, OutputGeometry, detectron2_outputs
 from ..postprocessing.base import resize_to_output
 from ..tracking import QuasiDenseTracker, masks_to_tracker_boxes
@@ -78,6 +78,9 @@ class VideoKNet(KNet):
         ret["postprocessor"] = KNetPostProcessor(
             cfg, num_thing_classes=k.NUM_THING_CLASSES, segment_kernels=True
         )
+        if v.KERNEL_FUSION:  # the last stage's input absorbs the previous frame's kernels
+            fusion = KernelFusion(channels, k.NHEADS, k.DIM_FEEDFORWARD)
+            ret["kernel_head"].stages[-1].fusion = fusion
         ret.update(
             kernel_link=KernelLink(channels, k.NHEADS, k.DIM_FEEDFORWARD)
             if v.LINK_PREVIOUS
@@ -105,12 +108,42 @@ class VideoKNet(KNet):
         )
         return ret
 
+    @property
+    def fuses_kernels(self) -> bool:
+        """Whether the network itself reads the previous frame's kernels (kernel fusion)."""
+        return self.kernel_head.stages[-1].fusion is not None
+
+    def forward(self, batched_inputs: list[dict]):
+        """Training: the losses of key/reference pairs. Inference: frames one at a time, in
+        order (each may read the previous one's kernels), as ``KNet`` returns them, with track
+        ids."""
+        if self.training:
+            return self.pair_losses(batched_inputs)
+        results = []
+        for x in batched_inputs:
+            self.frame = self.next_frame_index(x)  # a new video resets the memory first
+            results += super().forward([x])
+        return results
+
+    def predict(self, images: torch.Tensor, **head_inputs) -> dict[str, torch.Tensor]:
+        if self.fuses_kernels:
+            head_inputs.setdefault("previous", self.memory)
+        return super().predict(images, **head_inputs)
+
     # ------------------------------------------------------------------------ training
-    def losses(self, outputs: dict, features, batched_inputs, images: ImageList):
-        """Both frames' image losses and the association losses (see the class docstring)."""
+    def pair_losses(self, batched_inputs: list[dict]) -> dict[str, torch.Tensor]:
+        """Both frames' image losses and the association losses (see the class docstring). The
+        reference frame runs first: with kernel fusion, the key frame's last stage reads its
+        kernels."""
         references = [x["reference"] for x in batched_inputs]
-        ref_images = self.preprocess_image(references)
+        images, ref_images = (
+            self.preprocess_image(batched_inputs),
+            self.preprocess_image(references),
+        )
+        decoded = self.pixel_decoder(self.backbone(images.tensor))
         ref_outputs = self.kernel_head(*self.pixel_decoder(self.backbone(ref_images.tensor)))
+        previous = ref_outputs["kernels"] if self.fuses_kernels else None
+        outputs = self.kernel_head(*decoded, previous=previous)
         targets = self.frame_targets(outputs, batched_inputs, images)
         ref_targets = self.frame_targets(ref_outputs, references, ref_images)
         losses = self.criterion(outputs, targets)
@@ -163,6 +196,7 @@ class VideoKNet(KNet):
         """Start a new video: no previous kernels, an empty tracker."""
         self.memory: torch.Tensor | None = None
         self.stream: tuple | None = None  # (video_id, frame_index) of the last frame
+        self.frame = 0  # the frame index of the frame being inferred
         self.tracker.reset()
 
     def next_frame_index(self, inputs: dict) -> int:
@@ -177,18 +211,13 @@ class VideoKNet(KNet):
         return frame
 
     def inference(self, predictions: dict, batched_inputs, images: ImageList) -> list[dict]:
-        """Per frame, in order: the image outputs, thing segments with a "track_id"."""
-        results = []
-        for i, (x, geometry) in enumerate(
-            zip(batched_inputs, self.output_geometries(batched_inputs, images))
-        ):
-            outputs = self.postprocess(predictions, i, geometry)
-            result = detectron2_outputs(outputs)
-            if "panoptic_seg" in result:
-                frame = self.next_frame_index(x)
-                self.track(predictions, i, geometry, frame, result["panoptic_seg"])
-            results.append(result)
-        return results
+        """One frame (``forward`` runs them one at a time): the image outputs, thing segments
+        with a "track_id"."""
+        (geometry,) = self.output_geometries(batched_inputs, images)
+        result = detectron2_outputs(self.postprocess(predictions, 0, geometry))
+        if "panoptic_seg" in result:
+            self.track(predictions, 0, geometry, self.frame, result["panoptic_seg"])
+        return [result]
 
     def track(
         self,
