@@ -46,15 +46,21 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def _train(out: Path, *extra: str, prefix=()) -> subprocess.Popen:
+    """Start a run whose console goes to a file: the tests poll the run while it goes on, and
+    an unread pipe would block it once the configuration dump fills the pipe's buffer."""
     cmd = [sys.executable, *prefix, str(REPO / "train_net.py"), "--config-file", CONFIG, *extra]
     cmd += [*TINY, "OUTPUT_DIR", str(out)]
-    return subprocess.Popen(
-        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    out.mkdir(parents=True, exist_ok=True)
+    console = open(out.parent / f"{out.name}.{len(list(out.parent.glob('*.log')))}.log", "w")
+    process = subprocess.Popen(cmd, cwd=REPO, stdout=console, stderr=subprocess.STDOUT)
+    process.console = Path(console.name)
+    console.close()  # the child holds its own descriptor
+    return process
 
 
 def _finish(process: subprocess.Popen) -> str:
-    log, _ = process.communicate(timeout=600)
+    process.wait(timeout=600)
+    log = process.console.read_text()
     assert process.returncode == 0, log[-3000:]
     return log
 
@@ -99,7 +105,7 @@ def test_killed_runs_resume_to_the_uninterrupted_losses_and_weights(tmp_path, to
     #    that file is then damaged too, so resuming falls back to iteration 4 with a warning
     crashed = tmp_path / "killed_during_save"
     process = _train(crashed, prefix=("-c", KILL_DURING_SAVE, "model_0000014"))
-    process.communicate(timeout=600)
+    process.wait(timeout=600)
     assert process.returncode == -signal.SIGKILL
     assert (crashed / "last_checkpoint").read_text() == "model_0000009.pth"
     assert not (crashed / "model_0000014.pth").exists()  # only a temporary file was written

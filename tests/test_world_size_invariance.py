@@ -321,26 +321,24 @@ def _train(args: list[str], out: Path, copies: int = 1) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC"))}
     env = {k: v for k, v in env.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                *[a.replace("{i}", str(i)) for a in args],
-                *TRAIN,
-                "OUTPUT_DIR",
-                str(out),
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for i in range(copies)
-    ]
-    for proc in procs:
-        stdout, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stdout[-3000:]
+    # consoles go to files: a command's unread pipe would block it while we wait for another
+    out.mkdir(parents=True, exist_ok=True)
+    procs, logs = [], [out / f"console.{i}.log" for i in range(copies)]
+    for i, log in enumerate(logs):
+        command = [sys.executable, *[a.replace("{i}", str(i)) for a in args], *TRAIN]
+        with log.open("w") as console:
+            procs.append(
+                subprocess.Popen(
+                    [*command, "OUTPUT_DIR", str(out)],
+                    cwd=REPO,
+                    env=env,
+                    stdout=console,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    for proc, log in zip(procs, logs):
+        proc.wait(timeout=600)
+        assert proc.returncode == 0, log.read_text()[-3000:]
     return torch.load(out / "model_final.pth", weights_only=True)["model"]
 
 
