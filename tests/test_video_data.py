@@ -32,8 +32,15 @@ from knet.data.datasets import (
     register_video_dataset,
     require_toy_video_dataset,
 )
-from knet.data.datasets.video import LabelCodec, load_kitti_step_frames
-from knet.data.kinds import build_train_mapper, class_layout, dataset_classes, kind_of
+from knet.data.datasets.video import LabelCodec, clip_records, load_kitti_step_frames
+from knet.data.kinds import (
+    build_test_mapper,
+    build_train_mapper,
+    class_layout,
+    dataset_classes,
+    kind_of,
+)
+from knet.evaluation.video import YouTubeVISResultsWriter
 
 toy_video = load_script("tools/make_toy_video_dataset.py")
 
@@ -313,6 +320,76 @@ def test_ytvis_loader_and_mapper(tmp_path):
         expected[1:4, 1 + frame : 4 + frame] = True
         np.testing.assert_array_equal(inst.gt_masks[0].numpy(), expected)
         assert inst.gt_masks[1].sum() > 9  # the polygon, rasterised
+
+
+def test_clip_records_windows_and_whole_videos():
+    """Training clips: every frame's window f-2 .. f+2 when all 5 frames exist (the official
+    uniform sampler); inference: one clip per video, frames in order."""
+    frames = [
+        {"video_id": v, "frame_index": i, "dataset_video_id": n}
+        for v, n, length in (("a", 1, 7), ("b", 2, 4))
+        for i in range(length)
+    ]
+    clips = clip_records(frames, 5)
+    assert [(c["video_id"], [f["frame_index"] for f in c["frames"]]) for c in clips] == [
+        ("a", [0, 1, 2, 3, 4]),
+        ("a", [1, 2, 3, 4, 5]),
+        ("a", [2, 3, 4, 5, 6]),
+    ]  # video b has 4 frames: no full window
+    videos = clip_records(list(reversed(frames)))
+    assert [(c["video_id"], c["dataset_video_id"], len(c["frames"])) for c in videos] == [
+        ("b", 2, 4),
+        ("a", 1, 7),
+    ]
+    assert [f["frame_index"] for f in videos[1]["frames"]] == list(range(7))
+    assert clip_records(frames, 4)[0]["frames"][0]["frame_index"] == 0  # f-2 .. f+1
+
+
+def test_ytvis_clips_mapped_with_one_transform_and_written_as_results(tmp_path):
+    json_file = _ytvis_json(tmp_path)
+    kw = {"json_file": str(json_file), "image_root": str(tmp_path / "JPEGImages")}
+    train = _register("ytvis_clips", "ytvis", str(tmp_path), "train", clip_frames=3, **kw)
+    (clip,) = DatasetCatalog.get(train)  # video v7 has 3 frames, v3 one
+    assert MetadataCatalog.get(train).clip_frames == 3 and not MetadataCatalog.get(train).pairs
+    mapper = KNetVideoPanopticDatasetMapper(augmentations=[T.RandomFlip(1.0)], image_format="RGB")
+    out = mapper(clip)
+    assert out["video_id"] == "v7" and out["dataset_video_id"] == 7 and len(out["frames"]) == 3
+    for frame, o in enumerate(out["frames"]):
+        expected = np.zeros((8, 10), bool)
+        expected[1:4, 1 + frame : 4 + frame] = True
+        np.testing.assert_array_equal(o["instances"].gt_masks[0].numpy(), expected[:, ::-1])
+        assert o["instances"].gt_ids.tolist() == [11, 12]
+    for frame in clip["frames"]:
+        frame["annotations"] = []
+    assert mapper(clip) is None  # no object in any frame
+
+    val = _register("ytvis_videos", "ytvis", str(tmp_path), "valid", clip_frames=3, **kw)
+    videos = DatasetCatalog.get(val)
+    assert [(v["video_id"], len(v["frames"])) for v in videos] == [("v3", 1), ("v7", 3)]
+    cfg = get_cfg()
+    add_knet_config(cfg)
+    cfg.merge_from_list(["INPUT.MIN_SIZE_TEST", "16", "INPUT.MAX_SIZE_TEST", "100"])
+    inputs = build_test_mapper(cfg)(videos[1])
+    assert [f["image"].shape for f in inputs["frames"]] == [(3, 16, 20)] * 3
+    assert "annotations" not in inputs["frames"][0]
+
+    writer = YouTubeVISResultsWriter(val, str(tmp_path / "out"))
+    masks = torch.zeros(2, 3, 8, 10, dtype=torch.bool)
+    masks[0, 0, 1:3, 2:5] = masks[0, 2, 4:6, 0:2] = True  # absent from frame 1
+    masks[1, :, 5:8, 5:9] = True
+    outputs = {"pred_scores": torch.tensor([0.9, 0.4]), "pred_labels": torch.tensor([7, 0])}
+    writer.process([videos[1]], [outputs | {"pred_masks": masks}])
+    assert writer.evaluate() == {}
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [(r["video_id"], r["category_id"], r["score"]) for r in results] == [
+        (7, 8, pytest.approx(0.9)),
+        (7, 1, pytest.approx(0.4)),
+    ]
+    assert results[0]["segmentations"][1] is None
+    for result, tube in zip(results, masks):
+        for rle, mask in zip(result["segmentations"], tube):
+            if rle is not None:
+                np.testing.assert_array_equal(mask_util.decode(rle).astype(bool), mask.numpy())
 
 
 def test_ytvis_official_json(tmp_path):

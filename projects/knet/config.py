@@ -241,6 +241,11 @@ def add_knet_config(cfg: CN) -> None:
     # True: the official code's assignment of ids to segments (ids of the sorted, deduplicated
     # detections painted on the segments in their own order); False: each id on its segment
     cfg.MODEL.KNET.VIDEO.TRACKER.OFFICIAL_ID_ALIGNMENT = False
+    # clip-level video instance segmentation (VideoKNetClip, the official KNetTrack): the first
+    # CLIP_STAGES of the clip head update one kernel set for the whole clip (its class logits),
+    # the rest every frame's copy; a video's CLIP_TOPK best (kernel, class) pairs are its objects
+    cfg.MODEL.KNET.VIDEO.CLIP_STAGES = 2
+    cfg.MODEL.KNET.VIDEO.CLIP_TOPK = 10
 
     # ---------------------------------------------------------------- mixed-precision training
     # Autocast dtype of SOLVER.AMP.ENABLED (knet.engine.amp): "auto" (float16 on CUDA, bfloat16 on

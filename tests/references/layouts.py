@@ -136,6 +136,22 @@ def write_backbone(
     )
 
 
+def write_updator(w: Writer, prefix: str, u: int) -> None:
+    """One official ``KernelUpdator`` of width ``u`` (20 tensors)."""
+    for name, rows in (
+        ("dynamic_layer", 2 * u),
+        ("input_layer", 2 * u),
+        ("input_gate", u),
+        ("update_gate", u),
+        ("fc_layer", u),
+    ):
+        w.add(f"{prefix}.{name}.weight", rows, u)
+        w.add(f"{prefix}.{name}.bias", rows)
+    for name in ("norm_in", "norm_out", "input_norm_in", "input_norm_out", "fc_norm"):
+        w.add(f"{prefix}.{name}.weight", u)
+        w.add(f"{prefix}.{name}.bias", u)
+
+
 def write_update_stage(w: Writer, p: str, c: int, u: int, ffn_channels: int, num_classes: int):
     """One official ``KernelUpdateHead`` (44 tensors; 39 without cls_fcs/fc_cls when
     ``num_classes`` is 0): width ``c``, kernel updator width ``u``."""
@@ -145,19 +161,7 @@ def write_update_stage(w: Writer, p: str, c: int, u: int, ffn_channels: int, num
     w.add(f"{p}.attention.attn.out_proj.bias", c)
     w.add(f"{p}.attention_norm.weight", c)
     w.add(f"{p}.attention_norm.bias", c)
-    ku = f"{p}.kernel_update_conv"
-    for name, rows in (
-        ("dynamic_layer", 2 * u),
-        ("input_layer", 2 * u),
-        ("input_gate", u),
-        ("update_gate", u),
-        ("fc_layer", u),
-    ):
-        w.add(f"{ku}.{name}.weight", rows, u)
-        w.add(f"{ku}.{name}.bias", rows)
-    for name in ("norm_in", "norm_out", "input_norm_in", "input_norm_out", "fc_norm"):
-        w.add(f"{ku}.{name}.weight", u)
-        w.add(f"{ku}.{name}.bias", u)
+    write_updator(w, f"{p}.kernel_update_conv", u)
     w.add(f"{p}.feat_transform.conv.weight", c, c, 1, 1)
     w.add(f"{p}.feat_transform.conv.bias", c)
     w.add(f"{p}.ffn.layers.0.0.weight", ffn_channels, c)
@@ -265,19 +269,7 @@ def make_video_knet_state_dict(
             w.add(f"{p}.link_ffn_norm{suffix}.weight", c)
             w.add(f"{p}.link_ffn_norm{suffix}.bias", c)
         if fusion:
-            u = f"{p}.attention_previous_update_link"
-            for name, rows in (
-                ("dynamic_layer", 2 * c),
-                ("input_layer", 2 * c),
-                ("input_gate", c),
-                ("update_gate", c),
-                ("fc_layer", c),
-            ):
-                w.add(f"{u}.{name}.weight", rows, c)
-                w.add(f"{u}.{name}.bias", rows)
-            for name in ("norm_in", "norm_out", "input_norm_in", "input_norm_out", "fc_norm"):
-                w.add(f"{u}.{name}.weight", c)
-                w.add(f"{u}.{name}.bias", c)
+            write_updator(w, f"{p}.attention_previous_update_link", c)
     w.add("embed_fcs.0.weight", c, c)
     w.add("embed_fcs.1.weight", c)
     w.add("embed_fcs.1.bias", c)
@@ -288,6 +280,25 @@ def make_video_knet_state_dict(
         w.add(f"track_head.fcs.{i}.bias", c)
     w.add("track_head.fc_embed.weight", c, c)
     w.add("track_head.fc_embed.bias", c)
+    return {**sd, **w.sd}
+
+
+def make_knet_track_state_dict(
+    num_classes: int = 40, num_stages: int = 3, clip_stages: int = 2, seed: int = 0, **kwargs
+) -> dict[str, torch.Tensor]:
+    """An official clip-level Video K-Net for VIS (``KNetTrack``) ``state_dict`` with random
+    values: image K-Net's keys (:func:`make_official_state_dict` with ``kwargs``) and the clip
+    head's stages ``tracker.mask_head.{s}`` (the image stage layout; the stages from
+    ``clip_stages`` on without ``cls_fcs`` / ``fc_cls``: 39 tensors)."""
+    sd = make_official_state_dict(
+        num_classes=num_classes, num_stages=num_stages, seed=seed, **kwargs
+    )
+    c = sd["rpn_head.init_kernels.weight"].shape[1]
+    ffn_channels = sd["roi_head.mask_head.0.ffn.layers.0.0.weight"].shape[0]
+    w = Writer(seed + 2, False)
+    for s in range(num_stages):
+        classes = num_classes if s < clip_stages else 0
+        write_update_stage(w, f"tracker.mask_head.{s}", c, c, ffn_channels, classes)
     return {**sd, **w.sd}
 
 

@@ -114,3 +114,58 @@ def ref_hard_mined_l2(cosine: Tensor, targets: Tensor, ratio: int = 3, margin: f
         negatives = sorted(negatives, reverse=True)[: len(positives) * ratio]
     kept = positives + negatives
     return sum(kept) / len(kept)
+
+
+def ref_clip_stage(
+    state: dict[str, Tensor], stage: str, features: Tensor, kernels: Tensor, masks: Tensor
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """One official ``KernelUpdateHeadVideo`` stage of a clip with "mean" query merge, read from
+    the official keys under ``stage`` (e.g. ``tracker.mask_head.0.``): features (T, C, h, w),
+    kernels (N, C) shared by the T frames, masks (T, N, h, w) logits ->
+    (kernels (N, C), class logits (N, K) or None, masks (T, N, h, w)).
+
+    F = feat_transform(features) per frame; G = mean_t sum_hw [sigmoid(M_t) > 0.5] F_t;
+    K = KernelUpdator(G, K); K = LN(K + MHA(K)); K = LN(K + FFN(K)) (MMCV adds the identity in
+    both); logits = fc_cls(ReLU(LN(cls_fcs.0 K))); M_t = fc_mask(ReLU(LN(mask_fcs.0 K))) . F_t."""
+    p = sub(state, stage)
+    w = p["feat_transform.conv.weight"][:, :, 0, 0]
+    feats = (
+        torch.einsum("oc,tchw->tohw", w, features) + p["feat_transform.conv.bias"][:, None, None]
+    )
+    hard = (torch.sigmoid(masks) > 0.5).to(feats.dtype)
+    group = torch.einsum("tnhw,tchw->tnc", hard, feats).mean(0)
+    k = ref_updator(p, group, kernels, "kernel_update_conv.")
+    k = ref_layer_norm(k + ref_cross_attention(k, k, sub(p, "attention."), 8), p, "attention_norm")
+    hidden = torch.relu(ref_linear(k, p, "ffn.layers.0.0"))
+    k = ref_layer_norm(k + ref_linear(hidden, p, "ffn.layers.1"), p, "ffn_norm")
+
+    def fc_ln_relu(x: Tensor, branch: str) -> Tensor:
+        x = x @ p[f"{branch}.0.weight"].T  # no bias
+        return torch.relu(ref_layer_norm(x, p, f"{branch}.1"))
+
+    logits = ref_linear(fc_ln_relu(k, "cls_fcs"), p, "fc_cls") if "fc_cls.weight" in p else None
+    mask_kernels = ref_linear(fc_ln_relu(k, "mask_fcs"), p, "fc_mask")
+    return k, logits, torch.einsum("nc,tchw->tnhw", mask_kernels, feats)
+
+
+def ref_clip_head(
+    state: dict[str, Tensor], features: Tensor, kernels: Tensor, masks: Tensor, clip_stages: int = 2
+) -> tuple[Tensor, Tensor]:
+    """Official ``KernelFrameIterHeadVideo`` ("mean" merge) on one clip: features (T, C, h, w),
+    per-frame kernels (T, N, C) and masks (T, N, h, w) of the image head -> the last class
+    logits (N, K) and the last stage's masks (T, N, h, w), before upsampling. The kernels are
+    averaged over the frames; the stages from ``clip_stages`` on run on every frame alone with
+    its own copy of the kernels."""
+    num_stages = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("tracker.mask_head."))
+    k, logits = kernels.mean(0), None
+    for s in range(clip_stages):
+        k, logits, masks = ref_clip_stage(state, f"tracker.mask_head.{s}.", features, k, masks)
+    frame_kernels = [k] * len(features)
+    for s in range(clip_stages, num_stages):
+        outputs = [
+            ref_clip_stage(state, f"tracker.mask_head.{s}.", f[None], fk, m[None])
+            for f, fk, m in zip(features, frame_kernels, masks)
+        ]
+        frame_kernels = [o[0] for o in outputs]
+        masks = torch.cat([o[2] for o in outputs])
+    return logits, masks

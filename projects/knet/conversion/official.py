@@ -32,6 +32,7 @@ from ..checkpoint.safe_load import UnsafeCheckpointError, load_weights_file
 from .rules import (
     KNET_MMDET,
     KNET_MMSEG,
+    KNET_TRACK_MMDET,
     RESNET,
     SWIN_MICROSOFT,
     SWIN_MMDET,
@@ -52,7 +53,9 @@ DECODE_HEAD_SIGNATURES = (
 )
 COCO_TASKS = {133: "panoptic", 80: "instance"}
 VIDEO_TASK = "video panoptic"
-VIDEO_HEADS = r"^(kernel_link|association_head)\."  # VideoKNet's modules image K-Net lacks
+VIDEO_INSTANCE_TASK = "video instance"
+# the modules of VideoKNet / VideoKNetClip that image K-Net lacks
+VIDEO_HEADS = r"^(kernel_link|association_head|clip_head)\."
 # Model keys ImageNet weights do not provide: zero-initialised DCN offsets, Swin output norms.
 NOT_IN_IMAGENET_WEIGHTS = r"(\.conv2_offset\.|^norm\d\.)"
 
@@ -65,7 +68,7 @@ class UnsupportedCheckpointError(ValueError):
 class CheckpointInfo:
     """Architecture of a checkpoint, read from its keys and shapes."""
 
-    task: str  # "panoptic" | "instance" | "semantic" | "video panoptic" | "" (a backbone)
+    task: str  # "panoptic" | "instance" | "semantic" | "video panoptic" | "video instance" | ""
     backbone: str  # "R-50", "R-101-DCN", "R-50-V1c", "Swin-T", "Swin-L", ...
     decode_head: str = ""  # semantic: "upernet" | "fcn" | "psp" | "aspp"
     channels: int = 0  # kernel width
@@ -183,6 +186,8 @@ def describe_official_knet_state_dict(checkpoint: Mapping[str, Any]) -> Checkpoi
         task, decode_head = COCO_TASKS.get(num_classes, "instance/panoptic"), ""
         if any(k.startswith(("embed_fcs.", "track_head.")) for k in sd):
             task = VIDEO_TASK
+        elif any(k.startswith("tracker.mask_head.") for k in sd):
+            task = VIDEO_INSTANCE_TASK
         channels = sd["rpn_head.init_kernels.weight"].shape[1]
         stages = _count(sd, r"^roi_head\.mask_head\.(\d+)\.")
     else:
@@ -214,11 +219,13 @@ def convert_official_knet_state_dict(
         layout = KNET_MMSEG(backbone_rules)
     elif info.task == VIDEO_TASK:
         layout = VIDEO_KNET_MMDET(backbone_rules, info.num_stages)
+    elif info.task == VIDEO_INSTANCE_TASK:
+        layout = KNET_TRACK_MMDET(backbone_rules)
     else:
         layout = KNET_MMDET(backbone_rules)
     converted, origin = rename_state_dict(sd, layout)
     # an image checkpoint initialises a video model: its video heads keep their initial values
-    may_miss = VIDEO_HEADS if info.task != VIDEO_TASK else None
+    may_miss = VIDEO_HEADS if info.task not in (VIDEO_TASK, VIDEO_INSTANCE_TASK) else None
     what = f"the checkpoint ({info.summary()})"
     check_against_model(converted, origin, model_shapes, what, may_miss)
     return converted

@@ -242,6 +242,16 @@ def VIDEO_KNET_MMDET(  # noqa: N802
     )
 
 
+def KNET_TRACK_MMDET(backbone: tuple[Rule, ...]) -> tuple[Section, ...]:  # noqa: N802
+    """Official clip-level Video K-Net for VIS (``KNetTrack``): image K-Net's keys and the clip
+    head's stages (``tracker.mask_head.*``, the image stages' layout; the per-frame stages
+    without the class branch)."""
+    return (
+        *KNET_MMDET(backbone),
+        Section("tracker.mask_head.", "clip_head.stages.", UPDATE_STAGE),
+    )
+
+
 def KNET_MMSEG(backbone: tuple[Rule, ...]) -> tuple[Section, ...]:  # noqa: N802
     """MMSeg / official semantic K-Net with the given backbone rules."""
     return (

@@ -151,7 +151,7 @@ DATASET_KINDS: dict[str, DatasetKind] = {
     "semantic": DatasetKind(
         "sem_seg", KNetSemanticDatasetMapper, "SemanticKNet", ("semantic",), _semantic_classes
     ),
-    # key/reference frame pairs (knet.data.datasets.video); one mapper reads both video kinds
+    # key/reference frame pairs and clips (knet.data.datasets.video); one mapper reads both kinds
     "video_panoptic": DatasetKind(
         "video_panoptic",
         KNetVideoPanopticDatasetMapper,
@@ -163,7 +163,7 @@ DATASET_KINDS: dict[str, DatasetKind] = {
     "video_instance": DatasetKind(
         "ytvis",
         KNetVideoPanopticDatasetMapper,
-        "VideoKNet",
+        "VideoKNetClip",
         ("instance",),
         _video_classes("video_instance", _instance_classes),
         layout="instance",

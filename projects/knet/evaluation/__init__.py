@@ -58,6 +58,11 @@ class Output:
 
 
 def _coco_segm(name: str, folder: str) -> DatasetEvaluator:
+    """Mask AP of images; the YouTube-VIS results file of videos."""
+    if kind_of(name) == "video_instance":
+        from .video import YouTubeVISResultsWriter
+
+        return YouTubeVISResultsWriter(name, folder)
     # use_fast_impl=False: the fast evaluator needs Detectron2's compiled extension.
     return COCOEvaluator(name, tasks=("segm",), output_dir=folder, use_fast_impl=False)
 
@@ -77,11 +82,16 @@ def _check_panoptic(dataset_name: str, metadata, records, mode: str) -> str:
     return ground_truth.check_panoptic(dataset_name, metadata, records, mode)
 
 
+def _check_instances(dataset_name: str, metadata, records, mode: str) -> str:
+    if kind_of(dataset_name) == "video_instance":  # no ground truth is read: the records load
+        records()
+        return "the YouTube-VIS json"
+    return ground_truth.check_instances(dataset_name, metadata, records, mode)
+
+
 OUTPUTS: dict[str, Output] = {
     "panoptic": Output("PANOPTIC_ON", "panoptic_seg", None, _panoptic, _check_panoptic),
-    "instance": Output(
-        "INSTANCE_ON", "instances", "json_file", _coco_segm, ground_truth.check_instances
-    ),
+    "instance": Output("INSTANCE_ON", "instances", "json_file", _coco_segm, _check_instances),
     "semantic": Output(
         "SEMANTIC_ON",
         "sem_seg",

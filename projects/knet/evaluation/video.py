@@ -702,3 +702,65 @@ class VideoPanopticEvaluator(DatasetEvaluator):
             with PathManager.open(path, "w") as f:
                 json.dump({"metrics": res, "per_sequence": per_sequence}, f, indent=1)
         return {"video_panoptic_seg": res}
+
+
+class YouTubeVISResultsWriter(DatasetEvaluator):
+    """Writes a clip-level model's video outputs (``VideoKNetClip``: one output per video with
+    "pred_scores", "pred_labels", "pred_masks" (k, T, H, W)) as the YouTube-VIS results file,
+    ``output_dir/results.json``: ``[{"video_id", "category_id", "score", "segmentations": [RLE
+    per frame, None where the mask is empty]}]`` with the json's video and category ids.
+
+    The YouTube-VIS validation labels are not public: mask AP comes from the benchmark server
+    (zip ``results.json`` and upload it), so ``evaluate`` returns no numbers.
+    """
+
+    def __init__(self, dataset_name: str, output_dir: str | None = None) -> None:
+        metadata = MetadataCatalog.get(dataset_name)
+        contiguous = metadata.thing_dataset_id_to_contiguous_id
+        self._dataset_ids = {v: int(k) for k, v in contiguous.items()}
+        self._dataset_name = dataset_name
+        self._output_dir = output_dir
+        self.reset()
+
+    def reset(self) -> None:
+        self._results: list[dict] = []
+
+    def process(self, inputs: list[dict], outputs: list[dict]) -> None:
+        import pycocotools.mask as mask_util
+
+        for clip, output in zip(inputs, outputs):
+            masks = output["pred_masks"].cpu().numpy()
+            for score, label, tube in zip(
+                output["pred_scores"].tolist(), output["pred_labels"].tolist(), masks
+            ):
+                rles = mask_util.encode(np.asfortranarray(tube.transpose(1, 2, 0).astype(np.uint8)))
+                segmentations = [
+                    {"size": r["size"], "counts": r["counts"].decode()} if m.any() else None
+                    for r, m in zip(rles, tube)
+                ]
+                self._results.append(
+                    {
+                        "video_id": clip.get("dataset_video_id", clip["video_id"]),
+                        "category_id": self._dataset_ids[int(label)],
+                        "score": float(score),
+                        "segmentations": segmentations,
+                    }
+                )
+
+    def evaluate(self) -> dict:
+        results = [r for part in comm.gather(self._results) for r in part]
+        if not comm.is_main_process():
+            return {}
+        if self._output_dir:
+            PathManager.mkdirs(self._output_dir)
+            path = os.path.join(self._output_dir, "results.json")
+            with PathManager.open(path, "w") as f:
+                json.dump(results, f)
+            logger.info(
+                "%d objects of %r written to %s: zip it and upload it to the YouTube-VIS server "
+                "for mask AP",
+                len(results),
+                self._dataset_name,
+                path,
+            )
+        return {}

@@ -27,6 +27,7 @@ class KNetTestDatasetMapper(KNetDatasetMapperBase):
 
     The image tensor of ``DatasetMapper(cfg, is_train=False)``, read as in training (a corrupt
     file raises). Label maps are not read: the evaluators read the ground truth themselves.
+    A clip record (``"frames"``, a whole video) gives its keys and every frame mapped so.
     """
 
     @configurable
@@ -42,6 +43,9 @@ class KNetTestDatasetMapper(KNetDatasetMapperBase):
         return super().from_config(cfg, is_train=False)
 
     def __call__(self, dataset_dict: dict[str, Any]) -> dict[str, Any]:
+        if "frames" in dataset_dict:
+            clip = {k: v for k, v in dataset_dict.items() if k != "frames"}
+            return clip | {"frames": [self(f) for f in dataset_dict["frames"]]}
         dataset_dict = copy.deepcopy(dataset_dict)
         # resized as it is decoded: a large image never becomes a full-size array
         dataset_dict["image"] = image_to_tensor(self.read_augmented(dataset_dict).image)
@@ -62,6 +66,9 @@ class KNetInstanceDatasetMapper(KNetDatasetMapperBase):
     """
 
     def __call__(self, dataset_dict: dict[str, Any]) -> dict[str, Any]:
+        if "frames" in dataset_dict:
+            clip = {k: v for k, v in dataset_dict.items() if k != "frames"}
+            return clip | {"frames": [self(f) for f in dataset_dict["frames"]]}
         dataset_dict = copy.deepcopy(dataset_dict)
         # resized as it is decoded; polygons are transformed as coordinates and rasterised at
         # the augmented size (an RLE is decoded one annotation at a time, then resized)

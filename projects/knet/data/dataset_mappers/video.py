@@ -25,7 +25,7 @@ from .common import (
 )
 
 # record keys the mapper consumes (not copied to its output)
-_LABEL_KEYS = ("label_file_name", "label_format", "annotations", "reference")
+_LABEL_KEYS = ("label_file_name", "label_format", "annotations", "reference", "frames")
 
 
 def build_video_augmentations(cfg: CfgNode) -> list[T.Augmentation]:
@@ -72,6 +72,10 @@ class KNetVideoPanopticDatasetMapper(KNetDatasetMapperBase):
 
     Records with ``annotations`` (YouTube-VIS: RLE or polygons, contiguous ``category_id``,
     ``instance_id``) give ``instances`` and no ``sem_seg``; crowd annotations are left out.
+
+    Clip records (``"frames"``, ``knet.data.datasets.video.clip_records``) give the clip's keys
+    and ``"frames"``: every frame as above (without "reference"), one transform sampled on the
+    first frame; None when no frame has an instance.
     """
 
     @configurable
@@ -110,6 +114,8 @@ class KNetVideoPanopticDatasetMapper(KNetDatasetMapperBase):
         }
 
     def __call__(self, dataset_dict: dict[str, Any]) -> dict[str, Any] | None:
+        if "frames" in dataset_dict:
+            return self._clip(dataset_dict)
         if "reference" not in dataset_dict:
             raise ValueError(
                 f"{dataset_dict.get('file_name')}: not a key/reference pair record (no "
@@ -127,6 +133,15 @@ class KNetVideoPanopticDatasetMapper(KNetDatasetMapperBase):
                 return None
         key["reference"] = reference
         return key
+
+    def _clip(self, clip: dict[str, Any]) -> dict[str, Any] | None:
+        first, transforms, num_leading, size = self._read(clip["frames"][0])
+        frames = [first] + [
+            self._read(f, transforms, num_leading, size)[0] for f in clip["frames"][1:]
+        ]
+        if not any(len(f["instances"]) for f in frames):
+            return None
+        return {k: v for k, v in clip.items() if k != "frames"} | {"frames": frames}
 
     def _read(
         self,

@@ -6,13 +6,16 @@ A video dataset's records are per-frame dicts, sorted by video then frame::
     {"file_name", "image_id" (int, unique), "video_id" (str), "frame_index" (int, 0-based
      position in its video), "height", "width", "dataset_name",
      panoptic formats: "label_file_name", "label_format" ("kitti_step" | "vipseg"),
-     "ytvis": "annotations" [{"category_id" (contiguous), "instance_id", "segmentation" (RLE or
-         polygons), "bbox", "bbox_mode", "iscrowd"}]}
+     "ytvis": "dataset_video_id" (the json's video id), "annotations" [{"category_id"
+         (contiguous), "instance_id", "segmentation" (RLE or polygons), "bbox", "bbox_mode",
+         "iscrowd"}]}
 
 Training splits (``pairs=True``) return *pair* records instead: a key frame's record plus
 ``"reference"``, the record of the frame at an offset drawn once per load
-(:func:`pair_with_references`). :func:`read_panoptic_frame` reads a frame's ground truth at its
-original size (for the evaluators); the training mapper is
+(:func:`pair_with_references`). With ``clip_frames`` (the clip-level VIS model), records are
+*clips*: ``"frames"``, a list of frame records (:func:`clip_records`).
+:func:`read_panoptic_frame` reads a frame's ground truth at its original size (for the
+evaluators); the training mapper is
 ``knet.data.dataset_mappers.KNetVideoPanopticDatasetMapper``.
 
 Panoptic label encodings (decoded by :func:`split_label`):
@@ -48,6 +51,7 @@ logger = logging.getLogger(__name__)
 VIDEO_FORMATS = ("kitti_step", "vipseg", "ytvis")
 PANOPTIC_FORMATS = ("kitti_step", "vipseg")
 REFERENCE_OFFSETS = (-2, -1, 1, 2)  # official: one drawn per key frame, once per run
+YTVIS_CLIP_FRAMES = 5  # official VIS training clips: frames f-2 .. f+2
 VOID = 255  # ignore label of semantic maps
 # frame numbers below this: image_id = video number * FRAME_ID_RANGE + frame (the official
 # ``img_id``, whose value mod 10000 is the frame)
@@ -450,6 +454,7 @@ def load_ytvis_json(
             raise ValueError(f"{json_file} has no {key!r} list: not a CocoVID-style json")
     id_map = {int(k): v for k, v in metadata["thing_dataset_id_to_contiguous_id"].items()}
     video_names = {int(v["id"]): str(v.get("name", v["id"])) for v in data["videos"]}
+    sizes = {int(im["id"]): (int(im["height"]), int(im["width"])) for im in data["images"]}
     annotations: dict[int, list[dict]] = {}
     for ann in data.get("annotations", []):
         if int(ann["category_id"]) not in id_map:
@@ -464,8 +469,13 @@ def load_ytvis_json(
             "segmentation": segmentation,
             "iscrowd": int(ann.get("iscrowd", 0)),
         }
-        if "bbox" in ann:
-            obj.update(bbox=ann["bbox"], bbox_mode=BoxMode.XYWH_ABS)
+        bbox = ann.get("bbox")
+        if bbox is None:  # optional in the json: the box of the mask
+            rle = segmentation
+            if not isinstance(segmentation, dict):
+                rle = mask_util.merge(mask_util.frPyObjects(segmentation, *sizes[ann["image_id"]]))
+            bbox = mask_util.toBbox(rle).tolist()
+        obj.update(bbox=bbox, bbox_mode=BoxMode.XYWH_ABS)
         annotations.setdefault(int(ann["image_id"]), []).append(obj)
     has_annotations = "annotations" in data
     images = sorted(data["images"], key=lambda im: (int(im["video_id"]), int(im["frame_id"])))
@@ -478,6 +488,7 @@ def load_ytvis_json(
             "file_name": os.path.join(image_root, im["file_name"]),
             "image_id": int(im["id"]),
             "video_id": video_names.get(video, str(video)),
+            "dataset_video_id": video,  # the json's id (results files name videos by it)
             "frame_index": position,
             "height": int(im["height"]),
             "width": int(im["width"]),
@@ -544,6 +555,39 @@ def pair_with_references(
     return pairs
 
 
+def clip_records(frames: Sequence[Mapping[str, Any]], length: int = 0) -> list[dict[str, Any]]:
+    """Clip records: ``{"video_id", "frame_index" (the clip's first frame), "frames": [frame
+    records in order]}``, plus the first frame's "height", "width" and "dataset_video_id"
+    where it has them.
+
+    ``length`` > 0 (training, the official uniform sampler): for every frame f, the frames
+    f - length // 2 ... f + (length - 1) // 2 of its video, kept only when all of them exist;
+    0: one clip per whole video (inference).
+    """
+    videos: dict[Any, list[Mapping[str, Any]]] = {}
+    for frame in frames:
+        videos.setdefault(frame["video_id"], []).append(frame)
+    clips = []
+    for video, video_frames in videos.items():
+        by_index = {f["frame_index"]: f for f in video_frames}
+        if length > 0:
+            windows = [
+                [by_index.get(f + d) for d in range(-(length // 2), (length + 1) // 2)]
+                for f in sorted(by_index)
+            ]
+            windows = [w for w in windows if all(x is not None for x in w)]
+        else:
+            windows = [[by_index[f] for f in sorted(by_index)]]
+        for window in windows:
+            clip = {"video_id": video, "frame_index": window[0]["frame_index"]}
+            # the frames' size (Detectron2's aspect-ratio grouping reads it) and json video id
+            for key in ("height", "width", "dataset_video_id"):
+                if key in window[0]:
+                    clip[key] = window[0][key]
+            clips.append(clip | {"frames": [dict(f) for f in window]})
+    return clips
+
+
 # ----------------------------------------------------------------------------- registration
 def _split_paths(format: str, root: str, split: str) -> dict[str, str]:
     """The files of ``split`` of a dataset in the official layout under ``root``."""
@@ -574,6 +618,7 @@ def register_video_dataset(
     json_file: str | None = None,
     image_root: str | None = None,
     check: Callable[[], Any] | None = None,
+    clip_frames: int = 0,
 ) -> None:
     """Register a video dataset in its official layout (reads no file).
 
@@ -587,6 +632,9 @@ def register_video_dataset(
         categories: the classes (``id`` = class value in the labels, ``name``, ``isthing``,
             ``color``); default KITTI-STEP's 19 / VIPSeg's 124 / the json's (YouTube-VIS).
         check: called before loading (e.g. a check that generated data exist).
+        clip_frames: > 0: clip records (:func:`clip_records`, the clip-level VIS model):
+            windows of this many frames for a training split, whole videos otherwise; ``pairs``
+            is then ignored.
     """
     if format not in VIDEO_FORMATS:
         raise ValueError(f"Unknown video dataset format {format!r}; valid: {VIDEO_FORMATS}")
@@ -613,6 +661,10 @@ def register_video_dataset(
             frames = load_vipseg_frames(root, split, name)
         else:
             frames = load_ytvis_json(paths["json_file"], paths["image_root"], metadata, name)
+        if clip_frames > 0:
+            clips = clip_records(frames, clip_frames if pairs else 0)
+            logger.info(f"{name}: {len(clips)} clips of {len(frames)} frames")
+            return clips
         if pairs:
             kept = pair_with_references(frames, offsets, seed)
             logger.info(f"{name}: {len(kept)} key/reference pairs of {len(frames)} frames")
@@ -621,7 +673,13 @@ def register_video_dataset(
 
     DatasetCatalog.register(name, load)
     MetadataCatalog.get(name).set(
-        **paths, **metadata, dataset_root=root, split=split, video_format=format, pairs=pairs
+        **paths,
+        **metadata,
+        dataset_root=root,
+        split=split,
+        video_format=format,
+        pairs=pairs and not clip_frames,
+        clip_frames=clip_frames,
     )
 
 
@@ -681,7 +739,7 @@ def register_builtin_video(root: str) -> None:
             "ytvis",
             os.path.join(root, "youtube_vis_2019"),
             ytvis_split,
-            pairs=split == "train",
+            clip_frames=YTVIS_CLIP_FRAMES,  # the clip-level model of the official VIS recipe
         )
         register_video_dataset(
             f"knet_toy_video_{split}",

@@ -251,18 +251,48 @@ class KNetCriterion(nn.Module):
         weights[p + stuff, t + stuff] = 1
         return weights
 
-    def stage_losses(self, stage, prev_masks, prev_cls, targets, prefix: str, prev_name: str):
+    def assigned_losses(self, stage, assignments, targets, prefix: str) -> dict[str, torch.Tensor]:
+        """The losses of one stage's {"mask_logits", "cls_logits" (None: no class loss)} given
+        its kernels' ``assignments`` (:meth:`match`)."""
         mask_logits, cls_logits = stage["mask_logits"], stage["cls_logits"]
-        b, n, k = cls_logits.shape
-        assignments = self.match(prev_masks, prev_cls, targets, prev_name)
+        b, n = mask_logits.shape[:2]
         labels, positive, pos_masks = self.kernel_targets(assignments, targets, n)
-        num_pos = self.global_avg_factor(positive.sum())
-        if num_pos is None:  # official: the mean over workers, clamped
-            num_pos = all_reduce_mean(positive.sum().float()).clamp(min=1.0)
-        weights = self.label_weights(n, cls_logits.device).repeat(b, 1)
-        cls_loss = self.focal_loss(cls_logits.reshape(b * n, k), labels.flatten(), weights, num_pos)
-        losses = {f"{prefix}loss_cls": self.weight_dict["cls"] * cls_loss}
+        losses = {}
+        if cls_logits is not None:
+            num_pos = self.global_avg_factor(positive.sum())
+            if num_pos is None:  # official: the mean over workers, clamped
+                num_pos = all_reduce_mean(positive.sum().float()).clamp(min=1.0)
+            k = cls_logits.shape[-1]
+            weights = self.label_weights(n, cls_logits.device).repeat(b, 1)
+            cls_loss = self.focal_loss(
+                cls_logits.reshape(b * n, k), labels.flatten(), weights, num_pos
+            )
+            losses[f"{prefix}loss_cls"] = self.weight_dict["cls"] * cls_loss
         losses.update(self.mask_losses(mask_logits, positive, pos_masks, prefix))
+        return losses
+
+    def tube_losses(
+        self, stages: list[dict], targets: list[dict], num_matched_stages: int
+    ) -> dict[str, torch.Tensor]:
+        """The losses ``tracker_s{s}_loss_*`` of Video K-Net's clip head: a clip's T frames are
+        stacked into one tall image, predictions (B, T, N, h, w) -> (B, N, T h, w) and targets
+        {"labels": (G,), "masks": (G, T h, w)} (one tube per object, zero where it is absent),
+        and matched as images are. Unlike the image stages, stage s < ``num_matched_stages``
+        is matched on its own (detached) predictions; later stages reuse the last assignment."""
+        stages = at_least_fp32(stages)
+        check_finite(("output", named_tensors({"clip_stages": stages})))
+        losses, assignments = {}, None
+        with torch.autocast(device_type=stages[0]["mask_logits"].device.type, enabled=False):
+            for s, stage in enumerate(stages):
+                tubes = stage["mask_logits"].permute(0, 2, 1, 3, 4).flatten(2, 3)
+                tall = {"mask_logits": tubes, "cls_logits": stage["cls_logits"]}
+                if s < num_matched_stages:
+                    name = f"clip_stages[{s}]"
+                    assignments = self.match(tubes, stage["cls_logits"], targets, name)
+                stage_losses = self.assigned_losses(tall, assignments, targets, f"tracker_s{s}_")
+                weight = self.stage_loss_weights[s]
+                losses.update({k: v * weight for k, v in stage_losses.items()})
+        check_finite(("loss term", losses.items()))
         return losses
 
     def forward(
@@ -286,9 +316,8 @@ class KNetCriterion(nn.Module):
             losses = self.initial_losses(outputs["init"], targets)
             prev_masks, prev_cls, prev_name = outputs["init"]["mask_logits"], None, "init"
             for s, stage in enumerate(outputs["stages"]):
-                stage_losses = self.stage_losses(
-                    stage, prev_masks, prev_cls, targets, f"s{s}_", prev_name
-                )
+                assignments = self.match(prev_masks, prev_cls, targets, prev_name)
+                stage_losses = self.assigned_losses(stage, assignments, targets, f"s{s}_")
                 weight = self.stage_loss_weights[s]
                 losses.update({k: v * weight for k, v in stage_losses.items()})
                 prev_masks, prev_cls = stage["mask_logits"], stage["cls_logits"]

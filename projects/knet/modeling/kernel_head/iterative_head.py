@@ -89,6 +89,9 @@ class KNetIterativeKernelHead(nn.Module):
               "stages": list of {"cls_logits": (B, N, K), "mask_logits": (B, N, 2h, 2w)}, one
                   per stage in training, only the last one in eval. N = P (+ stuff kernels),
               "kernels": (B, N, C) the last stage's kernels (what Video K-Net links and embeds),
+              "kernel_masks": (B, N, h, w) the last stage's mask logits before upsampling and
+              "features": (B, C, h, w) the shared feature the stages read (the input of Video
+                  K-Net's clip head),
               "seg_logits": (B, K, h, w) the initial head's semantic logits.
         """
         up = self.mask_upsample_stride
@@ -98,12 +101,16 @@ class KNetIterativeKernelHead(nn.Module):
         stages = []
         for i, stage in enumerate(self.stages):
             last = i == len(self.stages) - 1
-            kernels, masks, cls_logits = stage(features, kernels, masks, previous if last else None)
+            kernels, masks, cls_logits = stage(
+                features, kernels, masks, previous=previous if last else None
+            )
             if self.training or i == len(self.stages) - 1:
                 stages.append({"cls_logits": cls_logits, "mask_logits": upsample(masks, up)})
         out = {
             "stages": stages if self.training else stages[-1:],
             "kernels": kernels,
+            "kernel_masks": masks,
+            "features": features,
             "seg_logits": init["seg_logits"],
         }
         if self.training:

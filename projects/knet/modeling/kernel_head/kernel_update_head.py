@@ -38,6 +38,10 @@ class KernelUpdateHead(nn.Module):
 
     ``fusion`` (None; Video K-Net's kernel fusion sets it on the last stage): given the previous
     frame's kernels, K is first replaced by ``fusion(G, K, K_previous)``.
+
+    Clip mode (Video K-Net's clip-level VIS head, "mean" query merge): F (B, T, C, h, w) and M
+    (B, T, N, h, w) for T frames share one kernel set K (B, N, C): G is the mean over the frames
+    of the per-frame G, logits are per clip and M'[b, t] = einsum(fc_mask(mask_fcs(K')), F'[b, t]).
     """
 
     def __init__(
@@ -120,15 +124,20 @@ class KernelUpdateHead(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """
         Args:
-            features: (B, C, h, w) the shared kernel-head feature F (same at every stage).
+            features: (B, C, h, w) the shared kernel-head feature F (same at every stage), or
+                (B, T, C, h, w) in clip mode.
             kernels: (B, N, C) kernels of the previous stage.
-            mask_logits: (B, N, h, w) mask logits of the previous stage.
+            mask_logits: (B, N, h, w) mask logits of the previous stage ((B, T, N, h, w)).
             previous: (B, N, C) the previous frame's last-stage kernels, for ``fusion``.
 
         Returns:
-            kernels (B, N, C), mask_logits (B, N, h, w), cls_logits (B, N, num_classes) or None.
+            kernels (B, N, C), mask_logits (B, N, h, w) ((B, T, N, h, w) in clip mode),
+            cls_logits (B, N, num_classes) or None.
         """
         b, n, c = kernels.shape
+        clip = features.shape[:-3] if features.dim() == 5 else None  # (B, T)
+        if clip is not None:
+            features, mask_logits = features.flatten(0, 1), mask_logits.flatten(0, 1)
         feats = self.feat_transform(features)
         # Group features can reach ~1e4 (sums over many pixels): accumulate in >= fp32.
         acc = torch.promote_types(feats.dtype, torch.float32)
@@ -136,6 +145,8 @@ class KernelUpdateHead(nn.Module):
             group_feats = torch.einsum(
                 "bnhw,bchw->bnc", self.group_weights(mask_logits.to(acc)), feats.to(acc)
             ).to(kernels.dtype)
+        if clip is not None:
+            group_feats = group_feats.unflatten(0, clip).mean(1)
         if self.fusion is not None and previous is not None:
             kernels = self.fusion(group_feats, kernels, previous)
         chunks = c // self.updator_channels
@@ -150,6 +161,9 @@ class KernelUpdateHead(nn.Module):
 
         cls_logits = self.fc_cls(self.cls_fcs(kernels)) if self.num_classes > 0 else None
         mask_kernels = self.fc_mask(self.mask_fcs(kernels))
+        if clip is not None:
+            feats = feats.unflatten(0, clip)
+            return kernels, torch.einsum("bnc,btchw->btnhw", mask_kernels, feats), cls_logits
         new_masks = torch.einsum("bnc,bchw->bnhw", mask_kernels, feats)
         return kernels, new_masks, cls_logits
 

@@ -17,6 +17,17 @@ from ..tracking import QuasiDenseTracker, masks_to_tracker_boxes
 from .knet import KNet
 
 
+def require_object_ids(frames: list[dict], model: str, how: str) -> None:
+    """Raise a ValueError naming ``how`` to get them unless every training frame's instances
+    have ``gt_ids`` (the object each mask shows)."""
+    for x in frames:
+        if not x["instances"].has("gt_ids"):
+            raise ValueError(
+                f"{model} needs instances.gt_ids (the object of each mask) in its training "
+                f"inputs; {x.get('file_name', 'an input')} has none: use the video mapper ({how})"
+            )
+
+
 @META_ARCH_REGISTRY.register()
 class VideoKNet(KNet):
     """K-Net on video frames: the image model's outputs, plus a track id per thing segment.
@@ -170,13 +181,9 @@ class VideoKNet(KNet):
         return losses
 
     def frame_targets(self, outputs: dict, batched_inputs, images: ImageList) -> list[dict]:
-        for x in batched_inputs:
-            if not x["instances"].has("gt_ids"):
-                raise ValueError(
-                    f"VideoKNet needs instances.gt_ids (the object of each mask) in its training "
-                    f"inputs; {x.get('file_name', 'an input')} has none: use the video mapper "
-                    "(INPUT.DATASET_MAPPER_NAME 'knet_video_panoptic')"
-                )
+        require_object_ids(
+            batched_inputs, "VideoKNet", "INPUT.DATASET_MAPPER_NAME 'knet_video_panoptic'"
+        )
         mask_size = outputs["init"]["mask_logits"].shape[-2:]
         return self.prepare_targets(batched_inputs, images.tensor.shape[-2:], mask_size)
 
