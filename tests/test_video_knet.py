@@ -21,6 +21,7 @@ from references.layouts import (
 )
 from references.video_knet import (
     ref_association_embedding,
+    ref_group_features,
     ref_hard_mined_l2,
     ref_kernel_fusion,
     ref_kernel_link,
@@ -117,6 +118,43 @@ def test_converted_kernel_fusion_equals_the_official_forward():
     state = {k: v.double() for k, v in official.items()}
     expected = ref_kernel_fusion(state, "roi_head.mask_head.2.", group[0], kernels[0], previous[0])
     assert ((fused - expected).abs().max() / expected.abs().max()) < 1e-10
+
+
+def test_converted_update_link_equals_the_official_forward():
+    """The "update" tracking link of the Swin configs (``*_track`` modules): the previous
+    kernels updated with the last stage's group features (its input masks, its feat_transform),
+    then linked; equal to the official computation from the official keys, in training (the
+    reference frame's kernels) and at inference (the memory)."""
+    official = make_video_knet_state_dict(
+        num_classes=19, link_ffn_channels=64, link_type="update", **SMALL
+    )
+    cfg = video_cfg("MODEL.KNET.VIDEO.LINK_TYPE", "update")
+    converted = convert_official_knet_state_dict(official, model_state_shapes(cfg))
+    assert len([k for k in converted if k.startswith("kernel_link.")]) == 20 + 12
+    model = build_model(cfg).double().eval()
+    model.load_state_dict({k: v.double() for k, v in converted.items()})
+    g = torch.Generator().manual_seed(0)
+    kernels, previous = (torch.randn(1, 27, 32, generator=g, dtype=torch.float64) for _ in "kp")
+    features = torch.randn(1, 32, 5, 6, generator=g, dtype=torch.float64)
+    masks = torch.randn(1, 27, 5, 6, generator=g, dtype=torch.float64)
+    outputs = {"kernels": kernels, "features": features, "last_input_masks": masks}
+    with torch.no_grad():
+        linked = model.track_kernels(outputs, previous)[0]
+    state = {k: v.double() for k, v in official.items()}
+    stage = "roi_head.mask_head.2."
+    group = ref_group_features(state, stage, features[0], masks[0])
+    expected = ref_kernel_fusion(state, stage, group, kernels[0], previous[0], suffix="_track")
+    assert ((linked - expected).abs().max() / expected.abs().max()) < 1e-10
+    assert "last_input_masks" in model.extra_predictions  # inference keeps what it reads
+    torch.manual_seed(0)
+    video = build_model(video_cfg("MODEL.KNET.VIDEO.LINK_TYPE", "update", *EVAL_OPTS)).eval()
+    with torch.no_grad():
+        outputs = [
+            video([{**f, "video_id": "a", "frame_index": i}])[0] for i, f in enumerate(frames(2))
+        ]
+    assert all("panoptic_seg" in o for o in outputs) and video.memory is not None
+    with pytest.raises(ValueError, match="LINK_TYPE"):
+        build_model(video_cfg("MODEL.KNET.VIDEO.LINK_TYPE", "attention"))
 
 
 def test_kernel_fusion_reads_the_previous_frame_in_training_and_inference():

@@ -213,6 +213,10 @@ def add_knet_config(cfg: CN) -> None:
     # kernel linking: the last stage's kernels attend to the previous frame's before they are
     # embedded (False: the plain kernels are embedded, "+KAE" of the paper's ablation)
     cfg.MODEL.KNET.VIDEO.LINK_PREVIOUS = True
+    # "ffn": the kernels attend to the previous frame's (the R-50 configs); "update": the previous
+    # frame's kernels are first updated with this frame's group features (a KernelUpdator; the
+    # Swin configs' previous_type "update")
+    cfg.MODEL.KNET.VIDEO.LINK_TYPE = "ffn"
     # kernel fusion: the last stage's input kernels attend to the previous frame's, updated with
     # this frame's group features (the Swin configs' update_dynamic_cov; off in the R-50 ones)
     cfg.MODEL.KNET.VIDEO.KERNEL_FUSION = False

@@ -236,13 +236,16 @@ def make_video_knet_state_dict(
     link_ffn_channels: int = 2048,
     seed: int = 0,
     fusion: bool = False,
+    link_type: str = "ffn",
     **kwargs,
 ) -> dict[str, torch.Tensor]:
     """An official Video K-Net (R-50 "ffn" linking) ``state_dict`` with random values: image
     K-Net's keys (:func:`make_official_state_dict` with ``kwargs``), kernel linking in every
     stage, the detector's embedding layers and the track head (47 extra tensors at C = 256);
     with ``fusion``, also kernel fusion in every stage (``update_dynamic_cov``: the ``*_link``
-    modules, a KernelUpdator, an attention, two norms and an FFN)."""
+    modules, a KernelUpdator, an attention, two norms and an FFN). ``link_type`` "update" writes
+    the tracking link as the Swin configs have it: the ``*_track`` modules and their updator
+    ``attention_previous_update_track`` instead of ``attention_previous`` / ``link_ffn``."""
     sd = make_official_state_dict(
         num_classes=num_classes,
         num_stages=num_stages,
@@ -255,7 +258,8 @@ def make_video_knet_state_dict(
     c = channels
     for s in range(num_stages):
         p = f"roi_head.mask_head.{s}"
-        for suffix in ("", "_link") if fusion else ("",):
+        link = "_track" if link_type == "update" else ""
+        for suffix in (link, "_link") if fusion else (link,):
             w.add(f"{p}.attention_previous{suffix}.attn.in_proj_weight", 3 * c, c)
             w.add(f"{p}.attention_previous{suffix}.attn.in_proj_bias", 3 * c)
             w.add(f"{p}.attention_previous{suffix}.attn.out_proj.weight", c, c)
@@ -270,6 +274,8 @@ def make_video_knet_state_dict(
             w.add(f"{p}.link_ffn_norm{suffix}.bias", c)
         if fusion:
             write_updator(w, f"{p}.attention_previous_update_link", c)
+        if link_type == "update":
+            write_updator(w, f"{p}.attention_previous_update_track", c)
     w.add("embed_fcs.0.weight", c, c)
     w.add("embed_fcs.1.weight", c)
     w.add("embed_fcs.1.bias", c)

@@ -63,13 +63,29 @@ def ref_kernel_link(
 
 
 def ref_kernel_fusion(
-    state: dict[str, Tensor], stage: str, group_feats: Tensor, kernels: Tensor, previous: Tensor
+    state: dict[str, Tensor],
+    stage: str,
+    group_feats: Tensor,
+    kernels: Tensor,
+    previous: Tensor,
+    suffix: str = "_link",
 ) -> Tensor:
     """Official kernel fusion (``update_dynamic_cov``) of one image's last-stage input kernels
     (N, C): the previous kernels updated by ``attention_previous_update_link`` (a KernelUpdator)
-    with this frame's group features, then linked with the ``*_link`` modules."""
-    updated = ref_updator(state, group_feats, previous, f"{stage}attention_previous_update_link.")
-    return ref_kernel_link(state, stage, kernels, updated, suffix="_link")
+    with this frame's group features, then linked with the ``*_link`` modules. ``suffix``
+    "_track": the "update" tracking link of the stage's output kernels (``*_track`` modules)."""
+    updater = f"{stage}attention_previous_update{suffix}."
+    updated = ref_updator(state, group_feats, previous, updater)
+    return ref_kernel_link(state, stage, kernels, updated, suffix=suffix)
+
+
+def ref_group_features(state: dict[str, Tensor], stage: str, features: Tensor, masks: Tensor):
+    """One image's group features (N, C) of an official stage: sum over the pixels of the hard
+    masks sigmoid(masks) > 0.5 (N, h, w) times feat_transform(features) (C, h, w)."""
+    w = state[f"{stage}feat_transform.conv.weight"][:, :, 0, 0]
+    bias = state[f"{stage}feat_transform.conv.bias"]
+    feats = torch.einsum("oc,chw->ohw", w, features) + bias[:, None, None]
+    return torch.einsum("nhw,chw->nc", (torch.sigmoid(masks) > 0.5).to(feats.dtype), feats)
 
 
 def ref_association_embedding(state: dict[str, Tensor], kernels: Tensor) -> Tensor:

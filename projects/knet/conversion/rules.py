@@ -222,9 +222,10 @@ def _kernel_link(source: str, suffix: str, target: str) -> tuple[Section, ...]:
 def VIDEO_KNET_MMDET(  # noqa: N802
     backbone: tuple[Rule, ...], num_stages: int
 ) -> tuple[Section, ...]:
-    """Official Video K-Net (``VideoKNetQuansiEmbedFCJointTrain``, "ffn" linking): image K-Net's
-    keys, the last stage's kernel linking and (when present) kernel fusion (the ``*_link``
-    modules, ``update_dynamic_cov``), and the association embedding layers."""
+    """Official Video K-Net (``VideoKNetQuansiEmbedFCJointTrain``): image K-Net's keys, the last
+    stage's kernel linking ("ffn": ``attention_previous`` / ``link_ffn``; "update": the ``*_track``
+    modules and their ``attention_previous_update_track`` updator), kernel fusion when present
+    (the ``*_link`` modules, ``update_dynamic_cov``), and the association embedding layers."""
     last = f"roi_head.mask_head.{num_stages - 1}."
     fusion = f"kernel_head.stages.{num_stages - 1}.fusion."
     image = KNET_MMDET(backbone)
@@ -233,6 +234,8 @@ def VIDEO_KNET_MMDET(  # noqa: N802
         Section(last + "attention_previous_update_link.", fusion + "updator."),
         *_kernel_link(last, "_link", fusion + "link."),
         *_kernel_link(last, "", "kernel_link."),
+        Section(last + "attention_previous_update_track.", "kernel_link.updator."),
+        *_kernel_link(last, "_track", "kernel_link.link."),
         Section("embed_fcs.", "association_head.embed_fcs."),
         Section("fc_embed.", "association_head.fc_embed."),
         Section("track_head.fcs.", "association_head.track_fcs.", (Rule(r"^1\.", "2."),)),

@@ -89,9 +89,10 @@ class KNetIterativeKernelHead(nn.Module):
               "stages": list of {"cls_logits": (B, N, K), "mask_logits": (B, N, 2h, 2w)}, one
                   per stage in training, only the last one in eval. N = P (+ stuff kernels),
               "kernels": (B, N, C) the last stage's kernels (what Video K-Net links and embeds),
-              "kernel_masks": (B, N, h, w) the last stage's mask logits before upsampling and
-              "features": (B, C, h, w) the shared feature the stages read (the input of Video
-                  K-Net's clip head),
+              "kernel_masks": (B, N, h, w) the last stage's mask logits before upsampling,
+              "last_input_masks": (B, N, h, w) those the last stage pooled its group features
+                  with, and "features": (B, C, h, w) the shared feature the stages read (what
+                  Video K-Net's clip head and "update" tracking link read),
               "seg_logits": (B, K, h, w) the initial head's semantic logits.
         """
         up = self.mask_upsample_stride
@@ -101,6 +102,7 @@ class KNetIterativeKernelHead(nn.Module):
         stages = []
         for i, stage in enumerate(self.stages):
             last = i == len(self.stages) - 1
+            last_input_masks = masks
             kernels, masks, cls_logits = stage(
                 features, kernels, masks, previous=previous if last else None
             )
@@ -110,6 +112,7 @@ class KNetIterativeKernelHead(nn.Module):
             "stages": stages if self.training else stages[-1:],
             "kernels": kernels,
             "kernel_masks": masks,
+            "last_input_masks": last_input_masks,
             "features": features,
             "seg_logits": init["seg_logits"],
         }

@@ -115,6 +115,17 @@ class KernelUpdateHead(nn.Module):
             return mask_logits.softmax(dim=1)
         return (mask_logits.sigmoid() > self.hard_mask_threshold).to(mask_logits.dtype)
 
+    def group_features(
+        self, features: torch.Tensor, mask_logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, h, w) F and (B, N, h, w) M -> F' = feat_transform(F) and the group features
+        G (B, N, C) in >= float32 (sums over many pixels can reach ~1e4)."""
+        feats = self.feat_transform(features)
+        acc = torch.promote_types(feats.dtype, torch.float32)
+        with torch.autocast(device_type=feats.device.type, enabled=False):
+            weights = self.group_weights(mask_logits.to(acc))
+            return feats, torch.einsum("bnhw,bchw->bnc", weights, feats.to(acc))
+
     def forward(
         self,
         features: torch.Tensor,
@@ -138,13 +149,8 @@ class KernelUpdateHead(nn.Module):
         clip = features.shape[:-3] if features.dim() == 5 else None  # (B, T)
         if clip is not None:
             features, mask_logits = features.flatten(0, 1), mask_logits.flatten(0, 1)
-        feats = self.feat_transform(features)
-        # Group features can reach ~1e4 (sums over many pixels): accumulate in >= fp32.
-        acc = torch.promote_types(feats.dtype, torch.float32)
-        with torch.autocast(device_type=feats.device.type, enabled=False):
-            group_feats = torch.einsum(
-                "bnhw,bchw->bnc", self.group_weights(mask_logits.to(acc)), feats.to(acc)
-            ).to(kernels.dtype)
+        feats, group_feats = self.group_features(features, mask_logits)
+        group_feats = group_feats.to(kernels.dtype)
         if clip is not None:
             group_feats = group_feats.unflatten(0, clip).mean(1)
         if self.fusion is not None and previous is not None:

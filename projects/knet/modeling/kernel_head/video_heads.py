@@ -46,15 +46,17 @@ class KernelLink(nn.Module):
 
 
 class KernelFusion(nn.Module):
-    """Kernel fusion (KF; the official ``previous_link="update_dynamic_cov"`` of the Swin
-    configs): before the last stage's update, its input kernels P (B, N, C) absorb the previous
-    frame's kernels K_{t-1}, first updated with this frame's group features G (B, N, C):
+    """Kernels P (B, N, C) linked to the previous frame's kernels K_{t-1}, first updated with this
+    frame's group features G (B, N, C) of the last stage:
 
         K~  = KernelUpdator(G, K_{t-1})
         P'' = KernelLink(P, K~) = LN2(P' + FFN(P')),  P' = LN1(P + MHA(P, K~, K~))
 
-    P'' replaces P as the stage's input. Xavier-uniform on every >= 2-D parameter (the official
-    stage initialisation covers these modules).
+    Two uses in the official Swin configs: kernel fusion (KF, ``previous_link=
+    "update_dynamic_cov"``), where P are the last stage's input kernels and P'' replaces them;
+    and the "update" tracking link (``previous_type="update"``), where P are its output kernels
+    and P'' is what the association head embeds. Xavier-uniform on every >= 2-D parameter (the
+    official stage initialisation covers these modules).
     """
 
     def __init__(

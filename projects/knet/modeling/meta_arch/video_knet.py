@@ -52,7 +52,7 @@ class VideoKNet(KNet):
     def __init__(
         self,
         *,
-        kernel_link: KernelLink | None,
+        kernel_link: KernelLink | KernelFusion | None,
         association_head: KernelAssociationHead,
         tracker: QuasiDenseTracker,
         association_weights: dict[str, float],
@@ -62,7 +62,9 @@ class VideoKNet(KNet):
     ):
         """
         Args:
-            kernel_link: links the last stage's kernels to the previous frame's (None: off).
+            kernel_link: links the last stage's kernels to the previous frame's (None: off); a
+                ``KernelFusion`` first updates the previous kernels with the last stage's group
+                features (the "update" link).
             association_head: kernels -> association embeddings.
             tracker: the online tracker of the thing segments.
             association_weights: {"track", "track_aux"} loss weights.
@@ -78,6 +80,8 @@ class VideoKNet(KNet):
         self.association_weights = association_weights
         self.association_options = association_options
         self.semantic_filter = semantic_filter
+        if isinstance(kernel_link, KernelFusion):  # it reads the last stage's group features
+            self.extra_predictions = (*self.extra_predictions, "features", "last_input_masks")
         self.reset()
 
     @classmethod
@@ -92,8 +96,11 @@ class VideoKNet(KNet):
         if v.KERNEL_FUSION:  # the last stage's input absorbs the previous frame's kernels
             fusion = KernelFusion(channels, k.NHEADS, k.DIM_FEEDFORWARD)
             ret["kernel_head"].stages[-1].fusion = fusion
+        links = {"ffn": KernelLink, "update": KernelFusion}
+        if v.LINK_TYPE not in links:
+            raise ValueError(f"MODEL.KNET.VIDEO.LINK_TYPE {v.LINK_TYPE!r} not in {list(links)}")
         ret.update(
-            kernel_link=KernelLink(channels, k.NHEADS, k.DIM_FEEDFORWARD)
+            kernel_link=links[v.LINK_TYPE](channels, k.NHEADS, k.DIM_FEEDFORWARD)
             if v.LINK_PREVIOUS
             else None,
             association_head=KernelAssociationHead(channels, v.EMBED_DIM),
@@ -159,9 +166,8 @@ class VideoKNet(KNet):
         ref_targets = self.frame_targets(ref_outputs, references, ref_images)
         losses = self.criterion(outputs, targets)
         losses.update({f"{k}_ref": v for k, v in self.criterion(ref_outputs, ref_targets).items()})
-        kernels, ref_kernels = outputs["kernels"], ref_outputs["kernels"]
-        if self.kernel_link is not None:
-            kernels = self.kernel_link(kernels, ref_kernels)
+        ref_kernels = ref_outputs["kernels"]
+        kernels = self.track_kernels(outputs, ref_kernels)
         key_embeds, ref_embeds, pair_targets = [], [], []
         key_positives = self.track_positives(outputs, targets)
         ref_positives = self.track_positives(ref_outputs, ref_targets)
@@ -179,6 +185,18 @@ class VideoKNet(KNet):
             )
         )
         return losses
+
+    def track_kernels(self, outputs: dict, previous: torch.Tensor | None) -> torch.Tensor:
+        """The (B, N, C) kernels the association head embeds: the last stage's "kernels" of
+        ``outputs``, linked to the previous frame's (B, N, C) ``previous`` when given."""
+        kernels = outputs["kernels"]
+        if self.kernel_link is None or previous is None:
+            return kernels
+        if isinstance(self.kernel_link, KernelFusion):
+            last = self.kernel_head.stages[-1]
+            _, group = last.group_features(outputs["features"], outputs["last_input_masks"])
+            return self.kernel_link(group.to(kernels.dtype), kernels, previous)
+        return self.kernel_link(kernels, previous)
 
     def frame_targets(self, outputs: dict, batched_inputs, images: ImageList) -> list[dict]:
         require_object_ids(
@@ -236,10 +254,9 @@ class VideoKNet(KNet):
     ) -> None:
         """Give the thing segments of ``panoptic`` (ids, segments_info) a "track_id" (in place)
         and remember this frame's kernels."""
-        kernels = predictions["kernels"][index : index + 1]  # (1, N, C)
-        track_kernels = kernels
-        if self.kernel_link is not None and self.memory is not None:
-            track_kernels = self.kernel_link(kernels, self.memory)
+        current = {k: predictions[k][index : index + 1] for k in self.extra_predictions}
+        kernels = current["kernels"]  # (1, N, C)
+        track_kernels = self.track_kernels(current, self.memory)
         self.memory = kernels
         ids, segments = panoptic
         things = [s for s in segments if s["isthing"]]
