@@ -127,6 +127,11 @@ class ExportedEngine(Engine):
 
     def __init__(self, paths: Sequence[str], threads: int = 0):
         models = [ExportedKNet(path, num_threads=threads) for path in paths]
+        if any(m.tracker is not None for m in models):
+            raise ValueError(
+                "a Video K-Net file tracks objects over the frames of one video, in order; this "
+                "server segments independent images: export the image model's config instead"
+            )
         given = {"panoptic": "panoptic_seg", "instances": "pred_masks", "semantic": "sem_seg"}
         self.models = sorted(
             (([name for name, key in given.items() if key in m.output_names], m) for m in models),

@@ -32,12 +32,14 @@ from scripts import REPO
 from knet.conversion import CheckpointKeyError, convert_official_knet_state_dict
 from knet.conversion.official import describe_official_knet_state_dict, model_state_shapes
 from knet.engine import get_knet_cfg
+from knet.export import ExportedKNet, KNetExportModule, export_onnx, export_torchscript
 from knet.modeling.criterion.association import (
     association_losses,
     association_targets,
     hard_mined_l2,
     multi_positive_cross_entropy,
 )
+from knet.modeling.postprocessing import detectron2_outputs
 
 KITTI = str(REPO / "configs/video/video_knet_R50_kitti_step.yaml")
 SMALL = dict(channels=32, ffn_channels=64, num_proposals=8, base_width=8)
@@ -437,3 +439,45 @@ def test_periodic_evaluation_of_videos_in_several_processes_is_refused_before_tr
     cfg.defrost()
     cfg.TEST.EVAL_PERIOD = 0
     check_periodic_evaluation(cfg, 2)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_exported_video_model_tracks_as_the_eager_model(fmt, tmp_path):
+    """The exported graph computes the frame's outputs and the tracking inputs (linked,
+    embedded kernels; thing pixels); the runner tracks in Python: the same segments and track
+    ids as the eager model over a video, and a reset starts the ids again."""
+    torch.manual_seed(0)
+    cfg = video_cfg(*EVAL_OPTS)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # confident, sharp thing masks: random weights predict no thing
+        model.kernel_head.stages[-1].fc_cls.bias[:2] += 4.0
+        model.kernel_head.stages[-1].fc_mask.weight.mul_(3.0)
+    module = KNetExportModule(model)
+    sample = torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8)
+    path = str(tmp_path / ("model.onnx" if fmt == "onnx" else "model.ts"))
+    if fmt == "onnx":
+        export_onnx(module, sample, path, module.metadata(cfg))
+    else:
+        export_torchscript(module, sample, path, module.metadata(cfg), "tracing")
+    exported = ExportedKNet(path)
+    video = frames(3, seed=2)
+    model.reset()
+    tracked = 0
+    for i, frame in enumerate(video + video[:1]):
+        if i == 3:  # a new video
+            model.reset()
+            exported.reset()
+        with torch.no_grad():
+            eager = model([{**frame, "video_id": "a" if i < 3 else "b", "frame_index": i % 3}])[0]
+        got = detectron2_outputs(exported(frame["image"]))
+        (ids, info), (got_ids, got_info) = eager["panoptic_seg"], got["panoptic_seg"]
+        assert int((got_ids != ids).sum()) <= 1e-3 * ids.numel()
+        keys = ("id", "category_id", "isthing", "track_id")
+        assert [tuple(s[k] for k in keys) for s in got_info] == [
+            tuple(s[k] for k in keys) for s in info
+        ]
+        tracked += sum(s["track_id"] > 0 for s in info)
+    assert tracked == 4  # one thing per frame, tracked in each (the comparison is not trivial)
+    fused = build_model(video_cfg("MODEL.KNET.VIDEO.KERNEL_FUSION", "True")).eval()
+    with pytest.raises(ValueError, match="kernel fusion"):
+        KNetExportModule(fused)

@@ -17,6 +17,14 @@ Which outputs a model has follows ``MODEL.KNET.TEST.{PANOPTIC,INSTANCE,SEMANTIC}
 :class:`ExportedKNet` runs a file with TorchScript or ONNX Runtime and returns the same dict;
 its ``run_on_image`` also resizes an image like the test loader and brings the outputs back to
 the image size.
+
+Video K-Net (``VideoKNet``, without kernel fusion) exports with its tracking inputs: the graph
+also takes ``previous_kernels`` (N, C), the last frame's kernels, and ``has_previous`` (a bool
+scalar, false on a video's first frame), and returns ``segment_kernel`` (S,), the association
+embeddings ``track_embeddings`` (N, E) of the linked kernels, this frame's ``kernels`` (N, C) and
+``thing_pixels`` (H, W) bool (the semantic filter). The quasi-dense tracker runs in Python on
+these tensors (:class:`ExportedKNet` keeps its state and the previous kernels per video) and
+gives ``segment_track_id`` (S,).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from torch.onnx import symbolic_helper
 from .data.kinds import CLASS_FIELDS, model_description, registered_or
 from .modeling.meta_arch.base import check_image
 from .modeling.postprocessing import OutputGeometry
+from .modeling.tracking import QuasiDenseTracker, track_panoptic_segments
 
 # The lowest ONNX opset the graph exports to and ONNX Runtime runs: scatter-add with a reduction
 # (the segment areas) needs 16, deformable convolutions (DeformConv) 19.
@@ -54,6 +63,13 @@ INSTANCE_OUTPUTS = {
     **{k: {0: "instances"} for k in ("scores", "pred_classes", "pred_boxes")},
 }
 SEMANTIC_OUTPUTS = {"sem_seg": {1: "height", 2: "width"}}
+TRACKING_OUTPUTS = {
+    "segment_kernel": {0: "segments"},
+    "track_embeddings": {},
+    "kernels": {},
+    "thing_pixels": {0: "height", 1: "width"},
+}
+TRACKING_INPUTS = ("previous_kernels", "has_previous")
 
 
 class KNetExportModule(nn.Module):
@@ -74,24 +90,62 @@ class KNetExportModule(nn.Module):
             self.output_names += list(outputs) if enabled else []
         if not self.output_names:
             raise ValueError("the model has no output enabled (MODEL.KNET.TEST.*_ON)")
+        self.tracks = hasattr(model, "tracking_inputs")  # Video K-Net
+        if self.tracks:
+            if model.fuses_kernels:
+                raise ValueError(
+                    "Video K-Net with kernel fusion (MODEL.KNET.VIDEO.KERNEL_FUSION) reads the "
+                    "previous frame inside the network: its export is not supported (the graph "
+                    "would be the first frame's)"
+                )
+            names = [n for n in TRACKING_OUTPUTS if n != "thing_pixels" or model.semantic_filter]
+            self.output_names += names
         self.eval()  # (exporters restore the mode they found, recursively)
 
-    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
+    @property
+    def input_names(self) -> list[str]:
+        return ["image", *(TRACKING_INPUTS if self.tracks else ())]
+
+    def sample_inputs(self, image: Tensor) -> tuple[Tensor, ...]:
+        """The inputs to trace with: ``image`` and, for Video K-Net, a previous frame."""
+        if not self.tracks:
+            return (image,)
+        kernels = self.model.predict(self.model.preprocess_image([{"image": image}]).tensor)
+        return image, torch.randn_like(kernels["kernels"][0]), torch.tensor(True)
+
+    def forward(
+        self,
+        image: Tensor,
+        previous_kernels: Tensor | None = None,
+        has_previous: Tensor | None = None,
+    ) -> tuple[Tensor, ...]:
         model = self.model
         images = model.preprocess_image([{"image": image}])  # normalise, pad (traced sizes)
         predictions = model.predict(images.tensor)
         geometry = OutputGeometry(tuple(images.tensor.shape[-2:]), tuple(image.shape[-2:]))
         outputs = model.postprocess(predictions, 0, geometry)
+        if self.tracks:  # (no previous kernels: a first frame)
+            previous = None if previous_kernels is None else previous_kernels[None]
+            outputs.update(
+                model.tracking_inputs(predictions, geometry, previous, True, has_previous)
+            )
         return tuple(outputs[name] for name in self.output_names)
 
     def metadata(self, cfg) -> dict:
         """What a runner needs besides the graph: outputs, input format, test resizing, class
-        names and colours (``knet.data.kinds.model_description``) and the test dataset."""
-        return {
+        names and colours (``knet.data.kinds.model_description``), the test dataset and, for
+        Video K-Net, the tracker's options and the kernels' shape (N, C)."""
+        meta = {
             "output_names": self.output_names,
             **model_description(cfg),
             "dataset": cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "",
         }
+        if self.tracks:
+            head = self.model.kernel_head
+            num_kernels = head.initial_head.num_proposals + head.initial_head.num_stuff_classes
+            meta["tracker"] = self.model.tracker.options()
+            meta["kernels_shape"] = [num_kernels, cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM]
+        return meta
 
 
 @contextlib.contextmanager
@@ -117,7 +171,8 @@ def export_torchscript(
     """Trace (``method="tracing"``) or script ``module`` and save it with its metadata."""
     with _exportable():
         if method == "tracing":
-            exported = torch.jit.trace(module, (sample_image,), check_trace=False)
+            inputs = module.sample_inputs(sample_image)
+            exported = torch.jit.trace(module, inputs, check_trace=False)
         elif method == "scripting":
             exported = torch.jit.script(module)
         else:
@@ -180,16 +235,16 @@ def export_onnx(
         "torchvision::deform_conv2d", _deform_conv2d_symbolic, DEFORM_CONV_OPSET
     )
 
-    axes = {**PANOPTIC_OUTPUTS, **INSTANCE_OUTPUTS, **SEMANTIC_OUTPUTS}
+    axes = {**PANOPTIC_OUTPUTS, **INSTANCE_OUTPUTS, **SEMANTIC_OUTPUTS, **TRACKING_OUTPUTS}
     dynamic_axes = {"image": {1: "height", 2: "width"}}
     dynamic_axes.update({name: axes[name] for name in module.output_names})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with _exportable():
         torch.onnx.export(
             module,
-            (sample_image,),
+            module.sample_inputs(sample_image),
             path,
-            input_names=["image"],
+            input_names=module.input_names,
             output_names=module.output_names,
             dynamic_axes=dynamic_axes,
             opset_version=opset,
@@ -230,6 +285,16 @@ class ExportedKNet:
             extra = {METADATA_FILE: ""}
             self.module = torch.jit.load(path, map_location="cpu", _extra_files=extra)
             self.metadata = json.loads(extra[METADATA_FILE])
+        tracker = self.metadata.get("tracker")
+        self.tracker = None if tracker is None else QuasiDenseTracker(**tracker)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new video (Video K-Net files): no previous kernels, an empty tracker."""
+        self.previous: Tensor | None = None
+        self.frame = 0
+        if self.tracker is not None:
+            self.tracker.reset()
 
     @property
     def output_names(self) -> Sequence[str]:
@@ -237,17 +302,41 @@ class ExportedKNet:
 
     def __call__(self, image) -> dict[str, Tensor]:
         """``image``: (3, H, W) (or (1, H, W)) uint8, or floating point in [0, 255], checked as
-        the model checks its input (a float image in [0, 1] is refused, not truncated)."""
+        the model checks its input (a float image in [0, 1] is refused, not truncated). Video
+        K-Net files take the frames of one video in order (:meth:`reset` starts another) and
+        return ``segment_track_id`` instead of their tracking outputs."""
         check_image(image, "image")
         array = image.cpu().numpy() if isinstance(image, Tensor) else np.asarray(image)
         array = np.broadcast_to(array, (3, *array.shape[1:]))
         array = np.ascontiguousarray(array if array.dtype == np.uint8 else np.rint(array), np.uint8)
+        inputs = {"image": array}
+        if self.tracker is not None:
+            previous = self.previous
+            if previous is None:
+                previous = torch.zeros(self.metadata["kernels_shape"])
+            inputs.update(
+                previous_kernels=previous.numpy(), has_previous=np.array(self.previous is not None)
+            )
         if self.session is not None:
-            values = self.session.run(None, {"image": array})
-            return {name: torch.from_numpy(v) for name, v in zip(self.output_names, values)}
-        with torch.no_grad():
-            values = self.module(torch.from_numpy(array))
-        return dict(zip(self.output_names, values))
+            values = [torch.from_numpy(v) for v in self.session.run(None, inputs)]
+        else:
+            with torch.no_grad():
+                values = self.module(*(torch.from_numpy(v) for v in inputs.values()))
+        outputs = dict(zip(self.output_names, values))
+        return outputs if self.tracker is None else self._track(outputs)
+
+    def _track(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """One frame's ``segment_track_id`` from its tracking outputs (removed)."""
+        tracking = {name: outputs.pop(name) for name in TRACKING_OUTPUTS if name in outputs}
+        outputs["segment_track_id"] = track_panoptic_segments(
+            self.tracker,
+            {**outputs, "segment_kernel": tracking["segment_kernel"]},
+            tracking["track_embeddings"],
+            self.frame,
+            tracking.get("thing_pixels"),
+        )
+        self.previous, self.frame = tracking["kernels"], self.frame + 1
+        return outputs
 
     def run_on_image(self, image: np.ndarray) -> dict[str, Tensor]:
         """(H, W, 3) uint8 image in the file's input format, resized like the test loader

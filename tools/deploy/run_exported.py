@@ -10,7 +10,9 @@ outputs are brought back to the image's size and drawn on it with Detectron2's `
 and the class names and colours the file holds (those of a registered test dataset, or of
 ``--dataset``, win). ``--confidence-threshold`` leaves out instances and panoptic things scoring
 less, as the demo's does, except that the file's panoptic merge used the threshold it was
-exported with: the pixels of a thing left out here stay unlabelled.
+exported with: the pixels of a thing left out here stay unlabelled. A Video K-Net file takes
+the inputs as the frames of one video, in the order given (globs and folders sorted by name), and
+draws each tracked thing in its track's colour.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from ..criterion.association import association_losses, association_targets
 from ..kernel_head.video_heads import KernelAssociationHead, KernelFusion, KernelLink
 from ..postprocessing import KNetPostProcessor, OutputGeometry, detectron2_outputs
 from ..postprocessing.base import resize_to_output
-from ..tracking import QuasiDenseTracker, masks_to_tracker_boxes
+from ..tracking import QuasiDenseTracker, track_panoptic_segments
 from .knet import KNet
 
 
@@ -39,11 +39,12 @@ class VideoKNet(KNet):
     reference frame's plain ones (``criterion.association``), positives and negatives from the
     Hungarian assignment of each frame's last stage to its own thing masks.
 
-    Inference: frames of one video in order (one process). ``panoptic_seg``'s thing segments get
-    "track_id" (>= 1 while tracked, 0 untracked); a new video starts (memory and tracker reset)
-    when "video_id" changes, when "frame_index" is 0 or goes back, or on :meth:`reset`. The
-    network is the image model's (it exports); linking, embedding and tracking run after it on
-    the last stage's kernels, with plain tensors as state.
+    Inference: frames of one video in order (one process). ``panoptic_seg``'s segments get
+    "track_id" (>= 1 a tracked thing; 0 untracked things and stuff); a new video starts (memory
+    and tracker reset) when "video_id" changes, when "frame_index" is 0 or goes back, or on
+    :meth:`reset`. The network is the image model's (without kernel fusion); linking and
+    embedding run after it on the last stage's kernels (:meth:`tracking_inputs`, also in the
+    exported graphs), the tracker in Python with plain tensors as state.
     """
 
     extra_predictions = ("kernels", "seg_logits")
@@ -236,47 +237,51 @@ class VideoKNet(KNet):
         return frame
 
     def inference(self, predictions: dict, batched_inputs, images: ImageList) -> list[dict]:
-        """One frame (``forward`` runs them one at a time): the image outputs, thing segments
-        with a "track_id"."""
+        """One frame (``forward`` runs them one at a time): the image outputs, panoptic segments
+        with a "track_id" (>= 1: the thing's track; 0: stuff and untracked things)."""
         (geometry,) = self.output_geometries(batched_inputs, images)
-        result = detectron2_outputs(self.postprocess(predictions, 0, geometry))
-        if "panoptic_seg" in result:
-            self.track(predictions, 0, geometry, self.frame, result["panoptic_seg"])
-        return [result]
+        outputs = self.postprocess(predictions, 0, geometry)
+        panoptic = "panoptic_seg" in outputs
+        with_things = panoptic and bool(outputs["segment_isthing"].any())
+        tracking = self.tracking_inputs(predictions, geometry, self.memory, with_things)
+        self.memory = tracking["kernels"][None]
+        if panoptic:
+            outputs["segment_track_id"] = track_panoptic_segments(
+                self.tracker,
+                outputs,
+                tracking["track_embeddings"],
+                self.frame,
+                tracking.get("thing_pixels"),
+            )
+        outputs.pop("segment_kernel", None)
+        return [detectron2_outputs(outputs)]
 
-    def track(
+    def tracking_inputs(
         self,
         predictions: dict,
-        index: int,
         geometry: OutputGeometry,
-        frame: int,
-        panoptic: tuple[torch.Tensor, list[dict]],
-    ) -> None:
-        """Give the thing segments of ``panoptic`` (ids, segments_info) a "track_id" (in place)
-        and remember this frame's kernels."""
-        current = {k: predictions[k][index : index + 1] for k in self.extra_predictions}
-        kernels = current["kernels"]  # (1, N, C)
-        track_kernels = self.track_kernels(current, self.memory)
-        self.memory = kernels
-        ids, segments = panoptic
-        things = [s for s in segments if s["isthing"]]
-        selected = torch.tensor([s["kernel"] for s in things], dtype=torch.int64)
-        for s in segments:
-            del s["kernel"]
-        if not things:  # the official code does not call the tracker on such a frame
-            return
-        numbers = torch.tensor([s["id"] for s in things], device=ids.device)
-        masks = ids[None] == numbers[:, None, None]
-        if self.semantic_filter:  # (the official code resizes without cropping the padding)
-            semantic = resize_to_output(predictions["seg_logits"][index], geometry)
-            masks = masks & (semantic.argmax(0) < self.postprocessor.num_thing_classes)
-        embeddings = self.association_head(track_kernels[0, selected.to(kernels.device)])
-        track_ids = self.tracker.match(
-            masks_to_tracker_boxes(masks),
-            torch.tensor([s["score"] for s in things], device=ids.device),
-            torch.tensor([s["category_id"] for s in things], device=ids.device),
-            embeddings,
-            frame,
-        )
-        for s, track_id in zip(things, track_ids.tolist()):
-            s["track_id"] = track_id + 1 if track_id >= 0 else 0
+        previous: torch.Tensor | None,
+        thing_pixels: bool = True,
+        has_previous: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """What the tracker reads of one frame (the first of ``predictions``), as tensors (the
+        exported graphs compute them too; the tracker itself runs in Python):
+
+        - "track_embeddings" (N, E): the association embeddings of the last stage's kernels,
+          linked to ``previous`` (1, N, C), the previous frame's kernels, when it is given and,
+          with ``has_previous`` (a bool scalar tensor: the graphs' form), where that is true;
+        - "kernels" (N, C): this frame's kernels, the next frame's ``previous``;
+        - with the semantic filter and ``thing_pixels``: "thing_pixels" (H, W) bool, the pixels
+          the initial head's semantic map calls a thing (the official code resizes the map
+          without cropping the padding).
+        """
+        current = {k: predictions[k][:1] for k in self.extra_predictions}
+        kernels = current["kernels"]
+        linked = self.track_kernels(current, previous)
+        if has_previous is not None:
+            linked = torch.where(has_previous, linked, kernels)
+        out = {"track_embeddings": self.association_head(linked[0]), "kernels": kernels[0]}
+        if self.semantic_filter and thing_pixels:
+            semantic = resize_to_output(predictions["seg_logits"][0], geometry)
+            out["thing_pixels"] = semantic.argmax(0) < self.postprocessor.num_thing_classes
+        return out

@@ -6,5 +6,6 @@ from .quasi_dense import (
     UNASSIGNED,
     QuasiDenseTracker,
     masks_to_tracker_boxes,
+    track_panoptic_segments,
     tracker_box_iou,
 )

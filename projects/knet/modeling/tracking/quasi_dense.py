@@ -65,6 +65,8 @@ therefore be exported without the tracker, and a video can be paused and resumed
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -217,6 +219,11 @@ class QuasiDenseTracker:
         self.match_metric = match_metric
         self.official_id_alignment = official_id_alignment
         self.reset()
+
+    def options(self) -> dict:
+        """The constructor's arguments (an exported model stores them to track as the model)."""
+        names = inspect.signature(QuasiDenseTracker.__init__).parameters
+        return {name: getattr(self, name) for name in names if name != "self"}
 
     # ------------------------------------------------------------------------- state
     def reset(self) -> None:
@@ -430,3 +437,44 @@ class QuasiDenseTracker:
             for key in ("ids", "labels", "boxes", "embeds", "last_frames"):
                 name = "_track_" + key
                 setattr(self, name, getattr(self, name)[alive])
+
+
+def track_panoptic_segments(
+    tracker: QuasiDenseTracker,
+    outputs: dict[str, Tensor],
+    embeddings: Tensor,
+    frame_id: int,
+    thing_pixels: Tensor | None = None,
+) -> Tensor:
+    """The track ids of one frame's panoptic segments (the official caller of the tracker).
+
+    Args:
+        outputs: the frame's panoptic outputs as tensors: "panoptic_seg" (H, W) ids (segment
+            row i has id i + 1), "segment_isthing", "segment_score", "segment_category_id" and
+            "segment_kernel" (S,) (the kernel each segment comes from).
+        embeddings: (N, E) association embeddings of the frame's kernels.
+        thing_pixels: (H, W) bool: the tracker boxes keep only these pixels of a segment (the
+            official semantic filter); None: the whole segments.
+
+    Returns:
+        (S,) int64: >= 1 the track of a thing segment, 0 for stuff and untracked things. A
+        frame without things leaves the tracker untouched, as the official caller does.
+    """
+    isthing = outputs["segment_isthing"].bool()
+    track_ids = torch.zeros(isthing.shape, dtype=torch.int64, device=isthing.device)
+    things = isthing.nonzero().squeeze(1)
+    if things.numel() == 0:
+        return track_ids
+    ids = outputs["panoptic_seg"]
+    masks = ids[None] == (things + 1).to(ids.dtype)[:, None, None]
+    if thing_pixels is not None:
+        masks &= thing_pixels
+    matched = tracker.match(
+        masks_to_tracker_boxes(masks),
+        outputs["segment_score"][things],
+        outputs["segment_category_id"][things],
+        embeddings[outputs["segment_kernel"][things].to(embeddings.device)],
+        frame_id,
+    ).to(track_ids.device)
+    track_ids[things] = torch.where(matched >= 0, matched + 1, 0)
+    return track_ids
