@@ -167,6 +167,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     amp = ["MODEL.KNET.TEST.AMP_DTYPE", "auto"] if args.amp else []
     cfg = build_demo_cfg(args.config_file, amp + args.opts, args.confidence_threshold, args.dataset)
     demo = VisualizationDemo(cfg)
+    if demo.clip and not args.video_input:
+        raise SystemExit(
+            f"{cfg.MODEL.META_ARCHITECTURE} segments whole videos at once: give --video-input"
+        )
     if args.input:
         run_images(demo, expand_inputs(args.input), args.output)
     elif args.webcam:

@@ -28,7 +28,7 @@ from knet.config import load_knet_config  # importing knet registers its models 
 from knet.data.kinds import model_metadata
 from knet.engine.arguments import DatasetSpec, register_dataset_specs
 from knet.engine.dataset_config import configure_for_datasets
-from knet.visualization import draw_predictions
+from knet.visualization import draw_predictions, draw_tracked_objects
 
 logger = logging.getLogger("knet.demo")
 
@@ -95,19 +95,54 @@ class VisualizationDemo:
         while earlier ones are drawn; ``instance_mode``: Detectron2's colour mode."""
         self.metadata = model_metadata(cfg)
         self.instance_mode = instance_mode
-        self.parallel = parallel
         # a video model (VideoKNet) tracks across the frames it sees: in order, in one process
         self.tracking = cfg.MODEL.META_ARCHITECTURE == "VideoKNet"
+        # the clip-level model (VideoKNetClip) segments a whole video at once
+        self.clip = cfg.MODEL.META_ARCHITECTURE == "VideoKNetClip"
+        self.threshold = cfg.MODEL.KNET.TEST.INSTANCES_SCORE_THRESH
         workers = 1 if self.tracking else None
+        self.parallel = parallel = parallel and not self.clip
         self.predictor: Any = AsyncPredictor(cfg, workers) if parallel else DefaultPredictor(cfg)
+
+    def _refuse_clip_model(self) -> None:
+        if self.clip:
+            raise ValueError(
+                "VideoKNetClip segments whole videos (its objects are those of the clip): give "
+                "--video-input, or use a frame-by-frame model (VideoKNet, KNet)"
+            )
 
     def run_on_image(self, image: np.ndarray) -> tuple[dict[str, Any], VisImage | None]:
         """(H, W, 3) uint8 BGR image -> (the model's outputs, their RGB drawing at that size, as
         :func:`knet.visualization.draw_predictions` draws them)."""
+        self._refuse_clip_model()
         predictions = self.predictor(image)
         visualizer = Visualizer(image[:, :, ::-1], self.metadata, instance_mode=self.instance_mode)
         vis_output = draw_predictions(visualizer, predictions)
         return predictions, vis_output
+
+    def run_on_clip(self, frames: list[np.ndarray]) -> Iterator[np.ndarray]:
+        """A clip-level model on (H, W, 3) uint8 BGR ``frames``, the whole video in one batch
+        (resized like the test loader); yields each frame's BGR drawing: the objects scoring at
+        least the confidence threshold, each in the colour of its id in every frame."""
+        predictor = self.predictor
+        inputs = []
+        for frame in frames:
+            image = frame[:, :, ::-1] if predictor.input_format == "RGB" else frame
+            resized = predictor.aug.get_transform(image).apply_image(image)
+            tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+            inputs.append({"image": tensor, "height": frame.shape[0], "width": frame.shape[1]})
+        if not inputs:
+            return
+        with torch.no_grad():
+            (video,) = predictor.model([{"frames": inputs}])
+        keep = (video["pred_scores"] >= self.threshold).nonzero().squeeze(1).cpu()
+        classes = video["pred_labels"].cpu()[keep].tolist()
+        ids = (keep + 1).tolist()  # an object's id is its rank in the video
+        for t, frame in enumerate(frames):
+            visualizer = Visualizer(frame[:, :, ::-1], self.metadata)
+            masks = video["pred_masks"][keep.to(video["pred_masks"].device), t]
+            drawing = draw_tracked_objects(visualizer, masks, classes, ids)
+            yield cv2.cvtColor(drawing.get_image(), cv2.COLOR_RGB2BGR)
 
     def run_on_video(self, video: cv2.VideoCapture) -> Iterator[np.ndarray]:
         """Predict and draw every frame of an opened ``cv2.VideoCapture``; yields (H, W, 3) uint8
@@ -131,6 +166,9 @@ class VisualizationDemo:
             return cv2.cvtColor(vis.get_image(), cv2.COLOR_RGB2BGR)
 
         frames = (frame for _, frame in takewhile(lambda read: read[0], iter(video.read, None)))
+        if self.clip:
+            yield from self.run_on_clip(list(frames))
+            return
         tracking = self.tracking
         if tracking and not self.parallel:
             self.predictor.model.reset()  # a new video

@@ -28,7 +28,7 @@ from references.layouts import (
     resnet_opts,
 )
 from references.video_knet import ref_clip_head
-from scripts import REPO
+from scripts import REPO, load_script
 
 from knet.conversion import convert_official_knet_state_dict
 from knet.conversion.official import describe_official_knet_state_dict, model_state_shapes
@@ -333,3 +333,24 @@ def test_train_net_trains_on_youtube_vis_and_writes_the_results_file(tmp_path):
     assert len(results) == 2 * 10  # 10 objects per video
     assert {r["video_id"] for r in results} == {1, 2}
     assert all(len(r["segmentations"]) == 4 for r in results)
+
+
+def test_demo_draws_the_objects_of_a_whole_video_in_their_colours():
+    demo_predictor = load_script("demo/predictor.py")
+    opts = TOY_OPTS + ["MODEL.WEIGHTS", "", "MODEL.KNET.VIDEO.CLIP_TOPK", "3"]
+    torch.manual_seed(0)
+    cfg = demo_predictor.build_demo_cfg(TOY, opts, confidence_threshold=0.0)
+    demo = demo_predictor.VisualizationDemo(cfg, parallel=True)  # (one batch: never parallel)
+    assert demo.clip and not demo.parallel
+    frames = [
+        np.ascontiguousarray(f["image"].permute(1, 2, 0).numpy()[:, :, ::-1])
+        for f in _toy_clip(3, train=False)["frames"]
+    ]
+    drawings = list(demo.run_on_clip(frames))
+    assert len(drawings) == 3 and all(d.shape == frames[0].shape for d in drawings)
+    torch.manual_seed(0)
+    cfg = demo_predictor.build_demo_cfg(TOY, opts, confidence_threshold=1.1)
+    plain = list(demo_predictor.VisualizationDemo(cfg).run_on_clip(frames))  # no object
+    assert all((d != p).any() for d, p in zip(drawings, plain))  # the 3 objects are drawn
+    with pytest.raises(ValueError, match="whole videos"):
+        demo.run_on_image(frames[0])

@@ -12,7 +12,13 @@ from detectron2.utils.visualizer import VisImage, Visualizer
 
 from .data.datasets.custom import IMAGE_EXTENSIONS
 
-__all__ = ["above_threshold", "draw_predictions", "draw_tracked_panoptic", "expand_inputs"]
+__all__ = [
+    "above_threshold",
+    "draw_predictions",
+    "draw_tracked_objects",
+    "draw_tracked_panoptic",
+    "expand_inputs",
+]
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
@@ -62,15 +68,26 @@ def draw_tracked_panoptic(
     things = [s for s in segments_info if s["isthing"]]
     if not things:
         return visualizer.output
+    masks = panoptic_seg[None] == torch.tensor([s["id"] for s in things])[:, None, None]
+    classes = [s["category_id"] for s in things]
+    return draw_tracked_objects(visualizer, masks, classes, [s.get("track_id", 0) for s in things])
+
+
+def draw_tracked_objects(
+    visualizer: Visualizer, masks: torch.Tensor, classes: Sequence[int], track_ids: Sequence[int]
+) -> VisImage:
+    """Objects of a video frame, (n, H, W) masks: each in the colour of its track id (the same
+    in every frame) and labelled "class #id"; id 0 (untracked) in grey."""
+    if not len(classes):
+        return visualizer.output
     names = visualizer.metadata.get("thing_classes", None)
     palette = colormap(rgb=True, maximum=1)
-    masks = (panoptic_seg[None] == torch.tensor([s["id"] for s in things])[:, None, None]).numpy()
     labels, colors = [], []
-    for s in things:
-        name = names[s["category_id"]] if names else str(s["category_id"])
-        track = s.get("track_id", 0)
+    for category, track in zip(classes, track_ids):
+        name = names[category] if names else str(category)
         labels.append(f"{name} #{track}" if track else name)
         colors.append(palette[track % len(palette)] if track else (0.5, 0.5, 0.5))
+    masks = masks.cpu().numpy()
     return visualizer.overlay_instances(masks=masks, labels=labels, assigned_colors=colors)
 
 
