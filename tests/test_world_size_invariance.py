@@ -8,11 +8,12 @@ tensor's largest magnitude (measured about 2e-6: the targets and matching costs 
 Float32 is not used for the one-step check because at initialisation many mask logits sit at
 K-Net's hard 0.5 threshold of the group features: a last-bit difference flips pixels and moves
 some gradients by percents (with the threshold out of reach, float32 agrees to 1e-5 too).
-Whole runs, float32, the toy config below (6 steps of AdamW at lr 5e-4): every state-dict
-entry within 1e-2 of max(its largest magnitude, 1); measured: parameters within 2e-4 absolute,
-BN running statistics within 2.4e-3 relative. After 3 steps everything agrees to 1e-5 (6e-6
-measured): rounding grows from step to step, as AdamW's first steps turn near-zero gradients
-into steps of about lr, and the hard threshold turns those into other pixel sets.
+Whole runs, float32, the toy config below (3 steps of AdamW at lr 5e-4): every state-dict
+entry within 2e-3 of max(its largest magnitude, 1); measured 1.3e-4 on one CPU, 6e-6 on
+another. Rounding grows about fivefold per step (on the first CPU: 7e-4, 3e-3 and 1.1e-2 after
+4, 5 and 6 steps), as AdamW's first steps turn near-zero gradients into steps of about lr and
+the hard threshold turns those into other pixel sets; so the runs are short. Batches split
+wrongly between the processes would move the BN running statistics by far more.
 """
 
 import os
@@ -41,7 +42,7 @@ TOY = str(REPO / "configs/toy/knet_R18_toy_panoptic.yaml")
 SMALL = ["MODEL.KNET.NUM_PROPOSALS", "6", "MODEL.KNET.NUM_STAGES", "2",
          "MODEL.KNET.STAGE_LOSS_WEIGHTS", "[1.0, 1.0]"]  # fmt: skip
 STEP_TOLERANCE = 1e-5
-TRAINED_TOLERANCE = 1e-2
+TRAINED_TOLERANCE = 2e-3
 WORLD = 2
 
 
@@ -303,7 +304,7 @@ TRAIN = [
     "--config-file", TOY,
     "MODEL.KNET.NUM_PROPOSALS", "4", "MODEL.KNET.NUM_STAGES", "1",
     "MODEL.KNET.STAGE_LOSS_WEIGHTS", "[1.0]", "INPUT.MIN_SIZE_TRAIN", "(96, 96)",
-    "INPUT.MAX_SIZE_TRAIN", "128", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "6",
+    "INPUT.MAX_SIZE_TRAIN", "128", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "3",
     "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "()", "SOLVER.CHECKPOINT_PERIOD", "100",
     "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "TEST.EVAL_PERIOD", "0",
 ]  # fmt: skip
