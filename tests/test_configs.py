@@ -48,12 +48,17 @@ def test_config_merges_and_builds(config):
     cfg = load(config)
     k = cfg.MODEL.KNET
     num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-    assert cfg.MODEL.META_ARCHITECTURE in ("KNet", "VideoKNet")
+    assert cfg.MODEL.META_ARCHITECTURE in ("KNet", "VideoKNet", "VideoKNetClip")
     torch.manual_seed(0)
     model = build_model(cfg)
     if cfg.MODEL.META_ARCHITECTURE == "VideoKNet":  # the image model + kernel link + embedding
         assert model.kernel_link.attention.embed_dim == cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM
         assert model.association_head.track_embed.out_features == k.VIDEO.EMBED_DIM
+    if cfg.MODEL.META_ARCHITECTURE == "VideoKNetClip":  # the image model + the clip head
+        n = k.VIDEO.CLIP_STAGES
+        classes = [num_classes] * n + [0] * (k.NUM_STAGES - n)  # per-frame stages: no classes
+        assert [s.num_classes for s in model.clip_head.stages] == classes
+        assert model.topk == k.VIDEO.CLIP_TOPK
     head = model.kernel_head
     initial = head.initial_head
     assert initial.init_kernels.weight.shape[:2] == (
