@@ -36,6 +36,7 @@ from panopticapi.utils import rgb2id
 from PIL import Image
 
 from ..data.dataset_mappers.common import read_image_checked
+from ..data.datasets.video import frame_records
 from ..data.kinds import kind_of
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def _load_json(dataset_name: str, path: str | None, what: str) -> dict[str, Any]
 def check_images_exist(dataset_name: str, records: Sequence[Mapping[str, Any]]) -> None:
     """Every record (every frame of a clip record) has an existing ``file_name`` (one stat per
     image)."""
-    for r in (frame for record in records for frame in record.get("frames", [record])):
+    for r in frame_records(records):
         if "file_name" not in r:
             raise ValueError(
                 f"Ground truth of dataset {dataset_name!r}: record of image_id "
@@ -592,8 +593,7 @@ def check_training_dataset(name: str, mode: str = "error") -> None:
     if skip_checks(mode, "Training set %r is not checked (DATASETS.CHECK_GT='off')", name):
         return
     start, records = time.perf_counter(), DatasetCatalog.get(name)
-    if records and "frames" in records[0]:  # clips (video instance data): each frame once
-        records = list({f["file_name"]: f for r in records for f in r["frames"]}.values())
+    records = frame_records(records)  # (clip records: their frames)
     cache_file = _cache_file(name, records)
     found = None
     if comm.is_main_process() and os.path.isfile(cache_file):

@@ -588,6 +588,18 @@ def clip_records(frames: Sequence[Mapping[str, Any]], length: int = 0) -> list[d
     return clips
 
 
+def frame_records(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The frames of ``records`` in order: the ``"frames"`` of clip records, each file once
+    (the windows overlap), and every other record itself."""
+    frames: dict[Any, Mapping[str, Any]] = {}
+    for record in records:
+        for frame in record.get("frames", ()):
+            frames.setdefault(frame.get("file_name", id(frame)), frame)
+        if "frames" not in record:
+            frames[id(record)] = record
+    return list(frames.values())
+
+
 # ----------------------------------------------------------------------------- registration
 def _split_paths(format: str, root: str, split: str) -> dict[str, str]:
     """The files of ``split`` of a dataset in the official layout under ``root``."""

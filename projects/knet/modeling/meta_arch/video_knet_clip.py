@@ -59,6 +59,8 @@ class VideoKNetClip(KNet):
     an object with one id across the clip (its index), its mask in every frame.
     """
 
+    extra_predictions = ("features", "kernels", "kernel_masks")  # the clip head's inputs
+
     @configurable
     def __init__(self, *, clip_head: ClipKernelHead, topk: int = 10, **kwargs):
         """
@@ -112,27 +114,25 @@ class VideoKNetClip(KNet):
 
     @staticmethod
     def clip_inputs(outputs: dict, num_frames: int) -> tuple[torch.Tensor, ...]:
-        """The image head's (B T, ...) features, kernels and mask logits as (B, T, ...)."""
+        """The image head's (B T, ...) features, kernels and mask logits (of its outputs or of
+        ``predict``'s) as (B, T, ...)."""
         return tuple(
             outputs[k].unflatten(0, (-1, num_frames))
             for k in ("features", "kernels", "kernel_masks")
         )
 
-    @torch.no_grad()
     def infer_clip(self, frames: list[dict]) -> dict:
         """The objects of one clip (all frames in one batch), see the class docstring."""
         images = self.preprocess_image(frames)
-        with torch.autocast(
-            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=bool(self.amp_dtype)
-        ):
-            outputs = self.kernel_head(*self.pixel_decoder(self.backbone(images.tensor)))
-            (last,) = self.clip_head(*self.clip_inputs(outputs, len(frames)))
-        scores = last["cls_logits"][0].float().sigmoid()  # (N, K)
-        top = scores.flatten().topk(min(self.topk, scores.numel()))
-        kernels, labels = top.indices // scores.shape[1], top.indices % scores.shape[1]
-        masks = last["mask_logits"][0][:, kernels].float().sigmoid()  # (T, k, h, w)
-        threshold = self.postprocessor.mask_threshold
+        predictions = self.predict(images.tensor)  # the image network, under AMP when set
+        # float32 from here, also inside a caller's autocast region
         with torch.autocast(self.device.type, enabled=False):
+            (last,) = self.clip_head(*self.clip_inputs(predictions, len(frames)))
+            scores = last["cls_logits"][0].sigmoid()  # (N, K)
+            top = scores.flatten().topk(min(self.topk, scores.numel()))
+            kernels, labels = top.indices // scores.shape[1], top.indices % scores.shape[1]
+            masks = last["mask_logits"][0][:, kernels].sigmoid()  # (T, k, h, w)
+            threshold = self.postprocessor.mask_threshold
             geometries = self.output_geometries(frames, images)
             masks = torch.stack(
                 [resize_to_output(m, g) > threshold for m, g in zip(masks, geometries)], dim=1
