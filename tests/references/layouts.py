@@ -152,24 +152,34 @@ def write_updator(w: Writer, prefix: str, u: int) -> None:
         w.add(f"{prefix}.{name}.bias", u)
 
 
+def write_attention(w: Writer, attention: str, norm: str, c: int) -> None:
+    """One official ``MultiheadAttention`` of width ``c`` and its LayerNorm (6 tensors)."""
+    w.add(f"{attention}.attn.in_proj_weight", 3 * c, c)
+    w.add(f"{attention}.attn.in_proj_bias", 3 * c)
+    w.add(f"{attention}.attn.out_proj.weight", c, c)
+    w.add(f"{attention}.attn.out_proj.bias", c)
+    w.add(f"{norm}.weight", c)
+    w.add(f"{norm}.bias", c)
+
+
+def write_ffn(w: Writer, ffn: str, norm: str, c: int, hidden: int) -> None:
+    """One official two-layer ``FFN`` (c -> hidden -> c) and its LayerNorm (6 tensors)."""
+    w.add(f"{ffn}.layers.0.0.weight", hidden, c)
+    w.add(f"{ffn}.layers.0.0.bias", hidden)
+    w.add(f"{ffn}.layers.1.weight", c, hidden)
+    w.add(f"{ffn}.layers.1.bias", c)
+    w.add(f"{norm}.weight", c)
+    w.add(f"{norm}.bias", c)
+
+
 def write_update_stage(w: Writer, p: str, c: int, u: int, ffn_channels: int, num_classes: int):
     """One official ``KernelUpdateHead`` (44 tensors; 39 without cls_fcs/fc_cls when
     ``num_classes`` is 0): width ``c``, kernel updator width ``u``."""
-    w.add(f"{p}.attention.attn.in_proj_weight", 3 * c, c)
-    w.add(f"{p}.attention.attn.in_proj_bias", 3 * c)
-    w.add(f"{p}.attention.attn.out_proj.weight", c, c)
-    w.add(f"{p}.attention.attn.out_proj.bias", c)
-    w.add(f"{p}.attention_norm.weight", c)
-    w.add(f"{p}.attention_norm.bias", c)
+    write_attention(w, f"{p}.attention", f"{p}.attention_norm", c)
     write_updator(w, f"{p}.kernel_update_conv", u)
     w.add(f"{p}.feat_transform.conv.weight", c, c, 1, 1)
     w.add(f"{p}.feat_transform.conv.bias", c)
-    w.add(f"{p}.ffn.layers.0.0.weight", ffn_channels, c)
-    w.add(f"{p}.ffn.layers.0.0.bias", ffn_channels)
-    w.add(f"{p}.ffn.layers.1.weight", c, ffn_channels)
-    w.add(f"{p}.ffn.layers.1.bias", c)
-    w.add(f"{p}.ffn_norm.weight", c)
-    w.add(f"{p}.ffn_norm.bias", c)
+    write_ffn(w, f"{p}.ffn", f"{p}.ffn_norm", c, ffn_channels)
     if num_classes:
         w.add(f"{p}.cls_fcs.0.weight", c, c)
         w.add(f"{p}.cls_fcs.1.weight", c)
@@ -260,18 +270,10 @@ def make_video_knet_state_dict(
         p = f"roi_head.mask_head.{s}"
         link = "_track" if link_type == "update" else ""
         for suffix in (link, "_link") if fusion else (link,):
-            w.add(f"{p}.attention_previous{suffix}.attn.in_proj_weight", 3 * c, c)
-            w.add(f"{p}.attention_previous{suffix}.attn.in_proj_bias", 3 * c)
-            w.add(f"{p}.attention_previous{suffix}.attn.out_proj.weight", c, c)
-            w.add(f"{p}.attention_previous{suffix}.attn.out_proj.bias", c)
-            w.add(f"{p}.attention_previous_norm{suffix}.weight", c)
-            w.add(f"{p}.attention_previous_norm{suffix}.bias", c)
-            w.add(f"{p}.link_ffn{suffix}.layers.0.0.weight", link_ffn_channels, c)
-            w.add(f"{p}.link_ffn{suffix}.layers.0.0.bias", link_ffn_channels)
-            w.add(f"{p}.link_ffn{suffix}.layers.1.weight", c, link_ffn_channels)
-            w.add(f"{p}.link_ffn{suffix}.layers.1.bias", c)
-            w.add(f"{p}.link_ffn_norm{suffix}.weight", c)
-            w.add(f"{p}.link_ffn_norm{suffix}.bias", c)
+            previous = f"{p}.attention_previous"
+            write_attention(w, f"{previous}{suffix}", f"{previous}_norm{suffix}", c)
+            ffn = f"{p}.link_ffn"
+            write_ffn(w, f"{ffn}{suffix}", f"{ffn}_norm{suffix}", c, link_ffn_channels)
         if fusion:
             write_updator(w, f"{p}.attention_previous_update_link", c)
         if link_type == "update":
